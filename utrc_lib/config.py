@@ -1,0 +1,145 @@
+"""ReductionConfig: one frozen description of a token-reduction run, validated on construction.
+
+Glossary: L layers, rho per-anchor keep ratio, q fraction of matched edges pruned (hybrid rule).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence
+
+from . import schedule
+
+RULES = ("prune", "merge", "hybrid")
+METRIC_SOURCES = ("ssm", "mixer")
+_HYBRID_RE = re.compile(r"^hybrid\(\s*([0-9.]+)\s*\)$")
+
+
+def parse_rule(rule: str, q: float) -> tuple[str, float]:
+    """'prune' | 'merge' | 'hybrid' | 'hybrid(0.3)' -> (kind, fraction of edges pruned)."""
+    if not isinstance(rule, str):
+        raise ValueError(f"a branch rule must be a string, got {rule!r}")
+    m = _HYBRID_RE.match(rule.strip())
+    if m:
+        frac = float(m.group(1))
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"hybrid fraction must be in [0, 1], got {rule!r}")
+        return "hybrid", frac
+    kind = rule.strip()
+    if kind not in RULES:
+        raise ValueError(f"unknown branch rule {rule!r}; valid: 'prune', 'merge', 'hybrid', 'hybrid(q)'")
+    return kind, {"prune": 1.0, "merge": 0.0, "hybrid": q}[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionConfig:
+    """What to reduce, where, and how much.
+
+    Args:
+        method: a name from `utrc_lib.available_methods()` ("utrc", "utrc_reference", "evit", ...).
+        metric: importance metric, a name from `utrc_lib.available_metrics()` ("clip" = paper).
+        layers: reduce after these 0-based layers; None = the paper's schedule for the depth.
+        keep_ratio: per-anchor keep ratio rho in (0, 1]; exclusive with flops_reduction.
+        flops_reduction: token-layer FLOPs cut in [0, 1); solved to keep_ratio for the model depth.
+        q: fraction of matched edges pruned by the "hybrid" rule (paper: 0.5).
+        hidden_rule / residual_rule: "prune" | "merge" | "hybrid" | "hybrid(q)"; None = method default
+            (utrc: hybrid on the hidden branch, merge on the residual branch).
+        protect_last: keep the last k valid tokens of every sample untouched and out of the selection
+            statistics (scored continuation tokens).
+        protect_from: alternatively, an explicit index: tokens at input index >= protect_from are protected.
+        causal: content only moves to a position at or after its own (default). False allows the
+            authors' non-causal merges (required by "utrc_reference").
+        seed: seed of the random metric / random method (batch independent).
+        metric_source: "ssm" (the SSM output y, paper) or "mixer" (mixer output, authors' code); "delta"
+            metric reads the timescale itself. utrc_reference always uses the clipped mixer output.
+    """
+
+    method: str
+    metric: str = "clip"
+    layers: Optional[Sequence[int]] = None
+    keep_ratio: Optional[float] = None
+    flops_reduction: Optional[float] = None
+    q: float = 0.5
+    hidden_rule: Optional[str] = None
+    residual_rule: Optional[str] = None
+    protect_last: int = 0
+    causal: bool = True
+    seed: int = 0
+    metric_source: str = "ssm"
+    protect_from: Optional[int] = None
+
+    def __post_init__(self):
+        from .methods import get_method  # registries import config for type hints only
+        from .metrics import get_metric
+
+        method = get_method(self.method)
+        get_metric(self.metric)
+        if self.keep_ratio is not None and self.flops_reduction is not None:
+            raise ValueError("give keep_ratio or flops_reduction, not both")
+        if self.keep_ratio is not None:
+            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) \
+                    or not 0.0 < float(self.keep_ratio) <= 1.0:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.flops_reduction is not None:
+            if isinstance(self.flops_reduction, bool) or not isinstance(self.flops_reduction, (int, float)) \
+                    or not 0.0 <= float(self.flops_reduction) < 1.0:
+                raise ValueError(f"flops_reduction must be in [0, 1), got {self.flops_reduction!r}")
+        if self.keep_ratio is None and self.flops_reduction is None and self.method != "none":
+            raise ValueError(f"method {self.method!r} needs keep_ratio (0, 1] or flops_reduction [0, 1)")
+        if not 0.0 <= float(self.q) <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {self.q!r}")
+        for name in ("hidden_rule", "residual_rule"):
+            rule = getattr(self, name)
+            if rule is not None:
+                parse_rule(rule, self.q)
+        if not isinstance(self.protect_last, int) or self.protect_last < 0:
+            raise ValueError(f"protect_last must be an integer >= 0, got {self.protect_last!r}")
+        if self.protect_from is not None and (not isinstance(self.protect_from, int) or self.protect_from < 0):
+            raise ValueError(f"protect_from must be an integer >= 0, got {self.protect_from!r}")
+        if self.protect_from is not None and self.protect_last:
+            raise ValueError("give protect_last or protect_from, not both")
+        if self.metric_source not in METRIC_SOURCES:
+            raise ValueError(f"unknown metric_source {self.metric_source!r}; valid: {METRIC_SOURCES}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
+                raise ValueError(f"layers must be non-negative integers, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers must not repeat, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if self.causal and not method.causal_capable:
+            raise ValueError(
+                f"method {self.method!r} reproduces non-causal merges (later tokens fold into earlier "
+                f"positions); pass causal=False to use it")
+
+    # -- schedule -------------------------------------------------------------------------------
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Reduction layers for a `num_layers`-layer model; raises on an out-of-range index."""
+        layers = schedule.default_layers(num_layers) if self.layers is None else tuple(self.layers)
+        bad = [l for l in layers if l >= num_layers - 1]
+        if bad:
+            raise ValueError(
+                f"layer index {bad[0]} out of range for a {num_layers}-layer model: reduction runs "
+                f"after a layer and must leave one to shorten (valid 0..{num_layers - 2})")
+        return layers
+
+    def resolve_keep_ratio(self, num_layers: int) -> float:
+        """Per-anchor keep ratio (solving flops_reduction for the model depth when given)."""
+        if self.keep_ratio is not None:
+            return float(self.keep_ratio)
+        if self.flops_reduction is not None:
+            return schedule.keep_ratio_for_flops(float(self.flops_reduction), num_layers,
+                                                 self.resolve_layers(num_layers))
+        return 1.0
+
+    def branch_rules(self) -> dict[str, tuple[str, float]]:
+        """{'hidden': (kind, prune fraction), 'residual': (...)} with method defaults filled in."""
+        from .methods import get_method
+
+        method = get_method(self.method)
+        hidden = self.hidden_rule or method.hidden_rule
+        residual = self.residual_rule or method.residual_rule
+        return {"hidden": parse_rule(hidden, self.q), "residual": parse_rule(residual, self.q)}
+
+    def replace(self, **changes) -> "ReductionConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,193 @@
+"""The per-forward driver shared by all backends, and the functional entry point `reduce_tokens`.
+
+Glossary: B batch, N tokens, N' tokens after a reduction, D width, L layers, rho keep ratio.
+
+Convention (mamba-ssm's Block): after layer l, `hidden` is the layer's mixer output and `residual`
+the residual stream it was added to; the next layer sees hidden + residual. Each branch is reduced
+with its own rule, both with the same plan (same kept tokens, same order).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import ReductionConfig
+from .methods import Context, get_method
+from .metrics import get_metric, importance
+from .plan import Plan, TokenState
+
+Tensor = torch.Tensor
+
+
+def tokens_to_remove(valid: Tensor, keep_ratio: float) -> Tensor:
+    """(B,) r = n - ceil(n * rho) with n each sample's valid length (method.md §2, per sample)."""
+    n = valid.sum(1)
+    n_keep = torch.ceil(n.double() * keep_ratio - 1e-9).long()
+    return (n - n_keep).clamp_min(0)
+
+
+def normalise(x: Tensor) -> Tensor:
+    """L2-normalise the last axis; zero vectors stay zero (never NaN)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
+                   residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
+                   delta: Optional[Tensor] = None, salt: int = 0) -> Plan:
+    """One reduction's plan.
+
+    Args:
+        hidden: (B, N, D) mixer output. features: (B, N, C) importance / similarity source (the SSM
+            output y for metric_source="ssm"; defaults to `hidden`). delta: (B, N, H) timescale.
+        r: (B,) tokens to remove per sample.
+    """
+    method = get_method(config.method)
+    red = state.reducible
+    too_short = (r > 0) & (red.sum(1) < 2)
+    if bool(too_short.any()):
+        b = int(too_short.nonzero()[0, 0])
+        raise ValueError(
+            f"sequence too short to reduce: sample {b} has {int(red[b].sum())} reducible token(s) "
+            f"({int(state.valid[b].sum())} valid, protected tail excluded); need at least 2")
+    feats = hidden if features is None else features
+    scores = feats_n = None
+    if method.needs_features:
+        scores = importance(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
+        feats_n = normalise(feats)
+    ctx = Context(scores=scores, feats=feats_n, state=state, r=r, rules=config.branch_rules(),
+                  causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt)
+    return method.fn(ctx)
+
+
+class ForwardReducer:
+    """Carries the token state through one prefill forward and reduces at the anchor layers."""
+
+    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor):
+        self.config = config
+        self.layers = frozenset(config.resolve_layers(num_layers))
+        self.keep_ratio = config.resolve_keep_ratio(num_layers)
+        self.active = config.method != "none" and self.keep_ratio < 1.0 and bool(self.layers)
+        self.state = TokenState.initial(valid, protect_last=config.protect_last,
+                                        protect_from=config.protect_from)
+        self.num_input = valid.shape[1]
+        self.reduced = False
+        self.history: list[dict] = []  # per anchor: layer, tokens before/after (for reports)
+
+    def wants(self, layer: int) -> bool:
+        return self.active and layer in self.layers
+
+    def step(self, layer: int, hidden: Tensor, residual: Tensor, features: Optional[Tensor] = None,
+             delta: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Reduce (hidden, residual) after `layer` if it is an anchor; returns them (B, N', D)."""
+        if not self.wants(layer):
+            return hidden, residual
+        r = tokens_to_remove(self.state.valid, self.keep_ratio)
+        if int(r.max()) == 0:
+            return hidden, residual
+        source = hidden if self.config.metric_source == "mixer" else features
+        plan = plan_reduction(self.config, self.state, r, hidden=hidden, residual=residual,
+                              features=source, delta=delta, salt=layer)
+        sizes = self.state.sizes
+        before = int(hidden.shape[1])
+        hidden = plan.apply(hidden, "hidden", sizes)
+        residual = plan.apply(residual, "residual", sizes)
+        self.state = plan.next_state(self.state)
+        self.reduced = True
+        self.history.append({"layer": layer, "tokens_before": before, "tokens_after": int(hidden.shape[1]),
+                             "positions": self.state.positions})
+        return hidden, residual
+
+    @property
+    def attention_mask(self) -> Optional[Tensor]:
+        """(B, N') long mask of the current tokens, or None when no slot is padding."""
+        v = self.state.valid
+        return None if bool(v.all()) else v.long()
+
+    def expand(self, x: Tensor) -> Tensor:
+        """(B, N', D) -> (B, N, D) aligned by original position.
+
+        A removed position gets the row of the nearest kept position before it; positions before the
+        first kept token get the first kept token's row (unscored positions only, since protected
+        tokens are never removed).
+        """
+        if not self.reduced:
+            return x
+        return expand_to_positions(x, self.state.positions, self.num_input)
+
+    def last(self, x: Tensor) -> Tensor:
+        """(B, N', D) -> (B, 1, D): the row of the last position (no scatter)."""
+        return x[:, -1:]
+
+
+def expand_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Tensor:
+    """Map rows at original `positions` (B, N', ascending, -1 = padding) to (B, num_positions, D)."""
+    B = x.shape[0]
+    grid = torch.arange(num_positions, device=x.device).expand(B, num_positions).contiguous()
+    slot = torch.searchsorted(positions.contiguous(), grid, right=True) - 1  # last slot with pos <= t
+    first_valid = (positions < 0).sum(1, keepdim=True)  # index of the first real slot
+    slot = torch.maximum(slot, first_valid).clamp_max(x.shape[1] - 1)
+    return x.gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@dataclass
+class ReductionResult:
+    """Output of `reduce_tokens`: hidden / residual (B, N', D), positions / sizes / valid (B, N')."""
+
+    hidden: Tensor
+    residual: Optional[Tensor]
+    positions: Tensor
+    sizes: Tensor
+    valid: Tensor
+    plan: Plan
+
+
+def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: ReductionConfig,
+                  n_keep, metric: Optional[Tensor] = None, lengths=None, delta: Optional[Tensor] = None,
+                  sizes: Optional[Tensor] = None) -> ReductionResult:
+    """Reduce one layer's tokens (functional form of a single anchor).
+
+    Args:
+        hidden: (B, N, D) mixer output (mamba-ssm Block convention); residual: (B, N, D) or None.
+        config: method, metric, rules, protection, causality, seed (schedule fields are ignored).
+        n_keep: int or (B,) tokens to keep per sample (including protected ones).
+        metric: (B, N, C) importance / similarity source; None = computed from `hidden` as
+            config.metric says (for utrc_reference: the clipped mixer output, as the authors do).
+        lengths: (B,) valid lengths, LEFT-padded (pads first, as the engine feeds Mamba); None = all valid.
+        delta: (B, N, H) softplus timescale, for metric "delta".
+        sizes: (B, N) token sizes from an earlier reduction (default 1).
+    Returns:
+        ReductionResult with `.hidden`, `.residual`, `.positions` (original index, -1 = pad),
+        `.sizes`, `.valid`, `.plan`.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, N, D), got shape {tuple(hidden.shape)}")
+    B, N, _ = hidden.shape
+    dev = hidden.device
+    if lengths is None:
+        valid = torch.ones(B, N, dtype=torch.bool, device=dev)
+    else:
+        lengths = torch.as_tensor(lengths, device=dev).long().reshape(B)
+        if bool(((lengths < 0) | (lengths > N)).any()):
+            raise ValueError(f"lengths must be in [0, {N}], got {lengths.tolist()}")
+        valid = torch.arange(N, device=dev)[None, :] >= (N - lengths)[:, None]
+    n_keep_t = torch.as_tensor(n_keep, device=dev).long().expand(B)
+    n_valid = valid.sum(1)
+    if bool(((n_keep_t < 1) & (n_valid > 0)).any()):
+        raise ValueError(f"n_keep must be >= 1, got {n_keep}")
+    state = TokenState.initial(valid, protect_last=config.protect_last, protect_from=config.protect_from)
+    if sizes is not None:
+        state.sizes = sizes.float() * valid
+    r = (n_valid - torch.minimum(n_keep_t, n_valid)).clamp_min(0)
+    if config.method == "utrc_reference" and metric is None:
+        metric = hidden
+    source = metric if metric is not None else hidden
+    plan = plan_reduction(config, state, r, hidden=hidden, residual=residual, features=source, delta=delta)
+    out_h = plan.apply(hidden, "hidden", state.sizes)
+    out_r = plan.apply(residual, "residual", state.sizes) if residual is not None else None
+    nxt = plan.next_state(state)
+    return ReductionResult(out_h, out_r, nxt.positions, nxt.sizes, nxt.valid, plan)

@@ -1,0 +1,236 @@
+"""Reduction methods: a registry of name -> function(Context) -> Plan.
+
+Glossary: B batch, N tokens, C feature width, r tokens removed per sample (B,), A / B the two sides
+of a bipartite matching (A = sources, B = destinations).
+
+Every method works on the reducible tokens only (valid and not protected), per sample, vectorised
+over the batch. Ties are broken by position (stable sorts), and random draws are indexed by a
+token's position within its sample, so a sample's plan never depends on the rest of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .metrics import seeded_uniform
+from .plan import Plan, TokenState, build_plan, identity_plan
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Context:
+    """Inputs of one reduction.
+
+    scores: (B, N) importance (larger = more important).
+    feats:  (B, N, C) similarity features, L2-normalised (zero rows stay zero).
+    state:  TokenState (valid / protected / sizes / positions).
+    r:      (B,) long, tokens to remove in each sample (before the method's own cap).
+    rules:  {'hidden': (kind, prune fraction), 'residual': (...)}.
+    causal: content only moves to later positions.
+    hidden, residual: the raw branch tensors (B, N, D) (the reference mode computes its own metric).
+    seed, salt: random draws (salt = layer index).
+    """
+
+    scores: Tensor
+    feats: Optional[Tensor]
+    state: TokenState
+    r: Tensor
+    rules: dict
+    causal: bool
+    hidden: Optional[Tensor] = None
+    residual: Optional[Tensor] = None
+    seed: int = 0
+    salt: int = 0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[Context], Plan]
+    doc: str
+    hidden_rule: str = "merge"
+    residual_rule: str = "merge"
+    causal_capable: bool = True
+    needs_features: bool = True
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+def _inverse_perm(order: Tensor) -> Tensor:
+    ar = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ar)
+
+
+def rank_by(scores: Tensor, mask: Tensor, descending: bool = False) -> Tensor:
+    """(B, N) rank of each masked token by score (ties by position); unmasked tokens rank last."""
+    fill = float("-inf") if descending else float("inf")
+    key = scores.float().masked_fill(~mask, fill)
+    return _inverse_perm(torch.argsort(key, dim=1, descending=descending, stable=True))
+
+
+def lowest(scores: Tensor, mask: Tensor, k: Tensor) -> Tensor:
+    """(B, N) bool: the k[b] lowest-scoring masked tokens of each sample."""
+    return mask & (rank_by(scores, mask) < k[:, None])
+
+
+def _gather_side(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the masked tokens first (by position), padded; and which entries are real."""
+    R = int(mask.sum(1).max())
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
+    return idx, mask.gather(1, idx)
+
+
+def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """Link each A token to its most similar B token (cosine), keep the r[b] best edges.
+
+    Paper §3 steps 3-4 (and ToMe's bipartite soft matching). Returns is_src (B, N) bool and
+    dst (B, N) long (the B token each chosen source joins).
+    """
+    B, N, _ = feats.shape
+    ar = torch.arange(N, device=feats.device).expand(B, N)
+    r = torch.minimum(r, torch.minimum(is_a.sum(1), is_b.sum(1)))
+    if int(r.max()) <= 0:
+        return torch.zeros_like(is_a), ar
+    a_idx, a_ok = _gather_side(is_a)
+    b_idx, b_ok = _gather_side(is_b)
+    fa = feats.gather(1, a_idx[..., None].expand(-1, -1, feats.shape[-1])).float()  # (B, RA, C)
+    fb = feats.gather(1, b_idx[..., None].expand(-1, -1, feats.shape[-1])).float()  # (B, RB, C)
+    sim = (fa @ fb.transpose(1, 2)).masked_fill(~b_ok[:, None, :], float("-inf"))  # (B, RA, RB)
+    g, j = sim.max(-1)  # best destination of every A token
+    g = g.masked_fill(~a_ok, float("-inf"))
+    edge_rank = _inverse_perm(torch.argsort(g, dim=1, descending=True, stable=True))
+    chosen = a_ok & (edge_rank < r[:, None])
+    is_src = torch.zeros_like(is_a).scatter(1, a_idx, chosen)
+    dst = ar.clone().scatter(1, a_idx, b_idx.gather(1, j))
+    return is_src, dst
+
+
+def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor) -> Plan:
+    """Apply each branch's rule to the chosen edges: prune the least important fraction, merge the rest.
+
+    The paper leaves open which edges are pruned under the hybrid rule; we prune the
+    floor(fraction * r) sources of lowest importance (documented choice, ablated in 02_design_choices).
+    """
+    n_src = is_src.sum(1)
+    merged = {}
+    for branch, (_, frac) in ctx.rules.items():
+        n_prune = torch.floor(n_src.float() * frac + 1e-9).long()
+        merged[branch] = is_src & ~lowest(ctx.scores, is_src, n_prune)
+    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
+
+
+def importance_halves(scores: Tensor, reducible: Tensor) -> tuple[Tensor, Tensor]:
+    """Paper §3 step 2: less important half of the reducible tokens = A, the rest = B."""
+    n_a = reducible.sum(1) // 2
+    is_a = reducible & (rank_by(scores, reducible) < n_a[:, None])
+    return is_a, reducible & ~is_a
+
+
+def alternate_halves(reducible: Tensor) -> tuple[Tensor, Tensor]:
+    """ToMe's split: every other reducible token (by position) is in A, the others in B."""
+    rel = reducible.long().cumsum(1) - 1
+    is_a = reducible & (rel % 2 == 0)
+    return is_a, reducible & ~is_a
+
+
+# -- methods -------------------------------------------------------------------------------------
+
+def _utrc(ctx: Context) -> Plan:
+    """Paper §3: importance split, cosine match A -> B, top-r edges, per-branch prune/merge/hybrid."""
+    is_a, is_b = importance_halves(ctx.scores, ctx.state.reducible)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r)
+    return edges_to_plan(ctx, is_src, dst)
+
+
+def _tome(ctx: Context) -> Plan:
+    """ToMe bipartite soft matching on alternate tokens; size-weighted merges (default rules: merge)."""
+    is_a, is_b = alternate_halves(ctx.state.reducible)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r)
+    return edges_to_plan(ctx, is_src, dst)
+
+
+def _pumer(ctx: Context) -> Plan:
+    """PuMer-style: prune the floor(q * r) least important tokens, ToMe-merge the rest of r.
+
+    q is the hybrid fraction of the config's hidden rule (default 0.5); both branches follow it.
+    """
+    red = ctx.state.reducible
+    frac = ctx.rules["hidden"][1]
+    n_prune = torch.minimum(torch.floor(ctx.r.float() * frac + 1e-9).long(), red.sum(1))
+    pruned = lowest(ctx.scores, red, n_prune)
+    is_a, is_b = alternate_halves(red & ~pruned)
+    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune)
+    merged = {branch: matched for branch in ctx.rules}
+    return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal)
+
+
+def _evit(ctx: Context) -> Plan:
+    """EViT: keep the top-k tokens by importance, fuse the rest into one token (size-weighted).
+
+    The fused token takes the position of its latest member. Fixes the authors' inversion (they kept
+    the lowest-scoring tokens, method.md §2).
+    """
+    red = ctx.state.reducible
+    r = torch.minimum(ctx.r, (red.sum(1) - 1).clamp_min(0))
+    n_fused = torch.where(r > 0, r + 1, torch.zeros_like(r))
+    fused = lowest(ctx.scores, red, n_fused)
+    B, N = red.shape
+    ar = torch.arange(N, device=red.device).expand(B, N)
+    last = torch.where(fused, ar, torch.full_like(ar, -1)).amax(1).clamp_min(0)  # (B,)
+    is_src = fused & (ar != last[:, None])
+    dst = last[:, None].expand(B, N)
+    merged = {branch: is_src for branch in ctx.rules}
+    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
+
+
+def _random(ctx: Context) -> Plan:
+    """Drop r random reducible tokens (seeded, batch independent)."""
+    red = ctx.state.reducible
+    u = seeded_uniform(ctx.state.valid, ctx.seed, 7919 + ctx.salt)
+    is_src = lowest(u, red, torch.minimum(ctx.r, red.sum(1)))
+    return build_plan(ctx.state.valid, is_src, torch.zeros_like(ctx.r)[:, None].expand_as(is_src),
+                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal)
+
+
+def _none(ctx: Context) -> Plan:
+    return identity_plan(ctx.state.valid)
+
+
+def _utrc_reference(ctx: Context) -> Plan:
+    from .reference import reference_plan
+
+    return reference_plan(ctx)
+
+
+_METHODS: dict[str, Method] = {
+    m.name: m for m in (
+        Method("utrc", _utrc, "UTRC as the paper states it (hidden: hybrid q, residual: merge)",
+               hidden_rule="hybrid", residual_rule="merge"),
+        Method("utrc_reference", _utrc_reference,
+               "the authors' released behaviour (per-channel sort, even/odd, fold into position 1)",
+               hidden_rule="hybrid", residual_rule="merge", causal_capable=False, needs_features=False),
+        Method("evit", _evit, "keep top-k by importance, fuse the rest into one token"),
+        Method("pumer", _pumer, "prune the q least important, bipartite-merge the rest",
+               hidden_rule="hybrid", residual_rule="hybrid"),
+        Method("tome", _tome, "bipartite soft matching on alternate tokens, size-weighted merges"),
+        Method("prune_only", _utrc, "UTRC matching, prune on both branches",
+               hidden_rule="prune", residual_rule="prune"),
+        Method("merge_only", _utrc, "UTRC matching, merge on both branches"),
+        Method("random", _random, "drop r random tokens (seeded)", needs_features=False),
+        Method("none", _none, "no reduction (dense)", needs_features=False),
+    )
+}
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(_METHODS)}") from None

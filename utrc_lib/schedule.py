@@ -1,0 +1,105 @@
+"""Layer schedules: where to reduce, and how much to keep at each reduction layer.
+
+Glossary: L layers, N tokens, rho per-anchor keep ratio, r tokens removed at one anchor.
+
+Paper (method.md §1): reduce after layers 12, 17, ..., 42 (0-based) for 64-layer models and after
+10, 15, ..., 35 for 48-layer models, the same keep ratio rho at each anchor. A reduction "after
+layer l" shortens the input of layer l + 1 onward. The FLOPs reduction the authors report is the
+token-layer fraction: 1 - mean over layers of (tokens that layer processes / N).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+# Anchors of the paper for its two depths (method.md §1).
+DEFAULT_ANCHORS = {
+    64: tuple(range(12, 43, 5)),  # 12, 17, 22, 27, 32, 37, 42
+    48: tuple(range(10, 36, 5)),  # 10, 15, 20, 25, 30, 35
+}
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Reduction layers for a model of `num_layers` layers.
+
+    64 and 48 layers use the paper's anchors. Any other depth follows the paper's general rule
+    scaled to depth: start at about a fifth of the depth (the paper starts at 12 of 64 and 10 of 48),
+    then every max(2, round(L / 10)) layers, stopping before the last sixth of the network (the
+    paper's last anchor is 42 of 64 and 35 of 48). A 12-layer model gets 2, 4, 6, 8.
+    Small models (L < 4) get a single anchor after layer 0.
+    """
+    if num_layers in DEFAULT_ANCHORS:
+        return DEFAULT_ANCHORS[num_layers]
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers < 4:
+        return (0,) if num_layers > 1 else ()
+    start = max(1, round(num_layers * 0.2))
+    step = max(2, round(num_layers / 10))
+    stop = num_layers - max(1, num_layers // 6)  # no anchor at or after this layer
+    layers = tuple(range(start, stop, step))
+    return layers or (num_layers // 2,)
+
+
+def tokens_per_layer(seq_len: int, num_layers: int, layers: Sequence[int], keep_ratio: float,
+                     *, exact: bool = True) -> list[float]:
+    """Tokens processed by each of the `num_layers` layers.
+
+    With `exact=True` counts are integers, as the engine computes them: n <- ceil(n * rho) at each
+    anchor (method.md §2: r = N - ceil(N * rho)). With `exact=False` counts are real: n <- n * rho.
+    """
+    counts, n = [], float(seq_len)
+    anchors = set(layers)
+    for layer in range(num_layers):
+        counts.append(n)
+        if layer in anchors:
+            n = math.ceil(n * keep_ratio - 1e-9) if exact else n * keep_ratio
+    return counts
+
+
+def token_layer_fraction(num_layers: int, layers: Sequence[int], keep_ratio: float,
+                         seq_len: int | None = None) -> float:
+    """Mean over layers of the fraction of tokens each layer processes (1 = dense).
+
+    `seq_len=None` gives the continuous value (the paper's definition); an integer gives the value
+    with the engine's integer rounding.
+    """
+    if seq_len is None:
+        return sum(tokens_per_layer(1, num_layers, layers, keep_ratio, exact=False)) / num_layers
+    counts = tokens_per_layer(seq_len, num_layers, layers, keep_ratio, exact=True)
+    return sum(counts) / (num_layers * seq_len)
+
+
+def keep_ratio_for_flops(flops_reduction: float, num_layers: int, layers: Sequence[int],
+                         tol: float = 1e-10) -> float:
+    """Per-anchor keep ratio rho whose token-layer FLOPs reduction equals `flops_reduction`.
+
+    Solves 1 - token_layer_fraction(rho) = flops_reduction by bisection (the fraction is monotone
+    in rho). Raises ValueError when no anchor exists or the target is not reachable.
+    """
+    if not 0.0 <= flops_reduction < 1.0:
+        raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction!r}")
+    if flops_reduction == 0.0:
+        return 1.0
+    if not layers:
+        raise ValueError("flops_reduction > 0 needs at least one reduction layer")
+    max_cut = 1.0 - token_layer_fraction(num_layers, layers, 0.0)
+    if flops_reduction > max_cut:
+        raise ValueError(
+            f"flops_reduction={flops_reduction} is not reachable with layers {tuple(layers)} of a "
+            f"{num_layers}-layer model (at most {max_cut:.3f}); start reducing earlier")
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if 1.0 - token_layer_fraction(num_layers, layers, mid) > flops_reduction:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def flops_table(num_layers: int, cuts: Sequence[float] = (0.1, 0.2, 0.3),
+                layers: Sequence[int] | None = None) -> dict[float, float]:
+    """{FLOPs cut: keep ratio} for the default (or given) anchors of a `num_layers`-layer model."""
+    layers = default_layers(num_layers) if layers is None else layers
+    return {cut: keep_ratio_for_flops(cut, num_layers, layers) for cut in cuts}
