@@ -97,11 +97,12 @@ class Plan:
         out = x.gather(1, self.base[..., None].expand(-1, -1, D))  # (B, N', D): exact for kept tokens
         w_src = self.src_weight.get(branch)
         if w_src is not None and self.src.shape[1] > 0 and bool((w_src > 0).any()):
-            w_src = w_src * sizes.gather(1, self.src)  # (B, R)
-            w_base = sizes.gather(1, self.base)  # (B, N')
+            acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
+            w_src = (w_src * sizes.gather(1, self.src)).to(acc)  # (B, R)
+            w_base = sizes.gather(1, self.base).to(acc)  # (B, N')
             idx = self.src_slot[..., None].expand(-1, -1, D)
-            num = (out.float() * w_base[..., None]).scatter_add(
-                1, idx, x.gather(1, self.src[..., None].expand(-1, -1, D)).float() * w_src[..., None])
+            num = (out.to(acc) * w_base[..., None]).scatter_add(
+                1, idx, x.gather(1, self.src[..., None].expand(-1, -1, D)).to(acc) * w_src[..., None])
             added = torch.zeros_like(w_base).scatter_add(1, self.src_slot, w_src)
             den = w_base + added
             out = torch.where((added > 0)[..., None], (num / den.clamp_min(1e-12)[..., None]).to(x.dtype), out)

@@ -74,8 +74,9 @@ class ReferencePlan(Plan):
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device)[None, :, None].expand_as(order))
         keep = ok & (rank < k[:, None, None])
         idx = self.src_slot[..., None].expand(-1, -1, D)
-        num = out.float().scatter_add(1, idx, vals.float() * keep)
-        den = torch.ones_like(num).scatter_add(1, idx, keep.float())
+        acc = torch.promote_types(x.dtype, torch.float32)
+        num = out.to(acc).scatter_add(1, idx, vals.to(acc) * keep)
+        den = torch.ones_like(num).scatter_add(1, idx, keep.to(acc))
         return (num / den).to(x.dtype) * self.slot_valid[..., None].to(x.dtype)
 
     def next_state(self, state: TokenState) -> TokenState:

@@ -8,6 +8,7 @@ residual = the stream it is added to; both are reduced with the same plan, then 
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -36,6 +37,7 @@ def install(model, handle: Handle, delta_transform_factory) -> None:
     lm_forward = model.forward  # bound class method
     backbone_forward = backbone.forward
 
+    @functools.wraps(backbone_forward)  # same signature: generate() inspects it
     def patched_backbone_forward(input_ids=None, inputs_embeds=None, cache_params=None, use_cache=None,
                                  output_hidden_states=None, return_dict=None, attention_mask=None, **kwargs):
         n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
@@ -46,6 +48,7 @@ def install(model, handle: Handle, delta_transform_factory) -> None:
         return _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, use_cache,
                                 output_hidden_states, return_dict, attention_mask)
 
+    @functools.wraps(lm_forward)
     def patched_lm_forward(*args, logits_to_keep=0, **kwargs):
         handle.last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1
         try:

@@ -1,0 +1,164 @@
+"""Vectorised reductions vs their loop twins, plan invariants, the reference mode, schedules."""
+import math
+
+import pytest
+import torch
+
+import utrc_lib as u
+from utrc_lib.reference import reference_reduce_loop
+from utrc_lib.twins import loop_reduce
+
+TWIN_METHODS = ["utrc", "tome", "pumer", "evit", "prune_only", "merge_only", "random", "none"]
+
+
+def _case(seed, B=3, N=17, D=6):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    residual = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([N, N - 4, N - 7])[:B]
+    return hidden, residual, lengths
+
+
+@pytest.mark.parametrize("method", TWIN_METHODS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_equals_loop_twin(method, causal, seed):
+    hidden, residual, lengths = _case(seed)
+    B, N, _ = hidden.shape
+    protect = seed % 3  # 0, 1, 2 protected tail tokens
+    rules = {"hidden": ("hybrid", 0.5), "residual": ("merge", 0.0)}
+    cfg = u.ReductionConfig(method, keep_ratio=0.6, causal=causal, protect_last=protect, seed=seed,
+                            metric=["clip", "l2", "random"][seed])
+    n_keep = torch.ceil(lengths.double() * 0.6).long()
+    out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=n_keep, lengths=lengths)
+    rules = cfg.branch_rules()
+    for b in range(B):
+        n = int(lengths[b])
+        start = N - n
+        want = loop_reduce(method, hidden[b, start:], residual[b, start:], r=n - int(n_keep[b]), rules=rules,
+                           causal=causal, protect=protect, metric=cfg.metric, seed=seed)
+        valid = out.valid[b]
+        assert int(valid.sum()) == len(want)
+        pos = (out.positions[b][valid] - start).tolist()
+        assert pos == [w[0] for w in want]
+        torch.testing.assert_close(out.hidden[b][valid], torch.stack([w[1] for w in want]).to(hidden.dtype))
+        torch.testing.assert_close(out.residual[b][valid], torch.stack([w[2] for w in want]).to(hidden.dtype))
+        torch.testing.assert_close(out.sizes[b][valid].double(), torch.tensor([w[3] for w in want], dtype=torch.float64))
+        # padding slots are zero and come first
+        assert not bool(out.hidden[b][~valid].abs().sum())
+        assert bool((valid.long().diff() >= 0).all())
+
+
+@pytest.mark.parametrize("method", [m for m in u.available_methods() if m != "none"])
+def test_order_preserved_and_count(method):
+    hidden, residual, lengths = _case(5, N=40)
+    cfg = u.ReductionConfig(method, keep_ratio=0.7, causal=method != "utrc_reference")
+    out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=torch.ceil(lengths * 0.7).long(), lengths=lengths)
+    for b in range(hidden.shape[0]):
+        pos = out.positions[b][out.valid[b]]
+        assert bool((pos.diff() > 0).all()), "kept tokens must stay in ascending original order"
+        assert len(pos) == math.ceil(int(lengths[b]) * 0.7)
+
+
+def test_mass_conservation_of_merges():
+    hidden, residual, lengths = _case(7, N=30)
+    sizes = (torch.rand(hidden.shape[:2], generator=torch.Generator().manual_seed(0)) + 0.5).double()  # fp32 values: sizes are fp32
+    valid = torch.arange(30)[None] >= (30 - lengths)[:, None]
+    sizes = sizes * valid
+    for method in ["merge_only", "tome", "utrc"]:
+        cfg = u.ReductionConfig(method, keep_ratio=0.5)
+        out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=torch.ceil(lengths * 0.5).long(),
+                              lengths=lengths, sizes=sizes)
+        # residual branch merges every edge: total size and size-weighted sum are conserved
+        torch.testing.assert_close(out.sizes.double().sum(1), sizes.sum(1))
+        torch.testing.assert_close((out.residual * out.sizes[..., None]).sum(1), (residual * sizes[..., None]).sum(1),
+                                   rtol=1e-5, atol=1e-5)  # carried sizes are fp32
+    # prune on both branches loses exactly the pruned tokens' mass
+    cfg = u.ReductionConfig("prune_only", keep_ratio=0.5)
+    out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=torch.ceil(lengths * 0.5).long(),
+                          lengths=lengths, sizes=sizes)
+    assert bool((out.sizes.double().sum(1) < sizes.sum(1)).all())
+
+
+def test_keep_ratio_one_is_identity():
+    hidden, residual, lengths = _case(3)
+    for method in u.available_methods():
+        cfg = u.ReductionConfig(method, keep_ratio=1.0, causal=method != "utrc_reference")
+        out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=lengths, lengths=lengths)
+        valid = out.valid
+        ref_valid = torch.arange(hidden.shape[1])[None] >= (hidden.shape[1] - lengths)[:, None]
+        assert torch.equal(valid, ref_valid)
+        assert torch.equal(out.hidden[valid], hidden[ref_valid])
+        assert torch.equal(out.residual[valid], residual[ref_valid])
+
+
+def test_zero_vectors_never_nan():
+    h = torch.zeros(2, 12, 4)
+    h[0, 3] = 1.0
+    for method in u.available_methods():
+        cfg = u.ReductionConfig(method, keep_ratio=0.5, causal=method != "utrc_reference")
+        out = u.reduce_tokens(h, h.clone(), config=cfg, n_keep=6)
+        assert not torch.isnan(out.hidden).any() and not torch.isnan(out.residual).any(), method
+
+
+# -- the authors' released behaviour (method.md §2) ------------------------------------------------
+
+def test_reference_folds_into_position_one():
+    g = torch.Generator().manual_seed(0)
+    N, D, rho = 16, 8, 0.75
+    x = torch.rand(1, N, D, generator=g, dtype=torch.float64) + 0.01  # clipped values all > 0: no ties
+    res = torch.randn(1, N, D, generator=g, dtype=torch.float64)
+    cfg = u.ReductionConfig("utrc_reference", keep_ratio=rho, causal=False)
+    r = N - math.ceil(N * rho)
+    out = u.reduce_tokens(x, res, config=cfg, n_keep=N - r)
+    removed = sorted(set(range(N)) - set(out.positions[0].tolist()))
+    assert removed == list(range(0, 2 * r, 2)), "sources are the first r even positions"
+    # residual branch: position 1 is the plain mean of itself and the r sources
+    slot1 = out.positions[0].tolist().index(1)
+    want = (res[0, 1] + res[0, list(range(0, 2 * r, 2))].sum(0)) / (r + 1)
+    torch.testing.assert_close(out.residual[0, slot1], want)
+    # hidden branch: per channel, the top floor(r/2) source values are added, divisor 1 + floor(r/2)
+    k = r // 2
+    srcs = x[0, list(range(0, 2 * r, 2))]
+    want_h = (x[0, 1] + srcs.topk(k, dim=0).values.sum(0)) / (1 + k)
+    torch.testing.assert_close(out.hidden[0, slot1], want_h)
+    # every other token is untouched
+    others = [i for i, p in enumerate(out.positions[0].tolist()) if p != 1]
+    torch.testing.assert_close(out.hidden[0, others], x[0, out.positions[0, others]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("N", [15, 16])
+def test_reference_equals_loop_twin(seed, N):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, N, 5, generator=g, dtype=torch.float64)  # mixed signs: clipped zeros, ties
+    res = torch.randn(2, N, 5, generator=g, dtype=torch.float64)
+    cfg = u.ReductionConfig("utrc_reference", keep_ratio=0.6, causal=False)
+    r = N - math.ceil(N * 0.6)
+    out = u.reduce_tokens(x, res, config=cfg, n_keep=N - r)
+    for b in range(2):
+        want_h = reference_reduce_loop(x[b], r, rule="hybrid")
+        want_r = reference_reduce_loop(res[b], r, rule="merge", metric_input=x[b])
+        torch.testing.assert_close(out.hidden[b], want_h)
+        torch.testing.assert_close(out.residual[b], want_r)
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+def test_flops_solver_reproduces_method_table():
+    t64 = u.flops_table(64)
+    t48 = u.flops_table(48)
+    for got, want in zip(t64.values(), [0.9729, 0.9415, 0.905]):
+        assert abs(got - want) < 1e-3  # the spec rounds 0.9043 to 0.905
+    for got, want in zip(t48.values(), [0.9651, 0.9248, 0.8768]):
+        assert abs(got - want) < 1e-4
+    for cut, rho in t64.items():
+        assert abs(1 - u.token_layer_fraction(64, u.default_layers(64), rho) - cut) < 1e-8
+
+
+def test_default_layers():
+    assert u.default_layers(64) == (12, 17, 22, 27, 32, 37, 42)
+    assert u.default_layers(48) == (10, 15, 20, 25, 30, 35)
+    for L in range(2, 80):
+        layers = u.default_layers(L)
+        assert layers and all(0 <= l < L - 1 for l in layers)
