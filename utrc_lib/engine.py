@@ -31,7 +31,16 @@ def tokens_to_remove(valid: Tensor, keep_ratio: float) -> Tensor:
 
 
 def normalise(x: Tensor) -> Tensor:
-    """L2-normalise the last axis; zero vectors stay zero (never NaN)."""
+    """L2-normalise the last axis; zero vectors stay zero (never NaN).
+
+    CPU: in float32. CUDA: half-precision inputs stay in their dtype (the norm accumulates in
+    float32 and is clamped to the dtype's normal range), so the similarity matmul runs on tensor
+    cores and no float32 copy of the (B, N, C) features is made.
+    """
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        info = torch.finfo(x.dtype)
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        return x / n.clamp(info.tiny, info.max).to(x.dtype)
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -67,6 +76,8 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
 class ForwardReducer:
     """Carries the token state through one prefill forward and reduces at the anchor layers."""
 
+    record_all = False  # class-wide default of `record` (see utrc_lib.analysis.recording)
+
     def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor):
         self.config = config
         self.layers = frozenset(config.resolve_layers(num_layers))
@@ -77,6 +88,9 @@ class ForwardReducer:
         self.num_input = valid.shape[1]
         self.reduced = False
         self.history: list[dict] = []  # per anchor: layer, tokens before/after (for reports)
+        # record=True also keeps each anchor's plan, positions_before and sizes_before in history;
+        # set by default from ForwardReducer.record_all (utrc_lib.analysis turns it on temporarily)
+        self.record = ForwardReducer.record_all
 
     def wants(self, layer: int) -> bool:
         return self.active and layer in self.layers
@@ -93,13 +107,17 @@ class ForwardReducer:
         plan = plan_reduction(self.config, self.state, r, hidden=hidden, residual=residual,
                               features=source, delta=delta, salt=layer)
         sizes = self.state.sizes
+        positions_before = self.state.positions
         before = int(hidden.shape[1])
         hidden = plan.apply(hidden, "hidden", sizes)
         residual = plan.apply(residual, "residual", sizes)
         self.state = plan.next_state(self.state)
         self.reduced = True
-        self.history.append({"layer": layer, "tokens_before": before, "tokens_after": int(hidden.shape[1]),
-                             "positions": self.state.positions})
+        entry = {"layer": layer, "tokens_before": before, "tokens_after": int(hidden.shape[1]),
+                 "positions": self.state.positions}
+        if self.record:  # the plan and the state it acted on (references, no copies): for reports
+            entry.update(plan=plan, positions_before=positions_before, sizes_before=sizes)
+        self.history.append(entry)
         return hidden, residual
 
     @property
