@@ -1,0 +1,101 @@
+"""utrc_lib.models.load_model: embedded names, local checkpoints and its error messages."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from utrc_lib import models
+from utrc_lib.models import ModelLoadError, available_models, load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(REPO / "data/tokenizer")
+
+
+def _save_tiny(path: Path, kind: str = "mamba2", vocab: int = 8192, tokenizer=True):
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    if kind == "mamba2":
+        m = Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, state_size=8,
+                                           head_dim=8, num_heads=4, n_groups=1, chunk_size=16,
+                                           tie_word_embeddings=True))
+    else:
+        m = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, state_size=4))
+    m.save_pretrained(path)
+    if tokenizer:
+        _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_load_embedded_name_via_data_dir(data_dir, kind):
+    name = "tiny-mamba2" if kind == "mamba2" else "tiny-mamba"
+    _save_tiny(data_dir / "models" / name, kind)
+    assert available_models()[name]["present"]
+    model, tok = load_model(name, dtype="float16")
+    assert type(model).__name__ == ("Mamba2ForCausalLM" if kind == "mamba2" else "MambaForCausalLM")
+    assert next(model.parameters()).dtype == torch.float16 and not model.training
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id is not None
+    ids = tok("Hello world", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 8192
+
+
+def test_load_local_directory(tmp_path):
+    model, tok = load_model(str(_save_tiny(tmp_path / "ckpt")))
+    assert next(model.parameters()).dtype == torch.float32
+    assert len(tok) == 8192
+
+
+def test_default_data_dir_is_repo_data(monkeypatch):
+    monkeypatch.delenv("UTRC_DATA_DIR", raising=False)
+    assert models.embedded_path("tiny-mamba2") == REPO / "data" / "models" / "tiny-mamba2"
+    assert set(available_models()) == {"tiny-mamba", "tiny-mamba2"}
+
+
+def test_unknown_embedded_name_lists_valid(data_dir):
+    with pytest.raises(ModelLoadError, match="tiny-mamba, tiny-mamba2"):
+        load_model("tiny-gpt")
+
+
+def test_missing_embedded_checkpoint_says_how_to_make_it(data_dir):
+    with pytest.raises(ModelLoadError, match=r"make models.*train_lm\.py") as e:
+        load_model("tiny-mamba2")
+    assert "config.json" in str(e.value) and "model.safetensors" in str(e.value)
+    # a checkpoint without its tokenizer is reported as such
+    _save_tiny(data_dir / "models" / "tiny-mamba", "mamba", tokenizer=False)
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        load_model("tiny-mamba")
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope" / "ckpt"))
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path):
+    with pytest.raises(ModelLoadError, match="mismatch"):
+        load_model(str(_save_tiny(tmp_path / "small", vocab=256)))
+
+
+def test_unsupported_model_class(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    m.save_pretrained(tmp_path / "gpt2")
+    _tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelLoadError, match="only MambaForCausalLM and Mamba2ForCausalLM"):
+        load_model(str(tmp_path / "gpt2"))
+
+
+def test_offline_missing_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        load_model("nonexistent-org/nonexistent-mamba-model-xyz")

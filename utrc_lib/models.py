@@ -1,0 +1,152 @@
+"""Load the embedded tiny Mamba models, local checkpoints or hub ids.
+
+``load_model("tiny-mamba2")`` / ``load_model("tiny-mamba")`` load the small models trained
+on the offline corpus by ``scripts/train_lm.py`` (``make models`` on a GPU machine), kept in
+``data/models/<name>`` of the repository, or under ``$UTRC_DATA_DIR/models/<name>`` when
+that environment variable is set. Anything else is a local directory or a hub id.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EMBEDDED = {
+    "tiny-mamba2": "Mamba-2, 12 layers, d_model 256, d_state 64, trained on the offline corpus",
+    "tiny-mamba": "Mamba-1, 12 layers, d_model 256, d_state 16, trained on the offline corpus",
+}
+SUPPORTED_CLASSES = ("MambaForCausalLM", "Mamba2ForCausalLM")
+_TRAIN_HINT = {
+    "tiny-mamba": "--arch mamba --d-state 16",
+    "tiny-mamba2": "--arch mamba2 --d-state 64",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+def data_dir() -> Path:
+    env = os.environ.get("UTRC_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def embedded_path(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ModelLoadError(f"unknown embedded model {name!r}; valid names: {', '.join(sorted(EMBEDDED))}")
+    return data_dir() / "models" / name
+
+
+def available_models() -> dict[str, dict]:
+    """Embedded model names -> {"description", "path", "present"}."""
+    out = {}
+    for name, desc in EMBEDDED.items():
+        p = embedded_path(name)
+        out[name] = {"description": desc, "path": str(p), "present": _missing_files(p) == []}
+    return out
+
+
+def _missing_files(path: Path) -> list[str]:
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not (list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin"))):
+        missing.append("model.safetensors")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        missing.append("tokenizer.json")
+    return missing
+
+
+def _resolve_dtype(dtype):
+    import torch
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return "auto"
+        try:
+            return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                dtype, getattr(torch, dtype))
+        except AttributeError:
+            raise ModelLoadError(f"unknown dtype {dtype!r}") from None
+    raise ModelLoadError(f"unknown dtype {dtype!r}")
+
+
+def load_model(name_or_path: str, *, dtype=None, device="cpu"):
+    """Return ``(model, tokenizer)`` for an embedded name, a local directory or a hub id.
+
+    Only transformers ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` are accepted. The model
+    is put in eval mode on ``device``; ``dtype`` (torch dtype or "float16"/"bf16"/...) defaults
+    to float32.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    torch_dtype = _resolve_dtype(dtype)
+    if name in EMBEDDED:
+        path = embedded_path(name)
+        missing = _missing_files(path)
+        if missing:
+            raise ModelLoadError(
+                f"embedded model {name!r} is not available: {path} lacks {', '.join(missing)}. "
+                f"Make it with `make models` on a GPU machine, or directly with "
+                f"`python3 scripts/train_lm.py --backend mamba_ssm {_TRAIN_HINT[name]} --out {path}` "
+                f"(see data/corpus/README.md for the corpus and tokenizer).")
+        source = str(path)
+    elif name.lower().startswith("tiny-") and not Path(name).exists() and "/" not in name:
+        raise ModelLoadError(f"unknown embedded model {name!r}; valid names: {', '.join(sorted(EMBEDDED))}")
+    else:
+        p = Path(name).expanduser()
+        if p.exists():
+            if not p.is_dir():
+                raise ModelLoadError(f"{p} is a file; pass a checkpoint directory (save_pretrained output)")
+            missing = _missing_files(p)
+            if missing:
+                raise ModelLoadError(f"checkpoint directory {p} lacks {', '.join(missing)} "
+                                     "(expected the output of save_pretrained for model and tokenizer)")
+            source = str(p)
+        elif name.startswith((".", "/", "~")) or name.count("/") > 1:   # a path, not an "org/name" hub id
+            raise ModelLoadError(f"checkpoint directory {name!r} does not exist")
+        else:
+            source = name   # hub id
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (" HF_HUB_OFFLINE is set, so only models already in the local Hugging Face cache can be "
+                "loaded; use an embedded name (" + ", ".join(sorted(EMBEDDED)) + ") or a local directory."
+                if offline else "")
+        raise ModelLoadError(f"cannot load {name!r} as a local checkpoint or hub model: {e}.{hint}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if config.model_type not in ("mamba", "mamba2") or (archs and not set(archs) & set(SUPPORTED_CLASSES)):
+        raise ModelLoadError(
+            f"{name!r} is a {archs[0] if archs else config.model_type} model; only "
+            f"{' and '.join(SUPPORTED_CLASSES)} are supported")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {e}") from e
+    if len(tokenizer) > config.vocab_size:
+        raise ModelLoadError(
+            f"tokenizer/model mismatch for {name!r}: the tokenizer has {len(tokenizer)} entries but the "
+            f"model's vocab_size is {config.vocab_size}")
+
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {"dtype": "float32"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+    if type(model).__name__ not in SUPPORTED_CLASSES:
+        raise ModelLoadError(f"{name!r} loaded as {type(model).__name__}; only "
+                             f"{' and '.join(SUPPORTED_CLASSES)} are supported")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["load_model", "available_models", "embedded_path", "data_dir", "ModelLoadError", "EMBEDDED"]
