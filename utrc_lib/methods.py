@@ -76,9 +76,11 @@ def lowest(scores: Tensor, mask: Tensor, k: Tensor) -> Tensor:
     return mask & (rank_by(scores, mask) < k[:, None])
 
 
-def _gather_side(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the masked tokens first (by position), padded; and which entries are real."""
-    R = int(mask.sum(1).max())
+def _gather_side(mask: Tensor, R: int | None = None) -> tuple[Tensor, Tensor]:
+    """Indices of the masked tokens first (by position), padded to R (default: the most per sample);
+    and which entries are real."""
+    if R is None:
+        R = int(mask.sum(1).max())
     idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
     return idx, mask.gather(1, idx)
 
@@ -86,18 +88,22 @@ def _gather_side(mask: Tensor) -> tuple[Tensor, Tensor]:
 def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     """Link each A token to its most similar B token (cosine), keep the r[b] best edges.
 
-    Paper §3 steps 3-4 (and ToMe's bipartite soft matching). Returns is_src (B, N) bool and
-    dst (B, N) long (the B token each chosen source joins).
+    Paper §3 steps 3-4 (and ToMe's bipartite soft matching). `feats` are L2-normalised; the
+    similarity matmul runs in their dtype on CUDA (half precision: tensor cores) and in float32 on
+    CPU. Returns is_src (B, N) bool and dst (B, N) long (the B token each chosen source joins).
     """
     B, N, _ = feats.shape
     ar = torch.arange(N, device=feats.device).expand(B, N)
-    r = torch.minimum(r, torch.minimum(is_a.sum(1), is_b.sum(1)))
-    if int(r.max()) <= 0:
+    n_a, n_b = is_a.sum(1), is_b.sum(1)
+    r = torch.minimum(r, torch.minimum(n_a, n_b))
+    r_max, RA, RB = torch.stack([r.max(), n_a.max(), n_b.max()]).tolist()  # one host sync
+    if r_max <= 0:
         return torch.zeros_like(is_a), ar
-    a_idx, a_ok = _gather_side(is_a)
-    b_idx, b_ok = _gather_side(is_b)
-    fa = feats.gather(1, a_idx[..., None].expand(-1, -1, feats.shape[-1])).float()  # (B, RA, C)
-    fb = feats.gather(1, b_idx[..., None].expand(-1, -1, feats.shape[-1])).float()  # (B, RB, C)
+    a_idx, a_ok = _gather_side(is_a, RA)
+    b_idx, b_ok = _gather_side(is_b, RB)
+    dtype = feats.dtype if feats.is_cuda else torch.float32
+    fa = feats.gather(1, a_idx[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)  # (B, RA, C)
+    fb = feats.gather(1, b_idx[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)  # (B, RB, C)
     sim = (fa @ fb.transpose(1, 2)).masked_fill(~b_ok[:, None, :], float("-inf"))  # (B, RA, RB)
     g, j = sim.max(-1)  # best destination of every A token
     g = g.masked_fill(~a_ok, float("-inf"))

@@ -83,6 +83,8 @@ class Plan:
     src_slot: Tensor
     src_weight: dict = field(default_factory=dict)
     size_branch: str = "residual"
+    has_merge: dict | None = None  # {branch: bool} any source merged there (None = compute in apply)
+    all_valid: bool = False  # every slot valid (no padding): skip the zeroing pass
 
     @property
     def num_out(self) -> int:
@@ -92,20 +94,40 @@ class Plan:
         """Reduce a per-token tensor (B, N, D) -> (B, N', D) with `branch`'s rule.
 
         sizes: (B, N) float token sizes before this reduction (merge weights).
+        Only the slots that receive sources are recomputed (in >= fp32, on a (B, R, D) buffer);
+        every other slot is an exact copy of its base token. For one slot the arithmetic is
+        (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index order.
         """
         D = x.shape[-1]
         out = x.gather(1, self.base[..., None].expand(-1, -1, D))  # (B, N', D): exact for kept tokens
         w_src = self.src_weight.get(branch)
-        if w_src is not None and self.src.shape[1] > 0 and bool((w_src > 0).any()):
+        has_merge = self.has_merge.get(branch) if self.has_merge is not None else None
+        if has_merge is None and w_src is not None and self.src.shape[1] > 0:
+            has_merge = bool((w_src > 0).any())  # host sync; plans from build_plan carry the flag
+        if w_src is not None and self.src.shape[1] > 0 and has_merge:
             acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
             w_src = (w_src * sizes.gather(1, self.src)).to(acc)  # (B, R)
             w_base = sizes.gather(1, self.base).to(acc)  # (B, N')
-            idx = self.src_slot[..., None].expand(-1, -1, D)
-            num = (out.to(acc) * w_base[..., None]).scatter_add(
-                1, idx, x.gather(1, self.src[..., None].expand(-1, -1, D)).to(acc) * w_src[..., None])
-            added = torch.zeros_like(w_base).scatter_add(1, self.src_slot, w_src)
-            den = w_base + added
-            out = torch.where((added > 0)[..., None], (num / den.clamp_min(1e-12)[..., None]).to(x.dtype), out)
+            added = torch.zeros_like(w_base).scatter_add(1, self.src_slot, w_src)  # (B, N')
+            den = (w_base + added).clamp_min(1e-12)
+            # group the R source entries by the slot they join: segment id per entry, in slot order
+            order = torch.argsort(self.src_slot, dim=1, stable=True)  # (B, R)
+            slot = self.src_slot.gather(1, order)  # (B, R) ascending
+            new_seg = torch.ones_like(slot, dtype=torch.bool)
+            new_seg[:, 1:] = slot[:, 1:] != slot[:, :-1]
+            seg = new_seg.long().cumsum(1) - 1  # (B, R) in [0, R)
+            seg_idx = seg[..., None].expand(-1, -1, D)
+            slot_idx = slot[..., None].expand(-1, -1, D)
+            base_rows = out.gather(1, slot_idx).to(acc)  # (B, R, D)
+            num = torch.zeros(x.shape[0], slot.shape[1], D, dtype=acc, device=x.device)
+            num.scatter_(1, seg_idx, base_rows * w_base.gather(1, slot)[..., None])  # base term first
+            src_rows = x.gather(1, self.src.gather(1, order)[..., None].expand(-1, -1, D)).to(acc)
+            num.scatter_add_(1, seg_idx, src_rows * w_src.gather(1, order)[..., None])  # (B, R, D)
+            merged_rows = (num.gather(1, seg_idx) / den.gather(1, slot)[..., None]).to(x.dtype)
+            rows = torch.where((added.gather(1, slot) > 0)[..., None], merged_rows, base_rows.to(x.dtype))
+            out = out.scatter(1, slot_idx, rows)  # entries of one slot write identical rows
+        if self.all_valid:
+            return out
         return out * self.slot_valid[..., None].to(x.dtype)
 
     def apply_index(self, t: Tensor, fill=0) -> Tensor:
@@ -160,7 +182,12 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
     big = torch.full_like(ar, 2 * N)
     order = torch.argsort(torch.where(kept, pos_of, big + ar), dim=1, stable=True)
     n_out = kept.sum(1)  # (B,)
-    n_max = int(n_out.max()) if B else 0
+    n_src = is_src.sum(1)  # (B,)
+    flags = [v.any() for v in merged.values()]
+    # one host sync for every size this plan needs: max / min kept, most sources, merge flags
+    stats = torch.stack([n_out.max(), n_out.min(), n_src.max(), *flags]).tolist() if B else [0, 0, 0] + [False] * len(flags)
+    n_max, n_min, R = int(stats[0]), int(stats[1]), int(stats[2])
+    has_merge = {k: bool(f) for k, f in zip(merged, stats[3:])}
     offset = n_max - n_out  # left padding of shorter samples
     slots = torch.arange(n_max, device=dev).expand(B, n_max)
     rank = slots - offset[:, None]
@@ -171,11 +198,12 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
     slot_of = torch.full_like(ar, -1).scatter(1, order, ar - 0)  # rank in order
     slot_of = torch.where(kept, slot_of + offset[:, None], torch.full_like(ar, -1))
 
-    R = int(is_src.sum(1).max()) if B else 0
     src = torch.argsort((~is_src).to(torch.int8), dim=1, stable=True)[:, :R]  # sources first, by position
     src_valid = is_src.gather(1, src)
     src_slot = slot_of.gather(1, dst.gather(1, src)).clamp_min(0)
     src_weight = {k: (v.gather(1, src) & src_valid).float() for k, v in merged.items()}
     src = src.masked_fill(~src_valid, 0)
     src_slot = src_slot.masked_fill(~src_valid, 0)
-    return Plan(base, pos_index, slot_valid, src, src_slot, src_weight, size_branch)
+    all_valid = n_min == n_max and bool(B) and valid.shape[1] > 0
+    return Plan(base, pos_index, slot_valid, src, src_slot, src_weight, size_branch,
+                has_merge=has_merge if R > 0 else None, all_valid=all_valid)
