@@ -1,0 +1,367 @@
+"""Built-in fast evaluator (no lm-eval): log-likelihood scoring with token reduction, per request.
+
+Scoring follows lm-eval 0.4's conventions, so the numbers are comparable with the lm-eval adapter
+(`utrc_lib.eval`):
+    * a request is (context, continuation); trailing whitespace of the context moves to the
+      continuation; context+continuation is tokenised whole, and the continuation tokens are what
+      follows the tokens of the context alone; no BOS is added (an empty context becomes the EOS
+      token);
+    * the model input is all tokens but the last (kept to the last `max_length`), and the
+      continuation's log-probs are read at the last len(continuation) positions, aligned by
+      ORIGINAL position (the patched model returns full-length logits);
+    * the reduction runs with `config.replace(protect_last=len(continuation tokens))`, so the
+      positions whose logits are scored are never removed or merged and never see later tokens;
+      requests are grouped by continuation length (one protect_last per batch) and LEFT-padded
+      with an attention mask, so results do not depend on batch size or batch composition;
+    * acc_norm divides the log-likelihood by the ending's character length (lm-eval:
+      `len(choice)`, the choice without the leading delimiter);
+    * cloze ppl = exp(-mean over items of the target's log-likelihood) (lm-eval's lambada
+      "perplexity"); ppl task: token perplexity exp(-sum loglik / sum tokens) of the 64 scored tokens
+      of each 256-token window given its first 192.
+
+API:
+    evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2", "ppl"), config=None, *,
+             limit=None, batch_size=16, progress=True, max_length=1024) -> dict
+    loglikelihood(model, tokenizer, requests, config=None, batch_size=16, *, max_length=1024,
+                  progress=False, protect=True) -> list[(loglik, is_greedy)]
+    loglikelihood_tokens(model, token_requests, config=None, batch_size=16, *, max_length=1024,
+                         pad_token_id=0, progress=False, protect=True) -> list[(loglik, is_greedy)]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .config import ReductionConfig
+from .tasks import available_tasks, load_task
+
+DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")
+# statistics of the latest loglikelihood_tokens call: "dense_fallback" = requests scored dense because
+# the engine refused to reduce their (too short) context
+LAST_STATS: dict = {"dense_fallback": 0}
+
+
+# -- tokenisation -------------------------------------------------------------------------------------
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, no special tokens (transformers tokenizer or a `tokenizers.Tokenizer`)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:  # tokenizers.Tokenizer.encode(text) -> Encoding
+        return list(tokenizer.encode(text).ids)
+
+
+def _eos_id(tokenizer) -> int:
+    for name in ("eos_token_id", "pad_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    if hasattr(tokenizer, "token_to_id"):
+        v = tokenizer.token_to_id("<|endoftext|>")
+        if v is not None:
+            return v
+    return 0
+
+
+def _pad_id(tokenizer) -> int:
+    v = getattr(tokenizer, "pad_token_id", None)
+    return v if isinstance(v, int) else _eos_id(tokenizer)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: (context ids, continuation ids)."""
+    if context == "":
+        cont = encode(tokenizer, continuation)
+        eos = _eos_id(tokenizer)
+        return ([eos], cont) if not cont or cont[0] != eos else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+# -- core scoring -------------------------------------------------------------------------------------
+def _request_config(config: Optional[ReductionConfig], cont_len: int, protect: bool) -> Optional[ReductionConfig]:
+    if config is None:
+        return None
+    if not protect:
+        return config
+    return config.replace(protect_last=cont_len, protect_from=None)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def _forward(model, rows: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    """Left-pad `rows`, run the model, return float32 logits (B, T, V)."""
+    device = _model_device(model)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.shape[1] != T:
+        raise RuntimeError(f"model returned {logits.shape[1]} logit positions for {T} input tokens; "
+                           f"the patched model must return logits aligned by original position")
+    return logits.float()
+
+
+def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                         config: Optional[ReductionConfig] = None, batch_size: int = 16, *,
+                         max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
+                         protect: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), continuation is the greedy decode) per (ctx_ids, cont_ids).
+
+    Requests are grouped by continuation length (the reduction protects exactly the scored tail of
+    each request), sorted by length within a group, scored in batches of `batch_size`, and returned
+    in input order. `protect=False` applies `config` unchanged (no tail protection; for measuring
+    what an unprotected reduction does).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prepared = []
+    for i, (ctx, cont) in enumerate(token_requests):
+        ctx, cont = list(ctx), list(cont)
+        if not cont:
+            raise ValueError(f"request {i}: empty continuation")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
+        if not ctx:
+            raise ValueError(f"request {i}: empty context (use encode_pair, which puts EOS there)")
+        inp = (ctx + cont)[-(max_length + 1):][:-1]
+        prepared.append((i, inp, cont))
+    groups: dict[int, list] = {}
+    for p in prepared:
+        groups.setdefault(len(p[2]), []).append(p)
+    batches = []
+    for k in sorted(groups):
+        items = sorted(groups[k], key=lambda p: (-len(p[1]), p[0]))
+        batches += [(k, items[j:j + batch_size]) for j in range(0, len(items), batch_size)]
+
+    results: list = [None] * len(prepared)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prepared), desc=desc, unit="req", leave=False)
+    from . import patch
+
+    def score(batch, k):
+        logits = _forward(model, [p[1] for p in batch], pad_token_id)
+        logp = torch.log_softmax(logits[:, -k:, :], dim=-1)
+        target = torch.tensor([p[2] for p in batch], dtype=torch.long, device=logp.device)
+        ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+        greedy = (logp.argmax(-1) == target).all(-1)
+        return [(float(v), bool(g)) for v, g in zip(ll.tolist(), greedy.tolist())]
+
+    state = {"handle": None, "k": None}
+
+    def patched(k):
+        if config is None:
+            return
+        if state["handle"] is not None and state["k"] == k:
+            return
+        unpatch()
+        state["handle"], state["k"] = patch.apply(model, _request_config(config, k, protect)), k
+
+    def unpatch():
+        if state["handle"] is not None:
+            state["handle"].remove()
+            state["handle"], state["k"] = None, None
+
+    n_dense_fallback = 0
+    try:
+        for k, batch in batches:
+            patched(k)
+            try:
+                scored = score(batch, k)
+            except ValueError as e:  # a sample whose context is too short to reduce (engine refuses)
+                if config is None or "too short" not in str(e):
+                    raise
+                scored = []
+                for p in batch:  # per sample: the condition is per sample, so this is batch independent
+                    try:
+                        scored += score([p], k)
+                    except ValueError as e1:
+                        if "too short" not in str(e1):
+                            raise
+                        unpatch()
+                        scored += score([p], k)  # dense: nothing of the context can be reduced
+                        n_dense_fallback += 1
+                        patched(k)
+            for p, r in zip(batch, scored):
+                results[p[0]] = r
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        unpatch()
+        if bar is not None:
+            bar.close()
+    LAST_STATS["dense_fallback"] = n_dense_fallback
+    return results
+
+
+def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], config: Optional[ReductionConfig] = None,
+                  batch_size: int = 16, *, max_length: int = 1024, progress: bool = False, protect: bool = True,
+                  desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """(sum loglik, is_greedy) of each (context, continuation) text request; see the module doc."""
+    toks = [encode_pair(tokenizer, c, x) for c, x in requests]
+    return loglikelihood_tokens(model, toks, config, batch_size, max_length=max_length,
+                                pad_token_id=_pad_id(tokenizer), progress=progress, protect=protect, desc=desc)
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+_TOKEN_CACHE: dict = {}  # (id(tokenizer), task, limit) -> (tokenizer, token requests, extra)
+
+
+def _task_requests(tokenizer, task: str, limit: Optional[int]):
+    """Token requests of a task, cached per (tokenizer, task, limit) for repeated calls (sweeps)."""
+    key = (id(tokenizer), task, limit)
+    hit = _TOKEN_CACHE.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1], hit[2]
+    items = load_task(task, limit)
+    if task == "cloze":
+        reqs = [(it["context"], it["target"]) for it in items]
+    elif task == "choice4":
+        reqs = [(it["context"], " " + e) for it in items for e in it["endings"]]
+    elif task == "choice2":
+        reqs = [(it["context"], " " + o) for it in items for o in it["options"]]
+    elif task == "ppl":
+        reqs = [(it["context"], it["continuation"]) for it in items]
+    else:  # pragma: no cover - load_task rejects unknown names
+        raise ValueError(task)
+    toks = [encode_pair(tokenizer, c, x) for c, x in reqs]
+    extra = {"items": items, "texts": reqs}
+    _TOKEN_CACHE[key] = (tokenizer, toks, extra)
+    return toks, extra
+
+
+def _stderr(values: Sequence[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = sum(values) / n
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def _score_task(task: str, items: list[dict], texts, res, toks) -> dict:
+    out: dict = {"n": len(items)}
+    if task == "cloze":
+        accs = [float(g) for _, g in res]
+        lls = [ll for ll, _ in res]
+        out.update(acc=sum(accs) / len(accs), acc_stderr=_stderr(accs), ppl=math.exp(-sum(lls) / len(lls)))
+    elif task in ("choice4", "choice2"):
+        key = "endings" if task == "choice4" else "options"
+        accs, norms, j = [], [], 0
+        for it in items:
+            n = len(it[key])
+            lls = [res[j + c][0] for c in range(n)]
+            j += n
+            pred = max(range(n), key=lambda c: lls[c])
+            accs.append(float(pred == it["label"]))
+            if task == "choice4":
+                normed = [lls[c] / len(it[key][c]) for c in range(n)]
+                norms.append(float(max(range(n), key=lambda c: normed[c]) == it["label"]))
+        out.update(acc=sum(accs) / len(accs), acc_stderr=_stderr(accs))
+        if task == "choice4":
+            out.update(acc_norm=sum(norms) / len(norms), acc_norm_stderr=_stderr(norms))
+    elif task == "ppl":
+        lls = [ll for ll, _ in res]
+        ntok = sum(len(t[1]) for t in toks)
+        nbytes = sum(len(x.encode("utf-8")) for _, x in texts)
+        out.update(ppl=math.exp(-sum(lls) / ntok), nll=-sum(lls) / ntok,
+                   bits_per_byte=-sum(lls) / (math.log(2) * nbytes), tokens=ntok)
+    return out
+
+
+def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size: int, limit) -> dict:
+    import platform
+
+    import transformers
+
+    from . import __version__
+
+    meta: dict = {
+        "config": None if config is None else {k: (list(v) if isinstance(v, tuple) else v)
+                                                for k, v in dataclasses.asdict(config).items()},
+        "method": "dense" if config is None else config.method,
+        "protect": "continuation (protect_last = continuation tokens, per request)",
+        "batch_size": batch_size, "max_length": max_length, "limit": limit,
+        "model_class": type(model).__name__,
+        "versions": {"utrc_lib": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    try:
+        from . import schedule
+        from .patch import backend_for
+
+        L = backend_for(model).num_layers(model)
+        meta["num_layers"] = L
+        if config is not None:
+            layers = config.resolve_layers(L)
+            rho = config.resolve_keep_ratio(L)
+            meta.update(layers=list(layers), keep_ratio=rho,
+                        token_layer_fraction=schedule.token_layer_fraction(L, layers, rho))
+            meta["flops_reduction_token_layer"] = 1.0 - meta["token_layer_fraction"]
+        else:
+            meta.update(layers=[], keep_ratio=1.0, token_layer_fraction=1.0, flops_reduction_token_layer=0.0)
+    except Exception as e:  # unsupported model class: metadata only
+        meta["schedule_error"] = repr(e)
+    try:
+        from .flops import flops
+
+        rep = flops(model, 256, config)
+        meta["analytic_flops_seq256"] = {"dense": rep.dense, "reduced": rep.reduced, "flops_cut": rep.flops_cut}
+    except Exception as e:
+        meta["analytic_flops_error"] = repr(e)
+    return meta
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Optional[ReductionConfig] = None, *,
+             limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
+             max_length: int = 1024) -> dict:
+    """Score `model` (patched with `config`, or dense when None) on the offline suite.
+
+    Returns {task: {metric: value, ..., "n": items}, "meta": {...}}. Metrics: cloze acc/ppl,
+    choice4 acc/acc_norm, choice2 acc, ppl ppl/nll/bits_per_byte (+ *_stderr for accuracies).
+    Task data and tokenised requests are cached, so repeated calls (sweeps) only run the model.
+    """
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
+    if config is not None and not isinstance(config, ReductionConfig):
+        raise TypeError(f"config must be a utrc_lib.ReductionConfig or None, got {type(config).__name__}")
+    was_training = model.training
+    model.eval()
+    results: dict = {}
+    try:
+        for task in tasks:
+            t0 = time.perf_counter()
+            toks, extra = _task_requests(tokenizer, task, limit)
+            res = loglikelihood_tokens(model, toks, config, batch_size, max_length=max_length,
+                                       pad_token_id=_pad_id(tokenizer), progress=progress, desc=task)
+            results[task] = _score_task(task, extra["items"], extra["texts"], res, toks)
+            if config is not None:
+                results[task]["dense_fallback"] = LAST_STATS["dense_fallback"]
+            results[task]["seconds"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    results["meta"] = _meta(model, config, max_length, batch_size, limit)
+    return results
