@@ -1,0 +1,173 @@
+"""`--model utrc` for lm-eval 0.4.x: a thin LM subclass around utrc_lib's scorer.
+
+model_args: pretrained=<tiny-mamba2 | tiny-mamba | checkpoint dir | hub id> plus the reduction:
+method (none/absent = dense), flops_reduction | keep_ratio, metric, layers ("12;17;22"), q,
+hidden_rule, residual_rule, causal, seed, metric_source, protect (default True), max_length, dtype,
+device, batch_size. Example:
+
+    lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 ...
+    (with `import utrc_lib.eval.lm_eval_adapter` done first; `python -m utrc_lib.eval` does it)
+
+Scoring (`utrc_lib.evaluate.loglikelihood_tokens`): lm-eval's tokenisation of (context,
+continuation); LEFT padding with an attention mask; per request the reduction runs with
+protect_last = number of continuation tokens, so the scored positions are never reduced and
+never see later tokens; continuation log-probs are read by ORIGINAL position (the patched model
+returns full-length logits); requests are grouped by continuation length, so results do not depend
+on batch size. The patch is installed for each group and removed in a `finally` block, so the
+model is dense again after every call. `reduction_metadata` (method, keep ratio, layers,
+token-layer FLOPs cut, analytic FLOPs) is what `python -m utrc_lib.eval` writes under "utrc".
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from .. import evaluate as ev
+from ..config import ReductionConfig
+
+_CONFIG_KEYS = ("method", "metric", "layers", "keep_ratio", "flops_reduction", "q", "hidden_rule",
+                "residual_rule", "causal", "seed", "metric_source")
+
+
+def _parse_layers(v) -> Optional[tuple[int, ...]]:
+    if v is None or v == "" or v == "default":
+        return None
+    if isinstance(v, int):
+        return (v,)
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    for sep in (";", ":", "|", "/", " "):
+        if sep in str(v):
+            return tuple(int(x) for x in str(v).split(sep) if x.strip())
+    return (int(v),)
+
+
+def _parse_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    return str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_config(**kw) -> Optional[ReductionConfig]:
+    """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense."""
+    method = kw.get("method")
+    if method in (None, "", "none", "dense"):
+        extra = [k for k in ("flops_reduction", "keep_ratio") if kw.get(k) not in (None, "", 0, 0.0)]
+        if extra:
+            raise ValueError(f"{extra} given without a method; pass method=utrc (or another method)")
+        return None
+    args: dict[str, Any] = {"method": str(method)}
+    for k in _CONFIG_KEYS[1:]:
+        v = kw.get(k)
+        if v is None or v == "":
+            continue
+        if k == "layers":
+            v = _parse_layers(v)
+        elif k in ("keep_ratio", "flops_reduction", "q"):
+            v = float(v)
+        elif k == "seed":
+            v = int(v)
+        elif k == "causal":
+            v = _parse_bool(v)
+        else:
+            v = str(v)
+        args[k] = v
+    return ReductionConfig(**args)
+
+
+@register_model("utrc")
+class UTRCLM(LM):
+    """lm-eval LM for transformers Mamba / Mamba-2 with utrc token reduction (CPU or CUDA)."""
+
+    def __init__(self, pretrained: Any = "tiny-mamba2", tokenizer: Any = None, batch_size: Any = 16,
+                 max_length: int = 1024, device: Optional[str] = None, dtype: Optional[str] = None,
+                 protect: Any = True, max_batch_size: Any = None, **kwargs) -> None:
+        super().__init__()
+        cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
+        if kwargs:
+            raise TypeError(f"unknown model_args for --model utrc: {sorted(kwargs)}")
+        self.config = build_config(**cfg_kwargs)
+        device = device or "cpu"
+        if isinstance(pretrained, str):
+            from ..models import load_model
+
+            self.model, self.tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            self.model_name = pretrained
+        else:  # a model instance (programmatic use); needs tokenizer=
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= together with a model instance")
+            self.model, self.model_name = pretrained, type(pretrained).__name__
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            self.tokenizer = tokenizer
+        elif isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.model.eval()
+        if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
+            batch_size = 16
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_length = int(max_length)
+        self.protect = _parse_bool(protect)
+        self.calls = 0
+
+    # -- lm-eval interface ---------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return ev._eos_id(self.tokenizer)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "utrc-tokenizer")).replace("/", "__")
+
+    def _score(self, token_requests, disable_tqdm: bool, desc: str):
+        self.calls += 1
+        return ev.loglikelihood_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
+                                       max_length=self.max_length, pad_token_id=ev._pad_id(self.tokenizer),
+                                       progress=not disable_tqdm, protect=self.protect, desc=desc)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        toks = [ev.encode_pair(self.tokenizer, *req.args) for req in requests]
+        res = self._score(toks, disable_tqdm, "utrc loglikelihood")
+        for req, r in zip(requests, res):
+            self.cache_hook.add_partial("loglikelihood", req.args, r)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Rolling windows of max_length tokens (lm-eval's scheme); each window's scored tokens are
+        protected, so only the context part of a window (if any) can be reduced."""
+        from lm_eval import utils
+
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args[:1]
+            ids = ev.encode(self.tokenizer, text)
+            for ctx, cont in map(utils.make_disjoint_window,
+                                 utils.get_rolling_token_windows(token_list=ids, prefix_token=self.eot_token_id,
+                                                                 max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owner.append(i)
+        res = self._score(windows, disable_tqdm, "utrc loglikelihood_rolling")
+        out = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, res):
+            out[i] += ll
+        for req, v in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, v)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError(
+            "--model utrc scores log-likelihoods only (the paper's six tasks and the utrc_* tasks); "
+            "generation tasks are not supported")
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def reduction_metadata(self) -> dict:
+        meta = ev._meta(self.model, self.config, self.max_length, self.batch_size_per_gpu, None)
+        meta["model"] = self.model_name
+        meta["protect"] = ("continuation (protect_last = continuation tokens, per request)" if self.protect
+                           else "none (config applied as given)")
+        meta["dense_fallback_last_call"] = ev.LAST_STATS.get("dense_fallback", 0)
+        return meta
