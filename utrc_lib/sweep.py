@@ -276,23 +276,31 @@ def make_config(method: str, cut: float, *, metric: str = "clip", layers=None, q
 
 
 def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, seed: int):
-    """utrc_lib.evaluate.evaluate with protection of the scored tokens on (default) or off."""
-    from .evaluate import evaluate
+    """utrc_lib.evaluate.evaluate with protection of the scored continuation on (default) or off.
 
-    kwargs = {}
-    params = inspect.signature(evaluate).parameters
-    if not protect:
-        for name, value in (("protect", False), ("protect_continuation", False), ("leak_free", False)):
-            if name in params:
-                kwargs[name] = value
-                break
-        else:
-            raise NotImplementedError("utrc_lib.evaluate.evaluate has no switch to turn protection of "
-                                      "the scored continuation off")
-    if "seed" in params:
-        kwargs["seed"] = seed
-    return evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
-                    progress=False, **kwargs)
+    evaluate() always protects; when it has no `protect` switch the unprotected run goes through
+    the same steps with `loglikelihood_tokens(..., protect=False)` (the config applied unchanged).
+    """
+    from . import evaluate as ev
+
+    params = inspect.signature(ev.evaluate).parameters
+    if protect or "protect" in params:
+        kwargs = {} if protect else {"protect": False}
+        return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
+                           progress=False, **kwargs)
+    results = {}
+    model.eval()
+    for task in tasks:
+        t0 = time.perf_counter()
+        toks, extra = ev._task_requests(tok, task, limit)
+        res = ev.loglikelihood_tokens(model, toks, config, batch_size, pad_token_id=ev._pad_id(tok),
+                                      progress=False, protect=False)
+        results[task] = ev._score_task(task, extra["items"], extra["texts"], res, toks)
+        results[task]["seconds"] = time.perf_counter() - t0
+    results["meta"] = {"protect": "none (unprotected: scored positions may be removed / merged)",
+                       "method": "dense" if config is None else config.method, "limit": limit,
+                       "batch_size": batch_size}
+    return results
 
 
 def flatten_scores(res: dict) -> dict:
