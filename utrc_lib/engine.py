@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ReductionConfig
 from .methods import Context, get_method
 from .metrics import get_metric, importance
-from .plan import Plan, TokenState
+from .plan import Plan, TokenState, gather_rows
 
 Tensor = torch.Tensor
 
@@ -47,18 +47,27 @@ def normalise(x: Tensor) -> Tensor:
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
                    residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                   delta: Optional[Tensor] = None, salt: int = 0) -> Plan:
+                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None) -> Plan:
     """One reduction's plan.
 
     Args:
         hidden: (B, N, D) mixer output. features: (B, N, C) importance / similarity source (the SSM
             output y for metric_source="ssm"; defaults to `hidden`). delta: (B, N, H) timescale.
         r: (B,) tokens to remove per sample.
+        static: {"n", "n_red", "r"} host integers when every sample has the same length and
+            protection (no padding): the plan is then built without host syncs.
     """
     method = get_method(config.method)
     red = state.reducible
-    too_short = (r > 0) & (red.sum(1) < 2)
-    if bool(too_short.any()):
+    if static is not None:  # every sample full length: sizes are host integers, no sync
+        if static["r"] > 0 and static["n_red"] < 2:
+            raise ValueError(
+                f"sequence too short to reduce: {static['n_red']} reducible token(s) "
+                f"({static['n']} valid, protected tail excluded); need at least 2")
+        too_short = None
+    else:
+        too_short = (r > 0) & (red.sum(1) < 2)
+    if too_short is not None and bool(too_short.any()):
         b = int(too_short.nonzero()[0, 0])
         raise ValueError(
             f"sequence too short to reduce: sample {b} has {int(red[b].sum())} reducible token(s) "
@@ -69,7 +78,8 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         scores = importance(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
         feats_n = normalise(feats)
     ctx = Context(scores=scores, feats=feats_n, state=state, r=r, rules=config.branch_rules(),
-                  causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt)
+                  causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt,
+                  static=static)
     return method.fn(ctx)
 
 
@@ -78,14 +88,21 @@ class ForwardReducer:
 
     record_all = False  # class-wide default of `record` (see utrc_lib.analysis.recording)
 
-    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor):
+    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor, uniform: Optional[bool] = None):
         self.config = config
         self.layers = frozenset(config.resolve_layers(num_layers))
         self.keep_ratio = config.resolve_keep_ratio(num_layers)
         self.active = config.method != "none" and self.keep_ratio < 1.0 and bool(self.layers)
         self.state = TokenState.initial(valid, protect_last=config.protect_last,
                                         protect_from=config.protect_from)
-        self.num_input = valid.shape[1]
+        self.num_input = N = valid.shape[1]
+        # uniform = no padding: token counts are the same for every sample and tracked on the host
+        self.uniform = bool(valid.all()) if uniform is None else uniform
+        if config.protect_from is not None:
+            self.n_protected = max(0, N - config.protect_from)
+        else:
+            self.n_protected = min(config.protect_last, N)
+        self.n_current = N
         self.reduced = False
         self.history: list[dict] = []  # per anchor: layer, tokens before/after (for reports)
         # record=True also keeps each anchor's plan, positions_before and sizes_before in history;
@@ -100,18 +117,28 @@ class ForwardReducer:
         """Reduce (hidden, residual) after `layer` if it is an anchor; returns them (B, N', D)."""
         if not self.wants(layer):
             return hidden, residual
-        r = tokens_to_remove(self.state.valid, self.keep_ratio)
-        if int(r.max()) == 0:
-            return hidden, residual
+        static = None
+        if self.uniform:
+            n = self.n_current
+            r_host = n - math.ceil(n * self.keep_ratio - 1e-9)
+            if r_host == 0:
+                return hidden, residual
+            r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
+            static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
+        else:
+            r = tokens_to_remove(self.state.valid, self.keep_ratio)
+            if int(r.max()) == 0:
+                return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features
         plan = plan_reduction(self.config, self.state, r, hidden=hidden, residual=residual,
-                              features=source, delta=delta, salt=layer)
+                              features=source, delta=delta, salt=layer, static=static)
         sizes = self.state.sizes
         positions_before = self.state.positions
         before = int(hidden.shape[1])
         hidden = plan.apply(hidden, "hidden", sizes)
         residual = plan.apply(residual, "residual", sizes)
         self.state = plan.next_state(self.state)
+        self.n_current = int(hidden.shape[1])
         self.reduced = True
         entry = {"layer": layer, "tokens_before": before, "tokens_after": int(hidden.shape[1]),
                  "positions": self.state.positions}
@@ -123,6 +150,8 @@ class ForwardReducer:
     @property
     def attention_mask(self) -> Optional[Tensor]:
         """(B, N') long mask of the current tokens, or None when no slot is padding."""
+        if self.uniform:
+            return None
         v = self.state.valid
         return None if bool(v.all()) else v.long()
 
@@ -149,7 +178,7 @@ def expand_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Ten
     slot = torch.searchsorted(positions.contiguous(), grid, right=True) - 1  # last slot with pos <= t
     first_valid = (positions < 0).sum(1, keepdim=True)  # index of the first real slot
     slot = torch.maximum(slot, first_valid).clamp_max(x.shape[1] - 1)
-    return x.gather(1, slot[..., None].expand(-1, -1, x.shape[-1]))
+    return gather_rows(x, slot)
 
 
 @dataclass

@@ -9,13 +9,15 @@ token's position within its sample, so a sample's plan never depends on the rest
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from .metrics import seeded_uniform
-from .plan import Plan, TokenState, build_plan, identity_plan
+from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan
 
 Tensor = torch.Tensor
 
@@ -44,6 +46,7 @@ class Context:
     residual: Optional[Tensor] = None
     seed: int = 0
     salt: int = 0
+    static: Optional[dict] = None  # {"n", "n_red", "r"} host ints when no sample is padded
 
 
 @dataclass(frozen=True)
@@ -85,25 +88,31 @@ def _gather_side(mask: Tensor, R: int | None = None) -> tuple[Tensor, Tensor]:
     return idx, mask.gather(1, idx)
 
 
-def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
+                    sizes: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor]:
     """Link each A token to its most similar B token (cosine), keep the r[b] best edges.
 
     Paper §3 steps 3-4 (and ToMe's bipartite soft matching). `feats` are L2-normalised; the
     similarity matmul runs in their dtype on CUDA (half precision: tensor cores) and in float32 on
-    CPU. Returns is_src (B, N) bool and dst (B, N) long (the B token each chosen source joins).
+    CPU. `sizes` = (r, |A|, |B|) as host integers when they are the same for every sample (no
+    host sync then). Returns is_src (B, N) bool and dst (B, N) long (the B token each chosen source
+    joins).
     """
     B, N, _ = feats.shape
     ar = torch.arange(N, device=feats.device).expand(B, N)
     n_a, n_b = is_a.sum(1), is_b.sum(1)
     r = torch.minimum(r, torch.minimum(n_a, n_b))
-    r_max, RA, RB = torch.stack([r.max(), n_a.max(), n_b.max()]).tolist()  # one host sync
+    if sizes is not None:
+        r_max, RA, RB = min(sizes[0], sizes[1], sizes[2]), sizes[1], sizes[2]
+    else:
+        r_max, RA, RB = torch.stack([r.max(), n_a.max(), n_b.max()]).tolist()  # one host sync
     if r_max <= 0:
         return torch.zeros_like(is_a), ar
     a_idx, a_ok = _gather_side(is_a, RA)
     b_idx, b_ok = _gather_side(is_b, RB)
     dtype = feats.dtype if feats.is_cuda else torch.float32
-    fa = feats.gather(1, a_idx[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)  # (B, RA, C)
-    fb = feats.gather(1, b_idx[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)  # (B, RB, C)
+    fa = gather_rows(feats, a_idx).to(dtype)  # (B, RA, C)
+    fb = gather_rows(feats, b_idx).to(dtype)  # (B, RB, C)
     sim = (fa @ fb.transpose(1, 2)).masked_fill(~b_ok[:, None, :], float("-inf"))  # (B, RA, RB)
     g, j = sim.max(-1)  # best destination of every A token
     g = g.masked_fill(~a_ok, float("-inf"))
@@ -114,7 +123,7 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor) -> tup
     return is_src, dst
 
 
-def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor) -> Plan:
+def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor, n_src_host: Optional[int] = None) -> Plan:
     """Apply each branch's rule to the chosen edges: prune the least important fraction, merge the rest.
 
     The paper leaves open which edges are pruned under the hybrid rule; we prune the
@@ -125,7 +134,11 @@ def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor) -> Plan:
     for branch, (_, frac) in ctx.rules.items():
         n_prune = torch.floor(n_src.float() * frac + 1e-9).long()
         merged[branch] = is_src & ~lowest(ctx.scores, is_src, n_prune)
-    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
+    counts = None
+    if n_src_host is not None:  # sizes known on the host: no sync in build_plan
+        counts = (n_src_host, {b: n_src_host - math.floor(n_src_host * frac + 1e-9) > 0
+                               for b, (_, frac) in ctx.rules.items()})
+    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal, counts=counts)
 
 
 def importance_halves(scores: Tensor, reducible: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,15 +160,19 @@ def alternate_halves(reducible: Tensor) -> tuple[Tensor, Tensor]:
 def _utrc(ctx: Context) -> Plan:
     """Paper §3: importance split, cosine match A -> B, top-r edges, per-branch prune/merge/hybrid."""
     is_a, is_b = importance_halves(ctx.scores, ctx.state.reducible)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r)
-    return edges_to_plan(ctx, is_src, dst)
+    st = ctx.static
+    sizes = None if st is None else (st["r"], st["n_red"] // 2, st["n_red"] - st["n_red"] // 2)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes)
+    return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
 
 
 def _tome(ctx: Context) -> Plan:
     """ToMe bipartite soft matching on alternate tokens; size-weighted merges (default rules: merge)."""
     is_a, is_b = alternate_halves(ctx.state.reducible)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r)
-    return edges_to_plan(ctx, is_src, dst)
+    st = ctx.static
+    sizes = None if st is None else (st["r"], st["n_red"] - st["n_red"] // 2, st["n_red"] // 2)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes)
+    return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
 
 
 def _pumer(ctx: Context) -> Plan:

@@ -25,20 +25,25 @@ class Metric:
     doc: str
 
 
+# Each accumulates in float32 without a float32 copy of a half-precision (B, N, C) input.
+def _low(x: Tensor) -> Tensor:
+    return x.float() if x.dtype == torch.float64 else x
+
+
 def _clip(x: Tensor) -> Tensor:
-    return x.float().clamp_min(0).mean(-1)
+    return _low(x).clamp_min(0).mean(-1, dtype=torch.float32)
 
 
 def _sum(x: Tensor) -> Tensor:
-    return x.float().mean(-1)
+    return _low(x).mean(-1, dtype=torch.float32)
 
 
 def _l1(x: Tensor) -> Tensor:
-    return x.float().abs().mean(-1)
+    return _low(x).abs().mean(-1, dtype=torch.float32)
 
 
 def _l2(x: Tensor) -> Tensor:
-    return x.float().norm(dim=-1)
+    return torch.linalg.vector_norm(_low(x), dim=-1, dtype=torch.float32)
 
 
 def _delta(dt: Tensor) -> Tensor:

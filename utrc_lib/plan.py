@@ -18,6 +18,13 @@ import torch
 Tensor = torch.Tensor
 
 
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, N, D), idx (B, M) -> (B, M, D): x[b, idx[b, m]] as whole-row copies (index_select)."""
+    B, N, D = x.shape
+    flat = (idx + torch.arange(B, device=idx.device)[:, None] * N).reshape(-1)
+    return x.reshape(B * N, D).index_select(0, flat).view(B, idx.shape[1], D)
+
+
 @dataclass
 class TokenState:
     """Per-token bookkeeping carried across reduction layers of one forward pass.
@@ -99,7 +106,7 @@ class Plan:
         (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index order.
         """
         D = x.shape[-1]
-        out = x.gather(1, self.base[..., None].expand(-1, -1, D))  # (B, N', D): exact for kept tokens
+        out = gather_rows(x, self.base)  # (B, N', D): exact for kept tokens
         w_src = self.src_weight.get(branch)
         has_merge = self.has_merge.get(branch) if self.has_merge is not None else None
         if has_merge is None and w_src is not None and self.src.shape[1] > 0:
@@ -121,7 +128,7 @@ class Plan:
             base_rows = out.gather(1, slot_idx).to(acc)  # (B, R, D)
             num = torch.zeros(x.shape[0], slot.shape[1], D, dtype=acc, device=x.device)
             num.scatter_(1, seg_idx, base_rows * w_base.gather(1, slot)[..., None])  # base term first
-            src_rows = x.gather(1, self.src.gather(1, order)[..., None].expand(-1, -1, D)).to(acc)
+            src_rows = gather_rows(x, self.src.gather(1, order)).to(acc)
             num.scatter_add_(1, seg_idx, src_rows * w_src.gather(1, order)[..., None])  # (B, R, D)
             merged_rows = (num.gather(1, seg_idx) / den.gather(1, slot)[..., None]).to(x.dtype)
             rows = torch.where((added.gather(1, slot) > 0)[..., None], merged_rows, base_rows.to(x.dtype))
@@ -153,7 +160,7 @@ def identity_plan(valid: Tensor) -> Plan:
 
 
 def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal: bool,
-               size_branch: str = "residual") -> Plan:
+               size_branch: str = "residual", counts: tuple | None = None) -> Plan:
     """Assemble a Plan from per-token decisions (vectorised over the batch).
 
     Args:
@@ -163,6 +170,8 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
         merged: {branch: (B, N) bool} sources merged (not pruned) in that branch.
         causal: a group's slot takes the latest position of its merged members (content only moves
                 forward); otherwise it keeps the base token's position.
+        counts: (sources per sample, {branch: merges anything}) as host values when every sample is
+                full length and removes the same number of tokens: then no host sync is needed.
     """
     B, N = valid.shape
     dev = valid.device
@@ -183,11 +192,15 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
     order = torch.argsort(torch.where(kept, pos_of, big + ar), dim=1, stable=True)
     n_out = kept.sum(1)  # (B,)
     n_src = is_src.sum(1)  # (B,)
-    flags = [v.any() for v in merged.values()]
-    # one host sync for every size this plan needs: max / min kept, most sources, merge flags
-    stats = torch.stack([n_out.max(), n_out.min(), n_src.max(), *flags]).tolist() if B else [0, 0, 0] + [False] * len(flags)
-    n_max, n_min, R = int(stats[0]), int(stats[1]), int(stats[2])
-    has_merge = {k: bool(f) for k, f in zip(merged, stats[3:])}
+    if counts is not None and bool(B):
+        R, has_merge = counts
+        n_max = n_min = N - R
+    else:
+        flags = [v.any() for v in merged.values()]
+        # one host sync for every size this plan needs: max / min kept, most sources, merge flags
+        stats = torch.stack([n_out.max(), n_out.min(), n_src.max(), *flags]).tolist() if B else [0, 0, 0] + [False] * len(flags)
+        n_max, n_min, R = int(stats[0]), int(stats[1]), int(stats[2])
+        has_merge = {k: bool(f) for k, f in zip(merged, stats[3:])}
     offset = n_max - n_out  # left padding of shorter samples
     slots = torch.arange(n_max, device=dev).expand(B, n_max)
     rank = slots - offset[:, None]
