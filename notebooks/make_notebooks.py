@@ -218,7 +218,7 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoin
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
 cuts: list = [0.1, 0.2, 0.3]                 # FLOPs cuts (token-layer fraction)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 60                              # items per task (None = all 1000 / 200)
+limit: int = 30                              # items per task (None = all 1000 / 200); sized for `make figures` < 20 min
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
 seed: int = 0
 DEFAULT_OUT = "../figures/01_main_results"
@@ -229,7 +229,7 @@ paper_results: str = "../data/paper_results.json"
     code(SETUP.format(name="01_main_results")),
     code('''
 if quick:
-    methods, cuts, limit = methods[:2], cuts[1:2], min(limit or 8, 8)
+    methods, cuts, limit = methods[:2], cuts[1:2], min(limit or 6, 6)
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = ["cloze/acc", "choice4/acc_norm", "choice2/acc"]   # averaged into avg_acc (paper: mean of accuracies)
@@ -260,7 +260,7 @@ for r, name in enumerate(model_names):
     for c, metric in enumerate(metrics):
         plotting.metric_vs_cut(axes[r, c], d[d["method"] != "none"], metric, methods=methods, dense=dense[metric],
                                err=metric + "_stderr" if metric + "_stderr" in d else None,
-                               title=f"{name}: {plotting.TASK_LABELS.get(metric, metric)}")
+                               title=f"{Path(name).name}: {plotting.SHORT_LABELS.get(metric, metric)}")
 plotting.legend_below(fig, axes.ravel(), ncol=5)
 plotting.annotate_source(fig, f"ours: tiny models, {limit} items per task, leak-free evaluation; shaded = +-1 s.e.")
 fig.tight_layout(rect=(0, 0.07, 1, 1)); save(fig, "accuracy_vs_flops"); plt.show()
@@ -338,7 +338,7 @@ starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors st
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 60                              # items per task
+limit: int = 25                              # items per task; sized for `make figures` < 20 min
 batch_size: int = 16
 seed: int = 0
 DEFAULT_OUT = "../figures/02_design_choices"
@@ -348,7 +348,7 @@ cache_dir: str = "../.cache/sweeps"
     code(SETUP.format(name="02_design_choices")),
     code('''
 if quick:
-    metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 6, 6)
+    metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 4, 4)
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = ["cloze/acc", "choice4/acc_norm", "choice2/acc"]
@@ -649,7 +649,7 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]
 methods: list = ["utrc", "evit", "pumer", "tome"]
 cuts: list = [0.1, 0.2, 0.3]                 # shares the cached rows of 01_main_results
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 60
+limit: int = 30                              # same as 01_main_results: its cached rows are reused
 batch_size: int = 16
 error_layer: int = 2                         # the single reduction happens after this layer
 error_keep_ratio: float = 0.6                # tokens kept at that reduction
@@ -662,7 +662,7 @@ cache_dir: str = "../.cache/sweeps"
     code(SETUP.format(name="04_failure_of_transformer_methods")),
     code('''
 if quick:
-    methods, cuts, limit, error_texts = methods[:2], cuts[1:2], min(limit or 8, 8), 2
+    methods, cuts, limit, error_texts = methods[:2], cuts[1:2], min(limit or 6, 6), 2
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = ["cloze/acc", "choice4/acc_norm", "choice2/acc"]

@@ -23,6 +23,12 @@ METHOD_STYLE = {
     "random": dict(color="#7F3C8D", marker="x", label="random drop"),
 }
 
+SHORT_LABELS = {
+    "cloze/acc": "cloze acc", "cloze/ppl": "cloze ppl", "choice4/acc": "choice4 acc",
+    "choice4/acc_norm": "choice4 acc_norm", "choice2/acc": "choice2 acc", "ppl/ppl": "held-out ppl",
+    "avg_acc": "mean acc (3 tasks)",
+}
+
 TASK_LABELS = {
     "cloze/acc": "cloze acc (LAMBADA-style)",
     "cloze/ppl": "cloze target perplexity",
@@ -83,7 +89,10 @@ def metric_vs_cut(ax, df, metric: str, *, methods: Optional[Iterable[str]] = Non
         if d.empty:
             continue
         st = style(m)
-        ax.plot(100 * d[x], scale * d[metric], color=st["color"], marker=st["marker"], label=st["label"], lw=1.4, ms=5)
+        xs, ys = list(100 * d[x]), list(scale * d[metric])
+        if dense is not None:  # every curve starts at the dense model (0 % cut)
+            xs, ys = [0.0] + xs, [scale * dense] + ys
+        ax.plot(xs, ys, color=st["color"], marker=st["marker"], label=st["label"], lw=1.4, ms=5)
         if err and err in d and d[err].notna().any():
             ax.fill_between(100 * d[x], scale * (d[metric] - d[err]), scale * (d[metric] + d[err]),
                             color=st["color"], alpha=0.12, lw=0)

@@ -1,0 +1,162 @@
+"""Run every notebook with quick=True through papermill and check the numbers it records.
+
+Uses the embedded models when data/models holds them, else small random stand-ins saved to a temp
+folder (same architecture family, 4 layers) so that the notebooks are always exercised.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parent.parent
+NB = REPO / "notebooks"
+pm = pytest.importorskip("papermill")
+
+
+@pytest.fixture(scope="session")
+def model_names(tmp_path_factory):
+    real = [REPO / "data" / "models" / n for n in ("tiny-mamba2", "tiny-mamba")]
+    if all((p / "config.json").is_file() for p in real):
+        return ["tiny-mamba2", "tiny-mamba"]
+    import torch
+    from transformers import AutoTokenizer, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(REPO / "data" / "tokenizer"))
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    out = []
+    for name, model in (
+        ("m2", Mamba2ForCausalLM(Mamba2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=12, state_size=16,
+                                              head_dim=16, num_heads=8, n_groups=1, expand=2, chunk_size=32))),
+        ("m1", MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=12, state_size=8,
+                                            expand=2))),
+    ):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out.append(str(root / name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("sweep-cache"))  # shared: 04 reuses the rows of 01
+
+
+def run(name, tmp_path, **params):
+    out = tmp_path / name
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pm.execute_notebook(str(NB / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"), cwd=str(NB),
+                        parameters=dict(quick=True, out_dir=str(out), **params), kernel_name="python3",
+                        progress_bar=False)
+    res = json.loads((out / "results.json").read_text())
+    assert res["notebook"] == name and res["parameters"]["quick"] is True
+    assert res["seed"] == 0 and res["versions"]["torch"] and "token-layer" in res["flops_definition"]
+    for fig in res["figures"]:  # every figure listed exists, as png and pdf
+        assert (out / fig).is_file()
+    assert any(f.endswith(".png") for f in res["figures"]) and any(f.endswith(".pdf") for f in res["figures"])
+    return res
+
+
+def finite(x):
+    return x is not None and math.isfinite(x)
+
+
+def test_generator_is_in_sync(tmp_path):
+    """The committed .ipynb files are what notebooks/make_notebooks.py generates."""
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", NB / "make_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, cells in mod.NOTEBOOKS.items():
+        committed = nbformat.read(NB / f"{name}.ipynb", as_version=4)
+        fresh = mod.notebook(cells)
+        assert [c.source for c in committed.cells] == [c.source for c in fresh.cells], name
+        first_code = next(c for c in committed.cells if c.cell_type == "code")
+        assert "parameters" in first_code.metadata.get("tags", []) and "quick: bool = False" in first_code.source
+
+
+def test_00_walkthrough(tmp_path, model_names):
+    res = run("00_walkthrough", tmp_path, model_names=model_names[:1])
+    d = res["data"]
+    N = len(d["tokens"])
+    assert len(d["importance_clip"]) == 12 and len(d["importance_clip"][0]) == N
+    for m, v in d["methods"].items():
+        assert len(v["fates"]) == N and v["anchors"] == [2, 4, 6, 8]
+        tpl = v["tokens_per_layer"]
+        assert tpl[0] == N and all(a >= b for a, b in zip(tpl, tpl[1:])) and tpl[-1] < N  # the sequence shrinks
+        removed = sum(1 for f in v["fates"] if f["layer"] is not None)
+        assert removed == N - tpl[-1]  # every removed token has a fate
+        assert v["kl_last"] >= 0
+    assert d["methods"]["utrc"]["fate_counts"].get("hybrid", 0) > 0  # hidden hybrid / residual merge
+
+
+def test_01_main_results(tmp_path, model_names, cache_dir):
+    res = run("01_main_results", tmp_path, model_names=model_names, cache_dir=cache_dir)
+    p = res["parameters"]
+    rows = res["data"]["rows"]
+    assert not res["errors"]
+    assert len(rows) == len(p["model_names"]) * (1 + len(p["methods"]) * len(p["cuts"]))
+    assert res["protected"] is True and all(r["protect"] for r in rows)  # leak-free scoring was used
+    for r in rows:
+        for k in ("cloze/acc", "choice4/acc_norm", "choice2/acc", "avg_acc"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["ppl/ppl"] > 1 and r["cloze/n"] == p["limit"]
+        if r["method"] != "none":
+            assert abs(r["token_layer_cut"] - r["cut"]) < 0.05  # the FLOPs target was met
+            assert 0 < r["analytic_flops_cut"] < 1 and 0 < r["keep_ratio"] < 1
+    for m in p["model_names"]:  # dense >= reduced within noise (accuracy); perplexity not below dense
+        dense = next(r for r in rows if r["model"] == m and r["method"] == "none")
+        for r in rows:
+            if r["model"] == m and r["method"] != "none":
+                assert r["avg_acc"] <= dense["avg_acc"] + 3 * (r["avg_acc_stderr"] or 0) + 0.2
+                assert r["ppl/ppl"] >= 0.8 * dense["ppl/ppl"]
+    assert res["data"]["paper"] and "their" in res["data"]["paper_source"].lower()
+
+
+def test_02_design_choices(tmp_path, model_names, cache_dir):
+    res = run("02_design_choices", tmp_path, model_names=model_names[:1], cache_dir=cache_dir)
+    d = res["data"]
+    p = res["parameters"]
+    assert len(d["metric"]) == len(p["metrics"]) and len(d["location"]) == len(p["starts"])
+    assert len(d["hidden_q"]) == len(p["qs"]) and len(d["residual_rule"]) == len(p["residual_rules"])
+    modes = d["modes_table"]
+    assert {r["protect"] for r in modes} == {True, False}
+    assert {r["mode"] for r in modes} >= {"dense", "paper text, causal (ours)", "authors' code (utrc_reference)"}
+    for r in modes:
+        assert 0.0 <= r["avg_acc"] <= 1.0
+    for r in d["survival"]:
+        assert r["protected"] >= 0 and r["unprotected"] >= 0
+
+
+def test_03_efficiency(tmp_path, model_names):
+    res = run("03_efficiency", tmp_path, model_names=model_names[:1], gpu_bench=str(tmp_path / "missing.json"))
+    cpu = res["data"]["cpu_prefill"]
+    assert {r["method"] for r in cpu} >= {"none", res["parameters"]["methods"][0]}
+    assert {r["logits"] for r in cpu} == {"last", "all"}
+    for r in cpu:
+        assert r["prefill_ms"] > 0 and r["tokens_per_s"] > 0 and r["speedup_vs_dense"] > 0
+        assert -0.2 < r["analytic_flops_cut"] < 1
+    for r in res["data"]["cpu_decode"]:
+        assert r["decode_ms_per_token"] >= 0
+    assert res["data"]["gpu"] is None  # no benchmark file: GPU panels skipped, not invented
+
+
+def test_04_failure(tmp_path, model_names, cache_dir):
+    res = run("04_failure_of_transformer_methods", tmp_path, model_names=model_names, cache_dir=cache_dir)
+    p = res["parameters"]
+    acc = res["data"]["accuracy"]
+    assert res["protected"] is True and len(acc) == len(p["model_names"]) * (1 + len(p["methods"]) * len(p["cuts"]))
+    errs = res["data"]["layer_errors"]
+    assert len(errs) == len(p["model_names"]) * (len(p["methods"]) + 1)
+    for e in errs:
+        rel = e["rel_error"]
+        assert len(rel) == 12 and e["anchors"] == [p["error_layer"]]
+        assert all(v < 1e-5 for v in rel[: p["error_layer"]])  # nothing changes before the reduction
+        assert rel[p["error_layer"] + 1] > 0 and all(finite(v) for v in rel)
+        assert e["tokens"][-1] < e["tokens"][0]
