@@ -145,8 +145,8 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
         inp = (ctx + cont)[-(max_length + 1):][:-1]
         prepared.append((i, inp, cont))
     groups: dict[int, list] = {}
-    for p in prepared:
-        groups.setdefault(len(p[2]), []).append(p)
+    for p in prepared:  # dense: one group (nothing to protect); reduced: one group per protect_last
+        groups.setdefault(len(p[2]) if config is not None else 0, []).append(p)
     batches = []
     for k in sorted(groups):
         items = sorted(groups[k], key=lambda p: (-len(p[1]), p[0]))
@@ -162,11 +162,20 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
 
     def score(batch, k):
         logits = _forward(model, [p[1] for p in batch], pad_token_id)
-        logp = torch.log_softmax(logits[:, -k:, :], dim=-1)
-        target = torch.tensor([p[2] for p in batch], dtype=torch.long, device=logp.device)
-        ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
-        greedy = (logp.argmax(-1) == target).all(-1)
-        return [(float(v), bool(g)) for v, g in zip(ll.tolist(), greedy.tolist())]
+        out = []
+        if k:  # one continuation length in the batch
+            logp = torch.log_softmax(logits[:, -k:, :], dim=-1)
+            target = torch.tensor([p[2] for p in batch], dtype=torch.long, device=logp.device)
+            ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+            greedy = (logp.argmax(-1) == target).all(-1)
+            return [(float(v), bool(g)) for v, g in zip(ll.tolist(), greedy.tolist())]
+        for row, p in zip(logits, batch):  # mixed lengths (dense)
+            n = len(p[2])
+            logp = torch.log_softmax(row[-n:], dim=-1)
+            target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
+            ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
+            out.append((float(ll), bool((logp.argmax(-1) == target).all())))
+        return out
 
     state = {"handle": None, "k": None}
 

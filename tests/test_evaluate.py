@@ -1,0 +1,140 @@
+"""Built-in evaluator: scoring conventions, batch-size independence, tail protection, sanity."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from utrc_lib import ReductionConfig
+from utrc_lib import evaluate as ev
+from utrc_lib.tasks import load_task
+
+ROOT = Path(__file__).resolve().parent.parent
+CKPT = ROOT / "data" / "models" / "tiny-mamba2"
+checkpoint_exists = (CKPT / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def m2():
+    return tiny_model("mamba2", layers=4, vocab=8192)
+
+
+def _requests():
+    reqs = [(it["context"], it["target"]) for it in load_task("cloze", limit=6)]
+    for it in load_task("choice2", limit=2):
+        reqs += [(it["context"], " " + o) for o in it["options"]]
+    return reqs
+
+
+def test_encode_pair_lm_eval_convention(tok):
+    ctx, cont = ev.encode_pair(tok, "The cat sat ", "on the mat")
+    assert ctx == ev.encode(tok, "The cat sat")
+    assert ctx + cont == ev.encode(tok, "The cat sat on the mat")
+    ctx, cont = ev.encode_pair(tok, "", "hello")
+    assert ctx == [tok.eos_token_id] and cont == ev.encode(tok, "hello")
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_batch_size_independent(m2, tok, reduced):
+    cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 2)) if reduced else None
+    reqs = _requests()
+    a = ev.loglikelihood(m2, tok, reqs, cfg, batch_size=1)
+    b = ev.loglikelihood(m2, tok, reqs, cfg, batch_size=4)
+    assert [g for _, g in a] == [g for _, g in b]
+    for (x, _), (y, _) in zip(a, b):
+        assert math.isfinite(x) and abs(x - y) < 1e-4
+    assert getattr(m2, "_utrc_handle", None) is None  # patch removed
+
+
+def test_batch_size_independent_mamba1(tok):
+    m = tiny_model("mamba", layers=3, vocab=8192)
+    cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 1))
+    reqs = [(it["context"], it["target"]) for it in load_task("cloze", limit=4)]
+    a = ev.loglikelihood(m, tok, reqs, cfg, batch_size=1)
+    b = ev.loglikelihood(m, tok, reqs, cfg, batch_size=4)
+    assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(a, b))
+
+
+def test_scores_read_at_original_positions(m2, tok):
+    """Dense scores equal a direct unbatched forward; keep_ratio=1 equals dense."""
+    reqs = _requests()[:3]
+    dense = ev.loglikelihood(m2, tok, reqs, None, batch_size=3)
+    for (c, x), (ll, _) in zip(reqs, dense):
+        ctx, cont = ev.encode_pair(tok, c, x)
+        ids = torch.tensor([ctx + cont[:-1]])
+        with torch.no_grad():
+            logp = torch.log_softmax(m2(ids).logits[0, -len(cont):].float(), -1)
+        ref = float(logp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+        assert abs(ref - ll) < 1e-4
+    same = ev.loglikelihood(m2, tok, reqs, ReductionConfig("utrc", keep_ratio=1.0), batch_size=2)
+    assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(dense, same))
+
+
+def test_reduction_changes_context_not_tail_protection(m2, tok):
+    """With protection the scored tail is never reduced; reducing the context changes the score."""
+    reqs = [(it["context"], it["continuation"]) for it in load_task("ppl", limit=2)]
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 1, 2))
+    dense = ev.loglikelihood(m2, tok, reqs, None)
+    red = ev.loglikelihood(m2, tok, reqs, cfg)
+    assert all(math.isfinite(r[0]) for r in red)
+    assert any(abs(a[0] - b[0]) > 1e-6 for a, b in zip(dense, red))
+
+
+def test_evaluate_structure_and_cache(m2, tok):
+    cfg = ReductionConfig("utrc", flops_reduction=0.2)
+    r = ev.evaluate(m2, tok, config=cfg, limit=2, batch_size=4, progress=False)
+    assert set(r) == {"cloze", "choice4", "choice2", "ppl", "meta"}
+    assert {"acc", "ppl", "n"} <= set(r["cloze"]) and r["cloze"]["n"] == 2
+    assert {"acc", "acc_norm"} <= set(r["choice4"]) and "acc" in r["choice2"]
+    assert r["ppl"]["tokens"] == 128 and r["ppl"]["ppl"] > 1
+    meta = r["meta"]
+    assert meta["method"] == "utrc" and meta["config"]["flops_reduction"] == 0.2
+    assert abs(meta["flops_reduction_token_layer"] - 0.2) < 1e-6 and 0 < meta["keep_ratio"] < 1
+    assert "torch" in meta["versions"]
+    again = ev.evaluate(m2, tok, tasks="cloze", config=cfg, limit=2, progress=False)
+    assert again["cloze"]["acc"] == r["cloze"]["acc"]
+    with pytest.raises(ValueError, match="unknown task"):
+        ev.evaluate(m2, tok, tasks=("nope",), progress=False)
+
+
+def test_random_model_near_chance(tok):
+    m = tiny_model("mamba2", layers=2, vocab=8192, seed=1)
+    r = ev.evaluate(m, tok, tasks=("choice4",), limit=32, batch_size=32, progress=False)
+    assert r["choice4"]["acc"] < 0.4
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from utrc_lib import load_model
+
+    return load_model("tiny-mamba2")
+
+
+@pytest.mark.skipif(not checkpoint_exists, reason="trained tiny-mamba2 checkpoint not present")
+def test_trained_model_ppl_and_reduction(trained):
+    """Fast check (2 windows): trained ppl is sane; a 20% FLOPs cut costs some but not everything."""
+    model, tokenizer = trained
+    dense = ev.evaluate(model, tokenizer, tasks=("ppl",), limit=2, batch_size=2, progress=False)["ppl"]
+    red = ev.evaluate(model, tokenizer, tasks=("ppl",), limit=2, batch_size=2, progress=False,
+                      config=ReductionConfig("utrc", flops_reduction=0.2))["ppl"]
+    assert dense["ppl"] < 100, dense
+    assert dense["ppl"] <= red["ppl"] * 1.05 and red["ppl"] < 3 * dense["ppl"], (dense, red)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not checkpoint_exists, reason="trained tiny-mamba2 checkpoint not present")
+def test_trained_model_beats_chance(trained):
+    model, tokenizer = trained
+    r = ev.evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2"), limit=200, batch_size=32,
+                    progress=False)
+    assert r["choice4"]["acc"] > 0.35, r
+    assert r["choice2"]["acc"] > 0.75, r
+    assert r["cloze"]["acc"] > 0.05, r

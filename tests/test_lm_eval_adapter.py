@@ -1,0 +1,79 @@
+"""lm-eval adapter: `--model utrc` on a tiny random model saved with the real tokenizer."""
+import json
+from pathlib import Path
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from conftest import tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer")).save_pretrained(path)
+    return path
+
+
+def _metrics(res):
+    return {t: {k: v for k, v in m.items() if isinstance(v, float) and "stderr" not in k}
+            for t, m in res["results"].items()}
+
+
+def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
+    from utrc_lib.eval import __main__ as cli
+
+    monkeypatch.chdir(tmp_path)  # the task YAMLs must work from any directory
+    common = ["--model-name", str(ckpt), "--method", "utrc", "--flops-reduction", "0.2", "--limit", "8",
+              "--bootstrap-iters", "0", "--no-progress"]
+    base = common + ["--tasks", TASKS]
+    out = tmp_path / "r1.json"
+    assert cli.main(base + ["--batch-size", "4", "--output", str(out)]) == 0
+    r1 = json.loads(out.read_text())  # batch size 4, all tasks
+    r4 = cli.run(common + ["--tasks", "utrc_cloze", "--batch-size", "1"])
+    assert set(r1["results"]) == set(TASKS.split(","))
+    assert {"acc,none", "perplexity,none"} <= set(r1["results"]["utrc_cloze"])
+    assert {"acc,none", "acc_norm,none"} <= set(r1["results"]["utrc_choice4"])
+    assert all(n["effective"] == 8 for n in r1["n-samples"].values())
+    meta = r1["utrc"]
+    assert meta["method"] == "utrc" and meta["config"]["flops_reduction"] == 0.2
+    assert abs(meta["flops_reduction_token_layer"] - 0.2) < 1e-6
+    m1, m4 = _metrics(r1), _metrics(r4)
+    for t in m4:
+        for k in m4[t]:
+            assert m1[t][k] == pytest.approx(m4[t][k], rel=1e-4, abs=1e-6), (t, k)
+
+    # same numbers as the built-in evaluator (same requests, same scorer)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utrc_lib import ReductionConfig
+    from utrc_lib.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    own = evaluate(model, tok, tasks=("cloze",), config=ReductionConfig("utrc", flops_reduction=0.2),
+                   limit=8, batch_size=4, progress=False)
+    assert own["cloze"]["ppl"] == pytest.approx(m1["utrc_cloze"]["perplexity,none"], rel=1e-4)
+    assert own["cloze"]["acc"] == m1["utrc_cloze"]["acc,none"]
+
+
+def test_model_args_and_registry():
+    from lm_eval.api.registry import get_model
+
+    from utrc_lib.eval import register
+    from utrc_lib.eval.lm_eval_adapter import build_config
+
+    cls = register()
+    assert get_model("utrc") is cls
+    assert build_config(method="none") is None and build_config() is None
+    cfg = build_config(method="utrc", flops_reduction="0.2", layers="1;3", causal="True", metric="clip")
+    assert cfg.flops_reduction == 0.2 and cfg.layers == (1, 3) and cfg.causal
+    with pytest.raises(ValueError, match="without a method"):
+        build_config(flops_reduction=0.2)
