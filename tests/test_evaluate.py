@@ -135,6 +135,8 @@ def test_trained_model_beats_chance(trained):
     model, tokenizer = trained
     r = ev.evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2"), limit=200, batch_size=32,
                     progress=False)
-    assert r["choice4"]["acc"] > 0.35, r
+    # dense tiny-mamba2 at limit=200 (CPU): cloze acc 0.205 (ppl 207), choice4 acc 0.385 / acc_norm 0.43,
+    # choice2 acc 0.93 (ppl task, 200 windows: 41.3); chance: 0.25 / 0.5
+    assert r["choice4"]["acc"] > 0.30 and r["choice4"]["acc_norm"] > 0.35, r
     assert r["choice2"]["acc"] > 0.75, r
-    assert r["cloze"]["acc"] > 0.05, r
+    assert r["cloze"]["acc"] > 0.10, r
