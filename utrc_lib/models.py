@@ -146,7 +146,22 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     model.eval()
+    _use_parallel_scan(model)
     return model, tokenizer
+
+
+def _use_parallel_scan(model) -> None:
+    """Mamba-1 on the transformers torch path scans token by token; with `mambapy` installed it
+    takes mambapy's parallel scan instead (about 2-3x faster on CPU; same results to ~1e-5)."""
+    if type(model).__name__ != "MambaForCausalLM" or next(model.parameters()).is_cuda:
+        return
+    try:
+        import mambapy  # noqa: F401
+    except ImportError:
+        return
+    model.config.use_mambapy = True
+    for layer in model.backbone.layers:
+        layer.mixer.use_mambapy = True
 
 
 __all__ = ["load_model", "available_models", "embedded_path", "data_dir", "ModelLoadError", "EMBEDDED"]
