@@ -169,3 +169,24 @@ def test_errors():
             model(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="sequence too short"):
         u.reduce_tokens(torch.randn(1, 3, 4), config=u.ReductionConfig("utrc", keep_ratio=0.5, protect_last=2), n_keep=2)
+
+
+@torch.no_grad()
+def test_per_sample_protection_equals_per_request_config(model):
+    """handle.sample_protect_last (one tail length per row) == one config per request."""
+    lengths, tails = [24, 19, 15], [1, 4, 2]
+    seqs = [ids_for(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    N = max(lengths)
+    batch = torch.zeros(3, N, dtype=torch.long)
+    mask = torch.zeros(3, N, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, N - len(s):] = s
+        mask[i, N - len(s):] = 1
+    with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6)) as h:
+        h.sample_protect_last = torch.tensor(tails)
+        out = model(batch, attention_mask=mask).logits
+        h.sample_protect_last = None
+    for i, s in enumerate(seqs):
+        with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6, protect_last=tails[i])):
+            single = model(s[None]).logits[0]
+        torch.testing.assert_close(out[i, N - len(s):], single, rtol=1e-4, atol=1e-4)

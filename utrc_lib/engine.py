@@ -88,16 +88,21 @@ class ForwardReducer:
 
     record_all = False  # class-wide default of `record` (see utrc_lib.analysis.recording)
 
-    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor, uniform: Optional[bool] = None):
+    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor, uniform: Optional[bool] = None,
+                 protect_last: Optional[Tensor] = None):
+        """protect_last: optional (B,) per-sample protected tail lengths, overriding config.protect_last
+        for this forward (used by the evaluator to score requests with different continuation lengths
+        in one batch)."""
         self.config = config
         self.layers = frozenset(config.resolve_layers(num_layers))
         self.keep_ratio = config.resolve_keep_ratio(num_layers)
         self.active = config.method != "none" and self.keep_ratio < 1.0 and bool(self.layers)
-        self.state = TokenState.initial(valid, protect_last=config.protect_last,
-                                        protect_from=config.protect_from)
+        per_sample = protect_last is not None
+        self.state = TokenState.initial(valid, protect_last=protect_last if per_sample else config.protect_last,
+                                        protect_from=None if per_sample else config.protect_from)
         self.num_input = N = valid.shape[1]
         # uniform = no padding: token counts are the same for every sample and tracked on the host
-        self.uniform = bool(valid.all()) if uniform is None else uniform
+        self.uniform = (bool(valid.all()) if uniform is None else uniform) and not per_sample
         if config.protect_from is not None:
             self.n_protected = max(0, N - config.protect_from)
         else:

@@ -126,8 +126,8 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
                          protect: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is the greedy decode) per (ctx_ids, cont_ids).
 
-    Requests are grouped by continuation length (the reduction protects exactly the scored tail of
-    each request), sorted by length within a group, scored in batches of `batch_size`, and returned
+    Requests are sorted by length and scored in batches of `batch_size` (left padding); each row's
+    reduction protects exactly its own scored tail (per-sample protect_last), and results return
     in input order. `protect=False` applies `config` unchanged (no tail protection; for measuring
     what an unprotected reduction does).
     """
@@ -144,13 +144,9 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
             raise ValueError(f"request {i}: empty context (use encode_pair, which puts EOS there)")
         inp = (ctx + cont)[-(max_length + 1):][:-1]
         prepared.append((i, inp, cont))
-    groups: dict[int, list] = {}
-    for p in prepared:  # dense: one group (nothing to protect); reduced: one group per protect_last
-        groups.setdefault(len(p[2]) if config is not None else 0, []).append(p)
-    batches = []
-    for k in sorted(groups):
-        items = sorted(groups[k], key=lambda p: (-len(p[1]), p[0]))
-        batches += [(k, items[j:j + batch_size]) for j in range(0, len(items), batch_size)]
+    # one group, longest first: each row protects its own continuation (per-sample protect_last)
+    items = sorted(prepared, key=lambda p: (-len(p[1]), p[0]))
+    batches = [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
 
     results: list = [None] * len(prepared)
     bar = None
@@ -160,58 +156,55 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
         bar = tqdm(total=len(prepared), desc=desc, unit="req", leave=False)
     from . import patch
 
-    def score(batch, k):
-        logits = _forward(model, [p[1] for p in batch], pad_token_id)
+    def score(batch):
+        handle = state["handle"]
+        if handle is not None and protect:
+            handle.sample_protect_last = torch.tensor([len(p[2]) for p in batch])
+        try:
+            logits = _forward(model, [p[1] for p in batch], pad_token_id)
+        finally:
+            if handle is not None:
+                handle.sample_protect_last = None
         out = []
-        if k:  # one continuation length in the batch
-            logp = torch.log_softmax(logits[:, -k:, :], dim=-1)
-            target = torch.tensor([p[2] for p in batch], dtype=torch.long, device=logp.device)
-            ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
-            greedy = (logp.argmax(-1) == target).all(-1)
-            return [(float(v), bool(g)) for v, g in zip(ll.tolist(), greedy.tolist())]
-        for row, p in zip(logits, batch):  # mixed lengths (dense)
+        for row, p in zip(logits, batch):
             n = len(p[2])
-            logp = torch.log_softmax(row[-n:], dim=-1)
+            logp = torch.log_softmax(row[-n:].float(), dim=-1)
             target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
             ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
             out.append((float(ll), bool((logp.argmax(-1) == target).all())))
         return out
 
-    state = {"handle": None, "k": None}
+    state = {"handle": None}
 
-    def patched(k):
-        if config is None:
-            return
-        if state["handle"] is not None and state["k"] == k:
-            return
-        unpatch()
-        state["handle"], state["k"] = patch.apply(model, _request_config(config, k, protect)), k
+    def patched():
+        if config is not None and state["handle"] is None:
+            state["handle"] = patch.apply(model, _request_config(config, 0, protect))
 
     def unpatch():
         if state["handle"] is not None:
             state["handle"].remove()
-            state["handle"], state["k"] = None, None
+            state["handle"] = None
 
     n_dense_fallback = 0
     try:
-        for k, batch in batches:
-            patched(k)
+        for batch in batches:
+            patched()
             try:
-                scored = score(batch, k)
+                scored = score(batch)
             except ValueError as e:  # a sample whose context is too short to reduce (engine refuses)
                 if config is None or "too short" not in str(e):
                     raise
                 scored = []
                 for p in batch:  # per sample: the condition is per sample, so this is batch independent
                     try:
-                        scored += score([p], k)
+                        scored += score([p])
                     except ValueError as e1:
                         if "too short" not in str(e1):
                             raise
                         unpatch()
-                        scored += score([p], k)  # dense: nothing of the context can be reduced
+                        scored += score([p])  # dense: nothing of the context can be reduced
                         n_dense_fallback += 1
-                        patched(k)
+                        patched()
             for p, r in zip(batch, scored):
                 results[p[0]] = r
             if bar is not None:

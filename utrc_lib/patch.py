@@ -40,6 +40,8 @@ class Handle:
 
     last_reducer: the ForwardReducer of the latest prefill (token history, positions, sizes).
     record: when True, each reducer keeps its plans in `last_reducer.history`.
+    sample_protect_last: None, or a (B,) tensor of per-sample protected tail lengths used by the
+        following forwards instead of config.protect_last.
     """
 
     def __init__(self, model, config: ReductionConfig):
@@ -48,6 +50,9 @@ class Handle:
         self.last_reducer = None
         self.last_only = False
         self.record = False
+        # optional (B,) per-sample protected tail lengths for the next forwards (overrides
+        # config.protect_last; set and cleared by callers such as utrc_lib.evaluate)
+        self.sample_protect_last = None
         self.captured: dict = {}
         self._undo: list[Callable[[], None]] = []
         self._removed = False

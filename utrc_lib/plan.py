@@ -41,20 +41,24 @@ class TokenState:
     protect_start: Tensor
 
     @classmethod
-    def initial(cls, valid: Tensor, *, protect_last: int = 0, protect_from: int | None = None) -> "TokenState":
+    def initial(cls, valid: Tensor, *, protect_last: int | Tensor = 0, protect_from: int | None = None) -> "TokenState":
+        """protect_last: an int for every sample, or a (B,) tensor (per-sample scored tails)."""
         B, N = valid.shape
         dev = valid.device
         positions = torch.arange(N, device=dev).expand(B, N).clone()
         positions = positions.masked_fill(~valid, -1)
         if protect_from is not None:
             start = torch.full((B,), protect_from, dtype=torch.long, device=dev)
-        elif protect_last > 0:
-            # index of the protect_last-th valid token from the end of each sample
+        elif isinstance(protect_last, Tensor) or protect_last > 0:
+            k = protect_last.to(dev).long().reshape(B, 1) if isinstance(protect_last, Tensor) else protect_last
+            # index of the k-th valid token from the end of each sample (k = 0: none protected)
             from_end = valid.flip(1).long().cumsum(1).flip(1)  # valid tokens at or after each index
-            is_start = valid & (from_end == protect_last)
+            is_start = valid & (from_end == k)
             has = is_start.any(1)
             first_valid = torch.where(valid.any(1), valid.float().argmax(1), torch.zeros(B, dtype=torch.long, device=dev))
             start = torch.where(has, is_start.float().argmax(1), first_valid)
+            if isinstance(k, Tensor):
+                start = torch.where(k[:, 0] > 0, start, torch.full_like(start, N))
         else:
             start = torch.full((B,), N, dtype=torch.long, device=dev)
         return cls(positions, valid.float().clone(), valid.clone(), start)

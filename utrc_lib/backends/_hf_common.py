@@ -82,7 +82,8 @@ def _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, u
         if not bool((attention_mask == 1).all()):
             mask = attention_mask
     valid = torch.ones(B, N, dtype=torch.bool, device=inputs_embeds.device) if mask is None else mask.bool()
-    reducer = ForwardReducer(handle.config, len(backbone.layers), valid)
+    reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
+                             protect_last=handle.sample_protect_last)
     handle.last_reducer = reducer
 
     stream = inputs_embeds

@@ -119,7 +119,8 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
     hidden = backbone.embedding(input_ids)  # (B, N, D)
     B, N = input_ids.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
-    reducer = ForwardReducer(handle.config, len(backbone.layers), valid)
+    reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
+                             protect_last=handle.sample_protect_last)
     handle.last_reducer = reducer
     residual = None
     handle.captured = {"on": reducer.active}
