@@ -16,9 +16,19 @@ returns full-length logits); requests are grouped by continuation length, so res
 on batch size. The patch is installed for each group and removed in a `finally` block, so the
 model is dense again after every call. `reduction_metadata` (method, keep ratio, layers,
 token-layer FLOPs cut, analytic FLOPs) is what `python -m utrc_lib.eval` writes under "utrc".
+
+Data parallel (lm-eval's own scheme): under `accelerate launch --num_processes N` (WORLD_SIZE > 1 in
+the environment) the adapter creates an `accelerate.Accelerator`, puts the model on
+`accelerator.device` (one GPU per process; `--cpu` gives N CPU processes over gloo) and exposes
+`rank` / `world_size` / `accelerator` plus `all_gather`, `gather_object` and `barrier`. lm-eval's
+evaluator then gives each rank every N-th document, pads ranks to equal request counts, and gathers
+the per-document metrics on rank 0, which alone returns results. Since scoring does not depend on
+batch composition, the numbers equal the single-process run on the same items. A single process
+(no WORLD_SIZE > 1) creates no Accelerator and behaves exactly as before.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from lm_eval.api.model import LM
@@ -48,6 +58,14 @@ def _parse_bool(v) -> bool:
     if isinstance(v, bool):
         return v
     return str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def launched_world_size() -> int:
+    """Number of processes of the launcher that started us (accelerate launch / torchrun), else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def build_config(**kw) -> Optional[ReductionConfig]:
@@ -90,6 +108,10 @@ class UTRCLM(LM):
             raise TypeError(f"unknown model_args for --model utrc: {sorted(kwargs)}")
         self.config = build_config(**cfg_kwargs)
         device = device or "cpu"
+        self.accelerator = None
+        if launched_world_size() > 1:
+            device = self._setup_data_parallel(device)
+        self._device = device
         if isinstance(pretrained, str):
             from ..models import load_model
 
@@ -99,6 +121,8 @@ class UTRCLM(LM):
             if tokenizer is None:
                 raise ValueError("pass tokenizer= together with a model instance")
             self.model, self.model_name = pretrained, type(pretrained).__name__
+            if self.accelerator is not None:
+                self.model.to(device)
         if tokenizer is not None and not isinstance(tokenizer, str):
             self.tokenizer = tokenizer
         elif isinstance(tokenizer, str):
@@ -112,6 +136,52 @@ class UTRCLM(LM):
         self.max_length = int(max_length)
         self.protect = _parse_bool(protect)
         self.calls = 0
+
+    # -- data parallel (accelerate launch) ------------------------------------------------------
+    def _setup_data_parallel(self, device: str) -> str:
+        """Create the Accelerator (one process per device); returns this rank's device."""
+        from datetime import timedelta
+
+        import torch
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        # without a GPU, accelerate only sets up its multi-CPU (gloo) state when asked for the CPU
+        acc = Accelerator(cpu=not torch.cuda.is_available(),
+                          kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+        if acc.num_processes <= 1:
+            import warnings
+
+            warnings.warn(f"WORLD_SIZE={launched_world_size()} but accelerate set up a single process: "
+                          "every process evaluates all documents")
+            return device
+        self.accelerator = acc
+        self._rank = acc.process_index
+        self._world_size = acc.num_processes
+        if str(device) != "cpu" and str(device) != str(acc.device):
+            # each rank owns one device: an explicit --device would put every rank on the same one
+            import warnings
+
+            warnings.warn(f"data parallel over {acc.num_processes} processes: using {acc.device} "
+                          f"on rank {acc.process_index}, not device={device}")
+        return str(acc.device)
+
+    def all_gather(self, tensor):
+        if self.world_size <= 1:
+            return tensor
+        return self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
 
     # -- lm-eval interface ---------------------------------------------------------------------
     @property
