@@ -240,4 +240,7 @@ class UTRCLM(LM):
         meta["protect"] = ("continuation (protect_last = continuation tokens, per request)" if self.protect
                            else "none (config applied as given)")
         meta["dense_fallback_last_call"] = ev.LAST_STATS.get("dense_fallback", 0)
+        if self.world_size > 1:
+            meta["data_parallel"] = {"world_size": self.world_size, "device_rank0": str(self._device),
+                                     "backend": str(self.accelerator.distributed_type)}
         return meta

@@ -1,0 +1,130 @@
+"""Scale-out on CPU: lm-eval data parallel through `accelerate launch` (2 gloo processes) and the
+multi-process sweep runner (2 CPU workers) on a tiny random model saved with the real tokenizer."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_scaleout")
+    tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer")).save_pretrained(path)
+    return path
+
+
+def _env(**extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+# -- lm-eval data parallel -------------------------------------------------------------------------
+def test_adapter_single_process_has_no_accelerator(ckpt, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from utrc_lib.eval.lm_eval_adapter import UTRCLM, launched_world_size
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_world_size() == 1
+    lm = UTRCLM(pretrained=str(ckpt), batch_size=2)
+    assert (lm.rank, lm.world_size, lm.accelerator) == (0, 1, None)
+    t = torch.tensor(3)
+    assert lm.all_gather(t) is t and lm.gather_object({"a": 1}) == [{"a": 1}]
+    lm.barrier()
+    assert "data_parallel" not in lm.reduction_metadata
+
+
+def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m utrc_lib.eval` on a CPU-only machine (the
+    adapter asks accelerate for its multi-CPU/gloo state): same numbers as one process on the same
+    items. --limit 5 is odd, so lm-eval pads rank 1 (3 + 2 documents)."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from utrc_lib.eval import __main__ as cli
+
+    args = ["--model-name", str(ckpt), "--method", "utrc", "--flops-reduction", "0.2", "--tasks", TASKS,
+            "--limit", "5", "--bootstrap-iters", "0", "--batch-size", "4", "--no-progress"]
+    out = tmp_path / "dp.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29517", "-m", "utrc_lib.eval", *args, "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="",
+                                                      OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dp = json.loads(out.read_text())
+    assert dp, "the output JSON was overwritten by a non-zero rank (utrc_lib/eval/__main__.py must skip it)"
+    assert dp["utrc"]["data_parallel"]["world_size"] == 2
+    single = cli.run(args)
+    assert "data_parallel" not in single["utrc"]
+    assert dp["n-samples"] == single["n-samples"]
+    for task, m in single["results"].items():
+        for k, v in m.items():
+            if isinstance(v, float):
+                # accuracies identical; log-likelihoods to float32 batch-composition noise
+                assert dp["results"][task][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (task, k)
+
+
+# -- sweep runner ----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:4 configurations")
+def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
+    from utrc_lib import scaleout, sweep
+
+    cache = tmp_path / "eval.jsonl"
+    common = dict(tasks=["cloze", "choice2"], limit=2, seed=0, batch_size=4)
+    # dense + utrc + evit + an injected failing configuration (unknown method)
+    configs = scaleout.configurations([str(ckpt)], ["utrc", "evit", "no_such_method"], [0.2])
+    assert len(configs) == 4
+    res = scaleout.run(configs, cache, devices=["cpu", "cpu"], common=common, progress=False)
+    assert res.computed == 4 and res.cached == 0
+    rows = sweep.RowCache(cache).load()
+    assert len(rows) == 4 and {r["key"] for r in res.rows} == set(rows)
+    by_method = {r["params"]["method"]: r for r in res.rows}
+    assert by_method["no_such_method"]["status"] == "error"
+    assert "no_such_method" in by_method["no_such_method"]["error"] and by_method["no_such_method"]["traceback"]
+    assert all(by_method[m]["status"] == "ok" for m in ("none", "utrc", "evit"))
+    assert {r["device"] for r in res.rows} == {"cpu"}
+    assert abs(by_method["utrc"]["result"]["token_layer_cut"] - 0.2) < 1e-6
+
+    # rerun: nothing computed, no worker started
+    again = scaleout.run(configs, cache, devices=["cpu", "cpu"], common=common, progress=False)
+    assert again.computed == 0 and again.cached == 4
+
+    # the notebooks' path (sweep.run over the same cache) finds every row: nothing to compute
+    def must_not_run(**kw):
+        raise AssertionError(f"recomputed {kw}")
+
+    nb = sweep.run(must_not_run, configs, cache, common=common, progress=False)
+    assert nb.computed == 0 and [r["key"] for r in nb.rows] == [r["key"] for r in res.rows]
+
+    # a row computed in a worker equals the same configuration computed in this process
+    params = dict(by_method["utrc"]["params"])
+    here = sweep.evaluate_config(**params)
+    got = by_method["utrc"]["result"]
+    for k, v in here.items():
+        if isinstance(v, float) and "seconds" not in k:
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
+
+
+def test_scaleout_cli_defaults():
+    from utrc_lib import scaleout
+
+    ns = scaleout.parse_args(["--models", "a,b", "--cuts", "0.1,0.3"])
+    assert ns.limit == 30 and ns.batch_size == 16 and ns.seed == 0   # the notebooks' defaults
+    devs = scaleout.default_devices(3)
+    assert devs == ["cpu"] * 3 or (0 < len(devs) <= 3 and all(d.startswith("cuda:") for d in devs))
+    cfgs = scaleout.configurations(["a", "b"], ["utrc"], [0.1, 0.3], fingerprint=False)
+    assert len(cfgs) == 2 + 4 and cfgs[0] == {"model": "a", "method": "none", "cut": 0.0}
