@@ -78,6 +78,7 @@ def _worker(wid: int, device: str, n_cpu_workers: int, fn: Callable[..., dict], 
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and stops the workers
+    parent = os.getppid()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
     try:
@@ -89,7 +90,7 @@ def _worker(wid: int, device: str, n_cpu_workers: int, fn: Callable[..., dict], 
         setup_error = None
     while True:
         item = tasks.get()
-        if item is None:
+        if item is None or os.getppid() != parent:   # done, or the parent is gone: stop
             return
         i, params = item
         results.put(("start", wid, i, None))
@@ -176,6 +177,14 @@ def run(configs: Iterable[dict], cache=DEFAULT_CACHE, *, devices: Optional[Seque
                 bar.write(f"FAILED {configs[i].get('model')} {configs[i].get('method')} "
                           f"{configs[i].get('cut')}: {out['error']}")
 
+        import signal
+        import threading
+
+        def _terminate(signum, frame):   # SIGTERM (kill, job schedulers): stop like Ctrl-C
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        old_term = (signal.signal(signal.SIGTERM, _terminate)
+                    if threading.current_thread() is threading.main_thread() else None)
         try:
             while remaining:
                 try:
@@ -200,6 +209,8 @@ def run(configs: Iterable[dict], cache=DEFAULT_CACHE, *, devices: Optional[Seque
                 if kind is None and remaining and not any(p.is_alive() for p in procs) and results.empty():
                     raise RuntimeError(f"all workers exited with {len(remaining)} configurations left")
         finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
             bar.close()
             for p in procs:
                 p.join(timeout=5 if not remaining else 0.1)
