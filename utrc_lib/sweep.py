@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO / ".cache" / "sweeps"
 
 # Library files that do not change any computed number (plots, reports, runners).
-_NOT_NUMERIC = {"plotting.py", "reporting.py", "figures.py", "bench.py", "convert.py", "demo.py"}
+_NOT_NUMERIC = {"plotting.py", "reporting.py", "figures.py", "bench.py", "convert.py", "demo.py", "scaleout.py"}
 
 
 # -- keys -----------------------------------------------------------------------------------------

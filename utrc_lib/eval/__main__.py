@@ -114,6 +114,8 @@ def run(argv=None, lm=None) -> dict:
 
 def main(argv=None) -> int:
     results = run(argv)
+    if not results:  # ranks other than 0 under accelerate launch: rank 0 writes the output
+        return 0
     ns = parse_args(argv)
     from lm_eval.utils import handle_non_serializable
 
