@@ -6,6 +6,7 @@ prune-only, merge-only and random.
 """
 from .config import ReductionConfig
 from .engine import ReductionResult, reduce_tokens
+from .flops import flops  # eager: binds the function over the submodule of the same name
 from .methods import available_methods
 from .metrics import available_metrics
 from .schedule import default_layers, flops_table, keep_ratio_for_flops, token_layer_fraction
@@ -23,9 +24,6 @@ def __getattr__(name):  # heavy imports (transformers) only when asked for
     if name == "apply":
         from .patch import apply
         return apply
-    if name == "flops":
-        from .flops import flops
-        return flops
     if name in ("load_model", "available_models"):
         from . import models
         return getattr(models, name)
