@@ -1,0 +1,76 @@
+"""Profile one anchor of the reduction on the GPU: which kernels it spends its time in.
+
+    PYTHONPATH=$PWD python3 scripts/gpu_profile_reduction.py [--shape mamba2-2.7b] [--cut 0.3]
+
+Captures the first anchor's inputs from a real reduced prefill, then profiles the reducer step alone
+(torch.profiler) and times it with CUDA events against a dense forward.
+"""
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import utrc_lib
+from utrc_lib import bench
+from utrc_lib.engine import ForwardReducer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="mamba2-2.7b")
+    ap.add_argument("--cut", type=float, default=0.3)
+    ap.add_argument("--method", default="utrc")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    a = ap.parse_args()
+    model = bench.build_model(a.shape, "mamba_ssm", "cuda", torch.float16)
+    L = len(model.backbone.layers)
+    cfg = utrc_lib.ReductionConfig(a.method, flops_reduction=a.cut, causal=a.method != "utrc_reference")
+    ids = torch.randint(0, 50000, (a.batch, a.seq_len), device="cuda")
+    saved = {}
+    step = ForwardReducer.step
+
+    def capture(self, layer, hidden, residual, features=None, delta=None):
+        if self.wants(layer) and not saved:
+            saved.update(layer=layer, args=(hidden.clone(), residual.clone(),
+                                            None if features is None else features.clone()))
+        return step(self, layer, hidden, residual, features, delta)
+
+    ForwardReducer.step = capture
+    with torch.no_grad(), utrc_lib.apply(model, cfg):
+        dense_like = model(ids, num_last_tokens=1)
+    ForwardReducer.step = step
+    hidden, residual, feats = saved["args"]
+    valid = torch.ones(a.batch, a.seq_len, dtype=torch.bool, device="cuda")
+
+    def one():
+        red = ForwardReducer(cfg, L, valid, uniform=True)
+        return red.step(saved["layer"], hidden, residual, feats)
+
+    with torch.no_grad():
+        for _ in range(5):
+            one()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); one(); e.record(); torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        dense = []
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); model(ids, num_last_tokens=1); e.record(); torch.cuda.synchronize()
+            dense.append(s.elapsed_time(e))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                one()
+            torch.cuda.synchronize()
+    print(f"{a.shape} {a.method} cut {a.cut}: one anchor {statistics.median(times):.2f} ms "
+          f"(min {min(times):.2f}); dense forward {statistics.median(dense):.1f} ms; "
+          f"{len(cfg.resolve_layers(L))} anchors")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=35, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
