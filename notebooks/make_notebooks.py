@@ -583,8 +583,11 @@ fig.tight_layout(); save(fig, "cpu_logits_and_decode"); plt.show()
     code('''
 gpu = None
 if Path(gpu_bench).is_file():
-    gpu = pd.DataFrame(json.load(open(gpu_bench)))
-    print(f"{len(gpu)} GPU records from {gpu_bench}")
+    raw = json.load(open(gpu_bench))
+    records = raw["records"] if isinstance(raw, dict) else raw  # a list of records (older files: a dict)
+    gpu_all = pd.DataFrame([r for r in records if "error" not in r])
+    gpu = gpu_all[gpu_all["kind"] == "prefill"] if "kind" in gpu_all else gpu_all
+    print(f"{len(records)} GPU records from {gpu_bench} ({len(gpu)} prefill)")
     keys = [k for k in ["model_shape", "device", "dtype", "batch", "seq_len"] if k in gpu]
     groups = list(gpu.groupby(keys)) if keys else [("all", gpu)]
     fig, axes = plt.subplots(len(groups), 3, figsize=(13, 3.4 * len(groups)), squeeze=False)

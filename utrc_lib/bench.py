@@ -355,7 +355,7 @@ def save_records(path: str, records: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"records": records}, f, indent=1)
+        json.dump(records, f, indent=1)  # a list of records (the layout)
     os.replace(tmp, path)
 
 
