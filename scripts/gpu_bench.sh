@@ -61,7 +61,8 @@ REM=$(left); bench mamba-2.8b $(( REM - 10 ))
 python3 - "$JSON" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
 try:
-    recs = json.load(open(sys.argv[1]))["records"]
+    recs = json.load(open(sys.argv[1]))
+    recs = recs["records"] if isinstance(recs, dict) else recs
 except Exception as e:
     sys.exit(f"no records: {e}")
 print(f"{'kind':8s} {'shape':12s} {'method':15s} {'cut':>4s} {'ms':>8s} {'speedup':>7s} {'%slice':>6s} "

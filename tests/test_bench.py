@@ -31,7 +31,7 @@ def bench_file(tmp_path_factory):
 
 def test_schema(bench_file):
     out, records = bench_file
-    saved = json.loads(out.read_text())["records"]
+    saved = json.loads(out.read_text())
     assert [r["method"] for r in saved] == ["dense", "slice", "utrc"]
     for r in saved:
         assert "error" not in r, r.get("traceback")
@@ -51,7 +51,7 @@ def test_schema(bench_file):
 
 def test_resume_skips_done_and_retries_errors(bench_file):
     out, records = bench_file
-    saved = json.loads(out.read_text())["records"]
+    saved = json.loads(out.read_text())
     stamps = [r["timestamp"] for r in saved]
     again = bench.run_bench(out=str(out), **RUN)
     assert [r["timestamp"] for r in again] == stamps  # nothing re-run
@@ -66,7 +66,7 @@ def test_failure_is_recorded(tmp_path):
     out = tmp_path / "b.json"
     records = bench.run_bench(out=str(out), **dict(RUN, methods=["utrc"], cuts=[0.97]))  # unreachable cut
     assert len(records) == 1 and "error" in records[0] and "ValueError" in records[0]["error"]
-    assert json.loads(out.read_text())["records"][0]["method"] == "utrc"
+    assert json.loads(out.read_text())[0]["method"] == "utrc"
 
 
 def test_unknown_method_and_shape():
