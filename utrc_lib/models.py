@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 EMBEDDED = {
     "tiny-mamba2": "Mamba-2, 12 layers, d_model 256, d_state 64, trained on the offline corpus",
     "tiny-mamba": "Mamba-1, 12 layers, d_model 256, d_state 16, trained on the offline corpus",
@@ -153,8 +155,9 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
 def _use_parallel_scan(model) -> None:
     """Mamba-1 on the transformers torch path scans token by token; with `mambapy` installed it
     takes mambapy's parallel scan instead (about 2-3x faster on CPU; same results to ~1e-5)."""
-    if type(model).__name__ != "MambaForCausalLM" or next(model.parameters()).is_cuda:
-        return
+    param = next(model.parameters())
+    if type(model).__name__ != "MambaForCausalLM" or param.is_cuda or param.dtype != torch.float32:
+        return  # transformers' mambapy path mixes dtypes below float32
     try:
         import mambapy  # noqa: F401
     except ImportError:
