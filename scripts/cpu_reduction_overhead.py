@@ -12,24 +12,17 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import utrc_lib
+from utrc_lib import bench
 from utrc_lib.engine import ForwardReducer
 
 
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, repeats: int) -> float:
+    return statistics.median(bench.time_ms(fn, "cpu", repeats=repeats, warmup=2))
 
 
 def build(kind: str, d_model: int, layers: int):

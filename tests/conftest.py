@@ -30,3 +30,15 @@ def tiny_model(kind: str, layers: int = 6, hidden: int = 32, vocab: int = 64, se
 @pytest.fixture(scope="session", params=["mamba", "mamba2"])
 def model(request):
     return tiny_model(request.param)
+
+
+def save_tiny_checkpoint(path):
+    """A tiny random Mamba-2 LM saved with the project tokenizer (a local checkpoint directory)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(root / "data" / "tokenizer")).save_pretrained(path)
+    return path

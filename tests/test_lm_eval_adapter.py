@@ -1,25 +1,18 @@
 """lm-eval adapter: `--model utrc` on a tiny random model saved with the real tokenizer."""
 import json
-from pathlib import Path
 
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from conftest import tiny_model  # noqa: E402
+from conftest import save_tiny_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer")).save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def _metrics(res):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
+from conftest import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
@@ -16,12 +16,7 @@ TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_scaleout")
-    tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer")).save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_scaleout"))
 
 
 def _env(**extra):
