@@ -84,6 +84,7 @@ def _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, u
     valid = torch.ones(B, N, dtype=torch.bool, device=inputs_embeds.device) if mask is None else mask.bool()
     reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
                              protect_last=handle.sample_protect_last)
+    reducer.record = reducer.record or handle.record  # handle.record keeps plans in history
     handle.last_reducer = reducer
 
     stream = inputs_embeds

@@ -121,6 +121,7 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
     valid = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
     reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
                              protect_last=handle.sample_protect_last)
+    reducer.record = reducer.record or handle.record  # handle.record keeps plans in history
     handle.last_reducer = reducer
     residual = None
     handle.captured = {"on": reducer.active}
