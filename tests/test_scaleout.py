@@ -53,13 +53,18 @@ def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
     args = ["--model-name", str(ckpt), "--method", "utrc", "--flops-reduction", "0.2", "--tasks", TASKS,
             "--limit", "5", "--bootstrap-iters", "0", "--batch-size", "4", "--no-progress"]
     out = tmp_path / "dp.json"
+    import socket
+
+    with socket.socket() as s:  # a free port (a fixed one can still be held by an earlier run)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "29517", "-m", "utrc_lib.eval", *args, "--output", str(out)]
+           port, "-m", "utrc_lib.eval", *args, "--output", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="",
                                                       OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     dp = json.loads(out.read_text())
     assert dp, "the output JSON was overwritten by a non-zero rank (utrc_lib/eval/__main__.py must skip it)"
     assert dp["utrc"]["data_parallel"]["world_size"] == 2

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import ReductionConfig
 from .methods import Context, get_method
-from .metrics import get_metric, importance
+from .kernels import feature_stats, inverse_norm
 from .plan import Plan, TokenState, gather_rows
 
 Tensor = torch.Tensor
@@ -28,21 +27,6 @@ def tokens_to_remove(valid: Tensor, keep_ratio: float) -> Tensor:
     n = valid.sum(1)
     n_keep = torch.ceil(n.double() * keep_ratio - 1e-9).long()
     return (n - n_keep).clamp_min(0)
-
-
-def normalise(x: Tensor) -> Tensor:
-    """L2-normalise the last axis; zero vectors stay zero (never NaN).
-
-    CPU: in float32. CUDA: half-precision inputs stay in their dtype (the norm accumulates in
-    float32 and is clamped to the dtype's normal range), so the similarity matmul runs on tensor
-    cores and no float32 copy of the (B, N, C) features is made.
-    """
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        info = torch.finfo(x.dtype)
-        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        return x / n.clamp(info.tiny, info.max).to(x.dtype)
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
@@ -73,13 +57,13 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
             f"sequence too short to reduce: sample {b} has {int(red[b].sum())} reducible token(s) "
             f"({int(state.valid[b].sum())} valid, protected tail excluded); need at least 2")
     feats = hidden if features is None else features
-    scores = feats_n = None
-    if method.needs_features:
-        scores = importance(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
-        feats_n = normalise(feats)
-    ctx = Context(scores=scores, feats=feats_n, state=state, r=r, rules=config.branch_rules(),
+    scores = inv_norm = None
+    if method.needs_features:  # importance and norms in one pass over the features (utrc_lib.kernels)
+        scores, sq = feature_stats(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
+        inv_norm = inverse_norm(sq)
+    ctx = Context(scores=scores, feats=feats, state=state, r=r, rules=config.branch_rules(),
                   causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt,
-                  static=static)
+                  static=static, inv_norm=inv_norm)
     return method.fn(ctx)
 
 

@@ -41,8 +41,9 @@ own cost):
       reduced tokens back to full length before the head) or on 1 position for logits="last". The
       final RMSNorm runs on all seq_len positions.
     * Reduction cost at an anchor that removes r > 0 tokens of N (none when r = 0, as the engine
-      skips it): importance 2 N C + N (clip, sum, scale); similarity 3 N C (L2-normalise) +
-      2 |A| |B| C (cosine of the A x B halves); merge 4 N D (size-weighting and division on both the
+      skips it): importance 2 N C + N (clip, sum, scale); similarity 2 N C (squared norms) +
+      2 |A| |B| C (dot products of the A x B halves) + |A| |B| + |A| (scaling by inverse norms;
+      utrc_reference L2-normalises instead: 3 N C); merge 4 N D (size-weighting and division on both the
       hidden and the residual branch). Comparisons: N log2 N (importance sort) + |A| |B| (argmax
       over B) + |A| log2 |A| (edge sort). Per method: "evit" has no similarity, "tome" no importance,
       "random" only the merge (gather), "utrc_reference" works on the mixer output (C = D) and also
@@ -287,7 +288,8 @@ def reduction_flops(shape: ModelShape, n: int, r: int, *, batch: int = 1, method
         cmp += math.ceil(n * math.log2(n)) if n > 1 else 0
     if "similarity" in parts:
         matmul = 2 * a * b * C
-        out["reduction_similarity"] = 3 * n * C + matmul
+        # norms 2 N C (squares, sums) + scaling |A| |B| + |A|; the reference mode normalises (3 N C)
+        out["reduction_similarity"] = (3 * n * C if method == "utrc_reference" else 2 * n * C + a * b + a) + matmul
         cmp += a * b + (math.ceil(a * math.log2(a)) if a > 1 else 0)
     if "merge" in parts:
         out["reduction_merge"] = 4 * n * D

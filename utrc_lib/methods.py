@@ -27,7 +27,8 @@ class Context:
     """Inputs of one reduction.
 
     scores: (B, N) importance (larger = more important).
-    feats:  (B, N, C) similarity features, L2-normalised (zero rows stay zero).
+    feats:  (B, N, C) similarity features (raw; cosine via inv_norm).
+    inv_norm: (B, N) 1 / ||feats|| per token (0 for zero rows); None = feats already normalised.
     state:  TokenState (valid / protected / sizes / positions).
     r:      (B,) long, tokens to remove in each sample (before the method's own cap).
     rules:  {'hidden': (kind, prune fraction), 'residual': (...)}.
@@ -47,6 +48,7 @@ class Context:
     seed: int = 0
     salt: int = 0
     static: Optional[dict] = None  # {"n", "n_red", "r"} host ints when no sample is padded
+    inv_norm: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -79,26 +81,71 @@ def lowest(scores: Tensor, mask: Tensor, k: Tensor) -> Tensor:
     return mask & (rank_by(scores, mask) < k[:, None])
 
 
-def _gather_side(mask: Tensor, R: int | None = None) -> tuple[Tensor, Tensor]:
-    """Indices of the masked tokens first (by position), padded to R (default: the most per sample);
-    and which entries are real."""
-    if R is None:
-        R = int(mask.sum(1).max())
-    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
-    return idx, mask.gather(1, idx)
+def stable_partition(first: Tensor, second: Tensor) -> Tensor:
+    """(B, N) permutation listing the `first` tokens (by position), then the `second` ones, then the rest.
+
+    The same permutation as a stable argsort on the keys 0 / 1 / 2, built from prefix sums and one
+    scatter (no sort). `first` and `second` must not overlap.
+    """
+    B, N = first.shape
+    c1 = first.long().cumsum(1)
+    c2 = second.long().cumsum(1)
+    n1, n2 = c1[:, -1:], c2[:, -1:]
+    ar = torch.arange(N, device=first.device).expand(B, N)
+    rest_rank = ar - (c1 - first.long()) - (c2 - second.long())  # rest tokens before this one
+    dest = torch.where(first, c1 - 1, torch.where(second, n1 + c2 - 1, n1 + n2 + rest_rank))
+    return torch.empty_like(ar).scatter_(1, dest, ar)
+
+
+_BMM_FP32_OUT: dict = {}  # device type -> whether torch.bmm(..., out_dtype=torch.float32) runs
+
+
+def _similarity(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor]) -> Tensor:
+    """(B, RA, C) x (B, C, RB) -> (B, RA, RB) float32 dot products scaled by the B side's inverse norms.
+
+    Each row is the cosine similarity up to its A token's positive factor inv_a (the caller scales
+    the row maxima: argmax is unchanged). CUDA half precision: tensor-core bmm with float32 output (no
+    overflow of raw dot products, no normalised copy of the features); where that op is missing both
+    sides' rows are scaled first (the result is then the cosine itself). CPU: float32.
+    """
+    half = fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16)
+    if half and _BMM_FP32_OUT.get(fa.device.type, True):
+        try:
+            sim = torch.bmm(fa, fb_t, out_dtype=torch.float32)
+            _BMM_FP32_OUT[fa.device.type] = True
+        except (RuntimeError, TypeError):
+            _BMM_FP32_OUT[fa.device.type] = False
+    if half and not _BMM_FP32_OUT[fa.device.type]:
+        if inv_a is not None:
+            fa = fa * inv_a[..., None].to(fa.dtype)
+            fb_t = fb_t * inv_b[:, None, :].to(fb_t.dtype)
+        return torch.bmm(fa, fb_t).float()
+    if not half:
+        sim = torch.bmm(fa.float(), fb_t.float())
+    if inv_b is not None:
+        sim.mul_(inv_b[:, None, :])
+    return sim
+
+
+def _rows_prescaled(fa: Tensor) -> bool:
+    """Whether _similarity scaled the A rows itself (the half-precision fallback)."""
+    return fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16) and not _BMM_FP32_OUT.get(fa.device.type, True)
 
 
 def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
-                    sizes: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor]:
+                    sizes: Optional[tuple[int, int, int]] = None,
+                    inv_norm: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Link each A token to its most similar B token (cosine), keep the r[b] best edges.
 
-    Paper §3 steps 3-4 (and ToMe's bipartite soft matching). `feats` are L2-normalised; the
-    similarity matmul runs in their dtype on CUDA (half precision: tensor cores) and in float32 on
-    CPU. `sizes` = (r, |A|, |B|) as host integers when they are the same for every sample (no
-    host sync then). Returns is_src (B, N) bool and dst (B, N) long (the B token each chosen source
-    joins).
+    Paper §3 steps 3-4 (and ToMe's bipartite soft matching). `inv_norm` (B, N) = 1 / ||feats|| per
+    token (0 for zero rows); None means `feats` are already L2-normalised. The A and B rows are
+    gathered in one pass (channel-major features are gathered along their token axis, no contiguous
+    copy); the A x B matmul runs in the features' dtype on CUDA (half precision: tensor cores,
+    float32 output) and in float32 on CPU. `sizes` = (r, |A|, |B|) as host integers when they are the
+    same for every sample (no host sync then). Returns is_src (B, N) bool and dst (B, N) long (the B
+    token each chosen source joins).
     """
-    B, N, _ = feats.shape
+    B, N, C = feats.shape
     ar = torch.arange(N, device=feats.device).expand(B, N)
     n_a, n_b = is_a.sum(1), is_b.sum(1)
     r = torch.minimum(r, torch.minimum(n_a, n_b))
@@ -108,16 +155,39 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
         r_max, RA, RB = torch.stack([r.max(), n_a.max(), n_b.max()]).tolist()  # one host sync
     if r_max <= 0:
         return torch.zeros_like(is_a), ar
-    a_idx, a_ok = _gather_side(is_a, RA)
-    b_idx, b_ok = _gather_side(is_b, RB)
-    dtype = feats.dtype if feats.is_cuda else torch.float32
-    fa = gather_rows(feats, a_idx).to(dtype)  # (B, RA, C)
-    fb = gather_rows(feats, b_idx).to(dtype)  # (B, RB, C)
-    sim = (fa @ fb.transpose(1, 2)).masked_fill(~b_ok[:, None, :], float("-inf"))  # (B, RA, RB)
+    perm = stable_partition(is_a, is_b)  # A tokens by position, then B tokens, then the rest
+    if sizes is not None:  # every sample has exactly RA A tokens and RB B tokens
+        both = perm[:, :RA + RB]
+        a_idx, b_idx = both[:, :RA], both[:, RA:]
+        a_ok = b_ok = None
+    else:  # shorter samples pad their lists with other tokens, masked out below
+        a_idx = perm[:, :RA]
+        a_ok = is_a.gather(1, a_idx)
+        b_pos = n_a[:, None] + torch.arange(RB, device=feats.device)[None, :]  # B list starts after A
+        b_idx = perm.gather(1, b_pos.clamp_max(N - 1))
+        b_ok = is_b.gather(1, b_idx) & (b_pos < N)
+        both = torch.cat([a_idx, b_idx], 1)  # (B, RA + RB)
+    if feats.stride(-1) != 1 and feats.stride(1) == 1:  # channel-major view of (B, C, N)
+        rows_t = torch.gather(feats.transpose(1, 2), 2, both[:, None, :].expand(B, C, both.shape[1]))
+        fa, fb_t = rows_t[:, :, :RA].transpose(1, 2), rows_t[:, :, RA:]
+    else:
+        rows = gather_rows(feats, both)  # (B, RA + RB, C)
+        fa, fb_t = rows[:, :RA], rows[:, RA:].transpose(1, 2)
+    inv_a = inv_b = None
+    if inv_norm is not None:
+        inv_a, inv_b = inv_norm.gather(1, a_idx), inv_norm.gather(1, b_idx)
+    sim = _similarity(fa, fb_t, inv_a, inv_b)  # (B, RA, RB) float32, rows up to inv_a
+    if b_ok is not None:
+        sim = sim.masked_fill(~b_ok[:, None, :], float("-inf"))
     g, j = sim.max(-1)  # best destination of every A token
-    g = g.masked_fill(~a_ok, float("-inf"))
+    if inv_a is not None and not _rows_prescaled(fa):
+        g = g * inv_a  # cosine of the best edge
+    if a_ok is not None:
+        g = g.masked_fill(~a_ok, float("-inf"))
     edge_rank = _inverse_perm(torch.argsort(g, dim=1, descending=True, stable=True))
-    chosen = a_ok & (edge_rank < r[:, None])
+    chosen = edge_rank < r[:, None]
+    if a_ok is not None:
+        chosen &= a_ok
     is_src = torch.zeros_like(is_a).scatter(1, a_idx, chosen)
     dst = ar.clone().scatter(1, a_idx, b_idx.gather(1, j))
     return is_src, dst
@@ -162,7 +232,7 @@ def _utrc(ctx: Context) -> Plan:
     is_a, is_b = importance_halves(ctx.scores, ctx.state.reducible)
     st = ctx.static
     sizes = None if st is None else (st["r"], st["n_red"] // 2, st["n_red"] - st["n_red"] // 2)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm)
     return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
 
 
@@ -171,7 +241,7 @@ def _tome(ctx: Context) -> Plan:
     is_a, is_b = alternate_halves(ctx.state.reducible)
     st = ctx.static
     sizes = None if st is None else (st["r"], st["n_red"] - st["n_red"] // 2, st["n_red"] // 2)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes)
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm)
     return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
 
 
@@ -185,7 +255,7 @@ def _pumer(ctx: Context) -> Plan:
     n_prune = torch.minimum(torch.floor(ctx.r.float() * frac + 1e-9).long(), red.sum(1))
     pruned = lowest(ctx.scores, red, n_prune)
     is_a, is_b = alternate_halves(red & ~pruned)
-    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune)
+    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune, inv_norm=ctx.inv_norm)
     merged = {branch: matched for branch in ctx.rules}
     return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal)
 

@@ -96,47 +96,71 @@ class Plan:
     size_branch: str = "residual"
     has_merge: dict | None = None  # {branch: bool} any source merged there (None = compute in apply)
     all_valid: bool = False  # every slot valid (no padding): skip the zeroing pass
+    _layout: dict | None = field(default=None, repr=False, compare=False)  # cache of _merge_layout
 
     @property
     def num_out(self) -> int:
         return self.base.shape[1]
 
+    def _merge_layout(self) -> dict:
+        """Source entries grouped by the slot they join (computed once, shared by the branches).
+
+        order: (B, R) entries sorted by slot (stable: index order within a slot); slot / src: (B, R)
+        in that order; lead: (B, R) bool, first entry of its slot; seg: (B, R) the entry's group.
+        """
+        if self._layout is None:
+            order = torch.argsort(self.src_slot, dim=1, stable=True)
+            slot = self.src_slot.gather(1, order)  # (B, R) ascending
+            lead = torch.ones_like(slot, dtype=torch.bool)
+            lead[:, 1:] = slot[:, 1:] != slot[:, :-1]
+            seg = lead.long().cumsum(1) - 1  # (B, R) group index in [0, R)
+            self._layout = dict(order=order, slot=slot, src=self.src.gather(1, order), lead=lead, seg=seg)
+        return self._layout
+
     def apply(self, x: Tensor, branch: str, sizes: Tensor) -> Tensor:
         """Reduce a per-token tensor (B, N, D) -> (B, N', D) with `branch`'s rule.
 
         sizes: (B, N) float token sizes before this reduction (merge weights).
-        Only the slots that receive sources are recomputed (in >= fp32, on a (B, R, D) buffer);
-        every other slot is an exact copy of its base token. For one slot the arithmetic is
-        (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index order.
+        Only the slots that receive sources are recomputed (in >= fp32, on (B R, D) rows); every
+        other slot is an exact copy of its base token. For one slot the arithmetic is
+        (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index
+        order (CPU; CUDA adds the terms atomically, in no fixed order).
         """
-        D = x.shape[-1]
+        B, N, D = x.shape
         out = gather_rows(x, self.base)  # (B, N', D): exact for kept tokens
         w_src = self.src_weight.get(branch)
+        R = self.src.shape[1]
         has_merge = self.has_merge.get(branch) if self.has_merge is not None else None
-        if has_merge is None and w_src is not None and self.src.shape[1] > 0:
+        if has_merge is None and w_src is not None and R > 0:
             has_merge = bool((w_src > 0).any())  # host sync; plans from build_plan carry the flag
-        if w_src is not None and self.src.shape[1] > 0 and has_merge:
+        if w_src is not None and R > 0 and has_merge:
             acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
-            w_src = (w_src * sizes.gather(1, self.src)).to(acc)  # (B, R)
+            n_out = self.base.shape[1]
+            lay = self._merge_layout()
+            w = (w_src * sizes.gather(1, self.src)).to(acc)  # (B, R) merge weight of every source
+            added = torch.zeros(B, n_out, dtype=acc, device=x.device).scatter_add_(1, self.src_slot, w)
             w_base = sizes.gather(1, self.base).to(acc)  # (B, N')
-            added = torch.zeros_like(w_base).scatter_add(1, self.src_slot, w_src)  # (B, N')
-            den = (w_base + added).clamp_min(1e-12)
-            # group the R source entries by the slot they join: segment id per entry, in slot order
-            order = torch.argsort(self.src_slot, dim=1, stable=True)  # (B, R)
-            slot = self.src_slot.gather(1, order)  # (B, R) ascending
-            new_seg = torch.ones_like(slot, dtype=torch.bool)
-            new_seg[:, 1:] = slot[:, 1:] != slot[:, :-1]
-            seg = new_seg.long().cumsum(1) - 1  # (B, R) in [0, R)
-            seg_idx = seg[..., None].expand(-1, -1, D)
-            slot_idx = slot[..., None].expand(-1, -1, D)
-            base_rows = out.gather(1, slot_idx).to(acc)  # (B, R, D)
-            num = torch.zeros(x.shape[0], slot.shape[1], D, dtype=acc, device=x.device)
-            num.scatter_(1, seg_idx, base_rows * w_base.gather(1, slot)[..., None])  # base term first
-            src_rows = gather_rows(x, self.src.gather(1, order)).to(acc)
-            num.scatter_add_(1, seg_idx, src_rows * w_src.gather(1, order)[..., None])  # (B, R, D)
-            merged_rows = (num.gather(1, seg_idx) / den.gather(1, slot)[..., None]).to(x.dtype)
-            rows = torch.where((added.gather(1, slot) > 0)[..., None], merged_rows, base_rows.to(x.dtype))
-            out = out.scatter(1, slot_idx, rows)  # entries of one slot write identical rows
+            # a slot that receives nothing keeps its base row exactly: weight 1, denominator 1
+            recv = added > 0
+            w_base = torch.where(recv, w_base, torch.ones_like(w_base))
+            den = torch.where(recv, w_base + added, torch.ones_like(added))
+            slot = lay["slot"]
+            w_e = w.gather(1, lay["order"])  # (B, R) per entry, slot order
+            wb_e = w_base.gather(1, slot) * lay["lead"]  # base term once per slot
+            den_e = den.gather(1, slot)
+            ar = torch.arange(B, device=x.device)[:, None]
+            flat_slot = (slot + ar * n_out).reshape(-1)  # rows of out
+            flat_src = (lay["src"] + ar * N).reshape(-1)  # rows of x
+            flat_seg = (lay["seg"] + ar * R).reshape(-1)  # rows of the (B R, D) accumulator
+            out_rows = out.view(B * n_out, D)
+            base_rows = out_rows.index_select(0, flat_slot)  # (B R, D)
+            src_rows = x.reshape(B * N, D).index_select(0, flat_src)
+            contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
+            contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
+            num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
+            rows = torch.empty_like(base_rows)
+            torch.div(num.index_select(0, flat_seg), den_e.reshape(-1, 1), out=rows)
+            out_rows.index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
         if self.all_valid:
             return out
         return out * self.slot_valid[..., None].to(x.dtype)
