@@ -163,3 +163,50 @@ def test_engine_on_cuda_matches_cpu():
     half = u.reduce_tokens(h.cuda().half(), res.cuda(), config=cfg, n_keep=24)
     assert half.hidden.dtype == torch.float16 and half.hidden.shape == cpu.hidden.shape
     assert torch.isfinite(half.hidden).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["row_major", "channel_major"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_feature_stats_kernel_compiled(layout, dtype):
+    """The Triton kernel (compiled) against the torch twin, on the layouts the backends hand over."""
+    from utrc_lib import kernels
+
+    if not kernels.HAVE_TRITON:
+        pytest.skip("triton not importable")
+    torch.manual_seed(0)
+    x = torch.randn(3, 333, 1000, device="cuda").to(dtype)
+    if layout == "channel_major":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    for metric in ("clip", "sum", "l1", "l2"):
+        assert kernels.kernel_available(metric, x)
+        s, q = kernels.feature_stats(metric, x)
+        s0, q0 = kernels.feature_stats_torch(metric, x)
+        torch.testing.assert_close(s, s0, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(q, q0, rtol=1e-4, atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["row_major", "channel_major"])
+def test_half_precision_matching_agrees_with_float32(layout):
+    """fp16 features on CUDA (fp32-output bmm, scaled by inverse norms) pick the edges float32 picks."""
+    from utrc_lib import kernels
+    from utrc_lib.methods import bipartite_match
+
+    torch.manual_seed(1)
+    B, N, C = 4, 512, 768
+    f = torch.randn(B, N, C, device="cuda") * torch.rand(B, N, 1, device="cuda") * 20  # raw dots overflow fp16
+    f16 = f.half()
+    if layout == "channel_major":
+        f16 = f16.transpose(1, 2).contiguous().transpose(1, 2)
+    red = torch.ones(B, N, dtype=torch.bool, device="cuda")
+    is_a = red & (torch.arange(N, device="cuda") % 2 == 0)
+    is_b = red & ~is_a
+    r = torch.full((B,), 100, device="cuda")
+    got = bipartite_match(f16, is_a, is_b, r, (100, N // 2, N // 2), kernels.inverse_norm(kernels.feature_stats("clip", f16)[1]))
+    f32 = f16.float().contiguous()
+    want = bipartite_match(f32, is_a, is_b, r, None, kernels.inverse_norm(kernels.feature_stats_torch("clip", f32)[1]))
+    same_src = (got[0] == want[0]).float().mean()
+    assert float(same_src) > 0.99
+    both = got[0] & want[0]
+    assert float((got[1][both] == want[1][both]).float().mean()) > 0.99
