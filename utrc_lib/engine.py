@@ -16,7 +16,7 @@ import torch
 
 from .config import ReductionConfig
 from .methods import Context, get_method
-from .kernels import feature_stats, inverse_norm
+from .kernels import feature_stats
 from .plan import Plan, TokenState, gather_rows
 
 Tensor = torch.Tensor
@@ -59,8 +59,8 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
     feats = hidden if features is None else features
     scores = inv_norm = None
     if method.needs_features:  # importance and norms in one pass over the features (utrc_lib.kernels)
-        scores, sq = feature_stats(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
-        inv_norm = inverse_norm(sq)
+        scores, inv_norm = feature_stats(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed,
+                                         salt=salt)
     ctx = Context(scores=scores, feats=feats, state=state, r=r, rules=config.branch_rules(),
                   causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt,
                   static=static, inv_norm=inv_norm)

@@ -32,7 +32,7 @@ try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRE
     import triton.language as tl
 
     @triton.jit
-    def _stats_kernel(x_ptr, score_ptr, sq_ptr, N, C, stride_b, stride_n, stride_c,
+    def _stats_kernel(x_ptr, score_ptr, inv_ptr, N, C, stride_b, stride_n, stride_c,
                       MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """Program (b, block of BLOCK_N tokens): loop over channels in tiles, accumulate in fp32."""
         pid_b = tl.program_id(0)
@@ -59,7 +59,51 @@ try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRE
             score = acc / C
         out = pid_b.to(tl.int64) * N + offs_n
         tl.store(score_ptr + out, score, mask=mask_n)
-        tl.store(sq_ptr + out, acc_sq, mask=mask_n)
+        inv = tl.where(acc_sq > 0, 1.0 / tl.sqrt(tl.maximum(acc_sq, 1e-38)), 0.0)  # 0 for zero rows
+        tl.store(inv_ptr + out, inv, mask=mask_n)
+
+    @triton.jit
+    def _merge_kernel(out_ptr, x_ptr, slot_ptr, src_ptr, w_ptr, cnt_ptr, wb_ptr, R, N_in, N_out, D,
+                      BLOCK_D: tl.constexpr):
+        """Program (entry e, block of columns): if e leads its slot's group, write the slot's merged row.
+
+        out[b, slot] = (out[b, slot] * wb + sum_j x[b, src_j] * w_j) / (wb + sum_j w_j), sources in
+        entry order, float32 arithmetic; rows whose sources all have weight 0 are left untouched.
+        """
+        e = tl.program_id(0)
+        cnt = tl.load(cnt_ptr + e)
+        if cnt > 0:
+            b = e // R
+            slot = tl.load(slot_ptr + e)
+            offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            m = offs < D
+            row = (b.to(tl.int64) * N_out + slot) * D
+            wb = tl.load(wb_ptr + b.to(tl.int64) * N_out + slot)
+            acc = tl.load(out_ptr + row + offs, mask=m, other=0.0).to(tl.float32) * wb
+            tot = wb
+            added = 0.0
+            for k in range(0, cnt):
+                w = tl.load(w_ptr + e + k)
+                src = tl.load(src_ptr + e + k)
+                v = tl.load(x_ptr + (b.to(tl.int64) * N_in + src) * D + offs, mask=m, other=0.0).to(tl.float32)
+                acc += v * w
+                tot += w
+                added += w
+            if added > 0:
+                tl.store(out_ptr + row + offs, (acc / tot).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gather_cols_kernel(y_ptr, idx_ptr, out_ptr, C, N, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[b, c, k] = y[b, c, idx[b, k]] for contiguous (B, C, N) y and (B, C, K) out."""
+        b = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        idx = tl.load(idx_ptr + b.to(tl.int64) * K + offs_k, mask=mk, other=0)
+        m = (offs_c[:, None] < C) & mk[None, :]
+        base = b.to(tl.int64) * C
+        v = tl.load(y_ptr + (base + offs_c[:, None]) * N + idx[None, :], mask=m, other=0.0)
+        tl.store(out_ptr + (base + offs_c[:, None]) * K + offs_k[None, :], v, mask=m)
 
     HAVE_TRITON = True
 except Exception:  # triton missing or unusable: the torch twin is used
@@ -68,11 +112,11 @@ except Exception:  # triton missing or unusable: the torch twin is used
 
 def feature_stats_torch(metric: str, feats: Tensor, *, delta: Tensor | None = None, valid: Tensor | None = None,
                         seed: int = 0, salt: int = 0) -> tuple[Tensor, Tensor]:
-    """Reference twin: (scores (B, N) float32, squared L2 norms (B, N) float32) in plain torch."""
+    """Reference twin: (scores (B, N) float32, inverse L2 norms (B, N) float32) in plain torch."""
     scores = importance(metric, feats, delta=delta, valid=valid, seed=seed, salt=salt)
     x = feats.float() if feats.dtype == torch.float64 else feats
     sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) ** 2
-    return scores, sq
+    return scores, inverse_norm(sq)
 
 
 def kernel_available(metric: str, feats: Tensor) -> bool:
@@ -84,26 +128,26 @@ def kernel_available(metric: str, feats: Tensor) -> bool:
 
 
 def feature_stats_triton(metric: str, feats: Tensor) -> tuple[Tensor, Tensor]:
-    """The kernel: one read of `feats` (any strides) -> (scores, squared norms), float32 (B, N)."""
+    """The kernel: one read of `feats` (any strides) -> (scores, inverse norms), float32 (B, N)."""
     B, N, C = feats.shape
     scores = torch.empty(B, N, dtype=torch.float32, device=feats.device)
-    sq = torch.empty(B, N, dtype=torch.float32, device=feats.device)
+    inv = torch.empty(B, N, dtype=torch.float32, device=feats.device)
     channel_major = feats.stride(-1) != 1
     # tiles: many tokens per program when tokens are contiguous (channel-major), wide channel
     # tiles otherwise; 4096-element tiles either way
     block_n, block_c = (64, 64) if channel_major else (16, 256)
     grid = (B, triton.cdiv(N, block_n))
-    _stats_kernel[grid](feats, scores, sq, N, C, feats.stride(0), feats.stride(1), feats.stride(2),
+    _stats_kernel[grid](feats, scores, inv, N, C, feats.stride(0), feats.stride(1), feats.stride(2),
                         MODE=_KERNEL_MODES[metric], BLOCK_N=block_n, BLOCK_C=block_c)
-    return scores, sq
+    return scores, inv
 
 
 def feature_stats(metric: str, feats: Tensor, *, delta: Tensor | None = None, valid: Tensor | None = None,
                   seed: int = 0, salt: int = 0) -> tuple[Tensor, Tensor]:
-    """(scores (B, N) float32 for `metric`, squared L2 norms of `feats` (B, N) float32).
+    """(scores (B, N) float32 for `metric`, inverse L2 norms of `feats` (B, N) float32, 0 for zero rows).
 
-    Scores follow `utrc_lib.metrics.importance` (larger = more important); the norms feed the
-    cosine similarity (methods.bipartite_match scales dot products by their inverse square roots).
+    Scores follow `utrc_lib.metrics.importance` (larger = more important); the inverse norms feed
+    the cosine similarity (methods.bipartite_match scales dot products by them).
     """
     get_metric(metric)  # validates the name
     if kernel_available(metric, feats):
@@ -113,4 +157,49 @@ def feature_stats(metric: str, feats: Tensor, *, delta: Tensor | None = None, va
 
 def inverse_norm(sq: Tensor) -> Tensor:
     """1 / ||x|| from squared norms; 0 for zero vectors (their cosine with anything is 0, never NaN)."""
-    return torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+    return torch.where(sq > 0, sq.clamp_min(1e-38).rsqrt(), torch.zeros_like(sq))
+
+
+def merge_kernel_available(x: Tensor, out: Tensor) -> bool:
+    """Whether `merge_rows` runs the Triton kernel (CUDA or interpreter, contiguous rows)."""
+    return (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and os.environ.get("UTRC_NO_TRITON") != "1")
+
+
+def merge_rows(out: Tensor, x: Tensor, slot: Tensor, src: Tensor, w: Tensor, count: Tensor, w_base: Tensor) -> None:
+    """Merge source rows into their slots, in place on `out` (the Triton twin of Plan.apply's torch path).
+
+    out: (B, N', D) base rows; x: (B, N, D) input rows. Per entry (B, R), sorted by slot: slot, src
+    (row of x), w (float32 merge weight), count (group size on the group's first entry, else 0).
+    w_base: (B, N') float32 base weights.
+    """
+    B, n_out, D = out.shape
+    R = slot.shape[1]
+    if B * R == 0:
+        return
+    block_d = min(1024, triton.next_power_of_2(D))
+    grid = (B * R, triton.cdiv(D, block_d))
+    _merge_kernel[grid](out, x, slot.contiguous(), src.contiguous(), w.float().contiguous(),
+                        count.to(torch.int32).contiguous(), w_base.float().contiguous(),
+                        R, x.shape[1], n_out, D, BLOCK_D=block_d)
+
+
+def gather_tokens_channel_major(feats: Tensor, idx: Tensor) -> Tensor:
+    """(B, N, C) channel-major view of a contiguous (B, C, N) tensor, idx (B, K) -> (B, C, K) contiguous:
+    the tokens idx[b] of every channel, without a contiguous copy of the features.
+
+    CUDA: a Triton kernel; elsewhere torch.gather (the twin).
+    """
+    B, N, C = feats.shape
+    y = feats.transpose(1, 2)  # (B, C, N), contiguous
+    K = idx.shape[1]
+    if (HAVE_TRITON and y.is_contiguous() and (y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and os.environ.get("UTRC_NO_TRITON") != "1" and B * C * K > 0):
+        out = torch.empty(B, C, K, dtype=feats.dtype, device=feats.device)
+        block_c, block_k = 32, 128
+        grid = (B, triton.cdiv(C, block_c), triton.cdiv(K, block_k))
+        _gather_cols_kernel[grid](y, idx.contiguous(), out, C, N, K, BLOCK_C=block_c, BLOCK_K=block_k)
+        return out
+    return torch.gather(y, 2, idx[:, None, :].expand(B, C, K))

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .kernels import gather_tokens_channel_major
 from .metrics import seeded_uniform
 from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan
 
@@ -168,7 +169,7 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
         b_ok = is_b.gather(1, b_idx) & (b_pos < N)
         both = torch.cat([a_idx, b_idx], 1)  # (B, RA + RB)
     if feats.stride(-1) != 1 and feats.stride(1) == 1:  # channel-major view of (B, C, N)
-        rows_t = torch.gather(feats.transpose(1, 2), 2, both[:, None, :].expand(B, C, both.shape[1]))
+        rows_t = gather_tokens_channel_major(feats, both)  # (B, C, RA + RB)
         fa, fb_t = rows_t[:, :, :RA].transpose(1, 2), rows_t[:, :, RA:]
     else:
         rows = gather_rows(feats, both)  # (B, RA + RB, C)

@@ -106,7 +106,8 @@ class Plan:
         """Source entries grouped by the slot they join (computed once, shared by the branches).
 
         order: (B, R) entries sorted by slot (stable: index order within a slot); slot / src: (B, R)
-        in that order; lead: (B, R) bool, first entry of its slot; seg: (B, R) the entry's group.
+        in that order; lead: (B, R) bool, first entry of its slot; seg: (B, R) the entry's group;
+        count: (B, R) group size on a group's first entry, 0 elsewhere.
         """
         if self._layout is None:
             order = torch.argsort(self.src_slot, dim=1, stable=True)
@@ -114,17 +115,20 @@ class Plan:
             lead = torch.ones_like(slot, dtype=torch.bool)
             lead[:, 1:] = slot[:, 1:] != slot[:, :-1]
             seg = lead.long().cumsum(1) - 1  # (B, R) group index in [0, R)
-            self._layout = dict(order=order, slot=slot, src=self.src.gather(1, order), lead=lead, seg=seg)
+            count = torch.zeros_like(seg).scatter_add_(1, seg, torch.ones_like(seg)).gather(1, seg) * lead
+            self._layout = dict(order=order, slot=slot, src=self.src.gather(1, order), lead=lead, seg=seg,
+                                count=count)
         return self._layout
 
     def apply(self, x: Tensor, branch: str, sizes: Tensor) -> Tensor:
         """Reduce a per-token tensor (B, N, D) -> (B, N', D) with `branch`'s rule.
 
         sizes: (B, N) float token sizes before this reduction (merge weights).
-        Only the slots that receive sources are recomputed (in >= fp32, on (B R, D) rows); every
-        other slot is an exact copy of its base token. For one slot the arithmetic is
+        Only the slots that receive sources are recomputed (in >= fp32); every other slot is an
+        exact copy of its base token. For one slot the arithmetic is
         (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index
-        order (CPU; CUDA adds the terms atomically, in no fixed order).
+        order. CUDA: one Triton kernel (utrc_lib.kernels.merge_rows); elsewhere grouped row ops in
+        torch (the twin).
         """
         B, N, D = x.shape
         out = gather_rows(x, self.base)  # (B, N', D): exact for kept tokens
@@ -134,36 +138,47 @@ class Plan:
         if has_merge is None and w_src is not None and R > 0:
             has_merge = bool((w_src > 0).any())  # host sync; plans from build_plan carry the flag
         if w_src is not None and R > 0 and has_merge:
-            acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
-            n_out = self.base.shape[1]
+            from . import kernels
+
             lay = self._merge_layout()
-            w = (w_src * sizes.gather(1, self.src)).to(acc)  # (B, R) merge weight of every source
-            added = torch.zeros(B, n_out, dtype=acc, device=x.device).scatter_add_(1, self.src_slot, w)
-            w_base = sizes.gather(1, self.base).to(acc)  # (B, N')
-            # a slot that receives nothing keeps its base row exactly: weight 1, denominator 1
-            recv = added > 0
-            w_base = torch.where(recv, w_base, torch.ones_like(w_base))
-            den = torch.where(recv, w_base + added, torch.ones_like(added))
-            slot = lay["slot"]
-            w_e = w.gather(1, lay["order"])  # (B, R) per entry, slot order
-            wb_e = w_base.gather(1, slot) * lay["lead"]  # base term once per slot
-            den_e = den.gather(1, slot)
-            ar = torch.arange(B, device=x.device)[:, None]
-            flat_slot = (slot + ar * n_out).reshape(-1)  # rows of out
-            flat_src = (lay["src"] + ar * N).reshape(-1)  # rows of x
-            flat_seg = (lay["seg"] + ar * R).reshape(-1)  # rows of the (B R, D) accumulator
-            out_rows = out.view(B * n_out, D)
-            base_rows = out_rows.index_select(0, flat_slot)  # (B R, D)
-            src_rows = x.reshape(B * N, D).index_select(0, flat_src)
-            contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
-            contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
-            num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
-            rows = torch.empty_like(base_rows)
-            torch.div(num.index_select(0, flat_seg), den_e.reshape(-1, 1), out=rows)
-            out_rows.index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
+            w_e = w_src.gather(1, lay["order"]) * sizes.gather(1, lay["src"])  # (B, R) entry weights
+            w_base = sizes.gather(1, self.base)  # (B, N')
+            if kernels.merge_kernel_available(x, out):
+                kernels.merge_rows(out, x, lay["slot"], lay["src"], w_e, lay["count"], w_base)
+            else:
+                self._merge_torch(out, x, lay, w_e, w_base)
         if self.all_valid:
             return out
         return out * self.slot_valid[..., None].to(x.dtype)
+
+    @staticmethod
+    def _merge_torch(out: Tensor, x: Tensor, lay: dict, w_e: Tensor, w_base: Tensor) -> None:
+        """Torch twin of kernels.merge_rows: grouped row ops on (B R, D) rows, in place on `out`."""
+        B, N, D = x.shape
+        n_out, R = out.shape[1], w_e.shape[1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
+        w_e, w_base = w_e.to(acc), w_base.to(acc)
+        slot = lay["slot"]
+        added = torch.zeros(B, n_out, dtype=acc, device=x.device).scatter_add_(1, slot, w_e)
+        # a slot that receives nothing keeps its base row exactly: weight 1, denominator 1
+        recv = added > 0
+        w_base = torch.where(recv, w_base, torch.ones_like(w_base))
+        den = torch.where(recv, w_base + added, torch.ones_like(added))
+        wb_e = w_base.gather(1, slot) * lay["lead"]  # base term once per slot
+        den_e = den.gather(1, slot)
+        ar = torch.arange(B, device=x.device)[:, None]
+        flat_slot = (slot + ar * n_out).reshape(-1)  # rows of out
+        flat_src = (lay["src"] + ar * N).reshape(-1)  # rows of x
+        flat_seg = (lay["seg"] + ar * R).reshape(-1)  # rows of the (B R, D) accumulator
+        out_rows = out.view(B * n_out, D)
+        base_rows = out_rows.index_select(0, flat_slot)  # (B R, D)
+        src_rows = x.reshape(B * N, D).index_select(0, flat_src)
+        contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
+        contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
+        num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
+        rows = torch.empty_like(base_rows)
+        torch.div(num.index_select(0, flat_seg), den_e.reshape(-1, 1), out=rows)
+        out_rows.index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
 
     def apply_index(self, t: Tensor, fill=0) -> Tensor:
         """Carry a (B, N) per-token tensor to slots by each slot's position token."""
