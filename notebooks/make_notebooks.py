@@ -590,7 +590,7 @@ if Path(gpu_bench).is_file():
     print(f"{len(records)} GPU records from {gpu_bench} ({len(gpu)} prefill)")
     keys = [k for k in ["model_shape", "device", "dtype", "batch", "seq_len"] if k in gpu]
     groups = list(gpu.groupby(keys)) if keys else [("all", gpu)]
-    fig, axes = plt.subplots(len(groups), 3, figsize=(13, 3.4 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
     for (key, g), row in zip(groups, axes):
         label = ", ".join(f"{k}={v}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,)))
         for m, e in g[~g["method"].isin(["dense"])].groupby("method"):
@@ -599,6 +599,14 @@ if Path(gpu_bench).is_file():
             if "speedup_vs_dense" in e: row[0].plot(100 * e["flops_cut"], e["speedup_vs_dense"], **kw)
             for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
                 if col in e and e[col].notna().any(): ax.plot(100 * e["flops_cut"], e[col], **kw)
+            if m != "slice" and "reduction_overhead_vs_dense" in e and e["reduction_overhead_vs_dense"].notna().any():
+                row[3].plot(100 * e["flops_cut"], 100 * e["reduction_overhead_vs_dense"], **kw)
+            if m != "slice" and "overhead_vs_slice_of_dense" in e and e["overhead_vs_slice_of_dense"].notna().any():
+                row[3].plot(100 * e["flops_cut"], 100 * e["overhead_vs_slice_of_dense"], **dict(kw, ls=":", label=None))
+        row[3].axhline(3.0, color="grey", ls="--", lw=0.8, label="target 3%")
+        row[3].set_ylabel("overhead (% of dense prefill)")
+        row[3].text(0.02, 0.97, "solid: reduction steps (CUDA events)\ndotted: end to end, minus free slicing",
+                    transform=row[3].transAxes, fontsize=6, va="top")
         dn = g[g["method"] == "dense"]
         for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
             if col in dn and len(dn): ax.axhline(float(dn[col].iloc[0]), color="black", ls="--", label="dense")

@@ -50,7 +50,7 @@ bench() {  # bench SHAPE HARD_SECONDS
   say "bench $shape (hard limit ${hard}s, new configurations until ${soft}s)"
   timeout --signal=TERM --kill-after=5 "$hard" python3 -m utrc_lib.bench --backend mamba_ssm --shapes "$shape" \
     --methods dense,slice,utrc,utrc_reference,evit --cuts 0.1,0.2,0.3 --batch 16 --seq-len 2048 \
-    --repeats 3 --generate --gen-methods dense,utrc --gen-cuts 0.3 --new-tokens 100 --gen-repeats 1 \
+    --repeats 3 --generate --gen-methods dense,utrc --gen-cuts 0.3 --new-tokens 100 --gen-repeats 2 \
     --time-budget-s "$soft" --out "$JSON" --no-progress 2>&1 | grep -v "^\s*$" | tee -a "$LOG"
   say "bench $shape done (rc=${PIPESTATUS[0]})"
 }
@@ -66,7 +66,7 @@ try:
 except Exception as e:
     sys.exit(f"no records: {e}")
 print(f"{'kind':8s} {'shape':12s} {'method':15s} {'cut':>4s} {'ms':>8s} {'speedup':>7s} {'%slice':>6s} "
-      f"{'red/anc':>7s} {'ovh%':>5s} {'memL':>6s} {'memF':>6s}")
+      f"{'red/anc':>7s} {'ovh%':>5s} {'e2e%':>5s} {'memL':>6s} {'memF':>6s}")
 for r in recs:
     if "error" in r:
         print(f"{r['kind']:8s} {r['model_shape']:12s} {r['method']:15s} {r['flops_cut']:4.2f} ERROR {r['error'][:90]}")
@@ -75,6 +75,7 @@ for r in recs:
     print(f"{r['kind']:8s} {r['model_shape']:12s} {r['method']:15s} {r['flops_cut']:4.2f} {f('prefill_ms', '%8.1f')} "
           f"{f('speedup_vs_dense', '%7.3f')} {f('speedup_fraction_of_slice', '%6.1f', 100)} "
           f"{f('reduction_ms_per_anchor', '%7.2f')} {f('reduction_overhead_vs_dense', '%5.2f', 100)} "
+          f"{f('overhead_vs_slice_of_dense', '%5.2f', 100)} "
           f"{f('peak_mem_gb_last_token', '%6.2f')} {f('peak_mem_gb_full_logits', '%6.2f')}"
           + (f"  decode {r['generation']['decode_ms_per_token']:.2f} ms/tok, {r['generation']['throughput_tok_s']:.0f} tok/s"
              if r.get("generation") else ""))

@@ -47,6 +47,15 @@ y = torch.randn(2, 45, 37, generator=g)  # contiguous (B, C, N)
 idx = torch.stack([torch.randperm(37, generator=g)[:29] for _ in range(2)])
 got = kernels.gather_tokens_channel_major(y.transpose(1, 2), idx)
 assert torch.equal(got, torch.gather(y, 2, idx[:, None, :].expand(2, 45, 29)))
+# scaled row max vs torch (ties: first index)
+sim = torch.randn(2, 19, 300, generator=g)
+sim[0, 3, 10] = sim[0, 3, 200] = 50.0  # a tie
+scale = torch.rand(2, 300, generator=g) + 0.5
+scale[0, 10] = scale[0, 200] = 1.0
+gm, jm = kernels.scaled_row_max(sim, scale)
+g0, j0 = (sim * scale[:, None, :]).max(-1)
+torch.testing.assert_close(gm, g0)
+assert torch.equal(jm, j0) and int(jm[0, 3]) == 10
 # merge kernel vs the torch twin, on random plans (several sources per slot, pruned entries)
 from utrc_lib.plan import Plan, build_plan
 for seed in range(3):

@@ -101,15 +101,21 @@ def stable_partition(first: Tensor, second: Tensor) -> Tensor:
 _BMM_FP32_OUT: dict = {}  # device type -> whether torch.bmm(..., out_dtype=torch.float32) runs
 
 
-def _similarity(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor]) -> Tensor:
-    """(B, RA, C) x (B, C, RB) -> (B, RA, RB) float32 dot products scaled by the B side's inverse norms.
+def _best_match(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor],
+                b_ok: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Best B token of every A token: (cosine (B, RA) float32, index into the B list (B, RA)).
 
-    Each row is the cosine similarity up to its A token's positive factor inv_a (the caller scales
-    the row maxima: argmax is unchanged). CUDA half precision: tensor-core bmm with float32 output (no
-    overflow of raw dot products, no normalised copy of the features); where that op is missing both
-    sides' rows are scaled first (the result is then the cosine itself). CPU: float32.
+    (B, RA, C) x (B, C, RB) dot products, each column scaled by its B token's inverse norm, row max
+    (first index on ties; padded B entries, b_ok False, never win), times the A token's inverse norm
+    (positive: the argmax is unchanged). inv_a / inv_b None: the features are already normalised.
+    CUDA half precision: tensor-core bmm with float32 output (no overflow of raw dot products, no
+    normalised copy of the features), then one Triton pass for the scaled row max; where the
+    float32-output bmm is missing, both sides' rows are scaled first. CPU: float32.
     """
+    from .kernels import scaled_row_max
+
     half = fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16)
+    prescaled = False
     if half and _BMM_FP32_OUT.get(fa.device.type, True):
         try:
             sim = torch.bmm(fa, fb_t, out_dtype=torch.float32)
@@ -120,17 +126,18 @@ def _similarity(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Option
         if inv_a is not None:
             fa = fa * inv_a[..., None].to(fa.dtype)
             fb_t = fb_t * inv_b[:, None, :].to(fb_t.dtype)
-        return torch.bmm(fa, fb_t).float()
-    if not half:
+        sim, prescaled = torch.bmm(fa, fb_t).float(), True
+    elif not half:
         sim = torch.bmm(fa.float(), fb_t.float())
-    if inv_b is not None:
-        sim.mul_(inv_b[:, None, :])
-    return sim
-
-
-def _rows_prescaled(fa: Tensor) -> bool:
-    """Whether _similarity scaled the A rows itself (the half-precision fallback)."""
-    return fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16) and not _BMM_FP32_OUT.get(fa.device.type, True)
+    if inv_b is None or prescaled:
+        if b_ok is not None:
+            sim = sim.masked_fill(~b_ok[:, None, :], float("-inf"))
+        return sim.max(-1)
+    if b_ok is None:
+        g, j = scaled_row_max(sim, inv_b)
+    else:
+        g, j = sim.mul_(inv_b[:, None, :]).masked_fill_(~b_ok[:, None, :], float("-inf")).max(-1)
+    return g * inv_a, j
 
 
 def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
@@ -177,12 +184,7 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
     inv_a = inv_b = None
     if inv_norm is not None:
         inv_a, inv_b = inv_norm.gather(1, a_idx), inv_norm.gather(1, b_idx)
-    sim = _similarity(fa, fb_t, inv_a, inv_b)  # (B, RA, RB) float32, rows up to inv_a
-    if b_ok is not None:
-        sim = sim.masked_fill(~b_ok[:, None, :], float("-inf"))
-    g, j = sim.max(-1)  # best destination of every A token
-    if inv_a is not None and not _rows_prescaled(fa):
-        g = g * inv_a  # cosine of the best edge
+    g, j = _best_match(fa, fb_t, inv_a, inv_b, b_ok)  # (B, RA) best cosine, index into the B list
     if a_ok is not None:
         g = g.masked_fill(~a_ok, float("-inf"))
     edge_rank = _inverse_perm(torch.argsort(g, dim=1, descending=True, stable=True))
