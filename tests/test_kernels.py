@@ -109,6 +109,7 @@ def test_stable_partition_equals_stable_argsort(seed):
     key = torch.where(first, 0, torch.where(second, 1, 2))
     want = torch.argsort(key, dim=1, stable=True)
     assert torch.equal(stable_partition(first, second), want)
+    assert torch.equal(stable_partition(first), torch.argsort((~first).to(torch.int8), dim=1, stable=True))
 
 
 def _match_reference(feats, is_a, is_b, r):

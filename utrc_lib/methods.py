@@ -18,7 +18,7 @@ import torch
 
 from .kernels import gather_tokens_channel_major
 from .metrics import seeded_uniform
-from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan
+from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan, stable_partition
 
 Tensor = torch.Tensor
 
@@ -80,22 +80,6 @@ def rank_by(scores: Tensor, mask: Tensor, descending: bool = False) -> Tensor:
 def lowest(scores: Tensor, mask: Tensor, k: Tensor) -> Tensor:
     """(B, N) bool: the k[b] lowest-scoring masked tokens of each sample."""
     return mask & (rank_by(scores, mask) < k[:, None])
-
-
-def stable_partition(first: Tensor, second: Tensor) -> Tensor:
-    """(B, N) permutation listing the `first` tokens (by position), then the `second` ones, then the rest.
-
-    The same permutation as a stable argsort on the keys 0 / 1 / 2, built from prefix sums and one
-    scatter (no sort). `first` and `second` must not overlap.
-    """
-    B, N = first.shape
-    c1 = first.long().cumsum(1)
-    c2 = second.long().cumsum(1)
-    n1, n2 = c1[:, -1:], c2[:, -1:]
-    ar = torch.arange(N, device=first.device).expand(B, N)
-    rest_rank = ar - (c1 - first.long()) - (c2 - second.long())  # rest tokens before this one
-    dest = torch.where(first, c1 - 1, torch.where(second, n1 + c2 - 1, n1 + n2 + rest_rank))
-    return torch.empty_like(ar).scatter_(1, dest, ar)
 
 
 _BMM_FP32_OUT: dict = {}  # device type -> whether torch.bmm(..., out_dtype=torch.float32) runs
@@ -205,6 +189,9 @@ def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor, n_src_host: Optiona
     n_src = is_src.sum(1)
     merged = {}
     for branch, (_, frac) in ctx.rules.items():
+        if frac <= 0:  # merge every edge (host-side check: no ranking needed)
+            merged[branch] = is_src
+            continue
         n_prune = torch.floor(n_src.float() * frac + 1e-9).long()
         merged[branch] = is_src & ~lowest(ctx.scores, is_src, n_prune)
     counts = None

@@ -12,6 +12,7 @@ in an SSM.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,27 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     B, N, D = x.shape
     flat = (idx + torch.arange(B, device=idx.device)[:, None] * N).reshape(-1)
     return x.reshape(B * N, D).index_select(0, flat).view(B, idx.shape[1], D)
+
+
+def stable_partition(first: Tensor, second: Optional[Tensor] = None) -> Tensor:
+    """(B, N) permutation listing the `first` tokens (by position), then the `second` ones, then the rest.
+
+    The same permutation as a stable argsort on the keys 0 / 1 / 2, built from prefix sums and one
+    scatter (no sort). `first` and `second` must not overlap.
+    """
+    B, N = first.shape
+    ar = torch.arange(N, device=first.device).expand(B, N)
+    f = first.long()
+    c1 = f.cumsum(1)
+    n1 = c1[:, -1:]
+    if second is None:
+        dest = torch.where(first, c1 - 1, n1 + ar - c1)  # rest: n1 + (tokens before it that are not first)
+    else:
+        s_ = second.long()
+        c2 = s_.cumsum(1)
+        rest_rank = ar - (c1 - f) - (c2 - s_)  # rest tokens before this one
+        dest = torch.where(first, c1 - 1, torch.where(second, n1 + c2 - 1, n1 + c2[:, -1:] + rest_rank))
+    return torch.empty_like(ar).scatter_(1, dest, ar)
 
 
 @dataclass
@@ -254,7 +276,7 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
     slot_of = torch.full_like(ar, -1).scatter(1, order, ar - 0)  # rank in order
     slot_of = torch.where(kept, slot_of + offset[:, None], torch.full_like(ar, -1))
 
-    src = torch.argsort((~is_src).to(torch.int8), dim=1, stable=True)[:, :R]  # sources first, by position
+    src = stable_partition(is_src)[:, :R]  # sources first, by position
     src_valid = is_src.gather(1, src)
     src_slot = slot_of.gather(1, dst.gather(1, src)).clamp_min(0)
     src_weight = {k: (v.gather(1, src) & src_valid).float() for k, v in merged.items()}
