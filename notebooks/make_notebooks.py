@@ -599,6 +599,8 @@ if Path(gpu_bench).is_file():
             if "speedup_vs_dense" in e: row[0].plot(100 * e["flops_cut"], e["speedup_vs_dense"], **kw)
             for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
                 if col in e and e[col].notna().any(): ax.plot(100 * e["flops_cut"], e[col], **kw)
+            if "peak_mem_gb_kept_logits" in e and e["peak_mem_gb_kept_logits"].notna().any():
+                row[2].plot(100 * e["flops_cut"], e["peak_mem_gb_kept_logits"], **dict(kw, ls="--", label=None))
             if m != "slice" and "reduction_overhead_vs_dense" in e and e["reduction_overhead_vs_dense"].notna().any():
                 row[3].plot(100 * e["flops_cut"], 100 * e["reduction_overhead_vs_dense"], **kw)
             if m != "slice" and "overhead_vs_slice_of_dense" in e and e["overhead_vs_slice_of_dense"].notna().any():
@@ -613,6 +615,8 @@ if Path(gpu_bench).is_file():
         row[0].axhline(1.0, color="black", ls="--", lw=0.8)
         row[0].set_ylabel("prefill speed-up vs dense (x)"); row[1].set_ylabel("peak memory (GB), last-token logits")
         row[2].set_ylabel("peak memory (GB), full-sequence logits")
+        row[2].text(0.02, 0.03, "solid: logits at all N positions\ndashed: logits at kept tokens only (kept_only)",
+                    transform=row[2].transAxes, fontsize=6, va="bottom")
         for ax in row:
             ax.set_xlabel("FLOPs cut (%)"); ax.set_title(label, fontsize=7)
         row[0].legend(fontsize=6.5)

@@ -245,3 +245,17 @@ def test_merge_and_gather_kernels_compiled():
             want = want * plan.slot_valid[..., None].to(dtype)
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@torch.no_grad()
+def test_mamba_ssm_kept_only_logits(pair):
+    arch, ssm, hf = pair
+    ids = ids_for()
+    with u.apply(ssm, u.ReductionConfig("utrc", keep_ratio=0.6, layers=LAYERS, protect_last=2)) as h:
+        full = ssm(ids).logits
+        h.kept_only = True
+        kept = ssm(ids).logits
+        pos = h.output_positions
+        h.kept_only = False
+    assert kept.shape[1] == pos.shape[1] < ids.shape[1]
+    assert torch.equal(kept, full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])))

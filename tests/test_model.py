@@ -123,6 +123,22 @@ def test_logits_aligned_and_last_token_mode(model):
 
 
 @torch.no_grad()
+def test_kept_only_logits_are_the_kept_rows(model):
+    """kept_only: (B, N', V) logits, the full-length logits at `output_positions`, and nothing else changes."""
+    ids = ids_for(2, 30)
+    with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.5, protect_last=2)) as h:
+        full = model(ids).logits
+        h.kept_only = True
+        kept = model(ids).logits
+        pos = h.output_positions
+        h.kept_only = False
+        assert kept.shape[1] == pos.shape[1] < 30
+        assert torch.equal(kept, full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])))
+        assert torch.equal(model(ids).logits, full)
+    assert h.output_positions is not None  # the last forward's positions stay readable
+
+
+@torch.no_grad()
 def test_generate_with_reduction(model):
     ids = ids_for(2, 30)
     with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6, protect_last=1)) as h:

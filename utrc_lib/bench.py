@@ -278,11 +278,11 @@ def method_config(method: str, keep_ratio: float, layers) -> Optional[ReductionC
 
 @contextlib.contextmanager
 def patched(model, backend: str, method: str, config: Optional[ReductionConfig], timer_log: Optional[list] = None):
-    """Apply `config` to `model` (and the slice / timing reducer) for the duration of the block."""
+    """Apply `config` to `model` (and the slice / timing reducer) for the block; yields the handle (None: dense)."""
     from .patch import apply
 
     if config is None:
-        yield
+        yield None
         return
     cls = SliceReducer if method == "slice" else ForwardReducer
     if timer_log is not None:
@@ -290,7 +290,7 @@ def patched(model, backend: str, method: str, config: Optional[ReductionConfig],
     handle = apply(model, config)
     try:
         with reducer_class(backend, cls):
-            yield
+            yield handle
     finally:
         handle.remove()
 
@@ -298,12 +298,21 @@ def patched(model, backend: str, method: str, config: Optional[ReductionConfig],
 def bench_prefill(model, backend: str, method: str, config, ids, device, repeats: int) -> dict:
     """prefill latency (last-token logits), peak memory (last-token / full logits), reduction time."""
     rec: dict = {}
-    with patched(model, backend, method, config):
+    with patched(model, backend, method, config) as handle:
         times = time_ms(prefill_fn(model, backend, ids, True), device, repeats=repeats, warmup=1)
         rec["prefill_ms"] = median(times)
         rec["prefill_ms_all"] = times
         rec["peak_mem_gb_last_token"] = peak_memory_gb(prefill_fn(model, backend, ids, True), device)
         rec["peak_mem_gb_full_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
+        # logits for the kept tokens only (B, N', V), as the authors' code returns them (dense: = full)
+        if handle is not None:
+            handle.kept_only = True
+            try:
+                rec["peak_mem_gb_kept_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
+            finally:
+                handle.kept_only = False
+        else:
+            rec["peak_mem_gb_kept_logits"] = rec["peak_mem_gb_full_logits"]
     # per-anchor reduction time: CUDA events around each anchor's step inside real forwards; the
     # median over `repeats` forwards per anchor (one forward alone showed single slow anchors)
     runs: list = []
@@ -450,6 +459,8 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                     if dense and dense.get("peak_mem_gb_full_logits") and rec.get("peak_mem_gb_full_logits"):
                         rec["peak_mem_reduction_full_logits"] = 1 - rec["peak_mem_gb_full_logits"] / dense["peak_mem_gb_full_logits"]
                         rec["peak_mem_reduction_last_token"] = 1 - rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
+                        if rec.get("peak_mem_gb_kept_logits"):
+                            rec["peak_mem_reduction_kept_logits"] = 1 - rec["peak_mem_gb_kept_logits"] / dense["peak_mem_gb_full_logits"]
                     slc = _find(records, dict(key, method="slice"))
                     if slc and method not in ("slice", "dense") and rec.get("speedup_vs_dense") and slc.get("speedup_vs_dense"):
                         rec["speedup_fraction_of_slice"] = rec["speedup_vs_dense"] / slc["speedup_vs_dense"]
@@ -516,7 +527,9 @@ def _summary(rec: dict) -> str:
     if rec.get("reduction_ms_per_anchor"):
         parts.append(f"reduce {rec['reduction_ms_per_anchor']:.2f} ms/anchor")
     if rec.get("peak_mem_gb_last_token") is not None:
-        parts.append(f"mem {rec['peak_mem_gb_last_token']:.2f}/{rec['peak_mem_gb_full_logits']:.2f} GB")
+        kept = rec.get("peak_mem_gb_kept_logits")
+        parts.append(f"mem {rec['peak_mem_gb_last_token']:.2f}/{rec['peak_mem_gb_full_logits']:.2f}"
+                     + (f"/{kept:.2f}" if kept else "") + " GB (last/full/kept)")
     if rec.get("generation"):
         g = rec["generation"]
         parts.append(f"decode {g['decode_ms_per_token']:.2f} ms/tok, {g['throughput_tok_s']:.0f} tok/s")

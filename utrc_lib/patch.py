@@ -42,6 +42,9 @@ class Handle:
     record: when True, each reducer keeps its plans in `last_reducer.history`.
     sample_protect_last: None, or a (B,) tensor of per-sample protected tail lengths used by the
         following forwards instead of config.protect_last.
+    kept_only: when True, a full-logits prefill returns rows for the kept tokens only, (B, N', ...)
+        (no scatter back to the N input positions, so the logits tensor shrinks as in the authors'
+        code); `output_positions` says which original position each row is (-1 on padding).
     """
 
     def __init__(self, model, config: ReductionConfig):
@@ -49,6 +52,7 @@ class Handle:
         self.config = config
         self.last_reducer = None
         self.last_only = False
+        self.kept_only = False
         self.record = False
         # optional (B,) per-sample protected tail lengths for the next forwards (overrides
         # config.protect_last; set and cleared by callers such as utrc_lib.evaluate)
@@ -74,6 +78,14 @@ class Handle:
 
     def add_hook(self, hook_handle) -> None:
         self._undo.append(hook_handle.remove)
+
+    @property
+    def output_positions(self) -> Optional[torch.Tensor]:
+        """(B, N') original position of each output row of the latest prefill in kept_only mode (the
+        latest member of a merged group; -1 on padding); None before any prefill or when nothing
+        was reduced (rows are then the N input positions)."""
+        r = self.last_reducer
+        return r.state.positions if r is not None and r.reduced else None
 
     # -- public ---------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -107,7 +107,7 @@ def _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, u
     finally:
         handle.captured = {}
     hidden = backbone.norm_f(stream)
-    hidden = reducer.last(hidden) if handle.last_only else reducer.expand(hidden)
+    hidden = reducer.last(hidden) if handle.last_only else (hidden if handle.kept_only else reducer.expand(hidden))
     if output_hidden_states:
         all_hidden = all_hidden + (hidden,)
     if not return_dict:

@@ -139,4 +139,4 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
     finally:
         handle.captured = {}
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
-    return reducer.last(hidden) if handle.last_only else reducer.expand(hidden)
+    return reducer.last(hidden) if handle.last_only else (hidden if handle.kept_only else reducer.expand(hidden))
