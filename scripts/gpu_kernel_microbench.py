@@ -71,6 +71,16 @@ def main():
         res[f"merge_torch_only_{dtype}"] = timed(lambda: Plan._merge_torch(out, x, lay, w_e, sizes.gather(1, plan.base)))
         res[f"base_gather_{dtype}"] = timed(lambda: x.reshape(B * N, D).index_select(
             0, (plan.base + torch.arange(B, device="cuda")[:, None] * N).reshape(-1)))
+    # the matching's bmm + scaled row max at every anchor's size (Mamba-2-2.7B, 30%: tokens in per anchor)
+    for n in (2048, 1853, 1676, 1516, 1371, 1240, 1122):
+        ra, rb = n // 2, n - n // 2
+        f = torch.randn(B, n, C, device="cuda").half()
+        fa, fbt = f[:, :ra], f[:, ra:].transpose(1, 2)
+        inv = torch.rand(B, rb, device="cuda")
+        res[f"anchor_n{n}_bmm"] = timed(lambda: torch.bmm(fa, fbt, out_dtype=torch.float32))
+        sim = torch.bmm(fa, fbt, out_dtype=torch.float32)
+        res[f"anchor_n{n}_rowmax"] = timed(lambda: kernels.scaled_row_max(sim, inv))
+        res[f"anchor_n{n}_gather_rows"] = timed(lambda: f.reshape(-1, C).index_select(0, torch.arange(B * n, device="cuda")))
     for k, v in res.items():
         print(f"{k:45s} {v:.4f}" if isinstance(v, float) else f"{k:45s} {v}")
     if a.out:

@@ -23,18 +23,22 @@ def main():
     ap.add_argument("--method", default="utrc")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--anchor", type=int, default=0, help="which anchor's inputs to capture (0 = first)")
     a = ap.parse_args()
     model = bench.build_model(a.shape, "mamba_ssm", "cuda", torch.float16)
     L = len(model.backbone.layers)
     cfg = utrc_lib.ReductionConfig(a.method, flops_reduction=a.cut, causal=a.method != "utrc_reference")
     ids = torch.randint(0, 50000, (a.batch, a.seq_len), device="cuda")
     saved = {}
+    seen = []
     step = ForwardReducer.step
 
     def capture(self, layer, hidden, residual, features=None, delta=None):
-        if self.wants(layer) and not saved:
-            saved.update(layer=layer, args=(hidden.clone(), residual.clone(),
-                                            None if features is None else features.clone()))
+        if self.wants(layer):
+            if len(seen) == a.anchor and not saved:  # clone keeps the strides (channel-major stays so)
+                saved.update(layer=layer, state=self.state, n=self.n_current,
+                             args=(hidden.clone(), residual.clone(), None if features is None else features.clone()))
+            seen.append(layer)
         return step(self, layer, hidden, residual, features, delta)
 
     ForwardReducer.step = capture
@@ -43,9 +47,12 @@ def main():
     ForwardReducer.step = step
     hidden, residual, feats = saved["args"]
     valid = torch.ones(a.batch, a.seq_len, dtype=torch.bool, device="cuda")
+    print(f"anchor {a.anchor}: layer {saved['layer']}, {saved['n']} tokens in, features strides "
+          f"{None if feats is None else feats.stride()}")
 
     def one():
         red = ForwardReducer(cfg, L, valid, uniform=True)
+        red.state, red.n_current = saved["state"], saved["n"]  # the captured anchor's token state
         return red.step(saved["layer"], hidden, residual, feats)
 
     with torch.no_grad():
@@ -69,6 +76,7 @@ def main():
     print(f"{a.shape} {a.method} cut {a.cut}: one anchor {statistics.median(times):.2f} ms "
           f"(min {min(times):.2f}); dense forward {statistics.median(dense):.1f} ms; "
           f"{len(cfg.resolve_layers(L))} anchors")
+    print("(5 steps profiled: divide 'Self CUDA time total' by 5 for one step)")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=35, max_name_column_width=70))
 
 
