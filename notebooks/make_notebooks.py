@@ -607,7 +607,7 @@ if Path(gpu_bench).is_file():
                 row[3].plot(100 * e["flops_cut"], 100 * e["overhead_vs_slice_of_dense"], **dict(kw, ls=":", label=None))
         row[3].axhline(3.0, color="grey", ls="--", lw=0.8, label="target 3%")
         row[3].set_ylabel("overhead (% of dense prefill)")
-        row[3].text(0.02, 0.97, "solid: reduction steps (CUDA events)\ndotted: end to end, minus free slicing",
+        row[3].text(0.02, 0.97, "solid: reduction steps (CUDA events)\\ndotted: end to end, minus free slicing",
                     transform=row[3].transAxes, fontsize=6, va="top")
         dn = g[g["method"] == "dense"]
         for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
@@ -615,7 +615,7 @@ if Path(gpu_bench).is_file():
         row[0].axhline(1.0, color="black", ls="--", lw=0.8)
         row[0].set_ylabel("prefill speed-up vs dense (x)"); row[1].set_ylabel("peak memory (GB), last-token logits")
         row[2].set_ylabel("peak memory (GB), full-sequence logits")
-        row[2].text(0.02, 0.03, "solid: logits at all N positions\ndashed: logits at kept tokens only (kept_only)",
+        row[2].text(0.02, 0.03, "solid: logits at all N positions\\ndashed: logits at kept tokens only (kept_only)",
                     transform=row[2].transAxes, fontsize=6, va="bottom")
         for ax in row:
             ax.set_xlabel("FLOPs cut (%)"); ax.set_title(label, fontsize=7)

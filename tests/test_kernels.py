@@ -56,6 +56,11 @@ gm, jm = kernels.scaled_row_max(sim, scale)
 g0, j0 = (sim * scale[:, None, :]).max(-1)
 torch.testing.assert_close(gm, g0)
 assert torch.equal(jm, j0) and int(jm[0, 3]) == 10
+wide = torch.randn(2, 19, 320, generator=g)  # a column slice of a padded buffer
+gm, jm = kernels.scaled_row_max(wide[..., :300], scale)
+g0, j0 = (wide[..., :300] * scale[:, None, :]).max(-1)
+torch.testing.assert_close(gm, g0)
+assert torch.equal(jm, j0)
 # merge kernel vs the torch twin, on random plans (several sources per slot, pruned entries)
 from utrc_lib.plan import Plan, build_plan
 for seed in range(3):

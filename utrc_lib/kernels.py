@@ -106,14 +106,16 @@ try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRE
         tl.store(out_ptr + (base + offs_c[:, None]) * K + offs_k[None, :], v, mask=m)
 
     @triton.jit
-    def _scaled_row_max_kernel(s_ptr, scale_ptr, g_ptr, j_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Per row of s (B, M, K) float32: max over k of s[b, m, k] * scale[b, k] and its first argmax."""
+    def _scaled_row_max_kernel(s_ptr, scale_ptr, g_ptr, j_ptr, M, K, stride_b, stride_m,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Per row of s (B, M, K) float32 (unit column stride): max over k of s[b, m, k] * scale[b, k]
+        and its first argmax."""
         b = tl.program_id(0)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         mm = offs_m < M
         best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         arg = tl.zeros([BLOCK_M], dtype=tl.int32)
-        row = s_ptr + (b.to(tl.int64) * M + offs_m[:, None]) * K
+        row = s_ptr + b.to(tl.int64) * stride_b + offs_m[:, None].to(tl.int64) * stride_m
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mk = offs_k < K
@@ -232,15 +234,18 @@ def gather_tokens_channel_major(feats: Tensor, idx: Tensor) -> Tensor:
 def scaled_row_max(sim: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """(max_k sim[b, m, k] * scale[b, k], first argmax) for float32 sim (B, M, K), scale (B, K) >= 0.
 
+    sim may be a column slice of a wider buffer (unit column stride, any row stride).
+
     CUDA: one Triton pass over sim (no scaled copy); elsewhere torch (the twin).
     """
     B, M, K = sim.shape
     if (HAVE_TRITON and (sim.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and sim.dtype == torch.float32
-            and sim.is_contiguous() and os.environ.get("UTRC_NO_TRITON") != "1" and B * M * K > 0):
+            and sim.stride(-1) == 1 and os.environ.get("UTRC_NO_TRITON") != "1" and B * M * K > 0):
         g = torch.empty(B, M, dtype=torch.float32, device=sim.device)
         j = torch.empty(B, M, dtype=torch.long, device=sim.device)
         block_m, block_k = 16, 256
         _scaled_row_max_kernel[(B, triton.cdiv(M, block_m))](sim, scale.float().contiguous(), g, j, M, K,
+                                                            sim.stride(0), sim.stride(1),
                                                             BLOCK_M=block_m, BLOCK_K=block_k)
         return g, j
     return (sim * scale[:, None, :]).max(-1)
