@@ -37,7 +37,7 @@ import torch
 from .config import ReductionConfig
 from .engine import ForwardReducer
 from .plan import TokenState
-from .schedule import default_layers, keep_ratio_for_flops, token_layer_fraction
+from .schedule import default_layers, keep_ratio_for_flops, kept_tokens, token_layer_fraction
 
 # -- model shapes ---------------------------------------------------------------------------------
 # mamba-ssm MambaConfig fields (+ arch). Vocabulary 50277 padded to a multiple of 8 = 50280.
@@ -59,7 +59,7 @@ SHAPES: dict[str, dict] = {
 BACKENDS = ("mamba_ssm", "hf")
 # backend -> module whose ForwardReducer the layer loop instantiates (swapped for "slice" / timing)
 _LOOP_MODULE = {"mamba_ssm": "utrc_lib.backends.mamba_ssm", "hf": "utrc_lib.backends._hf_common"}
-RECORD_KEY = ("kind", "model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut")
+RECORD_KEY = ("kind", "model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut", "align")
 
 
 def ssm_config(shape: str) -> tuple[str, dict]:
@@ -111,7 +111,7 @@ class SliceReducer(ForwardReducer):
         if not self.wants(layer):
             return hidden, residual
         n = hidden.shape[1]
-        k = math.ceil(n * self.keep_ratio - 1e-9)
+        k = kept_tokens(n, self.keep_ratio, self.config.align)
         if k >= n:
             return hidden, residual
         st = self.state
@@ -267,13 +267,14 @@ def measure_generation(model, backend: str, ids: torch.Tensor, new_tokens: int, 
 
 # -- one configuration ---------------------------------------------------------------------------
 
-def method_config(method: str, keep_ratio: float, layers) -> Optional[ReductionConfig]:
+def method_config(method: str, keep_ratio: float, layers, align: int = 1) -> Optional[ReductionConfig]:
     """The ReductionConfig a bench method patches with (None = dense)."""
     if method == "dense":
         return None
     if method == "slice":  # anchors and ratio only; the loop runs SliceReducer (no features captured)
-        return ReductionConfig("random", keep_ratio=keep_ratio, layers=layers)
-    return ReductionConfig(method, keep_ratio=keep_ratio, layers=layers, causal=method != "utrc_reference")
+        return ReductionConfig("random", keep_ratio=keep_ratio, layers=layers, align=align)
+    return ReductionConfig(method, keep_ratio=keep_ratio, layers=layers, causal=method != "utrc_reference",
+                           align=align)
 
 
 @contextlib.contextmanager
@@ -354,7 +355,7 @@ def versions() -> dict:
 
 
 def record_key(rec: dict) -> tuple:
-    return tuple(rec.get(k) for k in RECORD_KEY)
+    return tuple(rec.get(k, 1 if k == "align" else None) for k in RECORD_KEY)  # records before "align": 1
 
 
 def load_records(path: str) -> list[dict]:
@@ -390,8 +391,10 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
               repeats: int = 5, generate: bool = False, gen_methods=("dense", "utrc"), gen_cuts=(0.3,),
               gen_batch: Optional[int] = None, gen_prompt: Optional[int] = None, new_tokens: int = 100,
               gen_repeats: int = 1, device=None, dtype=None, time_budget_s: Optional[float] = None,
-              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every configuration not yet in `out`; returns all records (old and new)."""
+              progress: bool = True, log: Callable[[str], None] = print, align: int = 1) -> list[dict]:
+    """Run every configuration not yet in `out`; returns all records (old and new).
+
+    align: ReductionConfig.align of every reduced run (kept counts rounded to multiples; slice too)."""
     from .methods import available_methods
 
     valid_methods = ["dense", "slice", *available_methods()]
@@ -413,7 +416,7 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
         for kind, method, cut in plan_runs(shape, methods, cuts, generate, gen_methods, gen_cuts):
             b, n = (batch, seq_len) if kind == "prefill" else (gen_batch or batch, gen_prompt or seq_len)
             key = dict(kind=kind, model_shape=shape, backend=backend, device=device.type, dtype=dtype_name,
-                       batch=b, seq_len=n, method=method, flops_cut=float(cut))
+                       batch=b, seq_len=n, method=method, flops_cut=float(cut), align=int(align))
             if record_key(key) not in done:
                 todo.append(key)
     try:
@@ -443,13 +446,13 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                 layers = default_layers(L)
                 keep = keep_ratio_for_flops(cut, L, layers) if cut > 0 else 1.0
                 rec.update(num_layers=L, anchors=list(layers), keep_ratio=keep,
-                           token_layer_fraction=token_layer_fraction(L, layers, keep, key["seq_len"]))
+                           token_layer_fraction=token_layer_fraction(L, layers, keep, key["seq_len"], align))
                 rec["model_mem_gb"] = (torch.cuda.memory_allocated(device) / 1e9) if device.type == "cuda" else None
                 gen = torch.Generator().manual_seed(0)
                 vocab = model.backbone.embedding.num_embeddings if backend == "mamba_ssm" \
                     else model.backbone.embeddings.num_embeddings
                 ids = torch.randint(0, vocab, (key["batch"], key["seq_len"]), generator=gen).to(device)
-                config = method_config(method, keep, layers)
+                config = method_config(method, keep, layers, align)
                 if key["kind"] == "prefill":
                     rec.update(bench_prefill(model, backend, method, config, ids, device, repeats))
                     dense = _find(records, dict(key, method="dense", flops_cut=0.0))
@@ -560,6 +563,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting new configurations after this")
+    ap.add_argument("--align", type=int, default=1,
+                    help="round kept counts to multiples of this (ReductionConfig.align; 1 = off)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -569,7 +574,7 @@ def main(argv=None) -> int:
         gen_methods=_csv(a.gen_methods), gen_cuts=[float(c) for c in _csv(a.gen_cuts)], gen_batch=a.gen_batch,
         gen_prompt=a.gen_prompt, new_tokens=a.new_tokens, gen_repeats=a.gen_repeats, device=a.device,
         dtype=getattr(torch, a.dtype) if a.dtype else None, time_budget_s=a.time_budget_s,
-        progress=not a.no_progress, log=lambda s: print(s, flush=True))
+        progress=not a.no_progress, log=lambda s: print(s, flush=True), align=a.align)
     errors = [r for r in records if "error" in r]
     print(f"[bench] {len(records)} record(s) in {a.out}, {len(errors)} with errors", flush=True)
     return 0

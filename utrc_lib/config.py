@@ -52,6 +52,10 @@ class ReductionConfig:
         seed: seed of the random metric / random method (batch independent).
         metric_source: "ssm" (the SSM output y, paper) or "mixer" (mixer output, authors' code); "delta"
             metric reads the timescale itself. utrc_reference always uses the clipped mixer output.
+        align: round each anchor's kept count ceil(n * rho) to the nearest multiple of `align` (at
+            least `align`, at most n; 1 = off). GPU kernels run faster on lengths that are multiples
+            of 8 / 16. The FLOPs accounting follows the rounding; the flops_reduction solver keeps
+            the paper's continuous definition.
     """
 
     method: str
@@ -67,6 +71,7 @@ class ReductionConfig:
     seed: int = 0
     metric_source: str = "ssm"
     protect_from: Optional[int] = None
+    align: int = 1
 
     def __post_init__(self):
         from .methods import get_method  # registries import config for type hints only
@@ -98,6 +103,8 @@ class ReductionConfig:
             raise ValueError(f"protect_from must be an integer >= 0, got {self.protect_from!r}")
         if self.protect_from is not None and self.protect_last:
             raise ValueError("give protect_last or protect_from, not both")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ValueError(f"align must be an integer >= 1, got {self.align!r}")
         if self.metric_source not in METRIC_SOURCES:
             raise ValueError(f"unknown metric_source {self.metric_source!r}; valid: {METRIC_SOURCES}")
         if self.layers is not None:

@@ -18,15 +18,19 @@ from .config import ReductionConfig
 from .methods import Context, get_method
 from .kernels import feature_stats
 from .plan import Plan, TokenState, gather_rows
+from .schedule import kept_tokens
 
 Tensor = torch.Tensor
 
 
-def tokens_to_remove(valid: Tensor, keep_ratio: float) -> Tensor:
-    """(B,) r = n - ceil(n * rho) with n each sample's valid length (method.md §2, per sample)."""
+def tokens_to_remove(valid: Tensor, keep_ratio: float, align: int = 1) -> Tensor:
+    """(B,) r = n - kept with n each sample's valid length and kept = ceil(n * rho) (method.md §2, per
+    sample), rounded as schedule.kept_tokens does when align > 1."""
     n = valid.sum(1)
     n_keep = torch.ceil(n.double() * keep_ratio - 1e-9).long()
-    return (n - n_keep).clamp_min(0)
+    if align > 1:
+        n_keep = (torch.floor(n_keep.double() / align + 0.5).long() * align).clamp_min(align)
+    return (n - torch.minimum(n_keep, n)).clamp_min(0)
 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
@@ -109,13 +113,13 @@ class ForwardReducer:
         static = None
         if self.uniform:
             n = self.n_current
-            r_host = n - math.ceil(n * self.keep_ratio - 1e-9)
+            r_host = n - kept_tokens(n, self.keep_ratio, self.config.align)
             if r_host == 0:
                 return hidden, residual
             r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
             static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
         else:
-            r = tokens_to_remove(self.state.valid, self.keep_ratio)
+            r = tokens_to_remove(self.state.valid, self.keep_ratio, self.config.align)
             if int(r.max()) == 0:
                 return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features

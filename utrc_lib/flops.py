@@ -306,7 +306,7 @@ def _check_int(name, value, minimum=1):
 
 def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *, batch: int = 1,
           logits: str = "all", method: str = "utrc", feature_width: Optional[int] = None,
-          model_name: str = "") -> FlopsReport:
+          model_name: str = "", align: int = 1) -> FlopsReport:
     """FlopsReport for explicit reduction settings (no ReductionConfig needed).
 
     Args:
@@ -315,6 +315,7 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
         layers: reduce after these 0-based layers; keep_ratio: per-anchor rho in (0, 1].
         logits: "all" (head on every position) or "last" (one position).
         method: reduction method name; feature_width: C (default d_inner).
+        align: kept counts rounded to multiples of `align` (ReductionConfig.align).
     Returns:
         FlopsReport.
     """
@@ -333,7 +334,7 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
         raise ValueError(f"reduction layer {bad[0]!r} out of range for a {L}-layer model (valid 0..{L - 2})")
     if method == "none":
         layers = ()
-    counts = [int(x) for x in tokens_per_layer(seq_len, L, layers, float(keep_ratio), exact=True)]
+    counts = [int(x) for x in tokens_per_layer(seq_len, L, layers, float(keep_ratio), exact=True, align=align)]
 
     def model_parts(ns):
         total: dict[str, int] = {}
@@ -381,7 +382,7 @@ def flops(model_or_config: Any, seq_len: int, config=None, *, batch: int = 1, lo
             MambaConfig / Mamba2Config, or a mamba-ssm MambaConfig-like object.
         seq_len: tokens per sample (n_0).
         config: a `utrc_lib.ReductionConfig`, or None for dense. Its layers / keep ratio are resolved
-            for the model depth; after each anchor n <- ceil(n * rho).
+            for the model depth; after each anchor n <- ceil(n * rho) (rounded per config.align).
         batch: samples (all of length seq_len).
         logits: "all" (LM head on all seq_len positions) or "last" (one position).
     Returns:
@@ -401,7 +402,7 @@ def flops(model_or_config: Any, seq_len: int, config=None, *, batch: int = 1, lo
     rho = config.resolve_keep_ratio(L)
     width = shape.d_model if config.metric_source == "mixer" else shape.d_inner
     return count(shape, seq_len, layers, rho, batch=batch, logits=logits, method=config.method,
-                 feature_width=width)
+                 feature_width=width, align=config.align)
 
 
 # -- table ----------------------------------------------------------------------------------------

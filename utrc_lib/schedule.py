@@ -41,24 +41,33 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return layers or (num_layers // 2,)
 
 
+def kept_tokens(n: int, keep_ratio: float, align: int = 1) -> int:
+    """Tokens an anchor keeps of n: ceil(n * rho) (method.md §2: r = n - ceil(n * rho)); with
+    align > 1 rounded to the nearest multiple of `align` (halves up), at least `align`, at most n."""
+    k = math.ceil(n * keep_ratio - 1e-9)
+    if align > 1:
+        k = max(align, int(math.floor(k / align + 0.5)) * align)
+    return min(int(n), k)
+
+
 def tokens_per_layer(seq_len: int, num_layers: int, layers: Sequence[int], keep_ratio: float,
-                     *, exact: bool = True) -> list[float]:
+                     *, exact: bool = True, align: int = 1) -> list[float]:
     """Tokens processed by each of the `num_layers` layers.
 
-    With `exact=True` counts are integers, as the engine computes them: n <- ceil(n * rho) at each
-    anchor (method.md §2: r = N - ceil(N * rho)). With `exact=False` counts are real: n <- n * rho.
+    With `exact=True` counts are integers, as the engine computes them: n <- kept_tokens(n, rho,
+    align) at each anchor. With `exact=False` counts are real: n <- n * rho.
     """
     counts, n = [], float(seq_len)
     anchors = set(layers)
     for layer in range(num_layers):
         counts.append(n)
         if layer in anchors:
-            n = math.ceil(n * keep_ratio - 1e-9) if exact else n * keep_ratio
+            n = kept_tokens(int(n), keep_ratio, align) if exact else n * keep_ratio
     return counts
 
 
 def token_layer_fraction(num_layers: int, layers: Sequence[int], keep_ratio: float,
-                         seq_len: int | None = None) -> float:
+                         seq_len: int | None = None, align: int = 1) -> float:
     """Mean over layers of the fraction of tokens each layer processes (1 = dense).
 
     `seq_len=None` gives the continuous value (the paper's definition); an integer gives the value
@@ -66,7 +75,7 @@ def token_layer_fraction(num_layers: int, layers: Sequence[int], keep_ratio: flo
     """
     if seq_len is None:
         return sum(tokens_per_layer(1, num_layers, layers, keep_ratio, exact=False)) / num_layers
-    counts = tokens_per_layer(seq_len, num_layers, layers, keep_ratio, exact=True)
+    counts = tokens_per_layer(seq_len, num_layers, layers, keep_ratio, exact=True, align=align)
     return sum(counts) / (num_layers * seq_len)
 
 
