@@ -588,7 +588,9 @@ if Path(gpu_bench).is_file():
     gpu_all = pd.DataFrame([r for r in records if "error" not in r])
     gpu = gpu_all[gpu_all["kind"] == "prefill"] if "kind" in gpu_all else gpu_all
     print(f"{len(records)} GPU records from {gpu_bench} ({len(gpu)} prefill)")
-    keys = [k for k in ["model_shape", "device", "dtype", "batch", "seq_len"] if k in gpu]
+    if "align" in gpu:
+        gpu = gpu.assign(align=gpu["align"].fillna(1).astype(int))  # kept counts rounded to multiples (1 = off)
+    keys = [k for k in ["model_shape", "align", "device", "dtype", "batch", "seq_len"] if k in gpu]
     groups = list(gpu.groupby(keys)) if keys else [("all", gpu)]
     fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
     for (key, g), row in zip(groups, axes):
