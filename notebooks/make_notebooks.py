@@ -594,7 +594,8 @@ if Path(gpu_bench).is_file():
     groups = list(gpu.groupby(keys)) if keys else [("all", gpu)]
     fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
     for (key, g), row in zip(groups, axes):
-        label = ", ".join(f"{k}={v}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,)))
+        kv = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        label = ", ".join(f"{k}={v}" for k, v in kv.items() if k in ("model_shape", "align", "batch", "seq_len"))
         for m, e in g[~g["method"].isin(["dense"])].groupby("method"):
             e = e.sort_values("flops_cut"); st = plotting.style(m)
             kw = dict(color=st["color"], marker=st["marker"], label=st["label"] if m in plotting.METHOD_STYLE else m)
@@ -622,7 +623,8 @@ if Path(gpu_bench).is_file():
         for ax in row:
             ax.set_xlabel("FLOPs cut (%)"); ax.set_title(label, fontsize=7)
         row[0].legend(fontsize=6.5)
-    fig.suptitle("GPU prefill (torch.cuda.max_memory_allocated; CUDA-event timing, median)")
+    names = ", ".join(sorted(set(gpu["gpu"].dropna()))) if "gpu" in gpu else "GPU"
+    fig.suptitle(f"GPU prefill on {names}, fp16 (torch.cuda.max_memory_allocated; CUDA-event timing, median)")
     fig.tight_layout(); save(fig, "gpu_prefill"); plt.show()
 else:
     print(f"no GPU benchmark at {gpu_bench}: run `python -m utrc_lib.bench` on a GPU machine to add the GPU panels")

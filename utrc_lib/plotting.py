@@ -21,6 +21,7 @@ METHOD_STYLE = {
     "prune_only": dict(color="#F0E442", marker="<", label="prune-only"),
     "merge_only": dict(color="#999999", marker=">", label="merge-only"),
     "random": dict(color="#7F3C8D", marker="x", label="random drop"),
+    "slice": dict(color="#555555", marker=".", label="free slicing (bound)"),
 }
 
 SHORT_LABELS = {
