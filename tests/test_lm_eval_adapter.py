@@ -7,7 +7,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from conftest import save_tiny_checkpoint  # noqa: E402
 
-TASKS = "utrc_cloze,utrc_choice4,utrc_choice2"
+TASKS = "utrc_cloze,utrc_choice4,utrc_choice2,utrc_ppl"
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,11 @@ def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
-    own = evaluate(model, tok, tasks=("cloze",), config=ReductionConfig("utrc", flops_reduction=0.2),
+    own = evaluate(model, tok, tasks=("cloze", "ppl"), config=ReductionConfig("utrc", flops_reduction=0.2),
                    limit=8, batch_size=4, progress=False)
     assert own["cloze"]["ppl"] == pytest.approx(m1["utrc_cloze"]["perplexity,none"], rel=1e-4)
+    assert own["ppl"]["ppl"] == pytest.approx(m1["utrc_ppl"]["token_perplexity,none"], rel=1e-4)
+    assert own["ppl"]["bits_per_byte"] == pytest.approx(m1["utrc_ppl"]["bits_per_byte,none"], rel=1e-4)
     assert own["cloze"]["acc"] == m1["utrc_cloze"]["acc,none"]
 
 

@@ -24,7 +24,6 @@ import copy
 import datetime
 import importlib
 import json
-import math
 import os
 import statistics
 import sys

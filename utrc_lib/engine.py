@@ -8,7 +8,6 @@ with its own rule, both with the same plan (same kept tokens, same order).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

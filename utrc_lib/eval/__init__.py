@@ -1,7 +1,7 @@
-"""lm-eval integration: `--model utrc` and the local task YAMLs (utrc_cloze, utrc_choice4, utrc_choice2).
+"""lm-eval integration: `--model utrc` and the local task YAMLs (utrc_cloze, utrc_choice4, utrc_choice2, utrc_ppl).
 
     python -m utrc_lib.eval --model-name tiny-mamba2 --method utrc --flops-reduction 0.2 \
-        --tasks utrc_cloze,utrc_choice4,utrc_choice2 --limit 100 --output results.json
+        --tasks utrc_cloze,utrc_choice4,utrc_choice2,utrc_ppl --limit 100 --output results.json
 
 `register()` imports the adapter, which registers the model name "utrc" with lm-eval's registry.
 `TASKS_DIR` is the folder to pass as `include_path` to `lm_eval.tasks.TaskManager`; the YAMLs load
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-LOCAL_TASKS = ("utrc_cloze", "utrc_choice4", "utrc_choice2")
+LOCAL_TASKS = ("utrc_cloze", "utrc_choice4", "utrc_choice2", "utrc_ppl")
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 
 

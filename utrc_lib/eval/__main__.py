@@ -1,11 +1,11 @@
 """python -m utrc_lib.eval: lm-eval's simple_evaluate with `--model utrc` registered.
 
     python -m utrc_lib.eval --model-name tiny-mamba2 --method utrc --flops-reduction 0.2 \
-        --tasks utrc_cloze,utrc_choice4,utrc_choice2 [--limit N] [--batch-size 16] [--output results.json]
+        --tasks utrc_cloze,utrc_choice4,utrc_choice2,utrc_ppl [--limit N] [--batch-size 16] [--output results.json]
 
 Default tasks: the paper's six (lambada_openai, hellaswag, piqa, arc_easy, arc_challenge,
 winogrande; they need the Hugging Face hub) unless HF_HUB_OFFLINE is set, then the local suite
-(utrc_cloze, utrc_choice4, utrc_choice2). The output is lm-eval's results JSON plus "utrc": the
+(utrc_cloze, utrc_choice4, utrc_choice2, utrc_ppl). The output is lm-eval's results JSON plus "utrc": the
 reduction metadata (method, keep ratio, layers, token-layer FLOPs cut, analytic FLOPs, versions).
 """
 from __future__ import annotations

@@ -27,3 +27,33 @@ def load_choice4(**kwargs):
 
 def load_choice2(**kwargs):
     return _load("choice2")
+
+
+def load_ppl(**kwargs):
+    return _load("ppl")
+
+
+def ppl_results(doc, results):
+    """Per window: (log-likelihood of the 64-token continuation, its size) for the corpus-level metrics.
+
+    Token counts are those of the project tokenizer (`n_continuation_tokens`, stored with the data):
+    token_perplexity is comparable across methods of one model, and equals utrc_lib.evaluate's `ppl`
+    for the embedded models; bits_per_byte does not depend on the tokenizer.
+    """
+    ll, _ = results[0]
+    return {"token_perplexity": (ll, int(doc["n_continuation_tokens"])),
+            "bits_per_byte": (ll, len(doc["continuation"].encode("utf-8")))}
+
+
+def token_perplexity(items):
+    """exp(-sum log-likelihood / sum tokens) over all windows."""
+    import math
+
+    return math.exp(-sum(ll for ll, _ in items) / sum(n for _, n in items))
+
+
+def bits_per_byte(items):
+    """-sum log-likelihood / (ln 2 * sum bytes) over all windows."""
+    import math
+
+    return -sum(ll for ll, _ in items) / (math.log(2) * sum(n for _, n in items))
