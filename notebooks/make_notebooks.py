@@ -625,7 +625,7 @@ if Path(gpu_bench).is_file():
         row[0].legend(fontsize=6.5)
     names = ", ".join(sorted(set(gpu["gpu"].dropna()))) if "gpu" in gpu else "GPU"
     fig.suptitle(f"GPU prefill on {names}, fp16 (torch.cuda.max_memory_allocated; CUDA-event timing, median)")
-    fig.tight_layout(); save(fig, "gpu_prefill"); plt.show()
+    fig.tight_layout(rect=(0, 0, 1, 0.985)); save(fig, "gpu_prefill"); plt.show()
 else:
     print(f"no GPU benchmark at {gpu_bench}: run `python -m utrc_lib.bench` on a GPU machine to add the GPU panels")
 paper = json.load(open(paper_results))["efficiency"]

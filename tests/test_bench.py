@@ -83,3 +83,24 @@ def test_slice_reducer_keeps_the_tail():
     out_h, out_r = red.step(0, h, h.clone())
     assert torch.equal(out_h, h[:, 5:]) and torch.equal(red.state.positions[0], torch.arange(5, 10))
     assert torch.equal(red.expand(out_h)[:, 5:], h[:, 5:])
+
+
+def test_derived_fields_do_not_depend_on_run_order():
+    from utrc_lib.bench import derive_fields
+
+    base = dict(kind="prefill", model_shape="s", backend="b", device="cuda", dtype="float16", batch=2, seq_len=8)
+    dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=100.0, peak_mem_gb_full_logits=10.0,
+                 peak_mem_gb_last_token=8.0, peak_mem_gb_kept_logits=10.0)
+    utrc = dict(base, method="utrc", flops_cut=0.3, prefill_ms=80.0, reduction_ms_per_anchor=0.5,
+                reduction_ms_anchors=[0.5] * 4, peak_mem_gb_full_logits=10.0, peak_mem_gb_last_token=8.0,
+                peak_mem_gb_kept_logits=8.5)
+    slc = dict(base, method="slice", flops_cut=0.3, prefill_ms=78.0)
+    records = [dense, utrc, slc]  # slice measured after utrc
+    for r in records:
+        derive_fields(records, r)
+    assert utrc["speedup_vs_dense"] == pytest.approx(1.25)
+    assert utrc["speedup_fraction_of_slice"] == pytest.approx(1.25 / (100 / 78))
+    assert utrc["overhead_vs_slice_of_dense"] == pytest.approx(0.02)
+    assert utrc["reduction_overhead_vs_dense"] == pytest.approx(0.02)
+    assert utrc["peak_mem_reduction_kept_logits"] == pytest.approx(0.15)
+    assert "speedup_fraction_of_slice" not in slc and "speedup_fraction_of_slice" not in dense

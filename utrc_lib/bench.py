@@ -365,6 +365,31 @@ def load_records(path: str) -> list[dict]:
     return data["records"] if isinstance(data, dict) else data
 
 
+def derive_fields(records: list[dict], rec: dict) -> None:
+    """Fill the comparison fields of prefill record `rec` from the dense and slice records of its
+    configuration in `records` (whichever ran first): speed-ups, slice fraction, overheads, memory."""
+    if rec.get("kind") != "prefill" or "error" in rec or not rec.get("prefill_ms"):
+        return
+    key = {k: rec.get(k, 1 if k == "align" else None) for k in RECORD_KEY}
+    method = rec["method"]
+    dense = rec if method == "dense" else _find(records, dict(key, method="dense", flops_cut=0.0))
+    slc = _find(records, dict(key, method="slice"))
+    rec["speedup_vs_dense"] = dense["prefill_ms"] / rec["prefill_ms"] if dense else None
+    if dense and dense.get("peak_mem_gb_full_logits") and rec.get("peak_mem_gb_full_logits"):
+        rec["peak_mem_reduction_full_logits"] = 1 - rec["peak_mem_gb_full_logits"] / dense["peak_mem_gb_full_logits"]
+        rec["peak_mem_reduction_last_token"] = 1 - rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
+        if rec.get("peak_mem_gb_kept_logits"):
+            rec["peak_mem_reduction_kept_logits"] = 1 - rec["peak_mem_gb_kept_logits"] / dense["peak_mem_gb_full_logits"]
+    if dense and rec.get("reduction_ms_per_anchor"):
+        rec["reduction_overhead_vs_dense"] = (len(rec["reduction_ms_anchors"]) * rec["reduction_ms_per_anchor"]
+                                              / dense["prefill_ms"])
+    if slc and dense and method not in ("slice", "dense") and slc.get("prefill_ms"):
+        rec["speedup_fraction_of_slice"] = rec["speedup_vs_dense"] / (dense["prefill_ms"] / slc["prefill_ms"])
+        # end to end: what the method costs beyond free slicing (its reduction steps, and anchor
+        # layers that run unfused to hand over their SSM output), as a share of dense
+        rec["overhead_vs_slice_of_dense"] = (rec["prefill_ms"] - slc["prefill_ms"]) / dense["prefill_ms"]
+
+
 def save_records(path: str, records: list[dict]) -> None:
     if not path:
         return
@@ -454,24 +479,7 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                 config = method_config(method, keep, layers, align)
                 if key["kind"] == "prefill":
                     rec.update(bench_prefill(model, backend, method, config, ids, device, repeats))
-                    dense = _find(records, dict(key, method="dense", flops_cut=0.0))
-                    if method == "dense":
-                        dense = rec
-                    rec["speedup_vs_dense"] = dense["prefill_ms"] / rec["prefill_ms"] if dense else None
-                    if dense and dense.get("peak_mem_gb_full_logits") and rec.get("peak_mem_gb_full_logits"):
-                        rec["peak_mem_reduction_full_logits"] = 1 - rec["peak_mem_gb_full_logits"] / dense["peak_mem_gb_full_logits"]
-                        rec["peak_mem_reduction_last_token"] = 1 - rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
-                        if rec.get("peak_mem_gb_kept_logits"):
-                            rec["peak_mem_reduction_kept_logits"] = 1 - rec["peak_mem_gb_kept_logits"] / dense["peak_mem_gb_full_logits"]
-                    slc = _find(records, dict(key, method="slice"))
-                    if slc and method not in ("slice", "dense") and rec.get("speedup_vs_dense") and slc.get("speedup_vs_dense"):
-                        rec["speedup_fraction_of_slice"] = rec["speedup_vs_dense"] / slc["speedup_vs_dense"]
-                    if dense and rec["reduction_ms_per_anchor"]:
-                        rec["reduction_overhead_vs_dense"] = len(rec["reduction_ms_anchors"]) * rec["reduction_ms_per_anchor"] / dense["prefill_ms"]
-                    if dense and slc and method not in ("slice", "dense"):
-                        # end to end: what the method costs beyond free slicing (its reduction steps, and
-                        # anchor layers that run unfused to hand over their SSM output), share of dense
-                        rec["overhead_vs_slice_of_dense"] = (rec["prefill_ms"] - slc["prefill_ms"]) / dense["prefill_ms"]
+                    derive_fields(records + [rec], rec)
                 else:
                     with patched(model, backend, method, config):
                         rec["generation"] = measure_generation(model, backend, ids, new_tokens, device, gen_repeats)
@@ -489,6 +497,8 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                 _free(device)
             rec["elapsed_s"] = time.time() - t0
             records = [r for r in records if record_key(r) != record_key(rec)] + [rec]
+            for r in records:  # a dense / slice record that ran later completes earlier comparisons
+                derive_fields(records, r)
             save_records(out, records)
             log(_summary(rec))
             if bar is not None:
