@@ -48,7 +48,6 @@ def main():
         res[f"stats_default_{name}"] = timed(lambda: kernels.feature_stats("clip", f))
     idx = torch.sort(torch.stack([torch.randperm(N, device="cuda")[:N - 2] for _ in range(B)]), dim=1)[0]
     res["gather_cm_torch"] = timed(lambda: torch.gather(ycm.transpose(1, 2), 2, idx[:, None, :].expand(B, C, N - 2)))
-    res["gather_cm_triton"] = timed(lambda: kernels.gather_tokens_channel_major(ycm, idx))
     res["gather_rm_index_select"] = timed(lambda: y.reshape(B * N, C).index_select(
         0, (idx + torch.arange(B, device="cuda")[:, None] * N).reshape(-1)))
     # merges: 196 sources per sample, every other one into a distinct slot

@@ -214,18 +214,14 @@ def test_half_precision_matching_agrees_with_float32(layout, N):
 
 
 @torch.no_grad()
-def test_merge_and_gather_kernels_compiled():
-    """Triton merge and channel-major gather kernels (compiled) against their torch twins."""
+def test_merge_kernel_compiled():
+    """Triton merge kernel (compiled) against its torch twin."""
     from utrc_lib import kernels
     from utrc_lib.plan import Plan, build_plan
 
     if not kernels.HAVE_TRITON:
         pytest.skip("triton not importable")
     g = torch.Generator(device="cuda").manual_seed(0)
-    y = torch.randn(3, 300, 257, device="cuda", generator=g).half()  # (B, C, N)
-    idx = torch.stack([torch.randperm(257, device="cuda", generator=g)[:200] for _ in range(3)])
-    assert torch.equal(kernels.gather_tokens_channel_major(y.transpose(1, 2), idx),
-                       torch.gather(y, 2, idx[:, None, :].expand(3, 300, 200)))
     B, N, D = 4, 300, 520
     for dtype in (torch.float16, torch.float32):
         x = torch.randn(B, N, D, device="cuda", generator=g).to(dtype)

@@ -93,19 +93,6 @@ try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRE
                 tl.store(out_ptr + row + offs, (acc / tot).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gather_cols_kernel(y_ptr, idx_ptr, out_ptr, C, N, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[b, c, k] = y[b, c, idx[b, k]] for contiguous (B, C, N) y and (B, C, K) out."""
-        b = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mk = offs_k < K
-        idx = tl.load(idx_ptr + b.to(tl.int64) * K + offs_k, mask=mk, other=0)
-        m = (offs_c[:, None] < C) & mk[None, :]
-        base = b.to(tl.int64) * C
-        v = tl.load(y_ptr + (base + offs_c[:, None]) * N + idx[None, :], mask=m, other=0.0)
-        tl.store(out_ptr + (base + offs_c[:, None]) * K + offs_k[None, :], v, mask=m)
-
-    @triton.jit
     def _scaled_row_max_kernel(s_ptr, scale_ptr, g_ptr, j_ptr, M, K, stride_b, stride_m,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """Per row of s (B, M, K) float32 (unit column stride): max over k of s[b, m, k] * scale[b, k]
@@ -210,25 +197,6 @@ def merge_rows(out: Tensor, x: Tensor, slot: Tensor, src: Tensor, w: Tensor, cou
     _merge_kernel[grid](out, x, slot.contiguous(), src.contiguous(), w.float().contiguous(),
                         count.to(torch.int32).contiguous(), w_base.float().contiguous(),
                         R, x.shape[1], n_out, D, BLOCK_D=block_d)
-
-
-def gather_tokens_channel_major(feats: Tensor, idx: Tensor) -> Tensor:
-    """(B, N, C) channel-major view of a contiguous (B, C, N) tensor, idx (B, K) -> (B, C, K) contiguous:
-    the tokens idx[b] of every channel, without a contiguous copy of the features.
-
-    CUDA: a Triton kernel; elsewhere torch.gather (the twin).
-    """
-    B, N, C = feats.shape
-    y = feats.transpose(1, 2)  # (B, C, N), contiguous
-    K = idx.shape[1]
-    if (HAVE_TRITON and y.is_contiguous() and (y.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and os.environ.get("UTRC_NO_TRITON") != "1" and B * C * K > 0):
-        out = torch.empty(B, C, K, dtype=feats.dtype, device=feats.device)
-        block_c, block_k = 32, 128
-        grid = (B, triton.cdiv(C, block_c), triton.cdiv(K, block_k))
-        _gather_cols_kernel[grid](y, idx.contiguous(), out, C, N, K, BLOCK_C=block_c, BLOCK_K=block_k)
-        return out
-    return torch.gather(y, 2, idx[:, None, :].expand(B, C, K))
 
 
 def scaled_row_max(sim: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
