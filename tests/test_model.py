@@ -122,6 +122,19 @@ def test_logits_aligned_and_last_token_mode(model):
             assert torch.equal(full[0, t], full[0, prev])
 
 
+def test_forward_with_autograd(model):
+    """Outside no_grad (parameters require grad) a reduced forward runs and backpropagates."""
+    ids = ids_for(2, 30)
+    model.zero_grad()
+    with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.5, protect_last=2)):
+        logits = model(ids).logits
+    assert logits.requires_grad
+    logits[:, -2:].float().logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    model.zero_grad()
+
+
 @torch.no_grad()
 def test_kept_only_logits_are_the_kept_rows(model):
     """kept_only: (B, N', V) logits, the full-length logits at `output_positions`, and nothing else changes."""

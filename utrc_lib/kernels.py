@@ -174,7 +174,10 @@ def inverse_norm(sq: Tensor) -> Tensor:
 
 
 def merge_kernel_available(x: Tensor, out: Tensor) -> bool:
-    """Whether `merge_rows` runs the Triton kernel (CUDA or interpreter, contiguous rows)."""
+    """Whether `merge_rows` runs the Triton kernel (CUDA or interpreter, contiguous rows, and no
+    gradient to track: the kernel writes in place, invisible to autograd; the torch twin is used then)."""
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        return False
     return (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -198,8 +198,7 @@ class Plan:
         contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
         contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
         num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
-        rows = torch.empty_like(base_rows)
-        torch.div(num.index_select(0, flat_seg), den_e.reshape(-1, 1), out=rows)
+        rows = (num.index_select(0, flat_seg) / den_e.reshape(-1, 1)).to(x.dtype)
         out_rows.index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
 
     def apply_index(self, t: Tensor, fill=0) -> Tensor:
