@@ -10,6 +10,8 @@ import torch
 
 import utrc_lib as u
 
+import kernel_checks
+
 try:
     import mamba_ssm  # noqa: F401
     HAVE_MAMBA_SSM = True
@@ -176,14 +178,8 @@ def test_feature_stats_kernel_compiled(layout, dtype):
         pytest.skip("triton not importable")
     torch.manual_seed(0)
     x = torch.randn(3, 333, 1000, device="cuda").to(dtype)
-    if layout == "channel_major":
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    for metric in ("clip", "sum", "l1", "l2"):
-        assert kernels.kernel_available(metric, x)
-        s, q = kernels.feature_stats(metric, x)
-        s0, q0 = kernels.feature_stats_torch(metric, x)
-        torch.testing.assert_close(s, s0, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(q, q0, rtol=1e-4, atol=1e-6)
+    kernel_checks.check_feature_stats(x if layout == "row_major" else kernel_checks.channel_major(x),
+                                      rtol=1e-4, atol_scores=1e-5, atol_inv=1e-6)
 
 
 @torch.no_grad()
@@ -215,33 +211,18 @@ def test_half_precision_matching_agrees_with_float32(layout, N):
 
 @torch.no_grad()
 def test_merge_kernel_compiled():
-    """Triton merge kernel (compiled) against its torch twin."""
+    """Triton merge kernel (compiled) against its torch twin; scaled row max likewise."""
     from utrc_lib import kernels
-    from utrc_lib.plan import Plan, build_plan
 
     if not kernels.HAVE_TRITON:
         pytest.skip("triton not importable")
     g = torch.Generator(device="cuda").manual_seed(0)
     B, N, D = 4, 300, 520
-    for dtype in (torch.float16, torch.float32):
+    for dtype, tol in ((torch.float16, 2e-3), (torch.float32, 1e-5)):
         x = torch.randn(B, N, D, device="cuda", generator=g).to(dtype)
         sizes = torch.randint(1, 4, (B, N), device="cuda", generator=g).float()
-        is_src = torch.rand(B, N, device="cuda", generator=g) < 0.3
-        is_src[:, 0] = False
-        dst = torch.randint(0, N, (B, N), device="cuda", generator=g)
-        dst = torch.where(is_src.gather(1, dst), torch.zeros_like(dst), dst)
-        merged = {"hidden": is_src & (torch.rand(B, N, device="cuda", generator=g) < 0.5), "residual": is_src}
-        plan = build_plan(torch.ones(B, N, dtype=torch.bool, device="cuda"), is_src, dst, merged, True)
-        for branch in ("hidden", "residual"):
-            got = plan.apply(x, branch, sizes)
-            lay = plan._merge_layout()
-            want = x.reshape(B * N, D).index_select(
-                0, (plan.base + torch.arange(B, device="cuda")[:, None] * N).reshape(-1)).view(B, -1, D)
-            w_e = plan.src_weight[branch].gather(1, lay["order"]) * sizes.gather(1, lay["src"])
-            Plan._merge_torch(want, x, lay, w_e, sizes.gather(1, plan.base))
-            want = want * plan.slot_valid[..., None].to(dtype)
-            tol = 1e-5 if dtype == torch.float32 else 2e-3
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        kernel_checks.check_merge(kernel_checks.random_plan(B, N, g, "cuda", 0.3, 0.5), x, sizes, tol)
+    kernel_checks.check_scaled_row_max(g, "cuda")
 
 
 @torch.no_grad()

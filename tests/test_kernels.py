@@ -29,59 +29,19 @@ def test_feature_stats_torch_twin(metric):
 _INTERPRETED = r"""
 import torch
 from utrc_lib import kernels
+import kernel_checks as kc
 assert kernels.HAVE_TRITON
 g = torch.Generator().manual_seed(1)
-for layout in ("row_major", "channel_major"):
-    x = torch.randn(2, 37, 300, generator=g)  # N, C not multiples of the tiles
-    if layout == "channel_major":
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, C) view of (B, C, N)
-        assert x.stride(-1) != 1
-    for metric in ("clip", "sum", "l1", "l2"):
-        assert kernels.kernel_available(metric, x)
-        s, q = kernels.feature_stats_triton(metric, x)
-        s0, q0 = kernels.feature_stats_torch(metric, x)
-        torch.testing.assert_close(s, s0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(q, q0, rtol=1e-5, atol=1e-6)
-# scaled row max vs torch (ties: first index)
-sim = torch.randn(2, 19, 300, generator=g)
-sim[0, 3, 10] = sim[0, 3, 200] = 50.0  # a tie
-scale = torch.rand(2, 300, generator=g) + 0.5
-scale[0, 10] = scale[0, 200] = 1.0
-gm, jm = kernels.scaled_row_max(sim, scale)
-g0, j0 = (sim * scale[:, None, :]).max(-1)
-torch.testing.assert_close(gm, g0)
-assert torch.equal(jm, j0) and int(jm[0, 3]) == 10
-wide = torch.randn(2, 19, 320, generator=g)  # a column slice of a padded buffer
-gm, jm = kernels.scaled_row_max(wide[..., :300], scale)
-g0, j0 = (wide[..., :300] * scale[:, None, :]).max(-1)
-torch.testing.assert_close(gm, g0)
-assert torch.equal(jm, j0)
-# merge kernel vs the torch twin, on random plans (several sources per slot, pruned entries)
-from utrc_lib.plan import Plan, build_plan
+x = torch.randn(2, 37, 300, generator=g)  # N, C not multiples of the tiles
+kc.check_feature_stats(x, rtol=1e-5, atol_scores=1e-5, atol_inv=1e-6)
+kc.check_feature_stats(kc.channel_major(x), rtol=1e-5, atol_scores=1e-5, atol_inv=1e-6)
+kc.check_scaled_row_max(g, "cpu")
 for seed in range(3):
     g = torch.Generator().manual_seed(seed)
-    B, N, D = 3, 40, 70
-    for dtype in (torch.float32, torch.float16):
-        x = torch.randn(B, N, D, generator=g).to(dtype)
-        sizes = torch.randint(1, 4, (B, N), generator=g).float()
-        valid = torch.ones(B, N, dtype=torch.bool)
-        is_src = torch.rand(B, N, generator=g) < 0.35
-        dst = torch.randint(0, N, (B, N), generator=g)
-        dst = torch.where(is_src[torch.arange(B)[:, None], dst], torch.zeros_like(dst), dst)  # to kept tokens
-        is_src[:, 0] = False
-        merged = {"hidden": is_src & (torch.rand(B, N, generator=g) < 0.6), "residual": is_src.clone()}
-        for causal in (True, False):
-            plan = build_plan(valid, is_src, dst, merged, causal, counts=(int(is_src.sum(1).max()), {"hidden": True, "residual": True}) if bool((is_src.sum(1) == is_src.sum(1)[0]).all()) else None)
-            for branch in ("hidden", "residual"):
-                assert kernels.merge_kernel_available(x, x)
-                got = plan.apply(x, branch, sizes)
-                lay = plan._merge_layout()
-                want = x.reshape(B * N, D).index_select(0, (plan.base + torch.arange(B)[:, None] * N).reshape(-1)).view(B, -1, D)
-                w_e = plan.src_weight[branch].gather(1, lay["order"]) * sizes.gather(1, lay["src"])
-                Plan._merge_torch(want, x, lay, w_e, sizes.gather(1, plan.base))
-                want = want * plan.slot_valid[..., None].to(dtype)
-                tol = 1e-6 if dtype == torch.float32 else 1e-3
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3)):
+        x = torch.randn(3, 40, 70, generator=g).to(dtype)
+        sizes = torch.randint(1, 4, (3, 40), generator=g).float()
+        kc.check_merge(kc.random_plan(3, 40, g, "cpu", 0.35, 0.6, counts=True), x, sizes, tol)
 print("ok")
 """
 
@@ -94,7 +54,8 @@ def test_triton_kernels_interpreted():
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    here = Path(__file__).resolve().parent  # tests/ (kernel_checks) and the repository root
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
@@ -113,24 +74,16 @@ def test_stable_partition_equals_stable_argsort(seed):
 
 
 def _match_reference(feats, is_a, is_b, r):
-    """Loop reference: cosine in float64, best B per A (first on ties), top r edges (ties by position)."""
+    """Per sample, the loop twin's matching (cosine in float64, first B on ties, top r edges by position)."""
+    from utrc_lib.twins import _match
+
     B, N, _ = feats.shape
-    f = feats.double()
-    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     is_src = torch.zeros(B, N, dtype=torch.bool)
     dst = torch.arange(N).expand(B, N).clone()
     for b in range(B):
-        A = [i for i in range(N) if is_a[b, i]]
-        Bs = [j for j in range(N) if is_b[b, j]]
-        best = {}
-        for i in A:
-            sims = [(float(f[b, i] @ f[b, j]), j) for j in Bs]
-            top = max(s for s, _ in sims)
-            best[i] = (top, next(j for s, j in sims if s == top))
-        ranked = sorted(A, key=lambda i: -best[i][0])
-        for i in ranked[:min(int(r[b]), len(A), len(Bs))]:
-            is_src[b, i] = True
-            dst[b, i] = best[i][1]
+        edges = _match(feats[b], [i for i in range(N) if is_a[b, i]], [j for j in range(N) if is_b[b, j]], int(r[b]))
+        for i, j in edges.items():
+            is_src[b, i], dst[b, i] = True, j
     return is_src, dst
 
 

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import importlib
 import json
 import os
 import statistics
@@ -56,8 +55,6 @@ SHAPES: dict[str, dict] = {
                         ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, expand=2, ngroups=1, chunk_size=16)),
 }
 BACKENDS = ("mamba_ssm", "hf")
-# backend -> module whose ForwardReducer the layer loop instantiates (swapped for "slice" / timing)
-_LOOP_MODULE = {"mamba_ssm": "utrc_lib.backends.mamba_ssm", "hf": "utrc_lib.backends._hf_common"}
 RECORD_KEY = ("kind", "model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut", "align")
 
 
@@ -153,18 +150,6 @@ class _Stamp:
 
     def ms(self) -> float:
         return self.a.elapsed_time(self.b) if self.cuda else (self.t1 - self.t0) * 1e3
-
-
-@contextlib.contextmanager
-def reducer_class(backend: str, cls: type):
-    """Make the backend's layer loop instantiate `cls` instead of ForwardReducer (bench only)."""
-    mod = importlib.import_module(_LOOP_MODULE[backend])
-    old = mod.ForwardReducer
-    mod.ForwardReducer = cls
-    try:
-        yield
-    finally:
-        mod.ForwardReducer = old
 
 
 # -- timing and memory primitives ----------------------------------------------------------------
@@ -288,9 +273,9 @@ def patched(model, backend: str, method: str, config: Optional[ReductionConfig],
     if timer_log is not None:
         cls = timed_reducer(cls, timer_log)
     handle = apply(model, config)
+    handle.reducer_class = cls
     try:
-        with reducer_class(backend, cls):
-            yield handle
+        yield handle
     finally:
         handle.remove()
 
@@ -479,7 +464,6 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                 config = method_config(method, keep, layers, align)
                 if key["kind"] == "prefill":
                     rec.update(bench_prefill(model, backend, method, config, ids, device, repeats))
-                    derive_fields(records + [rec], rec)
                 else:
                     with patched(model, backend, method, config):
                         rec["generation"] = measure_generation(model, backend, ids, new_tokens, device, gen_repeats)

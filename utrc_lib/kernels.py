@@ -123,6 +123,13 @@ except Exception:  # triton missing or unusable: the torch twin is used
     HAVE_TRITON = False
 
 
+def _triton_can_run(t: Tensor) -> bool:
+    """Triton is importable, not switched off (UTRC_NO_TRITON=1), and `t` lives where kernels run
+    (CUDA, or any device under Triton's CPU interpreter, TRITON_INTERPRET=1)."""
+    return (HAVE_TRITON and os.environ.get("UTRC_NO_TRITON") != "1" and t.numel() > 0
+            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
 def feature_stats_torch(metric: str, feats: Tensor, *, delta: Tensor | None = None, valid: Tensor | None = None,
                         seed: int = 0, salt: int = 0) -> tuple[Tensor, Tensor]:
     """Reference twin: (scores (B, N) float32, inverse L2 norms (B, N) float32) in plain torch."""
@@ -134,10 +141,8 @@ def feature_stats_torch(metric: str, feats: Tensor, *, delta: Tensor | None = No
 
 def kernel_available(metric: str, feats: Tensor) -> bool:
     """Whether `feature_stats` would run the Triton kernel for these inputs."""
-    return (HAVE_TRITON and metric in _KERNEL_MODES and feats.dim() == 3 and feats.numel() > 0
-            and (feats.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and feats.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and os.environ.get("UTRC_NO_TRITON") != "1")
+    return (_triton_can_run(feats) and metric in _KERNEL_MODES and feats.dim() == 3
+            and feats.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 def feature_stats_triton(metric: str, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,10 +183,8 @@ def merge_kernel_available(x: Tensor, out: Tensor) -> bool:
     gradient to track: the kernel writes in place, invisible to autograd; the torch twin is used then)."""
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
         return False
-    return (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and os.environ.get("UTRC_NO_TRITON") != "1")
+    return (_triton_can_run(x) and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 def merge_rows(out: Tensor, x: Tensor, slot: Tensor, src: Tensor, w: Tensor, count: Tensor, w_base: Tensor) -> None:
@@ -210,8 +213,7 @@ def scaled_row_max(sim: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     CUDA: one Triton pass over sim (no scaled copy); elsewhere torch (the twin).
     """
     B, M, K = sim.shape
-    if (HAVE_TRITON and (sim.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and sim.dtype == torch.float32
-            and sim.stride(-1) == 1 and os.environ.get("UTRC_NO_TRITON") != "1" and B * M * K > 0):
+    if _triton_can_run(sim) and sim.dtype == torch.float32 and sim.stride(-1) == 1:
         g = torch.empty(B, M, dtype=torch.float32, device=sim.device)
         j = torch.empty(B, M, dtype=torch.long, device=sim.device)
         block_m, block_k = 16, 256

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .kernels import scaled_row_max
 from .metrics import seeded_uniform
 from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan, stable_partition
 
@@ -96,8 +97,6 @@ def _best_match(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Option
     normalised copy of the features), then one Triton pass for the scaled row max; where the
     float32-output bmm is missing, both sides' rows are scaled first. CPU: float32.
     """
-    from .kernels import scaled_row_max
-
     half = fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16)
     prescaled = False
     if half and _BMM_FP32_OUT.get(fa.device.type, True):
@@ -141,11 +140,12 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
     """
     B, N, C = feats.shape
     ar = torch.arange(N, device=feats.device).expand(B, N)
-    n_a, n_b = is_a.sum(1), is_b.sum(1)
-    r = torch.minimum(r, torch.minimum(n_a, n_b))
-    if sizes is not None:
+    if sizes is not None:  # host sizes: no counting, no sync
         r_max, RA, RB = min(sizes[0], sizes[1], sizes[2]), sizes[1], sizes[2]
+        r = r.clamp_max(min(RA, RB))
     else:
+        n_a, n_b = is_a.sum(1), is_b.sum(1)
+        r = torch.minimum(r, torch.minimum(n_a, n_b))
         r_max, RA, RB = torch.stack([r.max(), n_a.max(), n_b.max()]).tolist()  # one host sync
     if r_max <= 0:
         return torch.zeros_like(is_a), ar

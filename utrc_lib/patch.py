@@ -54,6 +54,7 @@ class Handle:
         self.last_only = False
         self.kept_only = False
         self.record = False
+        self.reducer_class = None  # a ForwardReducer subclass for the next forwards (bench: slicing, timers)
         # optional (B,) per-sample protected tail lengths for the next forwards (overrides
         # config.protect_last; set and cleared by callers such as utrc_lib.evaluate)
         self.sample_protect_last = None
@@ -78,6 +79,24 @@ class Handle:
 
     def add_hook(self, hook_handle) -> None:
         self._undo.append(hook_handle.remove)
+
+    def new_reducer(self, num_layers: int, valid: torch.Tensor):
+        """The ForwardReducer of one prefill (per-sample protection and `record` from this handle);
+        kept as `last_reducer`. Called by the backends' layer loops."""
+        from .engine import ForwardReducer
+
+        cls = self.reducer_class or ForwardReducer
+        reducer = cls(self.config, num_layers, valid, protect_last=self.sample_protect_last)
+        reducer.record = reducer.record or self.record  # handle.record keeps plans in history
+        self.last_reducer = reducer
+        return reducer
+
+    def output(self, reducer, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, N', D) -> what the LM head sees: the last row (last-token mode), the
+        kept rows (kept_only), or rows aligned to the N input positions."""
+        if self.last_only:
+            return reducer.last(hidden)
+        return hidden if self.kept_only else reducer.expand(hidden)
 
     @property
     def output_positions(self) -> Optional[torch.Tensor]:

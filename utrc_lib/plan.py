@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from . import kernels
+
 Tensor = torch.Tensor
 
 
@@ -160,8 +162,6 @@ class Plan:
         if has_merge is None and w_src is not None and R > 0:
             has_merge = bool((w_src > 0).any())  # host sync; plans from build_plan carry the flag
         if w_src is not None and R > 0 and has_merge:
-            from . import kernels
-
             lay = self._merge_layout()
             w_e = w_src.gather(1, lay["order"]) * sizes.gather(1, lay["src"])  # (B, R) entry weights
             w_base = sizes.gather(1, self.base)  # (B, N')
@@ -190,16 +190,14 @@ class Plan:
         den_e = den.gather(1, slot)
         ar = torch.arange(B, device=x.device)[:, None]
         flat_slot = (slot + ar * n_out).reshape(-1)  # rows of out
-        flat_src = (lay["src"] + ar * N).reshape(-1)  # rows of x
         flat_seg = (lay["seg"] + ar * R).reshape(-1)  # rows of the (B R, D) accumulator
-        out_rows = out.view(B * n_out, D)
-        base_rows = out_rows.index_select(0, flat_slot)  # (B R, D)
-        src_rows = x.reshape(B * N, D).index_select(0, flat_src)
+        base_rows = gather_rows(out, slot).reshape(B * R, D)
+        src_rows = gather_rows(x, lay["src"]).reshape(B * R, D)
         contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
         contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
         num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
         rows = (num.index_select(0, flat_seg) / den_e.reshape(-1, 1)).to(x.dtype)
-        out_rows.index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
+        out.view(B * n_out, D).index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows
 
     def apply_index(self, t: Tensor, fill=0) -> Tensor:
         """Carry a (B, N) per-token tensor to slots by each slot's position token."""

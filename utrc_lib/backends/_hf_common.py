@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-from ..engine import ForwardReducer
 from ..patch import Handle, delta_needed, install_capture, ssm_needed
 
 
@@ -82,10 +81,7 @@ def _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, u
         if not bool((attention_mask == 1).all()):
             mask = attention_mask
     valid = torch.ones(B, N, dtype=torch.bool, device=inputs_embeds.device) if mask is None else mask.bool()
-    reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
-                             protect_last=handle.sample_protect_last)
-    reducer.record = reducer.record or handle.record  # handle.record keeps plans in history
-    handle.last_reducer = reducer
+    reducer = handle.new_reducer(len(backbone.layers), valid)
 
     stream = inputs_embeds
     all_hidden = () if output_hidden_states else None
@@ -107,7 +103,7 @@ def _reduced_forward(backbone, handle, input_ids, inputs_embeds, cache_params, u
     finally:
         handle.captured = {}
     hidden = backbone.norm_f(stream)
-    hidden = reducer.last(hidden) if handle.last_only else (hidden if handle.kept_only else reducer.expand(hidden))
+    hidden = handle.output(reducer, hidden)
     if output_hidden_states:
         all_hidden = all_hidden + (hidden,)
     if not return_dict:

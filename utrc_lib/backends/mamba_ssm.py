@@ -26,7 +26,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..engine import ForwardReducer
 from ..patch import Handle, delta_needed, install_capture, ssm_needed
 
 
@@ -119,10 +118,7 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
     hidden = backbone.embedding(input_ids)  # (B, N, D)
     B, N = input_ids.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
-    reducer = ForwardReducer(handle.config, len(backbone.layers), valid,
-                             protect_last=handle.sample_protect_last)
-    reducer.record = reducer.record or handle.record  # handle.record keeps plans in history
-    handle.last_reducer = reducer
+    reducer = handle.new_reducer(len(backbone.layers), valid)
     residual = None
     handle.captured = {"on": reducer.active}
     try:
@@ -139,4 +135,4 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
     finally:
         handle.captured = {}
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
-    return reducer.last(hidden) if handle.last_only else (hidden if handle.kept_only else reducer.expand(hidden))
+    return handle.output(reducer, hidden)
