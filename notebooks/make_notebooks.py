@@ -27,7 +27,10 @@ import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
 import utrc_lib
-from utrc_lib import analysis, plotting, reporting, sweep
+from utrc_lib.experiments import analysis
+from utrc_lib.report import plotting
+from utrc_lib.report import provenance as reporting
+from utrc_lib.experiments import sweep
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 torch.manual_seed(seed)
@@ -100,7 +103,7 @@ out_dir: str = DEFAULT_OUT               # figures + results.json (quick: a temp
 if quick:
     max_tokens = min(max_tokens, 48)
 model, tokenizer = sweep.get_model(model_names[0])
-from utrc_lib.tasks import load_task
+from utrc_lib.eval.suite import load_task
 text = load_task("ppl", text_item + 1)[text_item]["context"]
 ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
 tokens = [tokenizer.decode([int(t)]) for t in ids[0]]
@@ -504,7 +507,7 @@ paper_results: str = "../data/paper_results.json"
     code('''
 if quick:
     methods, cuts, batch, seq_len, new_tokens, repeats = methods[:1], cuts[1:2], 1, 64, 2, 1
-from utrc_lib.flops import flops
+from utrc_lib.core.flops import flops
 rows = []
 for name in model_names:
     model, tok = sweep.get_model(name)
@@ -523,7 +526,7 @@ display(cpu.drop(columns=["times_ms"]))
 '''),
     code('''
 # Decoding: time per generated token after the prompt (prompt reduction only shortens the prefill)
-from utrc_lib.patch import apply
+from utrc_lib.hosts.handle import apply
 dec_rows = []
 g = torch.Generator().manual_seed(seed)
 for name in model_names:
@@ -701,8 +704,8 @@ dense = df[df["method"] == "none"].set_index("model")["avg_acc"]
 df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
 '''),
     code('''
-from utrc_lib.config import ReductionConfig
-from utrc_lib.tasks import load_task
+from utrc_lib.core.config import ReductionConfig
+from utrc_lib.eval.suite import load_task
 errs = []
 for name in model_names:
     model, tok = sweep.get_model(name)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import utrc_lib
-from utrc_lib import bench
-from utrc_lib.engine import ForwardReducer
+from utrc_lib.experiments import bench
+from utrc_lib.core.reduce import ForwardReducer
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -60,9 +60,10 @@ def main(argv=None):
             cfg = utrc_lib.ReductionConfig(method, keep_ratio=0.9043, causal=method != "utrc_reference",
                                            layers=(2,))
             valid = torch.ones(a.batch, a.seq_len, dtype=torch.bool)
+            sched = cfg.resolve(12)
 
             def step():
-                red = ForwardReducer(cfg, 12, valid)
+                red = ForwardReducer(cfg, sched, valid)
                 red.step(2, hidden, residual, features=ssm)
 
             red_ms = median_ms(step, a.repeats)

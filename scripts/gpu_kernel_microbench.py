@@ -13,8 +13,8 @@ import statistics
 import torch
 import triton
 
-from utrc_lib import kernels
-from utrc_lib.plan import Plan, build_plan
+from utrc_lib.core import kernels
+from utrc_lib.core.plan import Plan, build_plan
 
 
 def timed(fn, reps=20):

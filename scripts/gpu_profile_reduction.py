@@ -12,8 +12,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import utrc_lib
-from utrc_lib import bench
-from utrc_lib.engine import ForwardReducer
+from utrc_lib.experiments import bench
+from utrc_lib.core.reduce import ForwardReducer
 
 
 def main():
@@ -51,7 +51,7 @@ def main():
           f"{None if feats is None else feats.stride()}")
 
     def one():
-        red = ForwardReducer(cfg, L, valid, uniform=True)
+        red = ForwardReducer(cfg, cfg.resolve(L), valid, uniform=True)
         red.state, red.n_current = saved["state"], saved["n"]  # the captured anchor's token state
         return red.step(saved["layer"], hidden, residual, feats)
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utrc_lib.convert import (convert_mamba_ssm_state_dict, hf_to_mamba_ssm_state_dict,  # noqa: E402
+from utrc_lib.hosts.convert import (convert_mamba_ssm_state_dict, hf_to_mamba_ssm_state_dict,  # noqa: E402
                               mamba_ssm_to_hf_config, padded_vocab)
 
 

@@ -2,8 +2,8 @@
 gpu tier (compiled kernels): one implementation of each comparison, sizes and tolerances per caller."""
 import torch
 
-from utrc_lib import kernels
-from utrc_lib.plan import Plan, build_plan
+from utrc_lib.core import kernels
+from utrc_lib.core.plan import Plan, build_plan
 
 METRICS = ("clip", "sum", "l1", "l2")
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from utrc_lib import bench
+from utrc_lib.experiments import bench
 
 REQUIRED = ("model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut", "prefill_ms",
             "speedup_vs_dense", "peak_mem_gb_last_token", "peak_mem_gb_full_logits", "reduction_ms_per_anchor",
@@ -78,7 +78,7 @@ def test_unknown_method_and_shape():
 
 def test_slice_reducer_keeps_the_tail():
     cfg = bench.method_config("slice", 0.5, (0,))
-    red = bench.SliceReducer(cfg, 3, torch.ones(2, 10, dtype=torch.bool))
+    red = bench.SliceReducer(cfg, cfg.resolve(3), torch.ones(2, 10, dtype=torch.bool))
     h = torch.arange(20.0).reshape(2, 10, 1)
     out_h, out_r = red.step(0, h, h.clone())
     assert torch.equal(out_h, h[:, 5:]) and torch.equal(red.state.positions[0], torch.arange(5, 10))
@@ -86,7 +86,7 @@ def test_slice_reducer_keeps_the_tail():
 
 
 def test_derived_fields_do_not_depend_on_run_order():
-    from utrc_lib.bench import derive_fields
+    from utrc_lib.experiments.bench import derive_fields
 
     base = dict(kind="prefill", model_shape="s", backend="b", device="cuda", dtype="float16", batch=2, seq_len=8)
     dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=100.0, peak_mem_gb_full_logits=10.0,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from utrc_lib.convert import (convert_mamba_ssm_state_dict, hf_to_mamba_ssm_config,
+from utrc_lib.hosts.convert import (convert_mamba_ssm_state_dict, hf_to_mamba_ssm_config,
                               hf_to_mamba_ssm_state_dict, mamba_ssm_to_hf_config)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import utrc_lib as u
-from utrc_lib.reference import reference_reduce_loop
-from utrc_lib.twins import loop_reduce
+from utrc_lib.core.reference import reference_reduce_loop
+from utrc_lib.core.twins import loop_reduce
 
 TWIN_METHODS = ["utrc", "tome", "pumer", "evit", "prune_only", "merge_only", "random", "none"]
 
@@ -167,8 +167,8 @@ def test_default_layers():
 def test_align_rounds_kept_counts_everywhere():
     """align: kept counts are multiples of it in the engine (host and per-sample paths), in the FLOPs
     accounting and in the schedule's token counts; align=1 is the plain ceil(n * rho)."""
-    from utrc_lib.engine import ForwardReducer, tokens_to_remove
-    from utrc_lib.schedule import kept_tokens, tokens_per_layer
+    from utrc_lib.core.reduce import ForwardReducer, tokens_to_remove
+    from utrc_lib.core.schedule import kept_tokens, tokens_per_layer
 
     assert kept_tokens(2048, 0.9043) == 1853 and kept_tokens(2048, 0.9043, 16) == 1856
     assert kept_tokens(1853, 0.9043, 16) == 1680 and kept_tokens(10, 0.5, 16) == 10
@@ -182,14 +182,14 @@ def test_align_rounds_kept_counts_everywhere():
     cfg = u.ReductionConfig("utrc", keep_ratio=0.8, layers=(1, 3), align=8)
     g = torch.Generator().manual_seed(0)
     h, res = torch.randn(2, 100, 8, generator=g), torch.randn(2, 100, 8, generator=g)
-    red = ForwardReducer(cfg, 6, torch.ones(2, 100, dtype=torch.bool))
+    red = ForwardReducer(cfg, cfg.resolve(6), torch.ones(2, 100, dtype=torch.bool))
     for layer in range(6):
         h, res = red.step(layer, h, res, features=h)
     assert [e["tokens_after"] for e in red.history] == [80, 64]
     assert tokens_per_layer(100, 6, (1, 3), 0.8, align=8) == [100, 100, 80, 80, 64, 64]
     from transformers import Mamba2Config
 
-    from utrc_lib.flops import flops
+    from utrc_lib.core.flops import flops
 
     rep = flops(Mamba2Config(hidden_size=32, num_hidden_layers=6, vocab_size=64, head_dim=16, num_heads=4,
                              state_size=8, n_groups=1, expand=2), 100, cfg.replace(method="utrc"))

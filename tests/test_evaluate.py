@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_model
 from utrc_lib import ReductionConfig
-from utrc_lib import evaluate as ev
-from utrc_lib.tasks import load_task
+from utrc_lib.eval import scorer as ev
+from utrc_lib.eval.suite import load_task
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "data" / "models" / "tiny-mamba2"

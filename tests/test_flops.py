@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import utrc_lib
 from utrc_lib import ReductionConfig
-from utrc_lib.flops import (MATMUL_COMPONENTS, count, flops, flops_table_markdown, flops_table_rows,
+from utrc_lib.core.flops import (MATMUL_COMPONENTS, count, flops, flops_table_markdown, flops_table_rows,
                             model_shape)
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import utrc_lib as u
-from utrc_lib import kernels
-from utrc_lib.methods import _inverse_perm, bipartite_match, stable_partition
-from utrc_lib.metrics import importance
+from utrc_lib.core import kernels
+from utrc_lib.core.methods import _inverse_perm, bipartite_match, stable_partition
+from utrc_lib.core.metrics import importance
 
 
 @pytest.mark.parametrize("metric", ["clip", "sum", "l1", "l2", "random"])
@@ -28,7 +28,7 @@ def test_feature_stats_torch_twin(metric):
 
 _INTERPRETED = r"""
 import torch
-from utrc_lib import kernels
+from utrc_lib.core import kernels
 import kernel_checks as kc
 assert kernels.HAVE_TRITON
 g = torch.Generator().manual_seed(1)
@@ -75,7 +75,7 @@ def test_stable_partition_equals_stable_argsort(seed):
 
 def _match_reference(feats, is_a, is_b, r):
     """Per sample, the loop twin's matching (cosine in float64, first B on ties, top r edges by position)."""
-    from utrc_lib.twins import _match
+    from utrc_lib.core.twins import _match
 
     B, N, _ = feats.shape
     is_src = torch.zeros(B, N, dtype=torch.bool)
@@ -136,8 +136,8 @@ def test_bipartite_match_padded_samples():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_static_sizes_plan_equals_general_plan(method, dtype):
     """The sync-free path for equal-length batches (host sizes) builds the same plan as the general one."""
-    from utrc_lib.engine import plan_reduction
-    from utrc_lib.plan import TokenState
+    from utrc_lib.core.reduce import plan_reduction
+    from utrc_lib.core.plan import TokenState
 
     g = torch.Generator().manual_seed(3)
     B, N, D = 4, 33, 8
@@ -161,7 +161,7 @@ def test_static_sizes_plan_equals_general_plan(method, dtype):
 
 def test_apply_merges_against_naive_loop():
     """Plan.apply (grouped row ops) equals a per-slot loop of the size-weighted average."""
-    from utrc_lib.plan import build_plan
+    from utrc_lib.core.plan import build_plan
 
     g = torch.Generator().manual_seed(11)
     B, N, D = 2, 15, 5

@@ -47,7 +47,7 @@ def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from utrc_lib import ReductionConfig
-    from utrc_lib.evaluate import evaluate
+    from utrc_lib.eval.scorer import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)

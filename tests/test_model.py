@@ -141,10 +141,9 @@ def test_kept_only_logits_are_the_kept_rows(model):
     ids = ids_for(2, 30)
     with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.5, protect_last=2)) as h:
         full = model(ids).logits
-        h.kept_only = True
-        kept = model(ids).logits
-        pos = h.output_positions
-        h.kept_only = False
+        with h.options(kept_only=True):
+            kept = model(ids).logits
+            pos = h.output_positions
         assert kept.shape[1] == pos.shape[1] < 30
         assert torch.equal(kept, full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])))
         assert torch.equal(model(ids).logits, full)
@@ -202,7 +201,7 @@ def test_errors():
 
 @torch.no_grad()
 def test_per_sample_protection_equals_per_request_config(model):
-    """handle.sample_protect_last (one tail length per row) == one config per request."""
+    """handle.options(protect_last=...) (one tail length per row) == one config per request."""
     lengths, tails = [24, 19, 15], [1, 4, 2]
     seqs = [ids_for(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     N = max(lengths)
@@ -212,9 +211,8 @@ def test_per_sample_protection_equals_per_request_config(model):
         batch[i, N - len(s):] = s
         mask[i, N - len(s):] = 1
     with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6)) as h:
-        h.sample_protect_last = torch.tensor(tails)
-        out = model(batch, attention_mask=mask).logits
-        h.sample_protect_last = None
+        with h.options(protect_last=tails):
+            out = model(batch, attention_mask=mask).logits
     for i, s in enumerate(seqs):
         with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6, protect_last=tails[i])):
             single = model(s[None]).logits[0]

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utrc_lib import models
-from utrc_lib.models import ModelLoadError, available_models, load_model
+from utrc_lib.hosts import models
+from utrc_lib.hosts.models import ModelLoadError, available_models, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -81,7 +81,8 @@ def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
 # -- sweep runner ----------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:4 configurations")
 def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
-    from utrc_lib import scaleout, sweep
+    from utrc_lib.experiments import scaleout
+    from utrc_lib.experiments import sweep
 
     cache = tmp_path / "eval.jsonl"
     common = dict(tasks=["cloze", "choice2"], limit=2, seed=0, batch_size=4)
@@ -120,7 +121,7 @@ def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
 
 
 def test_scaleout_cli_defaults():
-    from utrc_lib import scaleout
+    from utrc_lib.experiments import scaleout
 
     ns = scaleout.parse_args(["--models", "a,b", "--cuts", "0.1,0.3"])
     assert ns.limit == 30 and ns.batch_size == 16 and ns.seed == 0   # the notebooks' defaults

@@ -2,29 +2,42 @@
 
 Reproduces "Rethinking Token Reduction for State Space Models" (Zhan et al., EMNLP 2024, UTRC),
 the authors' released behaviour as a separate reference mode, and the baselines EViT, PuMer, ToMe,
-prune-only, merge-only and random.
+prune-only, merge-only and random. docs/method.md describes the method; utrc_lib/GLOSSARY.md
+the symbols every module uses.
+
+Layers (imports point down only):
+    core/         the algorithm: config, schedule, metrics, methods, plan, reduce, kernels + twins (torch only)
+    hosts/        apply / Handle and one layer loop per host library (transformers, mamba-ssm), model loading
+    eval/         the built-in scorer, the offline task suite, the lm-eval adapter and CLI
+    experiments/  FLOPs accounting, timing, benchmark, sweeps, analyses behind the notebooks
+    report/       plotting, results.json provenance, token-fate rendering, the notebook runner
 """
-from .config import ReductionConfig
-from .engine import ReductionResult, reduce_tokens
-from .flops import flops  # eager: binds the function over the submodule of the same name
-from .methods import available_methods
-from .metrics import available_metrics
-from .schedule import default_layers, flops_table, keep_ratio_for_flops, token_layer_fraction
+from .core.config import ReductionConfig, config_from_args
+from .core.methods import available_methods
+from .core.metrics import available_metrics
+from .core.reduce import ReductionResult, reduce_tokens
+from .core.schedule import default_layers, flops_table, keep_ratio_for_flops, token_layer_fraction
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ReductionConfig", "ReductionResult", "reduce_tokens", "available_methods", "available_metrics",
     "default_layers", "flops_table", "keep_ratio_for_flops", "token_layer_fraction", "apply", "flops",
-    "load_model", "__version__",
+    "load_model", "available_models", "config_from_args", "__version__",
 ]
 
+_LAZY = {  # heavy imports (transformers) only when asked for
+    "apply": ("hosts.handle", "apply"),
+    "load_model": ("hosts.models", "load_model"),
+    "available_models": ("hosts.models", "available_models"),
+    "flops": ("core.flops", "flops"),
+}
 
-def __getattr__(name):  # heavy imports (transformers) only when asked for
-    if name == "apply":
-        from .patch import apply
-        return apply
-    if name in ("load_model", "available_models"):
-        from . import models
-        return getattr(models, name)
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'utrc_lib' has no attribute {name!r}")

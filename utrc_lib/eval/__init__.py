@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LOCAL_TASKS = ("utrc_cloze", "utrc_choice4", "utrc_choice2", "utrc_ppl")
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 

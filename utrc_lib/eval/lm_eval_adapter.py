@@ -8,7 +8,7 @@ device, batch_size. Example:
     lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 ...
     (with `import utrc_lib.eval.lm_eval_adapter` done first; `python -m utrc_lib.eval` does it)
 
-Scoring (`utrc_lib.evaluate.loglikelihood_tokens`): lm-eval's tokenisation of (context,
+Scoring (`utrc_lib.eval.scorer.loglikelihood_tokens`): lm-eval's tokenisation of (context,
 continuation); LEFT padding with an attention mask; per request the reduction runs with
 protect_last = number of continuation tokens, so the scored positions are never reduced and
 never see later tokens; continuation log-probs are read by ORIGINAL position (the patched model
@@ -34,8 +34,8 @@ from typing import Any, Optional
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .. import evaluate as ev
-from ..config import ReductionConfig
+from . import scorer as ev
+from ..core.config import ReductionConfig
 
 _CONFIG_KEYS = ("method", "metric", "layers", "keep_ratio", "flops_reduction", "q", "hidden_rule",
                 "residual_rule", "causal", "seed", "metric_source")
@@ -113,7 +113,7 @@ class UTRCLM(LM):
             device = self._setup_data_parallel(device)
         self._device = device
         if isinstance(pretrained, str):
-            from ..models import load_model
+            from ..hosts.models import load_model
 
             self.model, self.tokenizer = load_model(pretrained, dtype=dtype, device=device)
             self.model_name = pretrained

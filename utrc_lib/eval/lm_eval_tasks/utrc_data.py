@@ -9,10 +9,10 @@ def _load(name: str):
     import datasets
 
     try:
-        from utrc_lib.tasks import load_task
+        from utrc_lib.eval.suite import load_task
     except ImportError:  # lm-eval loads this file by path; make the repository importable
         sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-        from utrc_lib.tasks import load_task
+        from utrc_lib.eval.suite import load_task
     items = load_task(name)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(items)})
 
@@ -37,7 +37,7 @@ def ppl_results(doc, results):
     """Per window: (log-likelihood of the 64-token continuation, its size) for the corpus-level metrics.
 
     Token counts are those of the project tokenizer (`n_continuation_tokens`, stored with the data):
-    token_perplexity is comparable across methods of one model, and equals utrc_lib.evaluate's `ppl`
+    token_perplexity is comparable across methods of one model, and equals utrc_lib.eval.scorer's `ppl`
     for the embedded models; bits_per_byte does not depend on the tokenizer.
     """
     ll, _ = results[0]

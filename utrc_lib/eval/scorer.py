@@ -36,8 +36,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .config import ReductionConfig
-from .tasks import available_tasks, load_task
+from ..core.config import ReductionConfig
+from .suite import available_tasks, load_task
 
 DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")
 # statistics of the latest loglikelihood_tokens call: "dense_fallback" = requests scored dense because
@@ -154,17 +154,16 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prepared), desc=desc, unit="req", leave=False)
-    from . import patch
+    from ..hosts import handle as patch
 
     def score(batch):
         handle = state["handle"]
+        rows = [p[1] for p in batch]
         if handle is not None and protect:
-            handle.sample_protect_last = torch.tensor([len(p[2]) for p in batch])
-        try:
-            logits = _forward(model, [p[1] for p in batch], pad_token_id)
-        finally:
-            if handle is not None:
-                handle.sample_protect_last = None
+            with handle.options(protect_last=[len(p[2]) for p in batch]):
+                logits = _forward(model, rows, pad_token_id)
+        else:
+            logits = _forward(model, rows, pad_token_id)
         out = []
         for row, p in zip(logits, batch):
             n = len(p[2])
@@ -296,7 +295,7 @@ def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size:
 
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     meta: dict = {
         "config": None if config is None else {k: (list(v) if isinstance(v, tuple) else v)
@@ -309,10 +308,10 @@ def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size:
                      "python": platform.python_version()},
     }
     try:
-        from . import schedule
-        from .patch import backend_for
+        from ..core import schedule
+        from ..hosts.handle import num_layers
 
-        L = backend_for(model).num_layers(model)
+        L = num_layers(model)
         meta["num_layers"] = L
         if config is not None:
             layers = config.resolve_layers(L)
@@ -325,7 +324,7 @@ def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size:
     except Exception as e:  # unsupported model class: metadata only
         meta["schedule_error"] = repr(e)
     try:
-        from .flops import flops
+        from ..core.flops import flops
 
         rep = flops(model, 256, config)
         meta["analytic_flops_seq256"] = {"dense": rep.dense, "reduced": rep.reduced, "flops_cut": rep.flops_cut}

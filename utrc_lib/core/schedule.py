@@ -2,7 +2,7 @@
 
 Glossary: L layers, N tokens, rho per-anchor keep ratio, r tokens removed at one anchor.
 
-Paper (method.md §1): reduce after layers 12, 17, ..., 42 (0-based) for 64-layer models and after
+Paper (docs/method.md §1): reduce after layers 12, 17, ..., 42 (0-based) for 64-layer models and after
 10, 15, ..., 35 for 48-layer models, the same keep ratio rho at each anchor. A reduction "after
 layer l" shortens the input of layer l + 1 onward. The FLOPs reduction the authors report is the
 token-layer fraction: 1 - mean over layers of (tokens that layer processes / N).
@@ -10,9 +10,12 @@ token-layer fraction: 1 - mean over layers of (tokens that layer processes / N).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
-# Anchors of the paper for its two depths (method.md §1).
+import torch
+
+# Anchors of the paper for its two depths (docs/method.md §1).
 DEFAULT_ANCHORS = {
     64: tuple(range(12, 43, 5)),  # 12, 17, 22, 27, 32, 37, 42
     48: tuple(range(10, 36, 5)),  # 10, 15, 20, 25, 30, 35
@@ -41,13 +44,59 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return layers or (num_layers // 2,)
 
 
-def kept_tokens(n: int, keep_ratio: float, align: int = 1) -> int:
-    """Tokens an anchor keeps of n: ceil(n * rho) (method.md §2: r = n - ceil(n * rho)); with
-    align > 1 rounded to the nearest multiple of `align` (halves up), at least `align`, at most n."""
+def kept_tokens(n, keep_ratio: float, align: int = 1):
+    """Tokens an anchor keeps of n: ceil(n * rho) (docs/method.md §2: r = n - ceil(n * rho)); with
+    align > 1 rounded to the nearest multiple of `align` (halves up), at least `align`, at most n.
+
+    `n` is an int (host counts) or a (B,) long tensor (per-sample valid lengths); both follow the
+    same float64 arithmetic, so host and device counts agree.
+    """
+    if isinstance(n, torch.Tensor):
+        k = torch.ceil(n.double() * keep_ratio - 1e-9).long()
+        if align > 1:
+            k = (torch.floor(k.double() / align + 0.5).long() * align).clamp_min(align)
+        return torch.minimum(k, n)
     k = math.ceil(n * keep_ratio - 1e-9)
     if align > 1:
         k = max(align, int(math.floor(k / align + 0.5)) * align)
     return min(int(n), k)
+
+
+def tokens_to_remove(valid: torch.Tensor, keep_ratio: float, align: int = 1) -> torch.Tensor:
+    """(B,) r = n - kept_tokens(n) with n each sample's valid length (per sample, docs/method.md §3.3)."""
+    n = valid.sum(1)
+    return (n - kept_tokens(n, keep_ratio, align)).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where and how much, resolved once for one model depth (`ReductionConfig.resolve`).
+
+    layers: anchors (reduce after these 0-based layers); ratios: {anchor: keep ratio rho}; align:
+    kept counts rounded to multiples of it. Each anchor reads its own ratio (`ratio(layer)`); nothing
+    is solved again per forward.
+    """
+
+    num_layers: int
+    layers: tuple
+    keep_ratio: float
+    align: int = 1
+    ratios: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not self.ratios:
+            object.__setattr__(self, "ratios", {l: self.keep_ratio for l in self.layers})
+
+    @property
+    def anchors(self) -> frozenset:
+        return frozenset(self.layers)
+
+    def ratio(self, layer: int) -> float:
+        return self.ratios[layer]
+
+    def kept(self, n, layer: int):
+        """Tokens kept of n (int or (B,) tensor) at anchor `layer`."""
+        return kept_tokens(n, self.ratios[layer], self.align)
 
 
 def tokens_per_layer(seq_len: int, num_layers: int, layers: Sequence[int], keep_ratio: float,

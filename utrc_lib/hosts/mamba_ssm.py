@@ -1,7 +1,11 @@
-"""Backend: mamba-ssm's `MambaLMHeadModel` (Mamba-1 and Mamba-2 mixers), GPU.
+"""Host: mamba-ssm's `MambaLMHeadModel` (Mamba-1 and Mamba-2 mixers), GPU.
 
-Glossary: B batch, N input tokens, N' tokens after reductions, D d_model, D' SSM inner width,
-H heads (Mamba-2), R dt_rank (Mamba-1).
+Glossary: utrc_lib/GLOSSARY.md (B batch, N input tokens, N' tokens after reductions, D d_model,
+D' SSM inner width, H heads, R dt_rank).
+
+Follows mamba-ssm 2.2-2.3 `MixerModel.forward` (models/mixer_seq_simple.py); what it changes: a
+ForwardReducer per prefill, the reduction after each anchor layer, and the output mapping of the
+handle's options (last row / kept rows / N input positions).
 
 mamba-ssm's `MixerModel.forward` loops `hidden, residual = layer(hidden, residual, ...)`: the seam
 between layers already holds the two branches apart (hidden = mixer output, residual = the stream),
@@ -24,52 +28,38 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
-from ..patch import Handle, delta_needed, install_capture, ssm_needed
-
-
-def num_layers(model) -> int:
-    return len(model.backbone.layers)
+from . import capture
+from .handle import Handle
 
 
 def _is_mamba2(mixer) -> bool:
     return hasattr(mixer, "dt_bias") and hasattr(mixer, "nheads")
 
 
-def _delta_mamba2(mixer, zxbcdt, B: int, N: int) -> torch.Tensor:
-    """(B, N, d_in_proj) (or (B N, d_in_proj)) in_proj output -> (B, N, H) softplus(dt + dt_bias)."""
-    H = mixer.nheads
-    dt = zxbcdt.reshape(B, N, -1)[..., -H:].float() + mixer.dt_bias.float()
-    dt = F.softplus(dt)
-    lo, hi = mixer.dt_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = dt.clamp(lo, hi)
-    return dt
-
-
-def _delta_mamba1(mixer, x_dbl, B: int, N: int) -> torch.Tensor:
-    """((B N), R + 2 d_state) x_proj output -> (B, N, D') softplus(dt_proj.weight @ dt + dt_proj.bias)."""
-    dt = x_dbl.reshape(B, N, -1)[..., :mixer.dt_rank]  # (B, N, R)
-    dt = F.linear(dt, mixer.dt_proj.weight, mixer.dt_proj.bias)  # (B, N, D')
-    return F.softplus(dt.float())
+def _delta_reader(mixer):
+    """(module whose output carries dt, function (output, (B, N)) -> Delta)."""
+    if _is_mamba2(mixer):
+        return mixer.in_proj, lambda out, shape: capture.delta_mamba2(out, mixer.dt_bias, mixer.nheads,
+                                                                      mixer.dt_limit, shape)
+    return mixer.x_proj, lambda out, shape: capture.delta_mamba1(out, mixer.dt_proj, mixer.dt_rank, shape)
 
 
 def install(model, handle: Handle) -> None:
     """Patch `model` (instance attributes and hooks only, undone by handle.remove())."""
     backbone = model.backbone
     config = handle.config
-    layers = config.resolve_layers(len(backbone.layers))
-    want_ssm, want_delta = ssm_needed(config), delta_needed(config)
-    for i in layers:
+    readers = {}
+    for i in handle.schedule.layers:
         mixer = backbone.layers[i].mixer
         mamba2 = _is_mamba2(mixer)
-        if want_ssm:
-            install_capture(handle, mixer.out_proj, ("ssm", i), pre=True)
+        if config.needs_ssm_output:
+            handle.add_hook(capture.hook_ssm_output(mixer.out_proj))
             # the fused kernels apply out_proj inside; the unfused path calls it as a module
             handle.set_attr(mixer, "use_mem_eff_path" if mamba2 else "use_fast_path", False)
-        if want_delta:
-            install_capture(handle, mixer.in_proj if mamba2 else mixer.x_proj, ("delta", i), pre=False)
+        if config.needs_delta:
+            module, readers[i] = _delta_reader(mixer)
+            handle.add_hook(capture.hook_delta_source(module))
             if not mamba2:
                 handle.set_attr(mixer, "use_fast_path", False)
 
@@ -84,17 +74,14 @@ def install(model, handle: Handle) -> None:
         if mixer_kwargs:
             raise ValueError(f"utrc: mixer arguments {sorted(mixer_kwargs)} (packed / varlen sequences) are not "
                              f"supported with token reduction; call handle.remove() first")
-        return _reduced_forward(backbone, handle, input_ids, inference_params)
+        return _reduced_forward(backbone, handle, input_ids, inference_params, readers)
 
     @functools.wraps(lm_forward)
     def patched_lm_forward(input_ids, position_ids=None, inference_params=None, num_last_tokens=0,
                            **mixer_kwargs):
-        handle.last_only = num_last_tokens == 1
-        try:
+        with handle.last_token_mode(num_last_tokens == 1):
             return lm_forward(input_ids, position_ids=position_ids, inference_params=inference_params,
                               num_last_tokens=num_last_tokens, **mixer_kwargs)
-        finally:
-            handle.last_only = False
 
     handle.set_attr(backbone, "forward", patched_backbone_forward)
     handle.set_attr(model, "forward", patched_lm_forward)
@@ -113,26 +100,22 @@ def _final_norm(backbone, hidden, residual):
         is_rms_norm=isinstance(backbone.norm_f, RMSNorm))
 
 
-def _reduced_forward(backbone, handle: Handle, input_ids, inference_params):
+def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, readers: dict):
     """MixerModel.forward with reductions after the anchor layers; returns (B, N, D) or (B, 1, D)."""
     hidden = backbone.embedding(input_ids)  # (B, N, D)
     B, N = input_ids.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
-    reducer = handle.new_reducer(len(backbone.layers), valid)
+    reducer = handle.new_reducer(valid)
     residual = None
-    handle.captured = {"on": reducer.active}
-    try:
-        for i, layer in enumerate(backbone.layers):
+    for i, layer in enumerate(backbone.layers):
+        if not reducer.wants(i):
             hidden, residual = layer(hidden, residual, inference_params=inference_params)
-            if reducer.wants(i):
-                n = hidden.shape[1]
-                mixer = layer.mixer
-                delta = handle.captured.pop(("delta", i), None)
-                if delta is not None:
-                    delta = (_delta_mamba2 if _is_mamba2(mixer) else _delta_mamba1)(mixer, delta, B, n)
-                hidden, residual = reducer.step(i, hidden, residual, features=handle.captured.pop(("ssm", i), None),
-                                                delta=delta)  # (B, N', D) each
-    finally:
-        handle.captured = {}
+            continue
+        with capture.tap() as got:
+            hidden, residual = layer(hidden, residual, inference_params=inference_params)
+        delta = got.delta
+        if delta is not None:
+            delta = readers[i](delta, (B, hidden.shape[1]))
+        hidden, residual = reducer.step(i, hidden, residual, features=got.ssm, delta=delta)  # (B, N', D) each
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
     return handle.output(reducer, hidden)

@@ -8,7 +8,6 @@ method "none", so dense and reduced per-layer states follow one convention.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from typing import Optional, Sequence
@@ -16,22 +15,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import ReductionConfig
-from .engine import ForwardReducer
+from ..core.config import ReductionConfig
 
 Tensor = torch.Tensor
 DENSE = ReductionConfig(method="none")
-
-
-@contextlib.contextmanager
-def recording():
-    """Inside this block every prefill keeps its plans in `handle.last_reducer.history`."""
-    old = ForwardReducer.record_all
-    ForwardReducer.record_all = True
-    try:
-        yield
-    finally:
-        ForwardReducer.record_all = old
 
 
 @torch.no_grad()
@@ -41,11 +28,10 @@ def run(model, input_ids: Tensor, config: Optional[ReductionConfig] = None, *, r
     Returns {"logits": (B, N, V) by original position, "states": [L x (B, N_l', D)] residual stream after
     each layer, "history": per-anchor history (plans when record=True)}.
     """
-    from .patch import apply
+    from ..hosts.handle import apply
 
     cfg = DENSE if config is None else config
-    ctx = recording() if record else contextlib.nullcontext()
-    with ctx, apply(model, cfg) as handle:
+    with apply(model, cfg) as handle, handle.options(record=record):
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
         reducer = handle.last_reducer
     L = len(model.backbone.layers)
@@ -103,9 +89,9 @@ def token_importance(model, input_ids: Tensor, metric: str = "clip") -> Tensor:
     """(L, N) importance of every token after every layer (dense run, sample 0), from the SSM output y.
 
     Reads the input of each mixer's out_proj (the SSM output y, the paper's "hidden states") with
-    forward hooks and applies `utrc_lib.metrics.importance(metric, y)`.
+    forward hooks and applies `utrc_lib.core.metrics.importance(metric, y)`.
     """
-    from .metrics import importance
+    from ..core.metrics import importance
 
     feats = {}
     hooks = [layer.mixer.out_proj.register_forward_pre_hook(
@@ -123,10 +109,10 @@ def token_importance(model, input_ids: Tensor, metric: str = "clip") -> Tensor:
 def trace(model, tokenizer, text: str, config: ReductionConfig, *, max_tokens: int = 160) -> dict:
     """Which tokens of `text` a method removes, where and how, and how the next-token prediction changes.
 
-    Returns {"tokens": [str], "ids", "fates": [utrc_lib.reporting.token_fates], "tokens_per_layer",
+    Returns {"tokens": [str], "ids", "fates": [utrc_lib.report.provenance.token_fates], "tokens_per_layer",
     "anchors", "kl_last", "top_dense"/"top_reduced": [(token, prob)] x 5, "logits_dense"/"logits_reduced"}.
     """
-    from .reporting import token_fates
+    from ..report.provenance import token_fates
 
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
     N = ids.shape[1]
@@ -162,9 +148,9 @@ def cpu_prefill_ms(model, batch: int, seq_len: int, config: Optional[ReductionCo
 
     logits="last" asks the model for the last position only (logits_to_keep=1); "all" for all
     positions. Returns {"median_ms", "min_ms", "times_ms", "tokens_per_s"}.
-    Timed with utrc_lib.bench.time_ms (warm-up, then `repeats` calls; median reported).
+    Timed with utrc_lib.experiments.bench.time_ms (warm-up, then `repeats` calls; median reported).
     """
-    from .patch import apply
+    from ..hosts.handle import apply
 
     vocab = vocab or model.config.vocab_size
     g = torch.Generator().manual_seed(seed)

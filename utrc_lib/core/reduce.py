@@ -14,22 +14,16 @@ from typing import Optional
 import torch
 
 from .config import ReductionConfig
-from .methods import Context, get_method
+from .methods import Context
 from .kernels import feature_stats
 from .plan import Plan, TokenState, gather_rows
-from .schedule import kept_tokens
+from .schedule import Schedule, tokens_to_remove
 
 Tensor = torch.Tensor
 
 
-def tokens_to_remove(valid: Tensor, keep_ratio: float, align: int = 1) -> Tensor:
-    """(B,) r = n - kept with n each sample's valid length and kept = ceil(n * rho) (method.md §2, per
-    sample), rounded as schedule.kept_tokens does when align > 1."""
-    n = valid.sum(1)
-    n_keep = torch.ceil(n.double() * keep_ratio - 1e-9).long()
-    if align > 1:
-        n_keep = (torch.floor(n_keep.double() / align + 0.5).long() * align).clamp_min(align)
-    return (n - torch.minimum(n_keep, n)).clamp_min(0)
+class SequenceTooShort(ValueError):
+    """A sample has fewer than 2 reducible tokens where the schedule asks to remove some."""
 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
@@ -44,11 +38,11 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         static: {"n", "n_red", "r"} host integers when every sample has the same length and
             protection (no padding): the plan is then built without host syncs.
     """
-    method = get_method(config.method)
+    method = config.spec
     red = state.reducible
     if static is not None:  # every sample full length: sizes are host integers, no sync
         if static["r"] > 0 and static["n_red"] < 2:
-            raise ValueError(
+            raise SequenceTooShort(
                 f"sequence too short to reduce: {static['n_red']} reducible token(s) "
                 f"({static['n']} valid, protected tail excluded); need at least 2")
         too_short = None
@@ -56,7 +50,7 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         too_short = (r > 0) & (red.sum(1) < 2)
     if too_short is not None and bool(too_short.any()):
         b = int(too_short.nonzero()[0, 0])
-        raise ValueError(
+        raise SequenceTooShort(
             f"sequence too short to reduce: sample {b} has {int(red[b].sum())} reducible token(s) "
             f"({int(state.valid[b].sum())} valid, protected tail excluded); need at least 2")
     feats = hidden if features is None else features
@@ -71,19 +65,26 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
 
 
 class ForwardReducer:
-    """Carries the token state through one prefill forward and reduces at the anchor layers."""
+    """Carries the token state through one prefill forward and reduces at the anchor layers.
 
-    record_all = False  # class-wide default of `record` (see utrc_lib.analysis.recording)
+    One instance per forward call, created by the host's layer loop and local to it (no state is
+    shared between forwards, so concurrent forwards on one patched model do not interfere).
 
-    def __init__(self, config: ReductionConfig, num_layers: int, valid: Tensor, uniform: Optional[bool] = None,
-                 protect_last: Optional[Tensor] = None):
-        """protect_last: optional (B,) per-sample protected tail lengths, overriding config.protect_last
-        for this forward (used by the evaluator to score requests with different continuation lengths
-        in one batch)."""
+    Args:
+        config: the reduction; schedule: `config.resolve(num_layers)`, resolved once by apply().
+        valid: (B, N) bool, False on padding.
+        protect_last: optional (B,) per-sample protected tail lengths, overriding config.protect_last
+            for this forward (the scorer protects each request's own continuation).
+        record: keep each anchor's plan, positions_before and sizes_before in `history`.
+    """
+
+    def __init__(self, config: ReductionConfig, schedule: Schedule, valid: Tensor, *,
+                 protect_last: Optional[Tensor] = None, record: bool = False, uniform: Optional[bool] = None):
         self.config = config
-        self.layers = frozenset(config.resolve_layers(num_layers))
-        self.keep_ratio = config.resolve_keep_ratio(num_layers)
-        self.active = config.method != "none" and self.keep_ratio < 1.0 and bool(self.layers)
+        self.schedule = schedule
+        self.layers = schedule.anchors
+        self.keep_ratio = schedule.keep_ratio
+        self.active = config.active and self.keep_ratio < 1.0 and bool(self.layers)
         per_sample = protect_last is not None
         self.state = TokenState.initial(valid, protect_last=protect_last if per_sample else config.protect_last,
                                         protect_from=None if per_sample else config.protect_from)
@@ -97,9 +98,7 @@ class ForwardReducer:
         self.n_current = N
         self.reduced = False
         self.history: list[dict] = []  # per anchor: layer, tokens before/after (for reports)
-        # record=True also keeps each anchor's plan, positions_before and sizes_before in history;
-        # set by default from ForwardReducer.record_all (utrc_lib.analysis turns it on temporarily)
-        self.record = ForwardReducer.record_all
+        self.record = record
 
     def wants(self, layer: int) -> bool:
         return self.active and layer in self.layers
@@ -112,13 +111,13 @@ class ForwardReducer:
         static = None
         if self.uniform:
             n = self.n_current
-            r_host = n - kept_tokens(n, self.keep_ratio, self.config.align)
+            r_host = n - self.schedule.kept(n, layer)
             if r_host == 0:
                 return hidden, residual
             r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
             static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
         else:
-            r = tokens_to_remove(self.state.valid, self.keep_ratio, self.config.align)
+            r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
             if int(r.max()) == 0:
                 return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features

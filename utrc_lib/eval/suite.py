@@ -18,6 +18,8 @@ import functools
 import json
 import os
 from pathlib import Path
+
+from .. import paths
 from typing import Optional
 
 TASKS = ("cloze", "choice4", "choice2", "ppl")
@@ -38,7 +40,7 @@ def data_dir() -> Path:
         if (p / "benchmarks").is_dir():
             p = p / "benchmarks"
         return p.resolve()
-    return (Path(__file__).resolve().parent.parent / "data" / "benchmarks").resolve()
+    return (paths.data_dir() / "benchmarks").resolve()
 
 
 def available_tasks() -> list[str]:

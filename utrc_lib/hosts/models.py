@@ -27,11 +27,7 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
-def data_dir() -> Path:
-    env = os.environ.get("UTRC_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "data"
+from ..paths import data_dir  # noqa: E402  (re-exported: models/ lives under it)
 
 
 def embedded_path(name: str) -> Path:

@@ -20,12 +20,12 @@ import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
+from ..paths import REPO
 
 FLOPS_DEFINITION = (
     "FLOPs cut = 1 - mean over layers of (tokens the layer processes / input tokens): the token-layer "
     "fraction, the only definition the authors' code gives (method.md 1); the same keep ratio rho is "
-    "used at every reduction layer and solved for the target cut (utrc_lib.schedule.keep_ratio_for_flops). "
+    "used at every reduction layer and solved for the target cut (utrc_lib.core.schedule.keep_ratio_for_flops). "
     "analytic_flops_cut = 1 - reduced / dense FLOPs of utrc_lib.flops (in_proj, conv, scan, out_proj, "
     "norms, LM head on the last position, plus the reduction's own importance / similarity / merge cost).")
 
@@ -63,8 +63,8 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
-    from .sweep import code_version
+    from .. import __version__
+    from ..experiments.sweep import code_version
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__,
@@ -117,7 +117,7 @@ def token_fates(history: Sequence[dict], num_tokens: int, protect_from: Optional
 
     Args:
         history: `handle.last_reducer.history` of a batch-1 prefill run with plan recording on
-            (`utrc_lib.analysis.recording()`); entries need "plan".
+            (`handle.options(record=True)`, as `utrc_lib.experiments.analysis.run(..., record=True)` does); entries need "plan".
         num_tokens: input length N.
         protect_from: original index from which tokens were protected (shown as "protected").
     Returns:
@@ -133,7 +133,7 @@ def token_fates(history: Sequence[dict], num_tokens: int, protect_from: Optional
     identity = list(range(num_tokens))  # original token carried by each current slot
     for entry in history:
         if "plan" not in entry:
-            raise ValueError("history has no plans: run the forward inside utrc_lib.analysis.recording()")
+            raise ValueError("history has no plans: run the forward inside handle.options(record=True)")
         plan = entry["plan"]
         if plan.base.shape[0] != 1:
             raise ValueError("token_fates reads batch-1 traces")

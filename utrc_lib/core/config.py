@@ -9,6 +9,8 @@ import re
 from typing import Optional, Sequence
 
 from . import schedule
+from .methods import get_method
+from .metrics import get_metric
 
 RULES = ("prune", "merge", "hybrid")
 METRIC_SOURCES = ("ssm", "mixer")
@@ -74,9 +76,6 @@ class ReductionConfig:
     align: int = 1
 
     def __post_init__(self):
-        from .methods import get_method  # registries import config for type hints only
-        from .metrics import get_metric
-
         method = get_method(self.method)
         get_metric(self.metric)
         if self.keep_ratio is not None and self.flops_reduction is not None:
@@ -118,35 +117,143 @@ class ReductionConfig:
             raise ValueError(
                 f"method {self.method!r} reproduces non-causal merges (later tokens fold into earlier "
                 f"positions); pass causal=False to use it")
+        # looked up once: the method record and the branch rules (not dataclass fields: asdict,
+        # equality and hashing see the user's fields only)
+        hidden = self.hidden_rule or method.hidden_rule
+        residual = self.residual_rule or method.residual_rule
+        object.__setattr__(self, "_spec", method)
+        object.__setattr__(self, "_rules", {"hidden": parse_rule(hidden, self.q),
+                                            "residual": parse_rule(residual, self.q)})
 
-    # -- schedule -------------------------------------------------------------------------------
-    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Reduction layers for a `num_layers`-layer model; raises on an out-of-range index."""
+    # -- schedule ---------------------------------------------------------------------------------
+    def resolve(self, num_layers: int) -> schedule.Schedule:
+        """The schedule for a `num_layers`-layer model: anchors and the keep ratio at each (solving
+        flops_reduction for the depth). Raises ValueError on an out-of-range layer. apply() calls
+        this once per patch; the layer loops read the result."""
         layers = schedule.default_layers(num_layers) if self.layers is None else tuple(self.layers)
         bad = [l for l in layers if l >= num_layers - 1]
         if bad:
             raise ValueError(
                 f"layer index {bad[0]} out of range for a {num_layers}-layer model: reduction runs "
                 f"after a layer and must leave one to shorten (valid 0..{num_layers - 2})")
-        return layers
+        if self.keep_ratio is not None:
+            rho = float(self.keep_ratio)
+        elif self.flops_reduction is not None:
+            rho = schedule.keep_ratio_for_flops(float(self.flops_reduction), num_layers, layers)
+        else:
+            rho = 1.0
+        return schedule.Schedule(num_layers, layers, rho, self.align)
+
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Reduction layers for a `num_layers`-layer model; raises on an out-of-range index."""
+        return self.resolve(num_layers).layers
 
     def resolve_keep_ratio(self, num_layers: int) -> float:
         """Per-anchor keep ratio (solving flops_reduction for the model depth when given)."""
-        if self.keep_ratio is not None:
-            return float(self.keep_ratio)
-        if self.flops_reduction is not None:
-            return schedule.keep_ratio_for_flops(float(self.flops_reduction), num_layers,
-                                                 self.resolve_layers(num_layers))
-        return 1.0
+        return self.resolve(num_layers).keep_ratio
+
+    @property
+    def spec(self):
+        """The method's registry record (`utrc_lib.core.methods.Method`)."""
+        return self._spec
+
+    @property
+    def active(self) -> bool:
+        """False for method "none" (the dense path through the same loop)."""
+        return self.method != "none"
 
     def branch_rules(self) -> dict[str, tuple[str, float]]:
         """{'hidden': (kind, prune fraction), 'residual': (...)} with method defaults filled in."""
-        from .methods import get_method
+        return self._rules
 
-        method = get_method(self.method)
-        hidden = self.hidden_rule or method.hidden_rule
-        residual = self.residual_rule or method.residual_rule
-        return {"hidden": parse_rule(hidden, self.q), "residual": parse_rule(residual, self.q)}
+    @property
+    def needs_ssm_output(self) -> bool:
+        """Whether the layer loops must read the SSM output y (the metric / similarity source)."""
+        return (self.metric_source == "ssm" and self._spec.needs_features
+                and self.metric not in ("delta", "random"))
+
+    @property
+    def needs_delta(self) -> bool:
+        return self.metric == "delta"
 
     def replace(self, **changes) -> "ReductionConfig":
         return dataclasses.replace(self, **changes)
+
+
+# -- one builder from loose arguments (CLI flags, lm-eval model_args strings, sweep rows, bench) --------
+_DENSE_NAMES = (None, "", "none", "dense")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _as_bool(name: str, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in _TRUE or s in _FALSE:
+        return s in _TRUE
+    raise ValueError(f"{name} must be a boolean (true/false), got {v!r}")
+
+
+def _as_number(name: str, v, kind=float):
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        x = kind(v) if not isinstance(v, str) else kind(v.strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {v!r}") from None
+    if kind is int and isinstance(v, float) and v != x:
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return x
+
+
+def _as_layers(v) -> Optional[tuple[int, ...]]:
+    if v is None or v == "" or v == "default":
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(_as_number("layers", x, int) for x in v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,)
+    text = str(v)
+    for sep in (",", ";", ":", "|", "/", " "):
+        if sep in text:
+            return tuple(_as_number("layers", x, int) for x in text.split(sep) if x.strip())
+    return (_as_number("layers", text, int),)
+
+
+_PARSERS = {
+    "metric": str, "hidden_rule": str, "residual_rule": str, "metric_source": str,
+    "layers": _as_layers,
+    "keep_ratio": lambda v: _as_number("keep_ratio", v), "flops_reduction": lambda v: _as_number("flops_reduction", v),
+    "q": lambda v: _as_number("q", v), "seed": lambda v: _as_number("seed", v, int),
+    "align": lambda v: _as_number("align", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
+    "causal": lambda v: _as_bool("causal", v),
+}
+BUILDER_FIELDS = ("method",) + tuple(_PARSERS)
+
+
+def config_from_args(method=None, **kw) -> Optional[ReductionConfig]:
+    """The one way loose arguments become a ReductionConfig (CLIs, lm-eval model_args, sweep rows, bench).
+
+    Values may be strings (parsed strictly; an unparsable value raises ValueError naming its field)
+    or already typed. `None` / "" mean "not given". Returns None for the dense model: no method (or
+    "none" / "dense") with no ratio, or a method with flops_reduction 0.
+
+    Defaults: every field as ReductionConfig, except `causal`, whose default here is the method's
+    own: True for every method but `utrc_reference`, which reproduces the authors' non-causal merges
+    and gets False. A ratio without a method is an error (it would silently run dense).
+    """
+    unknown = sorted(set(kw) - set(_PARSERS))
+    if unknown:
+        raise ValueError(f"unknown reduction argument(s) {unknown}; valid: {', '.join(BUILDER_FIELDS)}")
+    args = {k: _PARSERS[k](v) for k, v in kw.items() if v is not None and v != ""}
+    if method in _DENSE_NAMES:
+        given = [k for k in ("flops_reduction", "keep_ratio") if k in args]
+        if given:
+            raise ValueError(f"{given[0]} given without a method; pass a method (e.g. method='utrc')")
+        return None
+    method = str(method)
+    if args.get("flops_reduction") == 0.0 and "keep_ratio" not in args:
+        return None
+    if "causal" not in args:
+        args["causal"] = get_method(method).causal_capable
+    return ReductionConfig(method=method, **args)

@@ -27,11 +27,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
+from ..paths import CACHE, REPO
 DEFAULT_CACHE_DIR = REPO / ".cache" / "sweeps"
 
 # Library files that do not change any computed number (plots, reports, runners).
-_NOT_NUMERIC = {"plotting.py", "reporting.py", "figures.py", "bench.py", "convert.py", "demo.py", "scaleout.py"}
+# files (relative to utrc_lib/) that cannot change a computed number: presentation, CLIs, conversion
+_NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "paths.py", "experiments/bench.py",
+                "experiments/scaleout.py", "hosts/convert.py"}
+_NOT_NUMERIC_DIRS = ("report/",)
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -45,10 +48,11 @@ def _hash_bytes(*chunks: bytes) -> str:
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
     """Hash of the library sources that affect computed numbers, and of the benchmark manifest."""
-    root = Path(__file__).resolve().parent
+    root = REPO / "utrc_lib"
     chunks = []
     for p in sorted(root.rglob("*.py")):
-        if p.name in _NOT_NUMERIC:
+        rel = p.relative_to(root).as_posix()
+        if rel in _NOT_NUMERIC or rel.startswith(_NOT_NUMERIC_DIRS):
             continue
         chunks += [str(p.relative_to(root)).encode(), p.read_bytes()]
     manifest = REPO / "data" / "benchmarks" / "manifest.json"
@@ -234,7 +238,7 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Opti
 @functools.lru_cache(maxsize=4)
 def get_model(name: str):
     """(model, tokenizer) by name ("tiny-mamba2", "tiny-mamba") or path; cached per process, eval mode."""
-    from . import load_model
+    from .. import load_model
 
     model, tok = load_model(name)
     return model.eval(), tok
@@ -244,7 +248,7 @@ def get_model(name: str):
 def model_fingerprint(name: str) -> str:
     """Hash of a model's config and weight files (so retraining a model invalidates its rows)."""
     try:
-        from .models import resolve_path  # optional helper of utrc_lib.models
+        from ..hosts.models import resolve_path  # optional helper of utrc_lib.models
         path = Path(resolve_path(name))
     except Exception:
         path = Path(name) if Path(name).exists() else REPO / "data" / "models" / name
@@ -262,8 +266,8 @@ def make_config(method: str, cut: float, *, metric: str = "clip", layers=None, q
                 hidden_rule=None, residual_rule=None, causal: Optional[bool] = None, seed: int = 0,
                 metric_source: str = "ssm"):
     """ReductionConfig for a sweep row, or None for the dense model (method "none" or cut 0)."""
-    from .config import ReductionConfig
-    from .methods import get_method
+    from ..core.config import ReductionConfig
+    from ..core.methods import get_method
 
     if method in ("none", "dense") or not cut:
         return None
@@ -276,12 +280,12 @@ def make_config(method: str, cut: float, *, metric: str = "clip", layers=None, q
 
 
 def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, seed: int):
-    """utrc_lib.evaluate.evaluate with protection of the scored continuation on (default) or off.
+    """utrc_lib.eval.scorer.evaluate with protection of the scored continuation on (default) or off.
 
     evaluate() always protects; when it has no `protect` switch the unprotected run goes through
     the same steps with `loglikelihood_tokens(..., protect=False)` (the config applied unchanged).
     """
-    from . import evaluate as ev
+    from ..eval import scorer as ev
 
     params = inspect.signature(ev.evaluate).parameters
     if protect or "protect" in params:
@@ -327,8 +331,8 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     """
     import torch
 
-    from .flops import flops
-    from .schedule import token_layer_fraction
+    from ..core.flops import flops
+    from ..core.schedule import token_layer_fraction
 
     torch.manual_seed(seed)
     mdl, tok = get_model(model)

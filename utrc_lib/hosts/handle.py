@@ -1,0 +1,236 @@
+"""apply / remove: reversible patching of a model's layer loop (ToMe / tomesd style).
+
+Glossary: utrc_lib/GLOSSARY.md.
+
+`handle = utrc_lib.apply(model, config)` resolves the schedule once (anchors, keep ratio per anchor)
+and installs the reduction on `model` (prefill only; single-token decoding with a cache is
+untouched); `handle.remove()` restores the model bit for bit. The handle is a context manager.
+
+Per-forward options go through one seam, `with handle.options(...)`, and hold for the forwards of
+the calling thread inside the block. Everything a forward computes lives in that forward; its
+reducer (token history, positions) is readable afterwards as `handle.last_reducer`, again per
+thread. Two threads may therefore run one patched model at the same time.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..core.config import ReductionConfig
+from ..core.reduce import ForwardReducer
+from ..core.schedule import Schedule
+
+# class name -> module of its host loop (one small patch module per host library)
+_HOSTS = {
+    "MambaForCausalLM": "utrc_lib.hosts.hf",
+    "Mamba2ForCausalLM": "utrc_lib.hosts.hf",
+    "MambaLMHeadModel": "utrc_lib.hosts.mamba_ssm",
+}
+
+
+def supported_models() -> list[str]:
+    return list(_HOSTS)
+
+
+def host_for(model):
+    """The host module that patches `model`'s class; ValueError for an unsupported class."""
+    name = type(model).__name__
+    if name not in _HOSTS:
+        raise ValueError(
+            f"unsupported model class {name}; supported: {', '.join(_HOSTS)} "
+            f"(transformers Mamba / Mamba-2 causal LMs and mamba-ssm's MambaLMHeadModel)")
+    return importlib.import_module(_HOSTS[name])
+
+
+backend_for = host_for  # the name used before the layered layout
+
+
+def num_layers(model) -> int:
+    """Depth of a supported model (both hosts keep their blocks in `model.backbone.layers`)."""
+    host_for(model)
+    return len(model.backbone.layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Per-forward options (see `Handle.options`)."""
+
+    protect_last: Optional[torch.Tensor] = None
+    kept_only: bool = False
+    record: bool = False
+    reducer: type = ForwardReducer
+
+
+class Handle:
+    """A live patch of one model.
+
+    config: the ReductionConfig; schedule: the resolved `Schedule` (anchors, keep ratio per anchor),
+    computed once by apply(); last_reducer: the ForwardReducer of the calling thread's latest prefill
+    (token history, positions, sizes), None before one.
+    """
+
+    def __init__(self, model, config: ReductionConfig, schedule: Schedule):
+        self.model = model
+        self.config = config
+        self.schedule = schedule
+        self._undo: list[Callable[[], None]] = []
+        self._removed = False
+        self._options = contextvars.ContextVar(f"utrc_options_{id(self)}", default=Options())
+        self._last = contextvars.ContextVar(f"utrc_last_{id(self)}", default=None)
+        self._last_only = contextvars.ContextVar(f"utrc_last_only_{id(self)}", default=False)
+
+    # -- the one seam for per-forward options ---------------------------------------------------
+    @contextlib.contextmanager
+    def options(self, *, protect_last=None, kept_only: Optional[bool] = None, record: Optional[bool] = None,
+                reducer: Optional[type] = None) -> Iterator["Handle"]:
+        """Options for the forwards inside the block (this thread only; blocks nest, inner wins).
+
+        protect_last: (B,) per-sample protected tail lengths (int or tensor) instead of
+            config.protect_last (the scorer protects each request's own continuation).
+        kept_only: a full-logits prefill returns rows for the kept tokens only, (B, N', ...), as the
+            authors' code does; `output_positions` says which original position each row is.
+        record: keep each anchor's plan in `last_reducer.history` (token-fate reports).
+        reducer: a ForwardReducer subclass to run instead (the bench's slicing bound and timers).
+        """
+        cur = self._options.get()
+        changes = {}
+        if protect_last is not None:
+            changes["protect_last"] = torch.as_tensor(protect_last).long().reshape(-1)
+        if kept_only is not None:
+            changes["kept_only"] = bool(kept_only)
+        if record is not None:
+            changes["record"] = bool(record)
+        if reducer is not None:
+            if not (isinstance(reducer, type) and issubclass(reducer, ForwardReducer)):
+                raise TypeError(f"reducer must be a ForwardReducer subclass, got {reducer!r}")
+            changes["reducer"] = reducer
+        token = self._options.set(dataclasses.replace(cur, **changes))
+        try:
+            yield self
+        finally:
+            self._options.reset(token)
+
+    @property
+    def current_options(self) -> Options:
+        return self._options.get()
+
+    # -- used by the host loops -----------------------------------------------------------------
+    def new_reducer(self, valid: torch.Tensor) -> ForwardReducer:
+        """The ForwardReducer of one prefill, built from the resolved schedule and this thread's
+        options; remembered as this thread's `last_reducer`."""
+        opt = self._options.get()
+        protect = opt.protect_last
+        if protect is not None:
+            protect = protect.to(valid.device)
+            if protect.numel() == 1 and valid.shape[0] != 1:
+                protect = protect.expand(valid.shape[0])
+            if protect.shape[0] != valid.shape[0]:
+                raise ValueError(f"options(protect_last=...) has {protect.shape[0]} entries for a batch of "
+                                 f"{valid.shape[0]}")
+        reducer = opt.reducer(self.config, self.schedule, valid, protect_last=protect, record=opt.record)
+        self._last.set(reducer)
+        return reducer
+
+    @contextlib.contextmanager
+    def last_token_mode(self, on: bool) -> Iterator[None]:
+        """Set by the LM-level wrapper when only the last position's logits are asked for."""
+        token = self._last_only.set(bool(on))
+        try:
+            yield
+        finally:
+            self._last_only.reset(token)
+
+    def output(self, reducer: ForwardReducer, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, N', D) -> what the LM head sees: the last row (last-token mode), the
+        kept rows (kept_only), or rows aligned to the N input positions."""
+        if self._last_only.get():
+            return reducer.last(hidden)
+        return hidden if self._options.get().kept_only else reducer.expand(hidden)
+
+    def set_attr(self, obj, name: str, value) -> None:
+        """Set an instance attribute and remember how to undo it."""
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+
+        def undo():
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+
+        setattr(obj, name, value)
+        self._undo.append(undo)
+
+    def add_hook(self, hook_handle) -> None:
+        self._undo.append(hook_handle.remove)
+
+    def refuse_copies(self, *modules) -> None:
+        """A deep copy of a patched module would run the original's weights (the patched forwards
+        close over the original objects): refuse it with a clear error instead."""
+        def refuse(memo=None):
+            raise RuntimeError("utrc: this model is patched; deep-copy it before utrc_lib.apply() or after "
+                               "handle.remove(), then apply the config to the copy")
+
+        for m in modules:
+            self.set_attr(m, "__deepcopy__", refuse)
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def last_reducer(self) -> Optional[ForwardReducer]:
+        return self._last.get()
+
+    @property
+    def output_positions(self) -> Optional[torch.Tensor]:
+        """(B, N') original position of each output row of the latest prefill in kept_only mode (the
+        latest member of a merged group; -1 on padding); None before any prefill or when nothing
+        was reduced (rows are then the N input positions)."""
+        r = self._last.get()
+        return r.state.positions if r is not None and r.reduced else None
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self._removed = True
+        if self.model.__dict__.get("_utrc_handle") is self:
+            del self.model.__dict__["_utrc_handle"]
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"<utrc Handle {type(self.model).__name__} {self.config.method} ({state})>"
+
+
+def apply(model, config: ReductionConfig) -> Handle:
+    """Install token reduction on `model` (transformers Mamba/Mamba-2 CausalLM or mamba-ssm LM).
+
+    Resolves the schedule once (`config.resolve`). Raises ValueError for an unsupported model class
+    or an out-of-range layer, RuntimeError when the model is already patched.
+    """
+    if not isinstance(config, ReductionConfig):
+        raise TypeError(f"config must be a utrc_lib.ReductionConfig, got {type(config).__name__}")
+    host = host_for(model)
+    if model.__dict__.get("_utrc_handle") is not None:
+        raise RuntimeError("this model is already patched by utrc; call handle.remove() before applying again")
+    schedule = config.resolve(len(model.backbone.layers))  # raises on an out-of-range layer
+    handle = Handle(model, config, schedule)
+    host.install(model, handle)
+    handle.refuse_copies(model, model.backbone)
+    model.__dict__["_utrc_handle"] = handle
+    return handle

@@ -1,0 +1,90 @@
+"""Main job: execute every notebook headlessly (papermill) and regenerate figures/ from the embedded default.
+
+    python -m utrc_lib.figures                 # all notebooks, default parameters
+    python -m utrc_lib.figures --only 01_main_results --param limit=50
+    python -m utrc_lib.figures --quick         # tiny parameters (what the notebook tests use)
+
+Executed notebooks go to notebooks/executed/ (not committed); each notebook writes
+figures/<notebook>/*.png|pdf and results.json itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..paths import REPO
+NOTEBOOKS = REPO / "notebooks"
+
+# Parameters that make every notebook finish in seconds (tests and --quick).
+QUICK = {"quick": True}
+
+
+def notebook_paths(only=None) -> list[Path]:
+    paths = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = set(only)
+        paths = [p for p in paths if p.stem in wanted]
+        missing = wanted - {p.stem for p in paths}
+        if missing:
+            valid = ", ".join(p.stem for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")))
+            raise SystemExit(f"unknown notebook(s) {sorted(missing)}; valid: {valid}")
+    return paths
+
+
+def run_notebook(path: Path, parameters: dict, out_dir: Path, log=print) -> float:
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    pm.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, cwd=str(NOTEBOOKS),
+                        kernel_name="python3", progress_bar=False, log_output=False)
+    dt = time.time() - t
+    log(f"{path.stem}: {dt:.0f}s")
+    return dt
+
+
+def _parse_param(text: str):
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="notebook stems to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="tiny parameters (seconds per notebook)")
+    ap.add_argument("--param", action="append", default=[], help="key=value (JSON value) for every notebook")
+    ap.add_argument("--out", default=str(NOTEBOOKS / "executed"))
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    params = dict(QUICK) if a.quick else {}
+    params.update(dict(_parse_param(p) for p in a.param))
+    paths = notebook_paths(a.only)
+    if not paths:
+        print("no notebooks found in notebooks/", file=sys.stderr)
+        return 1
+    timings, failed = {}, []
+    t0 = time.time()
+    for path in paths:
+        try:
+            timings[path.stem] = run_notebook(path, params, Path(a.out))
+        except Exception as exc:  # report and go on: one broken notebook should not hide the others
+            failed.append(path.stem)
+            print(f"{path.stem}: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", file=sys.stderr)
+    total = time.time() - t0
+    summary = {"timings_s": timings, "total_s": round(total, 1), "failed": failed, "parameters": params}
+    (REPO / "figures").mkdir(exist_ok=True)
+    if not a.quick and not a.only:
+        (REPO / "figures" / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"done in {total:.0f}s; {len(timings)} ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
