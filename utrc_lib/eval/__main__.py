@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from . import LOCAL_TASKS, PAPER_TASKS, TASKS_DIR
 

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import paths
+from .. import environment
 from typing import Optional
 
 TASKS = ("cloze", "choice4", "choice2", "ppl")
@@ -40,7 +40,7 @@ def data_dir() -> Path:
         if (p / "benchmarks").is_dir():
             p = p / "benchmarks"
         return p.resolve()
-    return (paths.data_dir() / "benchmarks").resolve()
+    return (environment.data_dir() / "benchmarks").resolve()
 
 
 def available_tasks() -> list[str]:

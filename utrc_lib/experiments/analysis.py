@@ -163,7 +163,7 @@ def cpu_prefill_ms(model, batch: int, seq_len: int, config: Optional[ReductionCo
                 return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
 
         try:
-            from .bench import time_ms  # the project's one timing module (warm-up, median of repeats)
+            from .timing import time_ms
         except ImportError:  # pragma: no cover - bench is optional
             time_ms = None
         if time_ms is not None:

@@ -24,7 +24,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -36,6 +35,7 @@ from ..core.config import ReductionConfig
 from ..core.reduce import ForwardReducer
 from ..core.plan import TokenState
 from ..core.schedule import default_layers, keep_ratio_for_flops, token_layer_fraction
+from .timing import Stamp, median, peak_memory_gb, synchronize, time_ms
 
 # -- model shapes ---------------------------------------------------------------------------------
 # mamba-ssm MambaConfig fields (+ arch). Vocabulary 50277 padded to a multiple of 8 = 50280.
@@ -124,72 +124,13 @@ def timed_reducer(base: type, log: list) -> type:
         def step(self, layer, hidden, residual, features=None, delta=None):
             if not self.wants(layer):
                 return hidden, residual
-            t = _Stamp(hidden.device)
+            t = Stamp(hidden.device)
             out = super().step(layer, hidden, residual, features=features, delta=delta)
             t.stop()
             log.append((layer, hidden.shape[1], out[0].shape[1], t))
             return out
 
     return Timed
-
-
-class _Stamp:
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        if self.cuda:
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            self.b.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def ms(self) -> float:
-        return self.a.elapsed_time(self.b) if self.cuda else (self.t1 - self.t0) * 1e3
-
-
-# -- timing and memory primitives ----------------------------------------------------------------
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device, repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Milliseconds of each of `repeats` calls of fn() after `warmup` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    out = []
-    for _ in range(repeats):
-        t = _Stamp(device)
-        fn()
-        t.stop()
-        synchronize(device)
-        out.append(t.ms())
-    return out
-
-
-def peak_memory_gb(fn: Callable[[], object], device) -> Optional[float]:
-    """max_memory_allocated during fn() in GB (weights included); None on CPU."""
-    if torch.device(device).type != "cuda":
-        fn()
-        return None
-    synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    synchronize(device)
-    del out
-    return torch.cuda.max_memory_allocated(device) / 1e9
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
 
 
 # -- forwards per backend ------------------------------------------------------------------------
@@ -214,12 +155,12 @@ def measure_generation(model, backend: str, ids: torch.Tensor, new_tokens: int, 
                 from mamba_ssm.utils.generation import InferenceParams
 
                 params = InferenceParams(max_seqlen=N + n_new, max_batch_size=B)
-                t = _Stamp(device)
+                t = Stamp(device)
                 logits = model(ids, inference_params=params, num_last_tokens=1).logits
                 tok = logits[:, -1].argmax(-1, keepdim=True)
                 t.stop()
                 params.seqlen_offset += N
-                d = _Stamp(device)
+                d = Stamp(device)
                 for _ in range(n_new - 1):
                     pos = torch.full((B, 1), params.seqlen_offset, dtype=torch.long, device=ids.device)
                     logits = model(tok, position_ids=pos, inference_params=params, num_last_tokens=1).logits
@@ -229,11 +170,11 @@ def measure_generation(model, backend: str, ids: torch.Tensor, new_tokens: int, 
                 synchronize(device)
                 return t.ms(), d.ms()
             # transformers: prefill timed alone, then generate() timed whole; decoding = the difference
-            t = _Stamp(device)
+            t = Stamp(device)
             model(ids, use_cache=True, logits_to_keep=1)
             t.stop()
             synchronize(device)
-            g = _Stamp(device)
+            g = Stamp(device)
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
                            min_new_tokens=n_new, do_sample=False)
             g.stop()

@@ -27,12 +27,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from ..paths import CACHE, REPO
+from ..environment import REPO
 DEFAULT_CACHE_DIR = REPO / ".cache" / "sweeps"
 
 # Library files that do not change any computed number (plots, reports, runners).
 # files (relative to utrc_lib/) that cannot change a computed number: presentation, CLIs, conversion
-_NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "paths.py", "experiments/bench.py",
+_NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "environment.py", "experiments/bench.py",
                 "experiments/scaleout.py", "hosts/convert.py"}
 _NOT_NUMERIC_DIRS = ("report/",)
 

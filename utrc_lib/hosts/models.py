@@ -27,7 +27,7 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
-from ..paths import data_dir  # noqa: E402  (re-exported: models/ lives under it)
+from ..environment import data_dir  # noqa: E402  (models/ lives under it)
 
 
 def embedded_path(name: str) -> Path:

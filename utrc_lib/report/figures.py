@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..paths import REPO
+from ..environment import REPO
 NOTEBOOKS = REPO / "notebooks"
 
 # Parameters that make every notebook finish in seconds (tests and --quick).

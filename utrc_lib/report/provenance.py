@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..paths import REPO
+from ..environment import REPO
 
 FLOPS_DEFINITION = (
     "FLOPs cut = 1 - mean over layers of (tokens the layer processes / input tokens): the token-layer "
@@ -169,7 +169,7 @@ def tokens_html(tokens: Sequence[str], fates: Sequence[dict], layers: Sequence[i
     """HTML rendering: background = layer after which the token was removed; pruned tokens struck through,
     merged tokens underlined; hover shows the details."""
     cols = fate_colours(layers)
-    parts = [f"<div style='font-family:monospace;line-height:1.9;max-width:60em'>"]
+    parts = ["<div style='font-family:monospace;line-height:1.9;max-width:60em'>"]
     if title:
         parts.append(f"<b>{html.escape(title)}</b><br>")
     for i, (t, f) in enumerate(zip(tokens, fates)):
