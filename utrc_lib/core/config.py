@@ -1,6 +1,6 @@
 """ReductionConfig: one frozen description of a token-reduction run, validated on construction.
 
-Glossary: L layers, rho per-anchor keep ratio, q fraction of matched edges pruned (hybrid rule).
+Glossary: utrc_lib/GLOSSARY.md (L layers, rho keep ratio per anchor, q hybrid prune fraction).
 """
 from __future__ import annotations
 

@@ -60,6 +60,8 @@ import json
 import math
 from typing import Any, Optional
 
+from .shapes import PAPER_NAMES, read_mamba_ssm_config, shape_config
+
 SUPPORTED = ("transformers MambaForCausalLM / Mamba2ForCausalLM (or their MambaModel / Mamba2Model), "
              "transformers MambaConfig / Mamba2Config, a mamba-ssm MambaConfig-like object "
              "(d_model, n_layer, vocab_size, ssm_cfg)")
@@ -185,34 +187,20 @@ def model_shape(model_or_config) -> ModelShape:
 
 
 def _mamba_ssm_shape(cfg) -> ModelShape:
-    """mamba-ssm `MambaConfig` (mamba_ssm.models.config_mamba) or an object / dict with its fields."""
-    ssm = dict(_get(cfg, "ssm_cfg") or {})
-    layer = ssm.get("layer", "Mamba1")
-    if _get(cfg, "d_intermediate", 0):
+    """mamba-ssm `MambaConfig` (mamba_ssm.models.config_mamba) or an object / dict with its fields,
+    read by `core.shapes.read_mamba_ssm_config` (mamba-ssm's defaults; ssm_cfg fields that do not
+    change the shape are ignored)."""
+    m = read_mamba_ssm_config(cfg)
+    if m.d_intermediate:
         raise ValueError("mamba-ssm configs with an MLP (d_intermediate > 0) are not supported")
-    if _get(cfg, "attn_layer_idx"):
+    if m.attn_layer_idx:
         raise ValueError("mamba-ssm hybrid configs with attention layers are not supported")
-    d_model, n_layer = int(_get(cfg, "d_model")), int(_get(cfg, "n_layer"))
-    vocab = int(_get(cfg, "vocab_size"))
-    mult = int(_get(cfg, "pad_vocab_size_multiple", 1) or 1)
-    vocab += (mult - vocab % mult) % mult  # mamba-ssm pads the embedding / head
-    expand = ssm.get("expand", 2)
-    d_inner = int(expand * d_model)
-    d_conv = int(ssm.get("d_conv", 4))
-    if layer == "Mamba1":
-        dt_rank = ssm.get("dt_rank", "auto")
-        dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        return ModelShape(kind="mamba1", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_inner=d_inner,
-                          d_state=int(ssm.get("d_state", 16)), d_conv=d_conv, dt_rank=dt_rank)
-    if layer == "Mamba2":
-        head_dim = int(ssm.get("headdim", 64))
-        if d_inner % head_dim:
-            raise ValueError(f"d_inner {d_inner} is not a multiple of headdim {head_dim}")
-        return ModelShape(kind="mamba2", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_inner=d_inner,
-                          d_state=int(ssm.get("d_state", 128)), d_conv=d_conv, n_heads=d_inner // head_dim,
-                          head_dim=head_dim, n_groups=int(ssm.get("ngroups", 1)),
-                          chunk_size=int(ssm.get("chunk_size", 256)))
-    raise ValueError(f"unsupported mamba-ssm layer {layer!r}; supported: 'Mamba1', 'Mamba2'")
+    common = dict(d_model=m.d_model, n_layer=m.n_layer, vocab_size=m.padded_vocab, d_inner=m.d_inner,
+                  d_state=int(m.mixer["d_state"]), d_conv=int(m.mixer["d_conv"]))
+    if m.arch == "mamba":
+        return ModelShape(kind="mamba1", dt_rank=m.dt_rank, **common)
+    return ModelShape(kind="mamba2", n_heads=m.n_heads, head_dim=int(m.mixer["headdim"]),
+                      n_groups=int(m.mixer["ngroups"]), chunk_size=int(m.mixer["chunk_size"]), **common)
 
 
 # -- per-layer formulas ---------------------------------------------------------------------------
@@ -406,17 +394,8 @@ def flops(model_or_config: Any, seq_len: int, config=None, *, batch: int = 1, lo
 
 
 # -- table ----------------------------------------------------------------------------------------
-PAPER_SHAPES = {
-    # name: mamba-ssm style config (d_model, n_layer, vocab_size, ssm_cfg)
-    "Mamba-2-2.7B": dict(d_model=2560, n_layer=64, vocab_size=50280,
-                         ssm_cfg=dict(layer="Mamba2", d_state=128, headdim=64, expand=2, d_conv=4, ngroups=1)),
-    "Mamba-2-1.3B": dict(d_model=2048, n_layer=48, vocab_size=50280,
-                         ssm_cfg=dict(layer="Mamba2", d_state=128, headdim=64, expand=2, d_conv=4, ngroups=1)),
-    "Mamba-2.8B": dict(d_model=2560, n_layer=64, vocab_size=50280,
-                       ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2, d_conv=4)),
-    "Mamba-1.4B": dict(d_model=2048, n_layer=48, vocab_size=50280,
-                       ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2, d_conv=4)),
-}
+# the paper's models by the paper's names: a view of the one table, `core.shapes.SHAPES`
+PAPER_SHAPES = {paper: shape_config(name)[1] for paper, name in PAPER_NAMES.items()}
 
 
 def flops_table_rows(cuts=(0.1, 0.2, 0.3), seq_len: int = 2048, models=("Mamba-2-2.7B", "Mamba-2-1.3B"),

@@ -1,6 +1,6 @@
 """One-pass feature statistics for a reduction step: importance score and squared L2 norm per token.
 
-Glossary: B batch, N tokens, C feature width (the SSM output y: D' channels).
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, C feature width: Di for the SSM output y).
 
 A UTRC anchor needs two reductions over the channels of the (B, N, C) features: the importance
 score (paper §3: channel mean of max(0, y)) and the L2 norm used by the cosine similarity. In torch
@@ -86,7 +86,7 @@ try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRE
                 w = tl.load(w_ptr + e + k)
                 src = tl.load(src_ptr + e + k)
                 v = tl.load(x_ptr + (b.to(tl.int64) * N_in + src) * D + offs, mask=m, other=0.0).to(tl.float32)
-                acc += v * w
+                acc += tl.where(w > 0, v * w, 0.0)  # a pruned source (w = 0) contributes nothing, NaN included
                 tot += w
                 added += w
             if added > 0:

@@ -1,7 +1,7 @@
 """Reduction methods: a registry of name -> function(Context) -> Plan.
 
-Glossary: B batch, N tokens, C feature width, r tokens removed per sample (B,), A / B the two sides
-of a bipartite matching (A = sources, B = destinations).
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, C feature width, r tokens removed per
+sample (B,), side A / side B the halves of a bipartite matching, of sizes RA / RB).
 
 Every method works on the reducible tokens only (valid and not protected), per sample, vectorised
 over the batch. Ties are broken by position (stable sorts), and random draws are indexed by a
@@ -61,6 +61,11 @@ class Method:
     residual_rule: str = "merge"
     causal_capable: bool = True
     needs_features: bool = True
+    # one matching round removes at most half of the reducible tokens (bipartite methods): repeat
+    # rounds within the anchor until the anchor's count is reached. False: one round, as the
+    # reproduced authors' code does (its cap r <= N/2 is part of the behaviour); the shortfall is
+    # reported and warned about.
+    repeat_rounds: bool = True
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -306,7 +311,8 @@ _METHODS: dict[str, Method] = {
                hidden_rule="hybrid", residual_rule="merge"),
         Method("utrc_reference", _utrc_reference,
                "the authors' released behaviour (per-channel sort, even/odd, fold into position 1)",
-               hidden_rule="hybrid", residual_rule="merge", causal_capable=False, needs_features=False),
+               hidden_rule="hybrid", residual_rule="merge", causal_capable=False, needs_features=False,
+               repeat_rounds=False),
         Method("evit", _evit, "keep top-k by importance, fuse the rest into one token"),
         Method("pumer", _pumer, "prune the q least important, bipartite-merge the rest",
                hidden_rule="hybrid", residual_rule="hybrid"),

@@ -1,9 +1,9 @@
 """Importance metrics: (B, N, C) features -> (B, N) scores; larger = more important.
 
-Glossary: B batch, N tokens, C feature width (D' for the SSM output y, D for the mixer output, H heads
-for the timescale Delta).
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, C feature width: Di for the SSM output y, D for the
+mixer output, H heads or Di channels for the timescale Delta).
 
-Paper §3 (Table 3): S = (1/D') sum_d max(0, y_d) ("clip") beat l1, l2 and the unclipped sum.
+Paper §3 (Table 3): scores = (1/Di) sum_d max(0, y_d) ("clip"; the paper's S) beat l1, l2 and the unclipped sum.
 "delta" follows MTR / DeciMamba: mean over heads (channels) of softplus(dt); the backend hands the
 softplus timescale in as the features. "random" draws batch-independent scores from the seed.
 """

@@ -1,7 +1,7 @@
 """Reduction plans: index tensors computed once per reduction layer, applied to every per-token tensor.
 
-Glossary: B batch, N tokens before, N' tokens after (max over the batch; shorter samples are
-left-padded), R most sources (removed tokens) in one sample, D width.
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens before, N' tokens after (max over the batch;
+shorter samples are left-padded), R source entries (most tokens removed by one sample), D width).
 
 A plan says, for each output slot, which input token is its base ("kept" token) and which original
 position it takes; and, for each removed token ("source"), which slot it joins and with what weight in
@@ -193,8 +193,11 @@ class Plan:
         flat_seg = (lay["seg"] + ar * R).reshape(-1)  # rows of the (B R, D) accumulator
         base_rows = gather_rows(out, slot).reshape(B * R, D)
         src_rows = gather_rows(x, lay["src"]).reshape(B * R, D)
-        contrib = base_rows * wb_e.reshape(-1, 1)  # (B R, D) in acc
-        contrib.addcmul_(src_rows, w_e.reshape(-1, 1))
+        # zero weights contribute exactly nothing (not 0 x value: a pruned NaN / inf source, or the
+        # base row counted on a group's later entries, must not turn the merged row into NaN)
+        wb_col, w_col = wb_e.reshape(-1, 1), w_e.reshape(-1, 1)
+        contrib = torch.where(wb_col > 0, base_rows, 0.0) * wb_col  # (B R, D) in acc
+        contrib.addcmul_(torch.where(w_col > 0, src_rows, 0.0), w_col)
         num = torch.zeros(B * R, D, dtype=acc, device=x.device).index_add_(0, flat_seg, contrib)
         rows = (num.index_select(0, flat_seg) / den_e.reshape(-1, 1)).to(x.dtype)
         out.view(B * n_out, D).index_copy_(0, flat_slot, rows)  # entries of one slot write identical rows

@@ -1,6 +1,7 @@
 """The per-forward driver shared by all backends, and the functional entry point `reduce_tokens`.
 
-Glossary: B batch, N tokens, N' tokens after a reduction, D width, L layers, rho keep ratio.
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, N' tokens after a reduction, D width, L layers,
+rho keep ratio, r tokens removed per sample).
 
 Convention (mamba-ssm's Block): after layer l, `hidden` is the layer's mixer output and `residual`
 the residual stream it was added to; the next layer sees hidden + residual. Each branch is reduced
@@ -8,7 +9,8 @@ with its own rule, both with the same plan (same kept tokens, same order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,6 +26,86 @@ Tensor = torch.Tensor
 
 class SequenceTooShort(ValueError):
     """A sample has fewer than 2 reducible tokens where the schedule asks to remove some."""
+
+
+class ReductionShortfall(UserWarning):
+    """An anchor removed fewer tokens than its keep ratio asks for (the achieved cut is reported)."""
+
+
+MAX_ROUNDS = 64  # safety bound; a round removes at least one token or the loop stops
+
+
+@dataclass
+class Rounds:
+    """Outcome of one anchor: the reduced branches and state, each round's plan, and per-sample counts
+    (requested / removed: (B,) long)."""
+
+    hidden: Tensor
+    residual: Optional[Tensor]
+    state: TokenState
+    plans: list = field(default_factory=list)
+    states_before: list = field(default_factory=list)
+    requested: Optional[Tensor] = None
+    removed: Optional[Tensor] = None
+
+
+def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
+                  residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
+                  delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None,
+                  n_protected: int = 0) -> Rounds:
+    """Remove r[b] tokens of each sample: one plan, repeated on the reduced tokens while a sample
+    still lacks removals and the method repeats rounds (bipartite matching removes at most half of
+    the reducible tokens per round). Features and Delta follow the residual branch's rule between
+    rounds. The first round is exactly `plan_reduction`; later rounds only run when the first falls
+    short. Warns `ReductionShortfall` when the target is not reached.
+
+    Args: as plan_reduction; `static` describes the first round (host sizes); n_protected: protected
+    tail length on the host for the static path.
+    """
+    out = Rounds(hidden, residual, state, requested=r)
+    remaining = r
+    feats_is_hidden = features is None or features is hidden
+    for k in range(MAX_ROUNDS):
+        if k > 0:  # stop quietly when nothing reducible is left (the shortfall is reported below)
+            n_red = out.state.reducible.sum(1)
+            remaining = torch.where(n_red >= 2, remaining, torch.zeros_like(remaining))
+            if static is not None:
+                n = int(out.hidden.shape[1])
+                r_host = int(remaining.max()) if remaining.numel() else 0
+                static = {"n": n, "n_red": n - n_protected, "r": r_host} if n - n_protected >= 2 else None
+                if static is None:
+                    break
+            if int(remaining.max()) <= 0:
+                break
+        plan = plan_reduction(config, out.state, remaining, hidden=out.hidden, residual=out.residual,
+                              features=out.hidden if feats_is_hidden else features, delta=delta,
+                              salt=salt if k == 0 else salt + 104729 * k, static=static)
+        sizes = out.state.sizes
+        before = out.state.valid.sum(1)
+        out.plans.append(plan)
+        out.states_before.append(out.state)
+        new_hidden = plan.apply(out.hidden, "hidden", sizes)
+        if out.residual is not None:
+            out.residual = plan.apply(out.residual, "residual", sizes)
+        if not feats_is_hidden and features is not None:
+            features = plan.apply(features, "residual", sizes)
+        if delta is not None:
+            delta = plan.apply(delta, "residual", sizes)
+        out.hidden = new_hidden
+        out.state = plan.next_state(out.state)
+        removed = before - out.state.valid.sum(1)
+        remaining = (remaining - removed).clamp_min(0)
+        if not config.spec.repeat_rounds or int(removed.max()) == 0:
+            break
+    out.removed = r - remaining
+    short = remaining > 0
+    if bool(short.any()):
+        b = int(short.nonzero()[0, 0])
+        warnings.warn(
+            f"{config.method}: an anchor removed {int(out.removed[b])} of the {int(r[b])} tokens asked for "
+            f"(sample {b}); the achieved cut is below the nominal one (ReductionResult.removed, "
+            f"ForwardReducer.achieved_cut())", ReductionShortfall, stacklevel=3)
+    return out
 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
@@ -97,8 +179,10 @@ class ForwardReducer:
             self.n_protected = min(config.protect_last, N)
         self.n_current = N
         self.reduced = False
-        self.history: list[dict] = []  # per anchor: layer, tokens before/after (for reports)
+        self.history: list[dict] = []  # per round of each anchor: layer, tokens before/after (for reports)
         self.record = record
+        self.n_valid_input = valid.sum(1)
+        self.counts: list[tuple[int, Tensor]] = []  # (anchor, (B,) valid tokens after it)
 
     def wants(self, layer: int) -> bool:
         return self.active and layer in self.layers
@@ -121,22 +205,37 @@ class ForwardReducer:
             if int(r.max()) == 0:
                 return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features
-        plan = plan_reduction(self.config, self.state, r, hidden=hidden, residual=residual,
-                              features=source, delta=delta, salt=layer, static=static)
-        sizes = self.state.sizes
-        positions_before = self.state.positions
-        before = int(hidden.shape[1])
-        hidden = plan.apply(hidden, "hidden", sizes)
-        residual = plan.apply(residual, "residual", sizes)
-        self.state = plan.next_state(self.state)
-        self.n_current = int(hidden.shape[1])
+        rounds = reduce_rounds(self.config, self.state, r, hidden=hidden, residual=residual, features=source,
+                               delta=delta, salt=layer, static=static, n_protected=self.n_protected)
+        for plan, st in zip(rounds.plans, rounds.states_before):
+            entry = {"layer": layer, "tokens_before": int(st.valid.shape[1]),
+                     "tokens_after": int(plan.num_out), "positions": None}
+            if self.record:  # the plan and the state it acted on (references, no copies): for reports
+                entry.update(plan=plan, positions_before=st.positions, sizes_before=st.sizes)
+            self.history.append(entry)
+        self.history[-1]["positions"] = rounds.state.positions
+        for e, nxt in zip(self.history[-len(rounds.plans):-1], rounds.states_before[1:]):
+            e["positions"] = nxt.positions
+        self.history[-1].update(requested=rounds.requested, removed=rounds.removed)
+        self.state = rounds.state
+        self.counts.append((layer, self.state.valid.sum(1)))
+        self.n_current = int(rounds.hidden.shape[1])
         self.reduced = True
-        entry = {"layer": layer, "tokens_before": before, "tokens_after": int(hidden.shape[1]),
-                 "positions": self.state.positions}
-        if self.record:  # the plan and the state it acted on (references, no copies): for reports
-            entry.update(plan=plan, positions_before=positions_before, sizes_before=sizes)
-        self.history.append(entry)
-        return hidden, residual
+        return rounds.hidden, rounds.residual
+
+    def achieved_cut(self) -> Tensor:
+        """(B,) token-layer cut this forward achieved per sample: 1 - mean over the schedule's layers of
+        (valid tokens the layer processed / the sample's valid input tokens). Compare with the nominal
+        `1 - token_layer_fraction(...)`; they differ where rounding, protection or a method's cap bites."""
+        L = self.schedule.num_layers
+        n0 = self.n_valid_input.double().clamp_min(1)
+        total = torch.zeros_like(n0)
+        cur, prev = self.n_valid_input.double(), -1
+        for layer, count in self.counts:
+            total += cur * (layer - prev)
+            cur, prev = count.double(), layer
+        total += cur * (L - 1 - prev)
+        return 1.0 - total / (L * n0)
 
     @property
     def attention_mask(self) -> Optional[Tensor]:
@@ -174,7 +273,9 @@ def expand_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Ten
 
 @dataclass
 class ReductionResult:
-    """Output of `reduce_tokens`: hidden / residual (B, N', D), positions / sizes / valid (B, N')."""
+    """Output of `reduce_tokens`: hidden / residual (B, N', D), positions / sizes / valid (B, N');
+    plan: the first round's Plan, plans: every round's; requested / removed: (B,) tokens asked for and
+    removed (removed < requested only where a method cannot reach the count, e.g. utrc_reference)."""
 
     hidden: Tensor
     residual: Optional[Tensor]
@@ -182,6 +283,9 @@ class ReductionResult:
     sizes: Tensor
     valid: Tensor
     plan: Plan
+    plans: list = field(default_factory=list)
+    requested: Optional[Tensor] = None
+    removed: Optional[Tensor] = None
 
 
 def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: ReductionConfig,
@@ -200,7 +304,7 @@ def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: 
         sizes: (B, N) token sizes from an earlier reduction (default 1).
     Returns:
         ReductionResult with `.hidden`, `.residual`, `.positions` (original index, -1 = pad),
-        `.sizes`, `.valid`, `.plan`.
+        `.sizes`, `.valid`, `.plan` (`.plans` when several rounds ran), `.requested`, `.removed`.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, N, D), got shape {tuple(hidden.shape)}")
@@ -224,8 +328,7 @@ def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: 
     if config.method == "utrc_reference" and metric is None:
         metric = hidden
     source = metric if metric is not None else hidden
-    plan = plan_reduction(config, state, r, hidden=hidden, residual=residual, features=source, delta=delta)
-    out_h = plan.apply(hidden, "hidden", state.sizes)
-    out_r = plan.apply(residual, "residual", state.sizes) if residual is not None else None
-    nxt = plan.next_state(state)
-    return ReductionResult(out_h, out_r, nxt.positions, nxt.sizes, nxt.valid, plan)
+    rounds = reduce_rounds(config, state, r, hidden=hidden, residual=residual, features=source, delta=delta)
+    nxt = rounds.state
+    return ReductionResult(rounds.hidden, rounds.residual, nxt.positions, nxt.sizes, nxt.valid, rounds.plans[0],
+                           rounds.plans, rounds.requested, rounds.removed)

@@ -1,6 +1,7 @@
 """The authors' released behaviour ("utrc_reference"), reproduced from its description (method.md §2).
 
-Glossary: n tokens of the reduced segment, D width, r removed tokens, E even / O odd tokens.
+Glossary: utrc_lib/GLOSSARY.md (n tokens of the reduced segment, D width, r removed tokens, E even / O
+odd positions).
 
 What it does (not what the paper says): the clipped mixer output is L2-normalised per token, then
 SORTED ALONG THE TOKEN AXIS PER CHANNEL, so the rows it matches are rank levels, not tokens. The lower
@@ -158,8 +159,3 @@ def reference_reduce_loop(x: Tensor, r: int, rule: str = "merge", hybrid_k: int 
             continue
         out.append(O_new[p // 2] if p % 2 else E[p // 2])
     return torch.stack(out).to(x.dtype)
-
-
-def authors_r(n: int, keep_ratio: float) -> int:
-    """Tokens the released code removes from n at keep ratio rho: n - ceil(n * rho), at most floor(n/2)."""
-    return min(n - math.ceil(n * keep_ratio), n // 2)

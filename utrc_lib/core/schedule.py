@@ -1,6 +1,7 @@
 """Layer schedules: where to reduce, and how much to keep at each reduction layer.
 
-Glossary: L layers, N tokens, rho per-anchor keep ratio, r tokens removed at one anchor.
+Glossary: utrc_lib/GLOSSARY.md (L layers, N tokens, rho keep ratio per anchor, r tokens removed at one
+anchor).
 
 Paper (docs/method.md §1): reduce after layers 12, 17, ..., 42 (0-based) for 64-layer models and after
 10, 15, ..., 35 for 48-layer models, the same keep ratio rho at each anchor. A reduction "after

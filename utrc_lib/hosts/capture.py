@@ -1,6 +1,6 @@
 """Reading the importance sources inside a mixer call: the SSM output y and the timescale Delta.
 
-Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, D' SSM inner width, H heads, R dt_rank).
+Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens, Di SSM inner width, H heads, Rdt dt rank).
 
 apply() registers one forward hook per source module of each anchor mixer (`out_proj` input for y;
 `in_proj` / `x_proj` output for Delta). A hook stores its value only inside `tap()`, which a layer
@@ -27,7 +27,7 @@ _CURRENT: contextvars.ContextVar = contextvars.ContextVar("utrc_tap", default=No
 
 
 class Tapped:
-    """What one mixer call produced: `ssm` (B, N, D') the out_proj input, `delta` the raw Delta source."""
+    """What one mixer call produced: `ssm` (B, N, Di) the out_proj input, `delta` the raw Delta source."""
 
     __slots__ = ("ssm", "delta")
 
@@ -79,11 +79,11 @@ def delta_mamba2(zxbcdt: Tensor, dt_bias: Tensor, num_heads: int, limit: tuple[f
 
 def delta_mamba1(x_dbl: Tensor, dt_proj: torch.nn.Linear, rank: int,
                  shape: Optional[tuple[int, int]] = None) -> Tensor:
-    """(B, N, R + 2 d_state) (or flattened with shape=(B, N)) x_proj output -> (B, N, D')
+    """(B, N, Rdt + 2 S) (or flattened with shape=(B, N)) x_proj output -> (B, N, Di)
     softplus(dt_proj(dt))."""
     if shape is not None:
         x_dbl = x_dbl.reshape(*shape, -1)
-    dt = F.linear(x_dbl[..., :rank], dt_proj.weight, dt_proj.bias)  # (B, N, D')
+    dt = F.linear(x_dbl[..., :rank], dt_proj.weight, dt_proj.bias)  # (B, N, Di)
     return F.softplus(dt.float())
 
 

@@ -14,59 +14,44 @@ The mamba-ssm model configuration is described by a plain dict with the fields o
 ``mamba_ssm.models.config_mamba.MambaConfig`` (d_model, d_intermediate, n_layer,
 vocab_size, ssm_cfg, rms_norm, residual_in_fp32, fused_add_norm,
 pad_vocab_size_multiple, tie_embeddings). ``ssm_cfg`` holds the mixer arguments that
-differ from mamba-ssm's defaults; the defaults used here are those of mamba-ssm 2.3.
+differ from mamba-ssm's defaults; the defaults used here are those of mamba-ssm 2.3, and the
+config is read by `utrc_lib.core.shapes.read_mamba_ssm_config` (the parser the FLOPs accounting uses).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 
-# mamba-ssm 2.3 mixer defaults (mamba_ssm/modules/mamba_simple.py, mamba2.py)
-MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
-                       dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False)
-MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1,
-                       dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")),
-                       bias=False, conv_bias=True, chunk_size=256, rmsnorm=True,
-                       norm_before_gate=False, D_has_hdim=False)
+from ..core.shapes import (MAMBA1_DEFAULTS, MAMBA2_DEFAULTS, MambaSSMConfig, padded_vocab,  # noqa: F401
+                           read_mamba_ssm_config)
+
+__all__ = ["mamba_ssm_to_hf_config", "hf_to_mamba_ssm_config", "convert_mamba_ssm_state_dict",
+           "hf_to_mamba_ssm_state_dict", "padded_vocab", "MAMBA1_DEFAULTS", "MAMBA2_DEFAULTS", "NORM_EPS"]
+
 NORM_EPS = 1e-5  # mamba-ssm Block RMSNorm and Mamba2 RMSNormGated default
 
 
-def padded_vocab(vocab_size: int, multiple: int) -> int:
-    return vocab_size if vocab_size % multiple == 0 else vocab_size + multiple - vocab_size % multiple
-
-
-def _ssm_cfg(arch: str, ssm_config: Mapping[str, Any]) -> dict:
-    cfg = dict(ssm_config.get("ssm_cfg") or {})
-    layer = cfg.pop("layer", "Mamba2" if arch == "mamba2" else "Mamba1")
-    if (arch == "mamba2") != (layer == "Mamba2"):
-        raise ValueError(f"arch {arch!r} does not match ssm_cfg layer {layer!r}")
-    for k in ("use_fast_path", "use_mem_eff_path"):   # kernel choices, not model shape
-        cfg.pop(k, None)
-    defaults = MAMBA2_DEFAULTS if arch == "mamba2" else MAMBA1_DEFAULTS
-    unknown = set(cfg) - set(defaults)
-    if unknown:
-        raise ValueError(f"unsupported ssm_cfg fields for {arch}: {sorted(unknown)}")
-    return {**defaults, **cfg}
-
-
-def _check_supported(arch: str, ssm_config: Mapping[str, Any], m: dict) -> None:
-    if arch not in ("mamba", "mamba2"):
-        raise ValueError(f"arch must be 'mamba' or 'mamba2', not {arch!r}")
-    if ssm_config.get("d_intermediate", 0):
+def _read(arch: str, ssm_config: Mapping[str, Any]) -> MambaSSMConfig:
+    """The config read once by `core.shapes` (defaults filled in), checked for a transformers equivalent."""
+    m = read_mamba_ssm_config(ssm_config, arch)
+    if m.unknown:
+        raise ValueError(f"unsupported ssm_cfg fields for {arch}: {list(m.unknown)}")
+    if m.d_intermediate:
         raise ValueError("d_intermediate > 0 (MLP blocks) has no transformers equivalent")
-    if ssm_config.get("attn_layer_idx"):
+    if m.attn_layer_idx:
         raise ValueError("attention layers have no transformers Mamba equivalent")
-    if not ssm_config.get("rms_norm", True):
+    if not m.rms_norm:
         raise ValueError("transformers Mamba/Mamba2 use RMSNorm; rms_norm=False is not supported")
-    if not ssm_config.get("tie_embeddings", True):
+    if not m.tie_embeddings:
         raise ValueError("only tied embeddings are supported")
+    x = m.mixer
     if arch == "mamba2":
-        if not m["rmsnorm"] or m["norm_before_gate"] or m["D_has_hdim"]:
+        if not x["rmsnorm"] or x["norm_before_gate"] or x["D_has_hdim"]:
             raise ValueError("Mamba2 needs rmsnorm=True, norm_before_gate=False, D_has_hdim=False")
-        if m["d_ssm"] not in (None, m["expand"] * ssm_config["d_model"]):
+        if x["d_ssm"] not in (None, m.d_inner):
             raise ValueError("d_ssm != d_inner is not supported by transformers Mamba2")
+    return m
 
 
 def mamba_ssm_to_hf_config(arch: str, ssm_config: Mapping[str, Any], *, bos_token_id: int = 0,
@@ -74,36 +59,29 @@ def mamba_ssm_to_hf_config(arch: str, ssm_config: Mapping[str, Any], *, bos_toke
     """The transformers config equivalent to a mamba-ssm MambaConfig dict."""
     from transformers import Mamba2Config, MambaConfig
 
-    m = _ssm_cfg(arch, ssm_config)
-    _check_supported(arch, ssm_config, m)
-    d_model = int(ssm_config["d_model"])
-    multiple = int(ssm_config.get("pad_vocab_size_multiple", 8))
-    vocab = padded_vocab(int(ssm_config["vocab_size"]), multiple)
+    spec = _read(arch, ssm_config)
+    m = spec.mixer
     common = dict(
-        vocab_size=vocab, hidden_size=d_model, state_size=int(m["d_state"]),
-        num_hidden_layers=int(ssm_config["n_layer"]), layer_norm_epsilon=NORM_EPS,
+        vocab_size=spec.padded_vocab, hidden_size=spec.d_model, state_size=int(m["d_state"]),
+        num_hidden_layers=spec.n_layer, layer_norm_epsilon=NORM_EPS,
         expand=int(m["expand"]), conv_kernel=int(m["d_conv"]), use_bias=bool(m["bias"]),
         use_conv_bias=bool(m["conv_bias"]), hidden_act="silu",
-        residual_in_fp32=bool(ssm_config.get("residual_in_fp32", True)),
+        residual_in_fp32=bool(spec.residual_in_fp32),
         time_step_min=float(m["dt_min"]), time_step_max=float(m["dt_max"]),
         time_step_floor=float(m["dt_init_floor"]), tie_word_embeddings=True,
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
     if arch == "mamba":
-        dt_rank = math.ceil(d_model / 16) if m["dt_rank"] == "auto" else int(m["dt_rank"])
-        cfg = MambaConfig(**common, time_step_rank=dt_rank, time_step_scale=float(m["dt_scale"]),
+        cfg = MambaConfig(**common, time_step_rank=spec.dt_rank, time_step_scale=float(m["dt_scale"]),
                           time_step_init_scheme=str(m["dt_init"]))
     else:
-        d_inner = int(m["expand"]) * d_model
-        if d_inner % int(m["headdim"]):
-            raise ValueError(f"d_inner {d_inner} is not a multiple of headdim {m['headdim']}")
-        cfg = Mamba2Config(**common, num_heads=d_inner // int(m["headdim"]), head_dim=int(m["headdim"]),
+        cfg = Mamba2Config(**common, num_heads=spec.n_heads, head_dim=int(m["headdim"]),
                            n_groups=int(m["ngroups"]), chunk_size=int(m["chunk_size"]),
                            time_step_limit=tuple(float(x) for x in m["dt_limit"]))
     # fields mamba-ssm-derived checkpoints on the hub carry (state-spaces/mamba-130m-hf)
     cfg.rms_norm = True
-    cfg.fused_add_norm = bool(ssm_config.get("fused_add_norm", True))
-    cfg.pad_vocab_size_multiple = multiple
+    cfg.fused_add_norm = bool(spec.fused_add_norm)
+    cfg.pad_vocab_size_multiple = int(spec.pad_vocab_size_multiple)
     cfg.architectures = ["MambaForCausalLM" if arch == "mamba" else "Mamba2ForCausalLM"]
     return cfg
 

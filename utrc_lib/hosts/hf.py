@@ -1,7 +1,7 @@
 """Host: transformers' MambaForCausalLM and Mamba2ForCausalLM (one loop: same block structure).
 
 Glossary: utrc_lib/GLOSSARY.md (B batch, N input tokens, N' tokens after reductions, D d_model,
-D' SSM inner width, H heads, R dt_rank).
+Di SSM inner width, H heads, Rdt dt rank).
 
 Follows transformers 5.23-5.24 `MambaModel.forward` / `Mamba2Model.forward` and their blocks'
 `forward` (stream <- stream + mixer(norm(stream)), residual in float32 when `residual_in_fp32`).
@@ -35,7 +35,7 @@ _REDUCER: contextvars.ContextVar = contextvars.ContextVar("utrc_hf_reducer", def
 
 
 def _delta_reader(mixer):
-    """(module whose output carries dt, function of that output -> (B, N, H or D') Delta)."""
+    """(module whose output carries dt, function of that output -> (B, N, H or Di) Delta)."""
     if hasattr(mixer, "dt_bias"):  # Mamba-2: dt is the last H channels of in_proj's output
         return mixer.in_proj, lambda out: capture.delta_mamba2(out, mixer.dt_bias, mixer.num_heads,
                                                                mixer.time_step_limit)

@@ -1,7 +1,7 @@
 """Host: mamba-ssm's `MambaLMHeadModel` (Mamba-1 and Mamba-2 mixers), GPU.
 
 Glossary: utrc_lib/GLOSSARY.md (B batch, N input tokens, N' tokens after reductions, D d_model,
-D' SSM inner width, H heads, R dt_rank).
+Di SSM inner width, H heads, Rdt dt rank).
 
 Follows mamba-ssm 2.2-2.3 `MixerModel.forward` (models/mixer_seq_simple.py); what it changes: a
 ForwardReducer per prefill, the reduction after each anchor layer, and the output mapping of the
@@ -14,12 +14,12 @@ anchor layer, then end with the model's own final (fused) add + norm. Prefill on
 `inference_params.seqlen_offset > 0` (decoding) runs the original code. `num_last_tokens == 1` is
 last-token mode (no scatter back to N positions).
 
-Importance sources: "ssm" = input of `mixer.out_proj` (Mamba-1: y gated by silu(z), (B, N, D');
-Mamba-2: the gated-RMSNormed SSD output, (B, N, D')). The fused paths never call out_proj as a
+Importance sources: "ssm" = input of `mixer.out_proj` (Mamba-1: y gated by silu(z), (B, N, Di);
+Mamba-2: the gated-RMSNormed SSD output, (B, N, Di)). The fused paths never call out_proj as a
 module, so anchor mixers are switched to their unfused path while patched (Mamba-1
 `use_fast_path=False`, Mamba-2 `use_mem_eff_path=False`; undone by handle.remove()). "delta" =
 softplus timescale: Mamba-2 from the last H channels of the `in_proj` output, + dt_bias;
-Mamba-1 from the flattened `x_proj` output ((B N), R + 2 d_state): dt_proj.weight @ dt + dt_proj.bias.
+Mamba-1 from the flattened `x_proj` output ((B N), Rdt + 2 S): dt_proj.weight @ dt + dt_proj.bias.
 
 mamba-ssm has no attention mask: batches are equal length (every token valid).
 """
