@@ -17,7 +17,6 @@ padded batch length); token sizes are not carried across layers (the code starts
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
