@@ -5,6 +5,7 @@ Glossary: utrc_lib/GLOSSARY.md (L layers, rho keep ratio per anchor, q hybrid pr
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Optional, Sequence
 
@@ -17,13 +18,20 @@ METRIC_SOURCES = ("ssm", "mixer")
 _HYBRID_RE = re.compile(r"^hybrid\(\s*([0-9.]+)\s*\)$")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def parse_rule(rule: str, q: float) -> tuple[str, float]:
     """'prune' | 'merge' | 'hybrid' | 'hybrid(0.3)' -> (kind, fraction of edges pruned)."""
     if not isinstance(rule, str):
         raise ValueError(f"a branch rule must be a string, got {rule!r}")
     m = _HYBRID_RE.match(rule.strip())
     if m:
-        frac = float(m.group(1))
+        try:
+            frac = float(m.group(1))
+        except ValueError:
+            raise ValueError(f"hybrid rule {rule!r}: the fraction must be a number, e.g. 'hybrid(0.3)'") from None
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"hybrid fraction must be in [0, 1], got {rule!r}")
         return "hybrid", frac
@@ -90,25 +98,39 @@ class ReductionConfig:
                 raise ValueError(f"flops_reduction must be in [0, 1), got {self.flops_reduction!r}")
         if self.keep_ratio is None and self.flops_reduction is None and self.method != "none":
             raise ValueError(f"method {self.method!r} needs keep_ratio (0, 1] or flops_reduction [0, 1)")
-        if not 0.0 <= float(self.q) <= 1.0:
-            raise ValueError(f"q must be in [0, 1], got {self.q!r}")
+        if isinstance(self.q, bool) or not isinstance(self.q, numbers.Real) or not 0.0 <= float(self.q) <= 1.0:
+            raise ValueError(f"q must be a number in [0, 1], got {self.q!r}")
         for name in ("hidden_rule", "residual_rule"):
             rule = getattr(self, name)
             if rule is not None:
-                parse_rule(rule, self.q)
-        if not isinstance(self.protect_last, int) or self.protect_last < 0:
+                try:
+                    parse_rule(rule, self.q)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+        if not _is_int(self.protect_last) or self.protect_last < 0:
             raise ValueError(f"protect_last must be an integer >= 0, got {self.protect_last!r}")
-        if self.protect_from is not None and (not isinstance(self.protect_from, int) or self.protect_from < 0):
+        if self.protect_from is not None and (not _is_int(self.protect_from) or self.protect_from < 0):
             raise ValueError(f"protect_from must be an integer >= 0, got {self.protect_from!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be True or False, got {self.causal!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.metric, str) or not isinstance(self.method, str):
+            raise ValueError("method and metric must be names (strings)")
         if self.protect_from is not None and self.protect_last:
             raise ValueError("give protect_last or protect_from, not both")
-        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+        if not _is_int(self.align) or self.align < 1:
             raise ValueError(f"align must be an integer >= 1, got {self.align!r}")
         if self.metric_source not in METRIC_SOURCES:
             raise ValueError(f"unknown metric_source {self.metric_source!r}; valid: {METRIC_SOURCES}")
         if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+                raise ValueError(f"layers must be a sequence of layer indices, got {self.layers!r}")
             layers = tuple(self.layers)
-            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers):
+            if not layers and method.name != "none":
+                raise ValueError("layers is empty: nothing would be reduced; give at least one layer, or "
+                                 "layers=None for the default schedule, or method='none' for the dense model")
+            if any(not _is_int(l) or l < 0 for l in layers):
                 raise ValueError(f"layers must be non-negative integers, got {self.layers!r}")
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers must not repeat, got {self.layers!r}")
@@ -117,6 +139,8 @@ class ReductionConfig:
             raise ValueError(
                 f"method {self.method!r} reproduces non-causal merges (later tokens fold into earlier "
                 f"positions); pass causal=False to use it")
+        for name in ("seed", "protect_last", "align"):  # numpy integers become plain ints
+            object.__setattr__(self, name, int(getattr(self, name)))
         # looked up once: the method record and the branch rules (not dataclass fields: asdict,
         # equality and hashing see the user's fields only)
         hidden = self.hidden_rule or method.hidden_rule

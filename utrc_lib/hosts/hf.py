@@ -65,8 +65,10 @@ def install(model, handle: Handle) -> None:
     @functools.wraps(backbone_forward)  # same signature: generate() inspects it
     def patched_backbone_forward(*args, **kwargs):
         bound = _bind(signature, args, kwargs)
-        embeds = bound.get("inputs_embeds")
-        n = (embeds if embeds is not None else bound.get("input_ids")).shape[1]
+        embeds, ids = bound.get("inputs_embeds"), bound.get("input_ids")
+        if (ids is None) == (embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        n = (embeds if embeds is not None else ids).shape[1]
         if n <= 1 or backbone.training:  # decoding step (or training): untouched
             return backbone_forward(*args, **kwargs)
         return _reduced_forward(backbone, handle, bound)
@@ -133,7 +135,11 @@ def _reduced_forward(backbone, handle: Handle, bound: dict):
     B, N, _ = inputs_embeds.shape
 
     mask = None
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                                       or attention_mask.shape[1] < N):
+        raise ValueError(f"attention_mask must be (batch, length) = ({B}, {N}) (or longer, left-aligned as "
+                         f"generate() passes it), got {tuple(attention_mask.shape)}")
+    if attention_mask is not None:
         attention_mask = attention_mask[:, -N:]
         if not bool((attention_mask == 1).all()):
             mask = attention_mask
