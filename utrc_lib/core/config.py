@@ -141,13 +141,21 @@ class ReductionConfig:
                 f"positions); pass causal=False to use it")
         for name in ("seed", "protect_last", "align"):  # numpy integers become plain ints
             object.__setattr__(self, name, int(getattr(self, name)))
-        # looked up once: the method record and the branch rules (not dataclass fields: asdict,
-        # equality and hashing see the user's fields only)
+        # derived once (attributes, not dataclass fields: asdict, equality and hashing see the user's
+        # fields only): spec, branch rules, active, needs_ssm_output, needs_delta
         hidden = self.hidden_rule or method.hidden_rule
         residual = self.residual_rule or method.residual_rule
-        object.__setattr__(self, "_spec", method)
-        object.__setattr__(self, "_rules", {"hidden": parse_rule(hidden, self.q),
-                                            "residual": parse_rule(residual, self.q)})
+        derived = {
+            "spec": method,  # the method's registry record (utrc_lib.core.methods.Method)
+            "_rules": {"hidden": parse_rule(hidden, self.q), "residual": parse_rule(residual, self.q)},
+            "active": self.method != "none",  # False: the dense path through the same loop
+            # whether the layer loops must read the SSM output y (metric / similarity source)
+            "needs_ssm_output": (self.metric_source == "ssm" and method.needs_features
+                                 and self.metric not in ("delta", "random")),
+            "needs_delta": self.metric == "delta",
+        }
+        for k, v in derived.items():
+            object.__setattr__(self, k, v)
 
     # -- schedule ---------------------------------------------------------------------------------
     def resolve(self, num_layers: int) -> schedule.Schedule:
@@ -176,29 +184,9 @@ class ReductionConfig:
         """Per-anchor keep ratio (solving flops_reduction for the model depth when given)."""
         return self.resolve(num_layers).keep_ratio
 
-    @property
-    def spec(self):
-        """The method's registry record (`utrc_lib.core.methods.Method`)."""
-        return self._spec
-
-    @property
-    def active(self) -> bool:
-        """False for method "none" (the dense path through the same loop)."""
-        return self.method != "none"
-
     def branch_rules(self) -> dict[str, tuple[str, float]]:
         """{'hidden': (kind, prune fraction), 'residual': (...)} with method defaults filled in."""
         return self._rules
-
-    @property
-    def needs_ssm_output(self) -> bool:
-        """Whether the layer loops must read the SSM output y (the metric / similarity source)."""
-        return (self.metric_source == "ssm" and self._spec.needs_features
-                and self.metric not in ("delta", "random"))
-
-    @property
-    def needs_delta(self) -> bool:
-        return self.metric == "delta"
 
     def replace(self, **changes) -> "ReductionConfig":
         return dataclasses.replace(self, **changes)

@@ -87,10 +87,7 @@ class Schedule:
     def __post_init__(self):
         if not self.ratios:
             object.__setattr__(self, "ratios", {l: self.keep_ratio for l in self.layers})
-
-    @property
-    def anchors(self) -> frozenset:
-        return frozenset(self.layers)
+        object.__setattr__(self, "anchors", frozenset(self.layers))  # derived, for membership tests
 
     def ratio(self, layer: int) -> float:
         return self.ratios[layer]
