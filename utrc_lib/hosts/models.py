@@ -7,6 +7,7 @@ that environment variable is set. Anything else is a local directory or a hub id
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -145,7 +146,25 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
     model.to(device)
     model.eval()
     _use_parallel_scan(model)
+    _quiet_cpu_kernel_advice(model)
     return model, tokenizer
+
+
+class _CpuKernelAdvice(logging.Filter):
+    """Drops transformers' "falling back to its reference PyTorch implementation ... install mamba_ssm"
+    advice for models on the CPU, where the fused kernels cannot run anyway (the torch path is the
+    intended one there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+def _quiet_cpu_kernel_advice(model) -> None:
+    if next(model.parameters()).is_cuda:
+        return
+    log = logging.getLogger("transformers.integrations.hub_kernels")
+    if not any(isinstance(f, _CpuKernelAdvice) for f in log.filters):
+        log.addFilter(_CpuKernelAdvice())
 
 
 def _use_parallel_scan(model) -> None:
