@@ -140,3 +140,62 @@ def test_trained_model_beats_chance(trained):
     assert r["choice4"]["acc"] > 0.30 and r["choice4"]["acc_norm"] > 0.35, r
     assert r["choice2"]["acc"] > 0.75, r
     assert r["cloze"]["acc"] > 0.10, r
+
+
+def test_dense_fallback_returned_with_the_results(m2, tok):
+    """A context too short to reduce is scored dense; the count comes back with that call's results."""
+    assert not hasattr(ev, "LAST_STATS")  # no module-global statistics
+    reqs = [("a", " b c"), ("The", " cat")] + _requests()[:3]
+    toks = [ev.encode_pair(tok, c, x) for c, x in reqs]
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    dense = ev.score_tokens(m2, toks, None, 2, pad_token_id=ev.pad_id(tok))
+    assert isinstance(dense, ev.TokenScores) and dense.dense_fallback == 0
+    one, four = (ev.score_tokens(m2, toks, cfg, bs, pad_token_id=ev.pad_id(tok)) for bs in (1, 4))
+    # " b c" after "a": 2 input tokens, both protected, one to remove -> refused; "The" + " cat" has
+    # a single input token, so the schedule removes none (no error, nothing reduced)
+    assert one.dense_fallback == four.dense_fallback == 1
+    third = ev.loglikelihood_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok))
+    for a, b, c in zip(one.results, four.results, third):
+        assert a[1] == b[1] == c[1] and a[0] == pytest.approx(b[0], abs=1e-4) == pytest.approx(c[0], abs=1e-4)
+    assert one.results[0][0] == pytest.approx(dense.results[0][0], abs=1e-4)  # the refused one: dense
+    assert getattr(m2, "_utrc_handle", None) is None
+
+
+def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
+    """SequenceTooShort means "score dense"; any other ValueError, whatever its text, propagates."""
+    from utrc_lib.core.reduce import SequenceTooShort
+
+    toks = [ev.encode_pair(tok, c, x) for c, x in _requests()[:3]]
+    dense = ev.loglikelihood_tokens(m2, toks, None, 3)
+    real = ev._score_rows
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    for error, falls_back in ((SequenceTooShort("refused"), True), (ValueError("sequence too short"), False)):
+        def refuse_reduced(model, handle, batch, pad, protect, error=error):
+            if handle is not None:
+                raise error
+            return real(model, handle, batch, pad, protect)
+
+        monkeypatch.setattr(ev, "_score_rows", refuse_reduced)
+        if falls_back:
+            got = ev.score_tokens(m2, toks, cfg, 2)
+            assert got.dense_fallback == 3
+            assert [g for _, g in got.results] == [g for _, g in dense]
+            assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(got.results, dense))
+        else:
+            with pytest.raises(ValueError, match="sequence too short"):
+                ev.score_tokens(m2, toks, cfg, 2)
+        assert getattr(m2, "_utrc_handle", None) is None
+
+
+def test_evaluate_reports_fallback_and_protection(m2, tok):
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    r = ev.evaluate(m2, tok, tasks=("cloze",), config=cfg, limit=2, batch_size=2, progress=False)
+    assert r["cloze"]["dense_fallback"] == 0 and r["meta"]["protect"] == ev.PROTECT_NOTE[True]
+    u = ev.evaluate(m2, tok, tasks=("cloze",), config=cfg, limit=2, batch_size=2, progress=False, protect=False)
+    assert u["meta"]["protect"] == ev.PROTECT_NOTE[False]
+    toks = [ev.encode_pair(tok, it["context"], it["target"]) for it in load_task("cloze", limit=2)]
+    raw = ev.loglikelihood_tokens(m2, toks, cfg, 2, pad_token_id=ev.pad_id(tok), protect=False)
+    assert u["cloze"]["ppl"] == math.exp(-sum(ll for ll, _ in raw) / len(raw))
+    meta = ev.run_metadata(m2, cfg, max_length=1024, batch_size=2, limit=2)
+    assert meta["layers"] == [0, 2] and meta["keep_ratio"] == 0.5 and meta["num_layers"] == 4
+    assert ev.eos_id(tok) == tok.eos_token_id and ev.pad_id(tok) in (tok.pad_token_id, tok.eos_token_id)

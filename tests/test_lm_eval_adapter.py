@@ -72,3 +72,42 @@ def test_model_args_and_registry():
     assert cfg.flops_reduction == 0.2 and cfg.layers == (1, 3) and cfg.causal
     with pytest.raises(ValueError, match="without a method"):
         build_config(flops_reduction=0.2)
+    with pytest.raises(ValueError, match="causal"):
+        build_config(method="utrc", keep_ratio=0.5, causal="maybe")
+    ref = build_config(method="utrc_reference", keep_ratio=0.5)  # the builder's causal default
+    assert ref.causal is False
+
+
+def test_adapter_uses_the_public_scorer_api_only():
+    import re
+
+    from utrc_lib.eval import lm_eval_adapter, scorer
+
+    source = open(lm_eval_adapter.__file__, encoding="utf-8").read()
+    used = set(re.findall(r"\bev\.(\w+)", source))
+    assert used and not [n for n in used if n.startswith("_")], used
+    assert all(hasattr(scorer, n) for n in used)
+    assert "_parse_layers" not in source and "_parse_bool" not in source
+    doc = lm_eval_adapter.UTRCLM.__doc__
+    assert "HFLM" in doc and "protect_last" in doc and "ORIGINAL position" in doc
+
+
+def test_adapter_counts_dense_fallback_per_call(ckpt):
+    from lm_eval.api.instance import Instance
+
+    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+
+    lm = UTRCLM(pretrained=str(ckpt), batch_size=2, method="utrc", keep_ratio="0.5", layers="0")
+    assert lm.config.layers == (0,) and lm.config.keep_ratio == 0.5
+
+    def requests(*pairs):
+        return [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+    long_ctx = "The quick brown fox jumps over the lazy dog near the river bank at dawn"
+    lm.loglikelihood(requests(("", " hello"), (long_ctx, " again")), disable_tqdm=True)
+    assert lm.dense_fallback_last_call == 1  # the empty context (EOS only) cannot be reduced
+    lm.loglikelihood(requests((long_ctx, " again")), disable_tqdm=True)
+    meta = lm.reduction_metadata
+    assert meta["dense_fallback_last_call"] == 0 and meta["dense_fallback"] == 1
+    with pytest.raises(ValueError, match="protect"):
+        UTRCLM(pretrained=str(ckpt), protect="sometimes")

@@ -7,6 +7,12 @@ Default tasks: the paper's six (lambada_openai, hellaswag, piqa, arc_easy, arc_c
 winogrande; they need the Hugging Face hub) unless HF_HUB_OFFLINE is set, then the local suite
 (utrc_cloze, utrc_choice4, utrc_choice2, utrc_ppl). The output is lm-eval's results JSON plus "utrc": the
 reduction metadata (method, keep ratio, layers, token-layer FLOPs cut, analytic FLOPs, versions).
+
+Arguments are checked before anything is loaded: the reduction flags go through
+`utrc_lib.core.config.config_from_args` (a reduction flag without --method is an error, not a
+silent dense run), and --output must be writable. Both fail as usage errors (exit code 2). The
+results are printed even when writing --output fails afterwards (then the JSON goes to stdout and
+the exit code is 1).
 """
 from __future__ import annotations
 
@@ -15,8 +21,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from . import LOCAL_TASKS, PAPER_TASKS, TASKS_DIR
+
+# CLI flag -> config_from_args field, for the reduction flags
+REDUCTION_FLAGS = {"--flops-reduction": "flops_reduction", "--keep-ratio": "keep_ratio", "--metric": "metric",
+                   "--layers": "layers", "--q": "q", "--hidden-rule": "hidden_rule",
+                   "--residual-rule": "residual_rule", "--metric-source": "metric_source", "--seed": "seed"}
+DENSE_METHODS = (None, "", "none", "dense")
 
 
 def _offline() -> bool:
@@ -27,67 +40,136 @@ def default_tasks() -> list[str]:
     return list(LOCAL_TASKS if _offline() else PAPER_TASKS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m utrc_lib.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model-name", default="tiny-mamba2",
-                    help="tiny-mamba2 | tiny-mamba | checkpoint directory | hub id")
-    ap.add_argument("--method", default=None, help="reduction method (default: dense)")
+                    help="tiny-mamba2 | tiny-mamba | checkpoint directory | hub id (default: tiny-mamba2)")
+    ap.add_argument("--method", default=None,
+                    help="reduction method, e.g. utrc, utrc_reference, evit, pumer, tome (default: none = dense)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--flops-reduction", type=float, default=None)
-    g.add_argument("--keep-ratio", type=float, default=None)
-    ap.add_argument("--metric", default=None)
-    ap.add_argument("--layers", default=None, help="reduction layers, e.g. 2,4,6 (default: schedule)")
-    ap.add_argument("--q", type=float, default=None)
-    ap.add_argument("--hidden-rule", default=None)
-    ap.add_argument("--residual-rule", default=None)
-    ap.add_argument("--non-causal", action="store_true", help="causal=False (needed by utrc_reference)")
-    ap.add_argument("--metric-source", default=None)
-    ap.add_argument("--seed", type=int, default=None)
+    g.add_argument("--flops-reduction", type=float, default=None,
+                   help="token-layer FLOPs cut in [0, 1), solved to a keep ratio for the model depth; needs --method")
+    g.add_argument("--keep-ratio", type=float, default=None,
+                   help="per-anchor keep ratio in (0, 1], instead of --flops-reduction; needs --method")
+    ap.add_argument("--metric", default=None, help="importance metric, e.g. clip (default: clip, the paper's)")
+    ap.add_argument("--layers", default=None,
+                    help="0-based layers to reduce after, e.g. 2,4,6 (default: the paper's schedule for the depth)")
+    ap.add_argument("--q", type=float, default=None,
+                    help="fraction of matched edges pruned by the hybrid rule, in [0, 1] (default: 0.5)")
+    ap.add_argument("--hidden-rule", default=None,
+                    help="hidden-branch rule: prune | merge | hybrid | hybrid(q) (default: the method's)")
+    ap.add_argument("--residual-rule", default=None,
+                    help="residual-branch rule: prune | merge | hybrid | hybrid(q) (default: the method's)")
+    ap.add_argument("--non-causal", action="store_true",
+                    help="causal=False: allow non-causal merges (default: the method's own; only "
+                         "utrc_reference is non-causal by default)")
+    ap.add_argument("--metric-source", default=None,
+                    help="what the metric reads: ssm (SSM output, paper) | mixer (default: ssm)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the random metric / method (default: 0)")
     ap.add_argument("--no-protect", action="store_true",
                     help="do not protect the scored continuation (measures the unprotected reduction)")
-    ap.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: see --help)")
-    ap.add_argument("--limit", type=float, default=None)
-    ap.add_argument("--num-fewshot", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--bootstrap-iters", type=int, default=1000)
-    ap.add_argument("--output", default=None, help="write the results JSON here")
-    ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated lm-eval task names (default: " + ", ".join(LOCAL_TASKS)
+                         + " when HF_HUB_OFFLINE is set, else the paper's six: " + ", ".join(PAPER_TASKS) + ")")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="documents per task: a count (>= 1) or a fraction (< 1) of each task (default: all)")
+    ap.add_argument("--num-fewshot", type=int, default=None,
+                    help="few-shot examples per prompt (default: each task's own, 0 for the utrc_* tasks)")
+    ap.add_argument("--batch-size", type=int, default=16, help="requests per forward (default: 16)")
+    ap.add_argument("--max-length", type=int, default=1024,
+                    help="longest model input in tokens; longer contexts keep their end (default: 1024)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu; one GPU per rank under accelerate)")
+    ap.add_argument("--dtype", default=None,
+                    help="model dtype: float32 | bfloat16 | float16 | auto = the checkpoint's (default: float32)")
+    ap.add_argument("--bootstrap-iters", type=int, default=1000,
+                    help="bootstrap iterations for lm-eval's stderr estimates; 0 skips them (default: 1000)")
+    ap.add_argument("--output", default=None,
+                    help="write the results JSON to this file, creating its folder (default: print only)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the per-call progress bars")
+    return ap
 
 
 def model_args_from(ns: argparse.Namespace) -> dict:
+    """UTRCLM keyword arguments from the parsed flags. The reduction flags are validated through
+    `config_from_args` here (ValueError naming the flag), so a bad combination fails before any
+    model is loaded."""
+    from ..core.config import config_from_args
+
     args = {"pretrained": ns.model_name, "batch_size": ns.batch_size, "max_length": ns.max_length,
             "device": ns.device}
     if ns.dtype:
         args["dtype"] = ns.dtype
-    if ns.method:
+    reduction = {field: getattr(ns, field) for field in REDUCTION_FLAGS.values() if getattr(ns, field) is not None}
+    if ns.non_causal:
+        reduction["causal"] = False
+    if ns.method in DENSE_METHODS:
+        if reduction:
+            flags = [f for f, field in REDUCTION_FLAGS.items() if field in reduction]
+            flags += ["--non-causal"] if ns.non_causal else []
+            raise ValueError(f"{', '.join(flags)} given without --method: the run would be dense; "
+                             f"pass a method (e.g. --method utrc) or drop {'it' if len(flags) == 1 else 'them'}")
+    else:
+        try:
+            config = config_from_args(ns.method, **reduction)
+        except ValueError as e:
+            raise ValueError(f"invalid reduction flags: {e}") from None
         args["method"] = ns.method
-        for k in ("flops_reduction", "keep_ratio", "metric", "q", "hidden_rule", "residual_rule",
-                  "metric_source", "seed"):
-            v = getattr(ns, k)
-            if v is not None:
-                args[k] = v
-        if ns.layers:
-            args["layers"] = [int(x) for x in ns.layers.replace(";", ",").split(",") if x.strip()]
-        if ns.non_causal:
-            args["causal"] = False
+        args.update(reduction)
+        if config is not None and "layers" in reduction:
+            args["layers"] = list(config.layers)  # parsed and sorted; no commas in the model_args string
     if ns.no_protect:
         args["protect"] = False
     return args
 
 
-def run(argv=None, lm=None) -> dict:
-    """Run the evaluation; returns lm-eval's results dict with "utrc" metadata added."""
-    ns = parse_args(argv)
+def output_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be written (or None): it is a folder, its nearest existing parent is a
+    file, or that parent (or an existing file) is not writable."""
+    target = Path(path)
+    if target.is_dir():
+        return f"--output {path}: is a directory"
+    if target.exists():
+        return None if os.access(target, os.W_OK) else f"--output {path}: file is not writable"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--output {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--output {path}: cannot create files under {parent} (not writable)"
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the flags; usage errors (exit code 2) for a reduction flag without
+    --method, an invalid reduction and an unwritable --output."""
+    ap = build_parser()
+    ns = ap.parse_args(argv)
+    try:
+        model_args_from(ns)
+    except ValueError as e:
+        ap.error(str(e))
+    if ns.output:
+        problem = output_problem(ns.output)
+        if problem:
+            ap.error(problem)
+    return ns
+
+
+def _tasks(ns: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else default_tasks()
+
+
+def evaluate(ns: argparse.Namespace, lm=None) -> dict:
+    """Run lm-eval for parsed flags `ns`; returns its results dict with "utrc" metadata added
+    ({} on ranks other than 0 under accelerate launch)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from .lm_eval_adapter import UTRCLM
 
-    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else default_tasks()
+    tasks = _tasks(ns)
     only_local = all(t in LOCAL_TASKS or t == "utrc" for t in tasks)
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not only_local)
     margs = model_args_from(ns)
@@ -111,28 +193,42 @@ def run(argv=None, lm=None) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    results = run(argv)
-    if not results:  # ranks other than 0 under accelerate launch: rank 0 writes the output
-        return 0
-    ns = parse_args(argv)
-    from lm_eval.utils import handle_non_serializable
+def run(argv=None, lm=None) -> dict:
+    """Parse `argv` and run the evaluation; returns lm-eval's results dict with "utrc" metadata added."""
+    return evaluate(parse_args(argv), lm)
 
-    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-    if ns.output:
-        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.output).write_text(text + "\n", encoding="utf-8")
+
+def _print_results(results: dict) -> None:
     try:
         from lm_eval.utils import make_table
 
         print(make_table(results))
-    except Exception:
-        pass
+    except Exception as e:  # the table is a convenience; the summary line and JSON carry the numbers
+        print(f"(no results table: {e!r})", file=sys.stderr)
     meta = results.get("utrc", {})
     print(f"utrc: method={meta.get('method')} keep_ratio={meta.get('keep_ratio')} layers={meta.get('layers')} "
           f"token-layer FLOPs cut={meta.get('flops_reduction_token_layer')}")
-    if ns.output:
-        print(f"wrote {ns.output}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)  # exits with code 2 on bad flags or an unwritable --output, before loading anything
+    results = evaluate(ns)
+    if not results:  # ranks other than 0 under accelerate launch: rank 0 writes the output
+        return 0
+    from lm_eval.utils import handle_non_serializable
+
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    _print_results(results)
+    if not ns.output:
+        return 0
+    try:
+        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.output).write_text(text + "\n", encoding="utf-8")
+    except OSError as e:  # checked before the run, but the disk can still change under us
+        print(f"could not write --output {ns.output}: {e}; the results JSON follows on stdout", file=sys.stderr)
+        print(text)
+        return 1
+    print(f"wrote {ns.output}", file=sys.stderr)
     return 0
 
 

@@ -2,20 +2,24 @@
 
 model_args: pretrained=<tiny-mamba2 | tiny-mamba | checkpoint dir | hub id> plus the reduction:
 method (none/absent = dense), flops_reduction | keep_ratio, metric, layers ("12;17;22"), q,
-hidden_rule, residual_rule, causal, seed, metric_source, protect (default True), max_length, dtype,
-device, batch_size. Example:
+hidden_rule, residual_rule, causal (default: the method's own, False only for utrc_reference),
+seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device,
+batch_size. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
+builder every entry point uses (strict parsing; errors name the field). Example:
 
     lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 ...
     (with `import utrc_lib.eval.lm_eval_adapter` done first; `python -m utrc_lib.eval` does it)
 
-Scoring (`utrc_lib.eval.scorer.loglikelihood_tokens`): lm-eval's tokenisation of (context,
-continuation); LEFT padding with an attention mask; per request the reduction runs with
-protect_last = number of continuation tokens, so the scored positions are never reduced and
-never see later tokens; continuation log-probs are read by ORIGINAL position (the patched model
-returns full-length logits); requests are grouped by continuation length, so results do not depend
-on batch size. The patch is installed for each group and removed in a `finally` block, so the
-model is dense again after every call. `reduction_metadata` (method, keep ratio, layers,
-token-layer FLOPs cut, analytic FLOPs) is what `python -m utrc_lib.eval` writes under "utrc".
+Scoring (`utrc_lib.eval.scorer.score_tokens`): lm-eval's tokenisation of (context, continuation);
+requests sorted by length and batched with LEFT padding and an attention mask; each row's
+reduction runs with protect_last = its own number of continuation tokens (per-sample
+protect_last), so the scored positions are never reduced and never see later tokens;
+continuation log-probs are read by ORIGINAL position (the patched model returns full-length
+logits); results do not depend on batch size or composition. The patch is installed per call and
+removed in a `finally` block, so the model is dense again after every call. Requests whose context
+is too short to reduce are scored dense and counted (`dense_fallback_last_call`, `dense_fallback`
+in `reduction_metadata`). `reduction_metadata` (method, keep ratio, layers, token-layer FLOPs cut,
+analytic FLOPs, versions) is what `python -m utrc_lib.eval` writes under "utrc".
 
 Data parallel (lm-eval's own scheme): under `accelerate launch --num_processes N` (WORLD_SIZE > 1 in
 the environment) the adapter creates an `accelerate.Accelerator`, puts the model on
@@ -35,29 +39,22 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from . import scorer as ev
-from ..core.config import ReductionConfig
+from ..core.config import BUILDER_FIELDS, ReductionConfig, config_from_args
 
-_CONFIG_KEYS = ("method", "metric", "layers", "keep_ratio", "flops_reduction", "q", "hidden_rule",
-                "residual_rule", "causal", "seed", "metric_source")
-
-
-def _parse_layers(v) -> Optional[tuple[int, ...]]:
-    if v is None or v == "" or v == "default":
-        return None
-    if isinstance(v, int):
-        return (v,)
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
-    for sep in (";", ":", "|", "/", " "):
-        if sep in str(v):
-            return tuple(int(x) for x in str(v).split(sep) if x.strip())
-    return (int(v),)
+# model_args that describe the reduction (everything else is a model / scoring argument)
+REDUCTION_ARGS = BUILDER_FIELDS
 
 
-def _parse_bool(v) -> bool:
+def _model_flag(name: str, v) -> bool:
+    """A boolean model_arg that is not a config field (protect): bool or true/false/1/0/yes/no/on/off."""
     if isinstance(v, bool):
         return v
-    return str(v).strip().lower() in ("1", "true", "yes", "on")
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"model_arg {name} must be a boolean (true/false), got {v!r}")
 
 
 def launched_world_size() -> int:
@@ -69,44 +66,32 @@ def launched_world_size() -> int:
 
 
 def build_config(**kw) -> Optional[ReductionConfig]:
-    """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense."""
-    method = kw.get("method")
-    if method in (None, "", "none", "dense"):
-        extra = [k for k in ("flops_reduction", "keep_ratio") if kw.get(k) not in (None, "", 0, 0.0)]
-        if extra:
-            raise ValueError(f"{extra} given without a method; pass method=utrc (or another method)")
-        return None
-    args: dict[str, Any] = {"method": str(method)}
-    for k in _CONFIG_KEYS[1:]:
-        v = kw.get(k)
-        if v is None or v == "":
-            continue
-        if k == "layers":
-            v = _parse_layers(v)
-        elif k in ("keep_ratio", "flops_reduction", "q"):
-            v = float(v)
-        elif k == "seed":
-            v = int(v)
-        elif k == "causal":
-            v = _parse_bool(v)
-        else:
-            v = str(v)
-        args[k] = v
-    return ReductionConfig(**args)
+    """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense.
+    Same as `config_from_args(**kw)`."""
+    return config_from_args(**kw)
 
 
 @register_model("utrc")
 class UTRCLM(LM):
-    """lm-eval LM for transformers Mamba / Mamba-2 with utrc token reduction (CPU or CUDA)."""
+    """lm-eval LM for transformers Mamba / Mamba-2 with utrc token reduction (CPU or CUDA).
+
+    Subclasses lm-eval's bare `LM`, not `HFLM`: HFLM right-pads its batches and scores whatever
+    logits the model returns, one batch-wide forward at a time. Token reduction needs the scorer's
+    own batching instead: LEFT padding, so every row's scored continuation sits at the end where
+    its per-row protect_last can keep it out of the reduction, and reduction-aware reading of the
+    log-probs by ORIGINAL position, with a dense fallback for contexts too short to reduce. Both
+    are what `utrc_lib.eval.scorer` does, and the built-in evaluator and this adapter then give the
+    same numbers; reusing HFLM would mean overriding its loglikelihood path anyway.
+    """
 
     def __init__(self, pretrained: Any = "tiny-mamba2", tokenizer: Any = None, batch_size: Any = 16,
                  max_length: int = 1024, device: Optional[str] = None, dtype: Optional[str] = None,
                  protect: Any = True, max_batch_size: Any = None, **kwargs) -> None:
         super().__init__()
-        cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
+        cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in REDUCTION_ARGS}
         if kwargs:
             raise TypeError(f"unknown model_args for --model utrc: {sorted(kwargs)}")
-        self.config = build_config(**cfg_kwargs)
+        self.config = config_from_args(**cfg_kwargs)
         device = device or "cpu"
         self.accelerator = None
         if launched_world_size() > 1:
@@ -134,8 +119,10 @@ class UTRCLM(LM):
             batch_size = 16
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = int(max_length)
-        self.protect = _parse_bool(protect)
+        self.protect = _model_flag("protect", protect)
         self.calls = 0
+        self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
+        self.dense_fallback = 0  # the same, summed over every call of this instance
 
     # -- data parallel (accelerate launch) ------------------------------------------------------
     def _setup_data_parallel(self, device: str) -> str:
@@ -186,17 +173,20 @@ class UTRCLM(LM):
     # -- lm-eval interface ---------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return ev._eos_id(self.tokenizer)
+        return ev.eos_id(self.tokenizer)
 
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "utrc-tokenizer")).replace("/", "__")
 
-    def _score(self, token_requests, disable_tqdm: bool, desc: str):
+    def _score(self, token_requests, disable_tqdm: bool, desc: str) -> list[tuple[float, bool]]:
         self.calls += 1
-        return ev.loglikelihood_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
-                                       max_length=self.max_length, pad_token_id=ev._pad_id(self.tokenizer),
-                                       progress=not disable_tqdm, protect=self.protect, desc=desc)
+        scores = ev.score_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
+                                 max_length=self.max_length, pad_token_id=ev.pad_id(self.tokenizer),
+                                 progress=not disable_tqdm, protect=self.protect, desc=desc)
+        self.dense_fallback_last_call = scores.dense_fallback
+        self.dense_fallback += scores.dense_fallback
+        return scores.results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         toks = [ev.encode_pair(self.tokenizer, *req.args) for req in requests]
@@ -235,11 +225,11 @@ class UTRCLM(LM):
     # -- metadata ---------------------------------------------------------------------------------
     @property
     def reduction_metadata(self) -> dict:
-        meta = ev._meta(self.model, self.config, self.max_length, self.batch_size_per_gpu, None)
+        meta = ev.run_metadata(self.model, self.config, max_length=self.max_length,
+                               batch_size=self.batch_size_per_gpu, limit=None, protect=self.protect)
         meta["model"] = self.model_name
-        meta["protect"] = ("continuation (protect_last = continuation tokens, per request)" if self.protect
-                           else "none (config applied as given)")
-        meta["dense_fallback_last_call"] = ev.LAST_STATS.get("dense_fallback", 0)
+        meta["dense_fallback_last_call"] = self.dense_fallback_last_call
+        meta["dense_fallback"] = self.dense_fallback  # this process's calls (rank 0 under data parallel)
         if self.world_size > 1:
             meta["data_parallel"] = {"world_size": self.world_size, "device_rank0": str(self._device),
                                      "backend": str(self.accelerator.distributed_type)}

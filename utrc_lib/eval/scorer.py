@@ -9,10 +9,14 @@ Scoring follows lm-eval 0.4's conventions, so the numbers are comparable with th
     * the model input is all tokens but the last (kept to the last `max_length`), and the
       continuation's log-probs are read at the last len(continuation) positions, aligned by
       ORIGINAL position (the patched model returns full-length logits);
-    * the reduction runs with `config.replace(protect_last=len(continuation tokens))`, so the
-      positions whose logits are scored are never removed or merged and never see later tokens;
-      requests are grouped by continuation length (one protect_last per batch) and LEFT-padded
-      with an attention mask, so results do not depend on batch size or batch composition;
+    * the reduction protects each request's own scored tail: requests are sorted by length
+      (longest first) and batched, and every row of a batch runs with protect_last = its own number
+      of continuation tokens (per-sample protect_last), so the positions whose logits are scored
+      are never removed or merged and never see later tokens; rows are LEFT-padded with an
+      attention mask, so results do not depend on batch size or batch composition;
+    * a request whose context is too short to reduce (the engine raises `SequenceTooShort`) is
+      scored dense, alone; how many were is returned with the results (`TokenScores.dense_fallback`,
+      `evaluate()`'s per-task "dense_fallback");
     * acc_norm divides the log-likelihood by the ending's character length (lm-eval:
       `len(choice)`, the choice without the leading delimiter);
     * cloze ppl = exp(-mean over items of the target's log-likelihood) (lm-eval's lambada
@@ -21,11 +25,15 @@ Scoring follows lm-eval 0.4's conventions, so the numbers are comparable with th
 
 API:
     evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2", "ppl"), config=None, *,
-             limit=None, batch_size=16, progress=True, max_length=1024) -> dict
+             limit=None, batch_size=16, progress=True, max_length=1024, protect=True) -> dict
+    score_tokens(model, token_requests, config=None, batch_size=16, *, max_length=1024,
+                 pad_token_id=0, progress=False, protect=True) -> TokenScores(results, dense_fallback)
+    loglikelihood_tokens(...same arguments...) -> list[(loglik, is_greedy)]   (= score_tokens(...).results)
     loglikelihood(model, tokenizer, requests, config=None, batch_size=16, *, max_length=1024,
                   progress=False, protect=True) -> list[(loglik, is_greedy)]
-    loglikelihood_tokens(model, token_requests, config=None, batch_size=16, *, max_length=1024,
-                         pad_token_id=0, progress=False, protect=True) -> list[(loglik, is_greedy)]
+    encode(tokenizer, text), encode_pair(tokenizer, context, continuation) -> (ctx ids, cont ids)
+    eos_id(tokenizer), pad_id(tokenizer)
+    run_metadata(model, config, *, max_length, batch_size, limit, protect=True) -> dict
 """
 from __future__ import annotations
 
@@ -37,12 +45,27 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..core.config import ReductionConfig
+from ..core.reduce import SequenceTooShort
 from .suite import available_tasks, load_task
 
 DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")
-# statistics of the latest loglikelihood_tokens call: "dense_fallback" = requests scored dense because
-# the engine refused to reduce their (too short) context
-LAST_STATS: dict = {"dense_fallback": 0}
+# what run_metadata()["protect"] says for protect=True / False
+PROTECT_NOTE = {True: "continuation (protect_last = continuation tokens, per request)",
+                False: "none (unprotected: scored positions may be removed / merged)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """What one `score_tokens` call returns.
+
+    results: (sum log p(continuation | context), continuation is the greedy decode) per request, in
+        input order.
+    dense_fallback: how many of those requests were scored dense because their context was too
+        short to reduce (the engine raised `SequenceTooShort` for them); 0 without a config.
+    """
+
+    results: list
+    dense_fallback: int = 0
 
 
 # -- tokenisation -------------------------------------------------------------------------------------
@@ -54,7 +77,8 @@ def encode(tokenizer, text: str) -> list[int]:
         return list(tokenizer.encode(text).ids)
 
 
-def _eos_id(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
+    """End-of-text id: eos_token_id, else pad_token_id, else "<|endoftext|>" of a raw tokenizer, else 0."""
     for name in ("eos_token_id", "pad_token_id"):
         v = getattr(tokenizer, name, None)
         if isinstance(v, int):
@@ -66,16 +90,19 @@ def _eos_id(tokenizer) -> int:
     return 0
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """Id used for left padding: pad_token_id, else `eos_id` (padded positions are masked out)."""
     v = getattr(tokenizer, "pad_token_id", None)
-    return v if isinstance(v, int) else _eos_id(tokenizer)
+    return v if isinstance(v, int) else eos_id(tokenizer)
+
+
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: (context ids, continuation ids)."""
     if context == "":
         cont = encode(tokenizer, continuation)
-        eos = _eos_id(tokenizer)
+        eos = eos_id(tokenizer)
         return ([eos], cont) if not cont or cont[0] != eos else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -87,14 +114,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 # -- core scoring -------------------------------------------------------------------------------------
-def _request_config(config: Optional[ReductionConfig], cont_len: int, protect: bool) -> Optional[ReductionConfig]:
-    if config is None:
-        return None
-    if not protect:
-        return config
-    return config.replace(protect_last=cont_len, protect_from=None)
-
-
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -120,19 +139,39 @@ def _forward(model, rows: list[list[int]], pad_token_id: int) -> torch.Tensor:
     return logits.float()
 
 
-def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                         config: Optional[ReductionConfig] = None, batch_size: int = 16, *,
-                         max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
-                         protect: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-    """(sum log p(continuation | context), continuation is the greedy decode) per (ctx_ids, cont_ids).
+class _Patch:
+    """The reduction patch of one scoring call: installed on first use, removable for a dense
+    fallback (re-installed by the next use), always removed on exit."""
 
-    Requests are sorted by length and scored in batches of `batch_size` (left padding); each row's
-    reduction protects exactly its own scored tail (per-sample protect_last), and results return
-    in input order. `protect=False` applies `config` unchanged (no tail protection; for measuring
-    what an unprotected reduction does).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def __init__(self, model, config: Optional[ReductionConfig], protect: bool):
+        self.model = model
+        # with protection every forward passes per-row protect_last through handle.options()
+        self.config = None if config is None else (config.replace(protect_last=0, protect_from=None)
+                                                   if protect else config)
+        self._handle = None
+
+    def handle(self):
+        if self.config is not None and self._handle is None:
+            from ..hosts.handle import apply
+
+            self._handle = apply(self.model, self.config)
+        return self._handle
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> "_Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _prepare(token_requests, max_length: int) -> list[tuple[int, list[int], list[int]]]:
+    """(index, model input, continuation) per request; the input is context + continuation minus its
+    last token, kept to the last `max_length` tokens."""
     prepared = []
     for i, (ctx, cont) in enumerate(token_requests):
         ctx, cont = list(ctx), list(cont)
@@ -142,78 +181,89 @@ def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Se
             raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length={max_length}")
         if not ctx:
             raise ValueError(f"request {i}: empty context (use encode_pair, which puts EOS there)")
-        inp = (ctx + cont)[-(max_length + 1):][:-1]
-        prepared.append((i, inp, cont))
-    # one group, longest first: each row protects its own continuation (per-sample protect_last)
-    items = sorted(prepared, key=lambda p: (-len(p[1]), p[0]))
-    batches = [items[j:j + batch_size] for j in range(0, len(items), batch_size)]
+        prepared.append((i, (ctx + cont)[-(max_length + 1):][:-1], cont))
+    return prepared
+
+
+def _score_rows(model, handle, batch, pad_token_id: int, protect: bool) -> list[tuple[float, bool]]:
+    """One forward over `batch` (reduced through `handle`, or dense when None); each row protects
+    its own continuation when `protect`."""
+    rows = [p[1] for p in batch]
+    if handle is not None and protect:
+        with handle.options(protect_last=[len(p[2]) for p in batch]):
+            logits = _forward(model, rows, pad_token_id)
+    else:
+        logits = _forward(model, rows, pad_token_id)
+    out = []
+    for row, p in zip(logits, batch):
+        n = len(p[2])
+        logp = torch.log_softmax(row[-n:].float(), dim=-1)
+        target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
+        ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
+        out.append((float(ll), bool((logp.argmax(-1) == target).all())))
+    return out
+
+
+def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 config: Optional[ReductionConfig] = None, batch_size: int = 16, *,
+                 max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
+                 protect: bool = True, desc: str = "loglikelihood") -> TokenScores:
+    """Score (ctx_ids, cont_ids) requests with `model` reduced by `config` (dense when None).
+
+    Requests are sorted by input length (longest first) and scored in batches of `batch_size`
+    with left padding; each row's reduction protects exactly its own scored tail (per-sample
+    protect_last), and results return in input order. `protect=False` applies `config` unchanged
+    (no tail protection; for measuring what an unprotected reduction does). A batch in which the
+    engine refuses a sample as too short to reduce (`SequenceTooShort`) is rescored one request
+    at a time, and the refused requests dense; their number is `TokenScores.dense_fallback`.
+    The model is unpatched again when this returns (or raises).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prepared = _prepare(token_requests, max_length)
+    ordered = sorted(prepared, key=lambda p: (-len(p[1]), p[0]))
+    batches = [ordered[j:j + batch_size] for j in range(0, len(ordered), batch_size)]
 
     results: list = [None] * len(prepared)
+    n_dense = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prepared), desc=desc, unit="req", leave=False)
-    from ..hosts import handle as patch
-
-    def score(batch):
-        handle = state["handle"]
-        rows = [p[1] for p in batch]
-        if handle is not None and protect:
-            with handle.options(protect_last=[len(p[2]) for p in batch]):
-                logits = _forward(model, rows, pad_token_id)
-        else:
-            logits = _forward(model, rows, pad_token_id)
-        out = []
-        for row, p in zip(logits, batch):
-            n = len(p[2])
-            logp = torch.log_softmax(row[-n:].float(), dim=-1)
-            target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
-            ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
-            out.append((float(ll), bool((logp.argmax(-1) == target).all())))
-        return out
-
-    state = {"handle": None}
-
-    def patched():
-        if config is not None and state["handle"] is None:
-            state["handle"] = patch.apply(model, _request_config(config, 0, protect))
-
-    def unpatch():
-        if state["handle"] is not None:
-            state["handle"].remove()
-            state["handle"] = None
-
-    n_dense_fallback = 0
     try:
-        for batch in batches:
-            patched()
-            try:
-                scored = score(batch)
-            except ValueError as e:  # a sample whose context is too short to reduce (engine refuses)
-                if config is None or "too short" not in str(e):
-                    raise
-                scored = []
-                for p in batch:  # per sample: the condition is per sample, so this is batch independent
-                    try:
-                        scored += score([p])
-                    except ValueError as e1:
-                        if "too short" not in str(e1):
-                            raise
-                        unpatch()
-                        scored += score([p])  # dense: nothing of the context can be reduced
-                        n_dense_fallback += 1
-                        patched()
-            for p, r in zip(batch, scored):
-                results[p[0]] = r
-            if bar is not None:
-                bar.update(len(batch))
+        with _Patch(model, config, protect) as patch:
+            for batch in batches:
+                try:
+                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect)
+                except SequenceTooShort:
+                    # the condition is per sample: rescoring one by one keeps results batch independent
+                    scored = []
+                    for p in batch:
+                        try:
+                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect)
+                        except SequenceTooShort:
+                            patch.remove()  # dense: nothing of this context can be reduced
+                            scored += _score_rows(model, None, [p], pad_token_id, protect)
+                            n_dense += 1
+                for p, r in zip(batch, scored):
+                    results[p[0]] = r
+                if bar is not None:
+                    bar.update(len(batch))
     finally:
-        unpatch()
         if bar is not None:
             bar.close()
-    LAST_STATS["dense_fallback"] = n_dense_fallback
-    return results
+    return TokenScores(results=results, dense_fallback=n_dense)
+
+
+def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                         config: Optional[ReductionConfig] = None, batch_size: int = 16, *,
+                         max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
+                         protect: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), continuation is the greedy decode) per (ctx_ids, cont_ids):
+    `score_tokens(...).results` (call `score_tokens` to also get the dense-fallback count)."""
+    return score_tokens(model, token_requests, config, batch_size, max_length=max_length,
+                        pad_token_id=pad_token_id, progress=progress, protect=protect, desc=desc).results
 
 
 def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], config: Optional[ReductionConfig] = None,
@@ -222,7 +272,7 @@ def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], config:
     """(sum loglik, is_greedy) of each (context, continuation) text request; see the module doc."""
     toks = [encode_pair(tokenizer, c, x) for c, x in requests]
     return loglikelihood_tokens(model, toks, config, batch_size, max_length=max_length,
-                                pad_token_id=_pad_id(tokenizer), progress=progress, protect=protect, desc=desc)
+                                pad_token_id=pad_id(tokenizer), progress=progress, protect=protect, desc=desc)
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
@@ -290,7 +340,12 @@ def _score_task(task: str, items: list[dict], texts, res, toks) -> dict:
     return out
 
 
-def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size: int, limit) -> dict:
+def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, batch_size: int,
+                 limit=None, protect: bool = True) -> dict:
+    """What a scoring run used: the config, method, protection, batch size, max length, limit, model
+    class, versions, the resolved schedule (num_layers, layers, keep_ratio, token-layer FLOPs
+    fraction and cut) and the analytic FLOPs at 256 tokens. A model whose schedule or FLOPs cannot
+    be derived gets "schedule_error" / "analytic_flops_error" instead of failing."""
     import platform
 
     import transformers
@@ -301,7 +356,7 @@ def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size:
         "config": None if config is None else {k: (list(v) if isinstance(v, tuple) else v)
                                                 for k, v in dataclasses.asdict(config).items()},
         "method": "dense" if config is None else config.method,
-        "protect": "continuation (protect_last = continuation tokens, per request)",
+        "protect": PROTECT_NOTE[bool(protect)],
         "batch_size": batch_size, "max_length": max_length, "limit": limit,
         "model_class": type(model).__name__,
         "versions": {"utrc_lib": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -335,12 +390,15 @@ def _meta(model, config: Optional[ReductionConfig], max_length: int, batch_size:
 
 def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Optional[ReductionConfig] = None, *,
              limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
-             max_length: int = 1024) -> dict:
+             max_length: int = 1024, protect: bool = True) -> dict:
     """Score `model` (patched with `config`, or dense when None) on the offline suite.
 
-    Returns {task: {metric: value, ..., "n": items}, "meta": {...}}. Metrics: cloze acc/ppl,
-    choice4 acc/acc_norm, choice2 acc, ppl ppl/nll/bits_per_byte (+ *_stderr for accuracies).
-    Task data and tokenised requests are cached, so repeated calls (sweeps) only run the model.
+    Returns {task: {metric: value, ..., "n": items, "seconds": s}, "meta": run_metadata(...)}.
+    Metrics: cloze acc/ppl, choice4 acc/acc_norm, choice2 acc, ppl ppl/nll/bits_per_byte/tokens
+    (+ *_stderr for accuracies); with a config also "dense_fallback", the task's requests scored
+    dense because their context was too short to reduce. `protect=False` applies `config` unchanged
+    (scored positions may be reduced). Task data and tokenised requests are cached, so repeated
+    calls (sweeps) only run the model.
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -356,13 +414,14 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         for task in tasks:
             t0 = time.perf_counter()
             toks, extra = _task_requests(tokenizer, task, limit)
-            res = loglikelihood_tokens(model, toks, config, batch_size, max_length=max_length,
-                                       pad_token_id=_pad_id(tokenizer), progress=progress, desc=task)
-            results[task] = _score_task(task, extra["items"], extra["texts"], res, toks)
+            scores = score_tokens(model, toks, config, batch_size, max_length=max_length,
+                                  pad_token_id=pad_id(tokenizer), progress=progress, protect=protect, desc=task)
+            results[task] = _score_task(task, extra["items"], extra["texts"], scores.results, toks)
             if config is not None:
-                results[task]["dense_fallback"] = LAST_STATS["dense_fallback"]
+                results[task]["dense_fallback"] = scores.dense_fallback
             results[task]["seconds"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    results["meta"] = _meta(model, config, max_length, batch_size, limit)
+    results["meta"] = run_metadata(model, config, max_length=max_length, batch_size=batch_size, limit=limit,
+                                   protect=protect)
     return results
