@@ -63,21 +63,21 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
     tail length on the host for the static path.
     """
     out = Rounds(hidden, residual, state, requested=r)
-    remaining = r
+    remaining = todo = r
     feats_is_hidden = features is None or features is hidden
     for k in range(MAX_ROUNDS):
         if k > 0:  # stop quietly when nothing reducible is left (the shortfall is reported below)
             n_red = out.state.reducible.sum(1)
-            remaining = torch.where(n_red >= 2, remaining, torch.zeros_like(remaining))
+            todo = torch.where(n_red >= 2, remaining, torch.zeros_like(remaining))
             if static is not None:
                 n = int(out.hidden.shape[1])
-                r_host = int(remaining.max()) if remaining.numel() else 0
+                r_host = int(todo.max()) if todo.numel() else 0
                 static = {"n": n, "n_red": n - n_protected, "r": r_host} if n - n_protected >= 2 else None
                 if static is None:
                     break
-            if int(remaining.max()) <= 0:
+            if int(todo.max()) <= 0:
                 break
-        plan = plan_reduction(config, out.state, remaining, hidden=out.hidden, residual=out.residual,
+        plan = plan_reduction(config, out.state, todo, hidden=out.hidden, residual=out.residual,
                               features=out.hidden if feats_is_hidden else features, delta=delta,
                               salt=salt if k == 0 else salt + 104729 * k, static=static)
         sizes = out.state.sizes
@@ -146,6 +146,12 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
     return method.fn(ctx)
 
 
+def _warn_exhausted(config: ReductionConfig, layer: int) -> None:
+    warnings.warn(f"{config.method}: after layer {layer} fewer than 2 reducible tokens are left (earlier anchors "
+                  f"removed the rest; the protected tail is never reduced): this anchor removes nothing and the "
+                  f"achieved cut is below the nominal one", ReductionShortfall, stacklevel=3)
+
+
 class ForwardReducer:
     """Carries the token state through one prefill forward and reduces at the anchor layers.
 
@@ -198,10 +204,18 @@ class ForwardReducer:
             r_host = n - self.schedule.kept(n, layer)
             if r_host == 0:
                 return hidden, residual
+            if self.reduced and n - self.n_protected < 2:  # earlier anchors used up the reducible pool
+                _warn_exhausted(self.config, layer)
+                return hidden, residual
             r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
             static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
         else:
             r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
+            if self.reduced:  # a sample whose pool earlier anchors used up is a shortfall, not an error
+                keep = self.state.reducible.sum(1) >= 2
+                if not bool(keep.all()) and bool((r > 0).any()):
+                    _warn_exhausted(self.config, layer)
+                r = torch.where(keep, r, torch.zeros_like(r))
             if int(r.max()) == 0:
                 return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features
