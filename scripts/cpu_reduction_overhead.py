@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 import utrc_lib
-from utrc_lib.experiments import bench
+from utrc_lib.experiments.timing import time_ms
 from utrc_lib.core.reduce import ForwardReducer
 
 
 def median_ms(fn, repeats: int) -> float:
-    return statistics.median(bench.time_ms(fn, "cpu", repeats=repeats, warmup=2))
+    return statistics.median(time_ms(fn, "cpu", repeats=repeats, warmup=2))
 
 
 def build(kind: str, d_model: int, layers: int):

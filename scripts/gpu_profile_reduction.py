@@ -27,24 +27,23 @@ def main():
     a = ap.parse_args()
     model = bench.build_model(a.shape, "mamba_ssm", "cuda", torch.float16)
     L = len(model.backbone.layers)
-    cfg = utrc_lib.ReductionConfig(a.method, flops_reduction=a.cut, causal=a.method != "utrc_reference")
+    cfg = utrc_lib.config_from_args(a.method, flops_reduction=a.cut)   # causal: the method's own default
     ids = torch.randint(0, 50000, (a.batch, a.seq_len), device="cuda")
     saved = {}
     seen = []
-    step = ForwardReducer.step
 
-    def capture(self, layer, hidden, residual, features=None, delta=None):
-        if self.wants(layer):
-            if len(seen) == a.anchor and not saved:  # clone keeps the strides (channel-major stays so)
-                saved.update(layer=layer, state=self.state, n=self.n_current,
-                             args=(hidden.clone(), residual.clone(), None if features is None else features.clone()))
-            seen.append(layer)
-        return step(self, layer, hidden, residual, features, delta)
+    class Capture(ForwardReducer):   # swapped in on the handle for one forward (no class patching)
+        def step(self, layer, hidden, residual, features=None, delta=None):
+            if self.wants(layer):
+                if len(seen) == a.anchor and not saved:  # clone keeps the strides (channel-major stays so)
+                    saved.update(layer=layer, state=self.state, n=self.n_current,
+                                 args=(hidden.clone(), residual.clone(),
+                                       None if features is None else features.clone()))
+                seen.append(layer)
+            return super().step(layer, hidden, residual, features, delta)
 
-    ForwardReducer.step = capture
-    with torch.no_grad(), utrc_lib.apply(model, cfg):
-        dense_like = model(ids, num_last_tokens=1)
-    ForwardReducer.step = step
+    with torch.no_grad(), utrc_lib.apply(model, cfg) as handle, handle.options(reducer=Capture):
+        model(ids, num_last_tokens=1)
     hidden, residual, feats = saved["args"]
     valid = torch.ones(a.batch, a.seq_len, dtype=torch.bool, device="cuda")
     print(f"anchor {a.anchor}: layer {saved['layer']}, {saved['n']} tokens in, features strides "

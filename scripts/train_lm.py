@@ -41,8 +41,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utrc_lib import environment  # noqa: E402
 from utrc_lib.hosts.convert import (convert_mamba_ssm_state_dict, hf_to_mamba_ssm_state_dict,  # noqa: E402
-                              mamba_ssm_to_hf_config, padded_vocab)
+                                    mamba_ssm_to_hf_config, padded_vocab)
 
 
 def parse_args(argv=None):
@@ -178,16 +179,6 @@ def lr_at(a, step: int, frac: float) -> float:
         return a.lr * (step + 1) / a.warmup
     frac = min(max(frac, 0.0), 1.0)
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def versions() -> dict:
-    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for mod in ("transformers", "tokenizers", "mamba_ssm", "triton"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    return v
 
 
 def hardware(device) -> str:
@@ -339,7 +330,7 @@ def main(argv=None) -> dict:
         "best_step": best["step"], "steps": step, "tokens_seen": step * tokens_per_step,
         "train_seconds": round(train_s, 1), "kernel_warmup_seconds": round(warm_s, 1),
         "tokens_per_second": round(step * tokens_per_step / max(train_s, 1e-9)),
-        "weights_bytes": wsize, "hardware": hardware(device), "versions": versions(),
+        "weights_bytes": wsize, "hardware": hardware(device), "versions": environment.versions(),
         "args": vars(a), "seed": a.seed, "mamba_ssm_config": cfg,
         "data": {"tokens": str(a.tokens), "train_tokens": int(data["train"].size),
                  "validation_tokens": int(vwin.numel())},

@@ -104,3 +104,111 @@ def test_derived_fields_do_not_depend_on_run_order():
     assert utrc["reduction_overhead_vs_dense"] == pytest.approx(0.02)
     assert utrc["peak_mem_reduction_kept_logits"] == pytest.approx(0.15)
     assert "speedup_fraction_of_slice" not in slc and "speedup_fraction_of_slice" not in dense
+
+
+# -- one config builder, one shape table, one versions() -------------------------------------------
+def test_configs_shapes_and_versions_come_from_one_place(monkeypatch):
+    from utrc_lib import environment
+    from utrc_lib.core import config as core_config
+    from utrc_lib.core import shapes
+
+    seen = []
+    real = core_config.config_from_args
+    monkeypatch.setattr(bench, "config_from_args", lambda m=None, **kw: seen.append(m) or real(m, **kw))
+    assert bench.method_config("dense", 1.0, (0,)) is None
+    assert bench.method_config("utrc_reference", 0.5, (0,)).causal is False   # the method's own default
+    assert bench.method_config("slice", 0.5, (0,), align=8).method == "random"
+    assert seen == ["utrc_reference", "random"]
+    assert bench.SHAPES is shapes.SHAPES and bench.ssm_config("mamba2-2.7b") == shapes.shape_config("mamba2-2.7b")
+    assert bench.versions is environment.versions
+    v = environment.versions()
+    for k in ("python", "torch", "transformers", "numpy", "mamba_ssm", "triton", "utrc_lib", "utrc_code_version",
+              "git_commit", "platform", "torch_threads"):
+        assert k in v, k
+
+
+# -- the command line: checked up front, scratch output by default, exit status -----------------------
+CLI = ["--backend", "hf", "--shapes", "tiny-mamba", "--batch", "2", "--seq-len", "64", "--repeats", "1",
+       "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the request was checked")
+
+    monkeypatch.setattr(bench, "build_model", refuse)
+
+
+@pytest.mark.parametrize("bad", [["--cuts", "-0.1"], ["--cuts", "1.0"], ["--gen-cuts", "-0.2"], ["--batch", "0"],
+                                 ["--seq-len", "-5"], ["--repeats", "0"], ["--align", "0"], ["--align", "x"],
+                                 ["--shapes", "nope"], ["--methods", "dense,nope"]])
+def test_bad_arguments_are_rejected_before_any_model(bad, tmp_path, no_model, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(CLI + ["--out", str(tmp_path / "b.json")] + bad)
+    assert exc.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bad_requests_raise_in_the_library_too(no_model):
+    for bad in (dict(cuts=[-0.1]), dict(batch=0), dict(seq_len=0), dict(repeats=0), dict(align=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            bench.run_bench(out=None, **dict(RUN, **bad))
+
+
+def test_default_output_is_scratch_and_unwritable_output_fails_first(tmp_path, no_model, capsys):
+    from utrc_lib import environment
+
+    default = bench.parser().parse_args([]).out
+    assert default == str(bench.DEFAULT_OUT) and bench.DEFAULT_OUT.is_relative_to(environment.CACHE)
+    assert "figures" not in default
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="not writable"):
+        bench.run_bench(out=str(blocker / "b.json"), **RUN)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(CLI + ["--out", str(blocker / "b.json")])
+    assert exc.value.code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_exit_status_is_nonzero_when_records_fail(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(CLI + ["--methods", "utrc", "--cuts", "0.97", "--out", str(out)]) == 1   # unreachable cut
+    assert all("error" in r for r in json.loads(out.read_text()))
+
+
+# -- warm-up per configuration, suspect speed-ups ------------------------------------------------------
+def test_every_configuration_is_warmed_up(tmp_path, monkeypatch):
+    """The first calls after a model is built are slow and slow down gradually (first-touch memory);
+    one warm-up call left the dense run (measured first) timing the second slow call."""
+    import time as _time
+
+    slow = [0.30, 0.15]   # the process's first two prefills; later ones take ~5 ms
+
+    def fake_prefill(model, backend, ids, last_only):
+        def run():
+            _time.sleep(slow.pop(0) if slow else 0.005)
+        return run
+
+    monkeypatch.setattr(bench, "prefill_fn", fake_prefill)
+    records = bench.run_bench(out=str(tmp_path / "b.json"), **dict(RUN, methods=["dense", "slice"]))
+    dense, slc = records
+    assert len(dense["warmup_ms"]) >= 3 and dense["prefill_ms"] < 100, dense["warmup_ms"]
+    assert not dense["speedup_suspect"] and not slc["speedup_suspect"]
+
+
+def test_speedups_beyond_the_physical_bound_are_flagged():
+    from utrc_lib.experiments.bench import derive_fields
+
+    base = dict(kind="prefill", model_shape="s", backend="hf", device="cpu", dtype="float32", batch=2, seq_len=8)
+    dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=7199.9)   # absorbed the warm-up
+    slc = dict(base, method="slice", flops_cut=0.3, prefill_ms=208.0, token_layer_fraction=0.7)
+    utrc = dict(base, method="utrc", flops_cut=0.3, prefill_ms=6000.0, token_layer_fraction=0.7)
+    records = [dense, slc, utrc]
+    for r in records:
+        derive_fields(records, r)
+    assert slc["speedup_suspect"] and slc["speedup_bound"] == pytest.approx(1 / 0.7)
+    assert not utrc["speedup_suspect"] and not dense["speedup_suspect"]
+    slc.update(elapsed_s=1.0)
+    assert "SUSPECT" in bench._summary(slc)

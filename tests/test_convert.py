@@ -102,3 +102,21 @@ def test_train_lm_smoke(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(out)
     assert type(m).__name__ == "Mamba2ForCausalLM"
     assert m.config.vocab_size == 8192
+
+
+def test_config_is_read_once_by_core():
+    """hosts.convert reads mamba-ssm configs through core.shapes (kernel choices dropped, unknown
+    mixer fields refused, missing fields named)."""
+    from utrc_lib.core.shapes import read_mamba_ssm_config
+
+    cfg = dict(SSM_CONFIGS["mamba2"], ssm_cfg=dict(SSM_CONFIGS["mamba2"]["ssm_cfg"], use_mem_eff_path=False))
+    assert mamba_ssm_to_hf_config("mamba2", cfg).to_dict() == mamba_ssm_to_hf_config("mamba2",
+                                                                                     SSM_CONFIGS["mamba2"]).to_dict()
+    m = read_mamba_ssm_config(SSM_CONFIGS["mamba"])
+    assert (m.arch, m.padded_vocab, m.dt_rank, m.mixer["d_conv"]) == ("mamba", 104, 2, 4)
+    with pytest.raises(ValueError, match="unsupported ssm_cfg fields"):
+        mamba_ssm_to_hf_config("mamba", dict(SSM_CONFIGS["mamba"], ssm_cfg={"layer": "Mamba1", "warp": 9}))
+    with pytest.raises(ValueError, match="does not match"):
+        mamba_ssm_to_hf_config("mamba", SSM_CONFIGS["mamba2"])
+    with pytest.raises(ValueError, match="vocab_size"):
+        mamba_ssm_to_hf_config("mamba", {k: v for k, v in SSM_CONFIGS["mamba"].items() if k != "vocab_size"})

@@ -184,3 +184,23 @@ def test_table():
         assert 0 < r["analytic_cut"] < r["cut"]  # head, final norm and overhead are not reduced
     text = flops_table_markdown(seq_len=512)
     assert "Mamba-2-2.7B" in text and "Mamba-2-1.3B" in text and text.count("\n|") >= 7
+
+
+def test_one_shape_table_read_by_one_parser():
+    """The paper's models are one table (core.shapes.SHAPES); PAPER_SHAPES is a view of it, and the
+    FLOPs shape of every entry equals that of its transformers config (hosts.convert reads the same
+    mamba-ssm config through the same parser)."""
+    from utrc_lib.core import flops as F
+    from utrc_lib.core import shapes
+    from utrc_lib.hosts.convert import mamba_ssm_to_hf_config
+
+    assert set(F.PAPER_SHAPES) == {"Mamba-2-2.7B", "Mamba-2-1.3B", "Mamba-2.8B", "Mamba-1.4B"}
+    for paper, name in shapes.PAPER_NAMES.items():
+        assert F.PAPER_SHAPES[paper] == shapes.shape_config(name)[1]
+    for name in shapes.SHAPES:
+        arch, cfg = shapes.shape_config(name)
+        assert model_shape(cfg) == model_shape(mamba_ssm_to_hf_config(arch, cfg)), name
+    big = model_shape(F.PAPER_SHAPES["Mamba-2-2.7B"])
+    assert (big.vocab_size, big.n_heads, big.d_inner, big.chunk_size) == (50280, 80, 5120, 256)
+    with pytest.raises(ValueError, match="d_model"):
+        model_shape(dict(n_layer=2, vocab_size=10, d_model=None, ssm_cfg={}))

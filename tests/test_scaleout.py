@@ -129,3 +129,52 @@ def test_scaleout_cli_defaults():
     assert devs == ["cpu"] * 3 or (0 < len(devs) <= 3 and all(d.startswith("cuda:") for d in devs))
     cfgs = scaleout.configurations(["a", "b"], ["utrc"], [0.1, 0.3], fingerprint=False)
     assert len(cfgs) == 2 + 4 and cfgs[0] == {"model": "a", "method": "none", "cut": 0.0}
+
+
+# -- reliability: devices and the cache are checked first; errors of the machine are not cached -------
+def oom_when_flagged(x):
+    """Module level (the workers import it): fails like a GPU out of memory while the flag is set."""
+    if os.environ.get("UTRC_TEST_SIMULATED_OOM") == str(x):
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return {"y": x}
+
+
+def test_unusable_device_and_cache_fail_before_any_work(tmp_path):
+    from utrc_lib.experiments import scaleout
+
+    cache = tmp_path / "eval.jsonl"
+    configs = [{"x": 1}]
+    with pytest.raises(ValueError, match="cuda:99"):
+        scaleout.run(configs, cache, devices=["cuda:99"], fn=oom_when_flagged, progress=False)
+    assert not cache.exists()   # nothing recorded: a rerun on a working device computes the row
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="not writable"):
+        scaleout.run(configs, blocker / "eval.jsonl", devices=["cpu"], fn=oom_when_flagged, progress=False)
+    assert scaleout.main(["--models", "m", "--devices", "cuda:99", "--cache", str(cache), "--no-progress"]) == 2
+
+
+def test_gpu_workers_get_a_model_loader_not_a_patched_module():
+    from utrc_lib.experiments import scaleout, sweep
+
+    assert scaleout._loader_kwargs(sweep.evaluate_config, "cpu") == {}
+    kw = scaleout._loader_kwargs(sweep.evaluate_config, "cuda:1")
+    assert kw["model_loader"].func is sweep.get_model and kw["model_loader"].keywords == {"device": "cuda:1"}
+    assert scaleout._loader_kwargs(oom_when_flagged, "cuda:1") == {}   # a function without one
+
+
+def test_machine_errors_in_workers_are_not_cached(tmp_path, monkeypatch):
+    from utrc_lib.experiments import scaleout, sweep
+
+    cache = tmp_path / "eval.jsonl"
+    configs = sweep.grid(x=[1, 2])
+    monkeypatch.setenv("UTRC_TEST_SIMULATED_OOM", "2")
+    with pytest.warns(UserWarning, match="not cached"):
+        res = scaleout.run(configs, cache, devices=["cpu"], fn=oom_when_flagged, version="v", progress=False)
+    assert [r["status"] for r in res.rows] == ["ok", "error"] and res.rows[1]["transient"]
+    assert [r["params"] for r in sweep.RowCache(cache).load().values()] == [{"x": 1}]
+    monkeypatch.delenv("UTRC_TEST_SIMULATED_OOM")
+    res = scaleout.run(configs, cache, devices=["cpu"], fn=oom_when_flagged, version="v", progress=False)
+    assert (res.computed, res.cached) == (1, 1) and not res.errors

@@ -98,3 +98,127 @@ def test_make_config_dense_and_reduced():
     cfg = sweep.make_config("utrc_reference", 0.2)
     assert cfg.causal is False and cfg.flops_reduction == 0.2
     assert sweep.make_config("utrc", 0.1, layers=[1, 3]).layers == (1, 3)
+
+
+# -- reliability: torn tails, unwritable caches, errors of the machine ------------------------------
+def _lines_parse(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_torn_last_line_is_cut_before_the_next_append(tmp_path):
+    """A kill mid-write leaves the last row without its end: the rerun recomputes that configuration
+    and its row lands on a line of its own (before, it was glued to the torn one, unreadable)."""
+    cache = tmp_path / "rows.jsonl"
+    configs = sweep.grid(x=[1, 2])
+    sweep.run(lambda x: {"y": x}, configs, cache, version="v", progress=False)
+    text = cache.read_text()
+    cache.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])   # the second row torn
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return {"y": x}
+
+    with pytest.warns(UserWarning):
+        res = sweep.run(fn, configs, cache, version="v", progress=False)
+    assert calls == [2] and res.computed == 1
+    rows = _lines_parse(cache)   # every line is a whole row
+    assert [r["params"]["x"] for r in rows] == [1, 2]
+    again = sweep.run(fn, configs, cache, version="v", progress=False)
+    assert calls == [2] and again.cached == 2
+
+
+def test_complete_last_row_without_newline_is_kept(tmp_path):
+    cache = tmp_path / "rows.jsonl"
+    sweep.run(lambda x: {"y": x}, sweep.grid(x=[1]), cache, version="v", progress=False)
+    cache.write_text(cache.read_text().rstrip("\n"))   # the newline lost, the row whole
+    res = sweep.run(lambda x: {"y": x}, sweep.grid(x=[1, 2]), cache, version="v", progress=False)
+    assert res.computed == 1 and [r["params"]["x"] for r in _lines_parse(cache)] == [1, 2]
+
+
+def test_glued_rows_of_old_caches_are_recovered(tmp_path):
+    cache = tmp_path / "rows.jsonl"
+    sweep.run(lambda x: {"y": x}, sweep.grid(x=[1]), cache, version="v", progress=False)
+    row = cache.read_text()
+    cache.write_text('{"key": "abc", "params": {"x"' + row)   # a torn row, then a whole one on its line
+    assert list(sweep.RowCache(cache).load().values())[0]["params"] == {"x": 1}
+
+
+def test_unwritable_cache_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    calls = []
+    with pytest.raises(OSError, match="sweep cache .* not writable"):
+        sweep.run(lambda x: calls.append(x) or {"y": x}, sweep.grid(x=[1, 2]), blocker / "rows.jsonl",
+                  version="v", progress=False)
+    assert calls == []
+
+
+def test_machine_errors_are_reported_not_cached(tmp_path):
+    import torch
+
+    cache = tmp_path / "rows.jsonl"
+    configs = sweep.grid(x=[1, 2])
+
+    def oom(x):
+        if x == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"y": x}
+
+    with pytest.warns(UserWarning, match="not cached"):
+        res = sweep.run(oom, configs, cache, version="v", progress=False)
+    assert [r["status"] for r in res.rows] == ["ok", "error"] and res.rows[1]["transient"]
+    assert [r["params"]["x"] for r in _lines_parse(cache)] == [1]   # the error row is not on disk
+    res = sweep.run(lambda x: {"y": x}, configs, cache, version="v", progress=False)
+    assert res.computed == 1 and not res.errors
+    # an error of the machine cached by an earlier version (no "transient" mark) is retried too
+    legacy = dict(_lines_parse(cache)[0], key=sweep.row_key({"x": 3}, "v"), params={"x": 3}, status="error",
+                  result=None, error="WorkerDied: the worker on cuda:0 exited with code -9")
+    sweep.RowCache(cache).append(legacy)
+    res = sweep.run(lambda x: {"y": x}, sweep.grid(x=[3]), cache, version="v", progress=False)
+    assert res.computed == 1 and res.rows[0]["status"] == "ok"
+    assert not sweep.is_environment_error(RuntimeError("boom"))
+
+
+def test_make_config_builds_through_config_from_args(monkeypatch):
+    from utrc_lib.core import config as core_config
+
+    seen = []
+    real = core_config.config_from_args
+
+    def spy(method=None, **kw):
+        seen.append((method, kw))
+        return real(method, **kw)
+
+    monkeypatch.setattr(core_config, "config_from_args", spy)
+    cfg = sweep.make_config("utrc", 0.2, layers="1,3", align=8)
+    assert seen == [("utrc", {"flops_reduction": 0.2, "layers": "1,3", "align": 8})]
+    assert cfg.layers == (1, 3) and cfg.align == 8 and cfg.causal
+    with pytest.raises(ValueError, match="align"):
+        sweep.make_config("utrc", 0.2, align="x")
+
+
+def test_model_fingerprint_follows_the_data_folder(tmp_path, monkeypatch):
+    model_dir = tmp_path / "models" / "tiny-mamba2"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "mamba2"}')
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path))
+    fp = sweep.model_fingerprint.__wrapped__
+    import hashlib
+
+    expected = hashlib.sha256(b"config.json" + b'{"model_type": "mamba2"}').hexdigest()[:16]
+    assert fp("tiny-mamba2") == expected            # the embedded model's folder under UTRC_DATA_DIR
+    assert fp(str(model_dir)) == expected           # a local checkpoint directory
+    assert fp("org/some-hub-model") == "unknown"
+
+
+def test_evaluate_config_takes_a_model_loader():
+    asked = []
+
+    def loader(name):
+        asked.append(name)
+        return sweep.get_model("tiny-mamba2")
+
+    out = sweep.evaluate_config("tiny-mamba2", "utrc", 0.2, tasks=("ppl",), limit=2, batch_size=2,
+                                model_loader=loader)
+    assert asked == ["tiny-mamba2"] and any(k.startswith("ppl/") for k in out)

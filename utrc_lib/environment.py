@@ -1,12 +1,20 @@
-"""Where things are: the repository (a source checkout), its data folder and the scratch cache.
+"""Where things are and what produced a result: the repository (a source checkout), its data folder,
+the scratch cache, the software versions and the code version.
 
-One definition for every layer. `UTRC_DATA_DIR` overrides the data folder (models, tokenizer,
-benchmarks) for installs outside a checkout.
+One definition for every layer (this module imports nothing of the package at import time).
+`UTRC_DATA_DIR` overrides the data folder (models, tokenizer, benchmarks) for installs outside a
+checkout.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import platform
+import subprocess
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
@@ -16,3 +24,96 @@ def data_dir() -> Path:
     """Folder holding models/, tokenizer/ and benchmarks/ (UTRC_DATA_DIR, else the checkout's data/)."""
     env = os.environ.get("UTRC_DATA_DIR")
     return Path(env).expanduser() if env else REPO / "data"
+
+
+# -- writable outputs -----------------------------------------------------------------------------
+def ensure_writable(path, what: str = "output", *, replace: bool = False) -> Path:
+    """Check that `path` can be written before any work is spent on it; returns it as a Path.
+
+    Creates the parent folders. An existing file is opened for appending (nothing is written); with
+    `replace` (the file is rewritten through a temporary file and os.replace) the folder must also
+    take a new file. Raises OSError naming `what` and the path, with the reason.
+    """
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists():
+            with p.open("ab"):
+                pass
+        if replace or not p.exists():
+            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+                pass
+    except OSError as exc:
+        raise OSError(f"{what} {str(p)!r} is not writable ({type(exc).__name__}: {exc}); "
+                      f"pass a writable path") from exc
+    return p
+
+
+# -- provenance -----------------------------------------------------------------------------------
+# files (relative to utrc_lib/) that cannot change a computed number: presentation, CLIs, conversion
+NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "environment.py", "experiments/bench.py",
+               "experiments/scaleout.py", "hosts/convert.py"}
+NOT_NUMERIC_DIRS = ("report/",)
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """Hash of the library sources that affect computed numbers, and of the benchmark manifest."""
+    root = REPO / "utrc_lib"
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if rel in NOT_NUMERIC or rel.startswith(NOT_NUMERIC_DIRS):
+            continue
+        h.update(rel.encode())
+        h.update(p.read_bytes())
+    manifest = REPO / "data" / "benchmarks" / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> Optional[str]:
+    """HEAD of the checkout ("+dirty" when utrc_lib has uncommitted changes), None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "utrc_lib"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode:
+            return None
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _distribution_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    for dist in (name.replace("_", "-"), name):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    """Versions of the software (and the machine) that produced a result.
+
+    python, platform, torch (its own version string, e.g. "2.13.0+cpu"), torch_threads, cuda (the
+    CUDA torch was built with, None for CPU builds), numpy, transformers, tokenizers, mamba_ssm,
+    triton (None when not installed), utrc_lib (package version), utrc_code_version
+    (`code_version()`: the hash that keys cached sweep rows) and git_commit.
+    """
+    import torch
+
+    from . import __version__
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda}
+    for pkg in ("numpy", "transformers", "tokenizers", "mamba_ssm", "triton"):
+        out[pkg] = _distribution_version(pkg)
+    out.update(utrc_lib=__version__, utrc_code_version=code_version(), git_commit=git_commit())
+    return out

@@ -10,11 +10,19 @@ Methods: "dense" (no patch), every name of `utrc_lib.available_methods()` (utrc_
 causal=False), and the bench-only "slice": at the same anchors keep the last ceil(rho n) tokens by
 plain slicing (no scoring, no gather): the free-reduction bound any method's speed-up is compared to.
 
-CLI (JSON written after every record; a rerun skips records already present, retries errored ones):
+Every configuration is warmed up until two consecutive calls agree (`timing.warm_up`) before it
+is timed, and a speed-up over dense above the physical bound 1 / (1 - cut) (no method can beat
+dropping the tokens for free) is flagged: `speedup_suspect` in the record, "SUSPECT" in the summary.
+
+CLI (JSON written after every record; a rerun skips records already present, retries errored ones;
+exit status 1 when a requested configuration ended in an error, 2 for bad arguments):
 
     python -m utrc_lib.bench --backend mamba_ssm --shapes mamba2-2.7b,mamba-2.8b \\
         --methods dense,slice,utrc,utrc_reference,evit,tome --cuts 0.1,0.2,0.3 --batch 16 \\
         --seq-len 2048 --out figures/03_efficiency/gpu_bench.json [--generate] [--repeats 5]
+
+Without --out the records go to a scratch file (`DEFAULT_OUT`, under .cache/bench/): the committed
+results (figures/03_efficiency/gpu_bench.json) are written only when named.
 """
 from __future__ import annotations
 
@@ -31,42 +39,27 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.config import ReductionConfig
-from ..core.reduce import ForwardReducer
+from ..core.config import ReductionConfig, config_from_args
 from ..core.plan import TokenState
+from ..core.reduce import ForwardReducer
 from ..core.schedule import default_layers, keep_ratio_for_flops, token_layer_fraction
-from .timing import Stamp, median, peak_memory_gb, synchronize, time_ms
+from ..core.shapes import SHAPES, shape_config
+from ..environment import CACHE, ensure_writable, versions
+from .timing import Stamp, median, peak_memory_gb, synchronize, time_ms, warm_up
 
 # -- model shapes ---------------------------------------------------------------------------------
-# mamba-ssm MambaConfig fields (+ arch). Vocabulary 50277 padded to a multiple of 8 = 50280.
-SHAPES: dict[str, dict] = {
-    "mamba2-2.7b": dict(arch="mamba2", d_model=2560, n_layer=64, vocab_size=50277,
-                        ssm_cfg=dict(layer="Mamba2", d_state=128, headdim=64, expand=2, ngroups=1)),
-    "mamba2-1.3b": dict(arch="mamba2", d_model=2048, n_layer=48, vocab_size=50277,
-                        ssm_cfg=dict(layer="Mamba2", d_state=128, headdim=64, expand=2, ngroups=1)),
-    "mamba-2.8b": dict(arch="mamba", d_model=2560, n_layer=64, vocab_size=50277,
-                       ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2)),
-    "mamba-1.4b": dict(arch="mamba", d_model=2048, n_layer=48, vocab_size=50277,
-                       ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2)),
-    # tiny shapes for CPU smoke tests and GPU equivalence tests
-    "tiny-mamba": dict(arch="mamba", d_model=64, n_layer=8, vocab_size=256,
-                       ssm_cfg=dict(layer="Mamba1", d_state=8, expand=2)),
-    "tiny-mamba2": dict(arch="mamba2", d_model=64, n_layer=8, vocab_size=256,
-                        ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, expand=2, ngroups=1, chunk_size=16)),
-}
+# SHAPES (imported above) is the one table of named shapes, `utrc_lib.core.shapes.SHAPES`: the
+# paper's models (mamba2-2.7b, mamba2-1.3b, mamba-2.8b, mamba-1.4b) and tiny ones for CPU tests.
 BACKENDS = ("mamba_ssm", "hf")
 RECORD_KEY = ("kind", "model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut", "align")
+DEFAULT_OUT = CACHE / "bench" / "bench.json"   # scratch; committed results only through --out
 
 
 def ssm_config(shape: str) -> tuple[str, dict]:
-    """(arch, mamba-ssm MambaConfig dict) of a named shape."""
+    """(arch, mamba-ssm MambaConfig dict) of a named shape (`core.shapes.shape_config`)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
-    spec = copy.deepcopy(SHAPES[shape])
-    arch = spec.pop("arch")
-    cfg = dict(d_intermediate=0, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-               pad_vocab_size_multiple=8, tie_embeddings=True, **spec)
-    return arch, cfg
+    return shape_config(shape)
 
 
 def build_model(shape: str, backend: str, device, dtype, seed: int = 0):
@@ -193,13 +186,13 @@ def measure_generation(model, backend: str, ids: torch.Tensor, new_tokens: int, 
 # -- one configuration ---------------------------------------------------------------------------
 
 def method_config(method: str, keep_ratio: float, layers, align: int = 1) -> Optional[ReductionConfig]:
-    """The ReductionConfig a bench method patches with (None = dense)."""
+    """The ReductionConfig a bench method patches with (None = dense), built by `config_from_args`
+    (causal: the method's own default)."""
     if method == "dense":
         return None
     if method == "slice":  # anchors and ratio only; the loop runs SliceReducer (no features captured)
-        return ReductionConfig("random", keep_ratio=keep_ratio, layers=layers, align=align)
-    return ReductionConfig(method, keep_ratio=keep_ratio, layers=layers, causal=method != "utrc_reference",
-                           align=align)
+        return config_from_args("random", keep_ratio=keep_ratio, layers=layers, align=align)
+    return config_from_args(method, keep_ratio=keep_ratio, layers=layers, align=align)
 
 
 @contextlib.contextmanager
@@ -221,7 +214,9 @@ def bench_prefill(model, backend: str, method: str, config, ids, device, repeats
     """prefill latency (last-token logits), peak memory (last-token / full logits), reduction time."""
     rec: dict = {}
     with patched(model, backend, method, config) as handle:
-        times = time_ms(prefill_fn(model, backend, ids, True), device, repeats=repeats, warmup=1)
+        run = prefill_fn(model, backend, ids, True)
+        rec["warmup_ms"] = warm_up(run, device)   # this configuration's own warm-up, until it settles
+        times = time_ms(run, device, repeats=repeats, warmup=0)
         rec["prefill_ms"] = median(times)
         rec["prefill_ms_all"] = times
         rec["peak_mem_gb_last_token"] = peak_memory_gb(prefill_fn(model, backend, ids, True), device)
@@ -255,23 +250,6 @@ def bench_prefill(model, backend: str, method: str, config, ids, device, repeats
 
 # -- records and files ---------------------------------------------------------------------------
 
-def versions() -> dict:
-    from importlib import metadata
-
-    from .. import __version__
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "utrc": __version__}
-    for pkg in ("transformers", "mamba_ssm", "triton"):
-        try:
-            out[pkg] = metadata.version(pkg.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            try:
-                out[pkg] = metadata.version(pkg)
-            except metadata.PackageNotFoundError:
-                out[pkg] = None
-    return out
-
-
 def record_key(rec: dict) -> tuple:
     return tuple(rec.get(k, 1 if k == "align" else None) for k in RECORD_KEY)  # records before "align": 1
 
@@ -294,6 +272,7 @@ def derive_fields(records: list[dict], rec: dict) -> None:
     dense = rec if method == "dense" else _find(records, dict(key, method="dense", flops_cut=0.0))
     slc = _find(records, dict(key, method="slice"))
     rec["speedup_vs_dense"] = dense["prefill_ms"] / rec["prefill_ms"] if dense else None
+    flag_speedup(rec)
     if dense and dense.get("peak_mem_gb_full_logits") and rec.get("peak_mem_gb_full_logits"):
         rec["peak_mem_reduction_full_logits"] = 1 - rec["peak_mem_gb_full_logits"] / dense["peak_mem_gb_full_logits"]
         rec["peak_mem_reduction_last_token"] = 1 - rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
@@ -307,6 +286,28 @@ def derive_fields(records: list[dict], rec: dict) -> None:
         # end to end: what the method costs beyond free slicing (its reduction steps, and anchor
         # layers that run unfused to hand over their SSM output), as a share of dense
         rec["overhead_vs_slice_of_dense"] = (rec["prefill_ms"] - slc["prefill_ms"]) / dense["prefill_ms"]
+
+
+def speedup_bound(rec: dict) -> float:
+    """The physical bound on a speed-up over dense: 1 / (1 - cut), the time left if the removed tokens
+    cost nothing (1 / the realised token-layer fraction when rounding removed more)."""
+    kept = 1.0 - float(rec.get("flops_cut") or 0.0)
+    fraction = rec.get("token_layer_fraction")
+    if isinstance(fraction, (int, float)) and 0 < fraction < kept:
+        kept = float(fraction)
+    return 1.0 / kept if kept > 0 else float("inf")
+
+
+def flag_speedup(rec: dict) -> None:
+    """Set `speedup_bound` and `speedup_suspect` (speed-up above the bound: a timing artefact, e.g.
+    a dense run that absorbed a warm-up) on a record with `speedup_vs_dense`."""
+    speedup = rec.get("speedup_vs_dense")
+    if speedup is None:
+        rec.pop("speedup_suspect", None)
+        rec.pop("speedup_bound", None)
+        return
+    rec["speedup_bound"] = speedup_bound(rec)
+    rec["speedup_suspect"] = bool(speedup > rec["speedup_bound"] * (1 + 1e-9))
 
 
 def save_records(path: str, records: list[dict]) -> None:
@@ -330,14 +331,14 @@ def plan_runs(shape: str, methods, cuts, generate: bool, gen_methods, gen_cuts) 
     return runs
 
 
-def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, out: Optional[str],
-              repeats: int = 5, generate: bool = False, gen_methods=("dense", "utrc"), gen_cuts=(0.3,),
-              gen_batch: Optional[int] = None, gen_prompt: Optional[int] = None, new_tokens: int = 100,
-              gen_repeats: int = 1, device=None, dtype=None, time_budget_s: Optional[float] = None,
-              progress: bool = True, log: Callable[[str], None] = print, align: int = 1) -> list[dict]:
-    """Run every configuration not yet in `out`; returns all records (old and new).
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    align: ReductionConfig.align of every reduced run (kept counts rounded to multiples; slice too)."""
+
+def validate(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, repeats: int, align: int,
+             generate: bool = False, gen_methods=(), gen_cuts=(), gen_batch=None, gen_prompt=None,
+             new_tokens: int = 100, gen_repeats: int = 1, time_budget_s=None) -> None:
+    """Check a bench request before any model is built; raises ValueError naming the field."""
     from ..core.methods import available_methods
 
     valid_methods = ["dense", "slice", *available_methods()]
@@ -346,22 +347,75 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
             raise ValueError(f"unknown bench method {m!r}; valid: {', '.join(valid_methods)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    for shape in shapes:
+        ssm_config(shape)
+    if not list(shapes):
+        raise ValueError("shapes: give at least one shape")
+    if not list(methods):
+        raise ValueError("methods: give at least one method")
+    for name, values in (("cuts", cuts), ("gen_cuts", gen_cuts if generate else ())):
+        for c in values:
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= float(c) < 1.0:
+                raise ValueError(f"{name}: every cut must be a number in [0, 1), got {c!r}")
+    sizes = dict(batch=batch, seq_len=seq_len, repeats=repeats, align=align)
+    if generate:
+        sizes.update(new_tokens=new_tokens, gen_repeats=gen_repeats)
+        sizes.update({k: v for k, v in (("gen_batch", gen_batch), ("gen_prompt", gen_prompt)) if v is not None})
+    for name, v in sizes.items():
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
+                                      or time_budget_s <= 0):
+        raise ValueError(f"time_budget_s must be a number > 0, got {time_budget_s!r}")
+
+
+def resolve_device(device=None, dtype=None) -> tuple[torch.device, torch.dtype, str]:
+    """(device, dtype, dtype name): default CUDA when available, float16 on CUDA, float32 on CPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    dtype_name = str(dtype).replace("torch.", "")
-    records = load_records(out)
-    done = {record_key(r) for r in records if "error" not in r}
-    common = dict(backend=backend, device=device.type, dtype=dtype_name, versions=versions(),
-                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    t_start = time.time()
-    todo = []
+    return device, dtype, str(dtype).replace("torch.", "")
+
+
+def plan_keys(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, device=None, dtype=None,
+              generate: bool = False, gen_methods=("dense", "utrc"), gen_cuts=(0.3,), gen_batch=None,
+              gen_prompt=None, align: int = 1, **_) -> list[dict]:
+    """The record keys (RECORD_KEY fields) a request asks for, in run order."""
+    device, _, dtype_name = resolve_device(device, dtype)
+    keys = []
     for shape in shapes:
         for kind, method, cut in plan_runs(shape, methods, cuts, generate, gen_methods, gen_cuts):
             b, n = (batch, seq_len) if kind == "prefill" else (gen_batch or batch, gen_prompt or seq_len)
-            key = dict(kind=kind, model_shape=shape, backend=backend, device=device.type, dtype=dtype_name,
-                       batch=b, seq_len=n, method=method, flops_cut=float(cut), align=int(align))
-            if record_key(key) not in done:
-                todo.append(key)
+            keys.append(dict(kind=kind, model_shape=shape, backend=backend, device=device.type, dtype=dtype_name,
+                             batch=b, seq_len=n, method=method, flops_cut=float(cut), align=int(align)))
+    return keys
+
+
+def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, out: Optional[str],
+              repeats: int = 5, generate: bool = False, gen_methods=("dense", "utrc"), gen_cuts=(0.3,),
+              gen_batch: Optional[int] = None, gen_prompt: Optional[int] = None, new_tokens: int = 100,
+              gen_repeats: int = 1, device=None, dtype=None, time_budget_s: Optional[float] = None,
+              progress: bool = True, log: Callable[[str], None] = print, align: int = 1) -> list[dict]:
+    """Run every configuration not yet in `out`; returns all records (old and new).
+
+    out: JSON file of records (None: keep them in memory only); checked for writability before the
+        first model is built.
+    align: ReductionConfig.align of every reduced run (kept counts rounded to multiples; slice too).
+    Raises ValueError (naming the field) for a bad request, OSError for an unwritable `out`, before
+    any work."""
+    request = dict(backend=backend, shapes=list(shapes), methods=list(methods), cuts=list(cuts), batch=batch,
+                   seq_len=seq_len, generate=generate, gen_methods=list(gen_methods), gen_cuts=list(gen_cuts),
+                   gen_batch=gen_batch, gen_prompt=gen_prompt, align=align)
+    validate(repeats=repeats, new_tokens=new_tokens, gen_repeats=gen_repeats, time_budget_s=time_budget_s,
+             **request)
+    device, dtype, dtype_name = resolve_device(device, dtype)
+    records = load_records(out)
+    done = {record_key(r) for r in records if "error" not in r}
+    todo = [k for k in plan_keys(device=device, dtype=dtype, **request) if record_key(k) not in done]
+    if out and todo:
+        ensure_writable(out, "bench output (--out)", replace=True)
+    common = dict(backend=backend, device=device.type, dtype=dtype_name, versions=versions(),
+                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    t_start = time.time()
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -407,6 +461,7 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                         rec["speedup_vs_dense"] = dense["prefill_ms"] / rec["prefill_ms"]
                         rec["throughput_speedup_vs_dense"] = (rec["generation"]["throughput_tok_s"]
                                                               / dense["generation"]["throughput_tok_s"])
+                        flag_speedup(rec)
             except Exception as e:  # record the failure, keep going
                 rec["error"] = f"{type(e).__name__}: {e}"
                 rec["traceback"] = traceback.format_exc()[-4000:]
@@ -452,6 +507,8 @@ def _summary(rec: dict) -> str:
     parts = [f"prefill {rec['prefill_ms']:.1f} ms"]
     if rec.get("speedup_vs_dense"):
         parts.append(f"x{rec['speedup_vs_dense']:.3f}")
+        if rec.get("speedup_suspect"):
+            parts.append(f"SUSPECT: above the bound x{rec['speedup_bound']:.3f} = 1/(1 - cut) (timing artefact?)")
     if rec.get("speedup_fraction_of_slice"):
         parts.append(f"{100 * rec['speedup_fraction_of_slice']:.1f}% of slice")
     if rec.get("reduction_ms_per_anchor"):
@@ -470,41 +527,117 @@ def _csv(s: str) -> list[str]:
     return [x for x in (p.strip() for p in s.split(",")) if x]
 
 
-def main(argv=None) -> int:
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return v
+
+
+def _cut_list(text: str) -> list[float]:
+    cuts = []
+    for item in _csv(text):
+        try:
+            c = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {item!r}") from None
+        if not 0.0 <= c < 1.0:
+            raise argparse.ArgumentTypeError(f"every cut must be in [0, 1), got {item!r}")
+        cuts.append(c)
+    if not cuts:
+        raise argparse.ArgumentTypeError("give at least one cut")
+    return cuts
+
+
+def _names(valid) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = _csv(text)
+        bad = [n for n in names if n not in valid]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}; valid: {', '.join(valid)}" if bad
+                                             else "give at least one name")
+        return names
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m utrc_lib.bench` (every size and cut checked while parsing)."""
+    from ..core.methods import available_methods
+
+    methods = ["dense", "slice", *available_methods()]
     ap = argparse.ArgumentParser(prog="python -m utrc_lib.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=BACKENDS, default="mamba_ssm")
-    ap.add_argument("--shapes", default="mamba2-2.7b,mamba-2.8b", help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--methods", default="dense,slice,utrc,utrc_reference,evit,tome")
-    ap.add_argument("--cuts", default="0.1,0.2,0.3", help="token-layer FLOPs cuts")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="figures/03_efficiency/gpu_bench.json")
+    ap.add_argument("--shapes", type=_names(list(SHAPES)), default="mamba2-2.7b,mamba-2.8b",
+                    help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--methods", type=_names(methods), default="dense,slice,utrc,utrc_reference,evit,tome",
+                    help=f"comma list of {', '.join(methods)}")
+    ap.add_argument("--cuts", type=_cut_list, default="0.1,0.2,0.3", help="token-layer FLOPs cuts, each in [0, 1)")
+    ap.add_argument("--batch", type=_positive_int, default=16)
+    ap.add_argument("--seq-len", type=_positive_int, default=2048)
+    ap.add_argument("--repeats", type=_positive_int, default=5)
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
+                    help="records JSON (default: a scratch file under .cache/bench; name "
+                         "figures/03_efficiency/gpu_bench.json to update the committed results)")
     ap.add_argument("--generate", action="store_true", help="also time generation (prefill and decoding apart)")
-    ap.add_argument("--gen-methods", default="dense,utrc")
-    ap.add_argument("--gen-cuts", default="0.3")
-    ap.add_argument("--gen-batch", type=int, default=16)
-    ap.add_argument("--gen-prompt", type=int, default=2048)
-    ap.add_argument("--new-tokens", type=int, default=100)
-    ap.add_argument("--gen-repeats", type=int, default=1)
+    ap.add_argument("--gen-methods", type=_names(methods), default="dense,utrc")
+    ap.add_argument("--gen-cuts", type=_cut_list, default="0.3")
+    ap.add_argument("--gen-batch", type=_positive_int, default=16)
+    ap.add_argument("--gen-prompt", type=_positive_int, default=2048)
+    ap.add_argument("--new-tokens", type=_positive_int, default=100)
+    ap.add_argument("--gen-repeats", type=_positive_int, default=1)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting new configurations after this")
-    ap.add_argument("--align", type=int, default=1,
+    ap.add_argument("--time-budget-s", type=_positive_float, default=None,
+                    help="stop starting new configurations after this")
+    ap.add_argument("--align", type=_positive_int, default=1,
                     help="round kept counts to multiples of this (ReductionConfig.align; 1 = off)")
+    ap.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch CPU threads (default: torch's). On a shared CPU, 1 avoids oversubscribed "
+                         "thread pools that make small forwards erratic")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
+    try:
+        ensure_writable(a.out, "--out", replace=True)
+    except OSError as exc:
+        ap.error(str(exc))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    records = run_bench(
-        backend=a.backend, shapes=_csv(a.shapes), methods=_csv(a.methods), cuts=[float(c) for c in _csv(a.cuts)],
-        batch=a.batch, seq_len=a.seq_len, out=a.out, repeats=a.repeats, generate=a.generate,
-        gen_methods=_csv(a.gen_methods), gen_cuts=[float(c) for c in _csv(a.gen_cuts)], gen_batch=a.gen_batch,
-        gen_prompt=a.gen_prompt, new_tokens=a.new_tokens, gen_repeats=a.gen_repeats, device=a.device,
-        dtype=getattr(torch, a.dtype) if a.dtype else None, time_budget_s=a.time_budget_s,
-        progress=not a.no_progress, log=lambda s: print(s, flush=True), align=a.align)
-    errors = [r for r in records if "error" in r]
-    print(f"[bench] {len(records)} record(s) in {a.out}, {len(errors)} with errors", flush=True)
-    return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    request = dict(backend=a.backend, shapes=a.shapes, methods=a.methods, cuts=a.cuts, batch=a.batch,
+                   seq_len=a.seq_len, generate=a.generate, gen_methods=a.gen_methods, gen_cuts=a.gen_cuts,
+                   gen_batch=a.gen_batch, gen_prompt=a.gen_prompt, device=a.device,
+                   dtype=getattr(torch, a.dtype) if a.dtype else None, align=a.align)
+    try:
+        records = run_bench(out=a.out, repeats=a.repeats, new_tokens=a.new_tokens, gen_repeats=a.gen_repeats,
+                            time_budget_s=a.time_budget_s, progress=not a.no_progress,
+                            log=lambda s: print(s, flush=True), **request)
+    except ValueError as exc:
+        ap.error(str(exc))
+    wanted = {record_key(k) for k in plan_keys(**request)}
+    mine = [r for r in records if record_key(r) in wanted]
+    errors = [r for r in mine if "error" in r]
+    suspect = [r for r in mine if r.get("speedup_suspect")]
+    print(f"[bench] {len(records)} record(s) in {a.out}; of the {len(wanted)} requested, {len(mine)} present, "
+          f"{len(errors)} with errors, {len(suspect)} with a suspect speed-up", flush=True)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -7,11 +7,18 @@
 One worker process per device (multiprocessing "spawn"; default: every visible GPU, else --workers
 CPU processes). Workers pull configurations from a shared queue and compute each with
 `utrc_lib.experiments.sweep.evaluate_config` (the function the notebooks use) on their own device; only the
-parent writes the cache, appending each row it receives with `sweep.RowCache`, so the cache file and
-row keys are exactly those of `sweep.run`: the notebooks read rows computed here, and this runner
-skips rows the notebooks (or an earlier, interrupted run) already finished. A configuration that
-raises is recorded as an "error" row (not retried unless --retry-errors); a worker that dies (OOM,
-segfault) has its current configuration recorded as an error row too, and the others carry on.
+parent writes the cache through the steps of `sweep.run` (`sweep.pending`, `sweep.compute`,
+`sweep.record`), so the cache file and row keys are exactly those of `sweep.run`: the notebooks read
+rows computed here, and this runner skips rows the notebooks (or an earlier, interrupted run) already
+finished. A configuration that raises is recorded as an "error" row (not retried unless
+--retry-errors).
+
+The row key is the configuration, not the device: a row's numbers do not depend on the device (up
+to floating point), which is what lets the notebooks and this runner share rows. What does depend on
+the device is never stored under that key: an error of the device or the machine (a device that
+cannot be used, out of memory, a CUDA error, a worker that died) is reported as an error row of this
+run but not cached, so a rerun (e.g. on a working device) computes the configuration. Requested
+devices are checked before any worker starts, and the cache for writability.
 
 Configurations (as in notebooks 01 / 04): the dense baseline (method "none", cut 0) per model
 (unless --no-dense) plus every (model, method, cut), each with `fingerprint=model_fingerprint(model)`
@@ -24,8 +31,6 @@ import functools
 import os
 import queue as queue_mod
 import sys
-import time
-import traceback
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -55,21 +60,40 @@ def _pin(device: str, n_cpu_workers: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers)))
 
 
-def _use_device(device: str) -> None:
-    """Make `sweep.get_model` (used by `sweep.evaluate_config`) load models on `device` in this process.
+def check_devices(devices: Sequence[str]) -> None:
+    """Raise ValueError naming the first requested device this host cannot use."""
+    import torch
 
-    Workers are separate processes, so this affects only the worker; the cache key never contains
-    the device (rows are the same on any device, up to floating point)."""
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"--devices: {d!r} is not a device name ({exc})") from None
+        if dev.type == "cpu":
+            continue
+        if dev.type != "cuda":
+            raise ValueError(f"--devices: {d!r}: only 'cpu' and 'cuda[:i]' devices are supported")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--devices: {d!r} requested, but this host has no usable CUDA GPU "
+                             f"(torch {torch.__version__}); use --devices cpu or leave --devices out")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--devices: {d!r} requested, but this host has {count} GPU(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+
+
+def _loader_kwargs(fn: Callable[..., dict], device: str) -> dict:
+    """Keyword arguments that make `fn` load its models on `device` (a `model_loader` when `fn` takes
+    one, as `sweep.evaluate_config` does); they do not enter the row."""
+    import inspect
+
     if device == "cpu":
-        return
-    from ..hosts.models import load_model
-
-    @functools.lru_cache(maxsize=4)
-    def get_model(name: str):
-        model, tok = load_model(name, device=device)
-        return model.eval(), tok
-
-    sweep.get_model = get_model
+        return {}
+    try:
+        takes = "model_loader" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"model_loader": functools.partial(sweep.get_model, device=device)} if takes else {}
 
 
 # -- worker ---------------------------------------------------------------------------------------
@@ -83,9 +107,9 @@ def _worker(wid: int, device: str, n_cpu_workers: int, fn: Callable[..., dict], 
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
     try:
         _pin(device, n_cpu_workers)
-        _use_device(device)
-    except Exception as exc:   # a device that cannot be used: fail its configurations, not silently
-        setup_error = f"{type(exc).__name__} on {device}: {exc}"
+        extra = _loader_kwargs(fn, device)
+    except Exception as exc:   # a device that cannot be used: fail its configurations (not cached)
+        setup_error = f"DeviceUnavailable: {type(exc).__name__} on {device}: {exc}"
     else:
         setup_error = None
     while True:
@@ -94,16 +118,10 @@ def _worker(wid: int, device: str, n_cpu_workers: int, fn: Callable[..., dict], 
             return
         i, params = item
         results.put(("start", wid, i, None))
-        t = time.perf_counter()
         if setup_error:
-            out = dict(status="error", result=None, error=setup_error, traceback=None)
+            out = dict(status="error", result=None, error=setup_error, traceback=None, transient=True, seconds=0.0)
         else:
-            try:
-                out = dict(status="ok", result=sweep._canonical(fn(**params)), error=None, traceback=None)
-            except Exception as exc:
-                out = dict(status="error", result=None, error=f"{type(exc).__name__}: {exc}",
-                           traceback=traceback.format_exc(limit=20))
-        out["seconds"] = round(time.perf_counter() - t, 3)
+            out = sweep.compute(fn, params, **extra)
         out["device"] = device
         results.put(("row", wid, i, out))
 
@@ -126,56 +144,50 @@ def run(configs: Iterable[dict], cache=DEFAULT_CACHE, *, devices: Optional[Seque
     Args:
         configs / common / version / retry_errors: as in `sweep.run`.
         devices: e.g. ["cuda:0", "cuda:1"] or ["cpu", "cpu"]; default `default_devices(workers)`.
-        fn: module-level function (picklable for "spawn"), default `sweep.evaluate_config`.
+        fn: module-level function (picklable for "spawn"), default `sweep.evaluate_config`; when it
+            takes `model_loader`, a worker on a GPU passes one that loads models on its device.
     Returns:
         sweep.SweepResult in configuration order (computed now / read from the cache).
+    Raises:
+        ValueError (a requested device this host cannot use) or OSError (an unwritable cache),
+        before any worker starts, when there is something to compute.
     """
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
 
-    version = sweep.code_version() if version is None else version
-    store = sweep.RowCache(cache)
-    done = store.load()
-    configs = [{**(common or {}), **c} for c in configs]
-    keys = [sweep.row_key(c, version) for c in configs]
-    todo, seen = [], set()
-    for i, k in enumerate(keys):
-        if (k not in done or (retry_errors and done[k]["status"] != "ok")) and k not in seen:
-            todo.append(i)
-            seen.add(k)   # duplicate configurations are computed once
-    cached = len(configs) - len(todo)
+    p = sweep.pending(configs, cache, common=common, version=version, retry_errors=retry_errors)
     devices = list(devices) if devices else default_devices(workers)
-    devices = devices[:max(1, len(todo))]
-    bar = tqdm(total=len(configs), initial=cached, desc=desc, disable=not progress, dynamic_ncols=True)
+    if p.todo:
+        check_devices(devices)
+    devices = devices[:max(1, len(p.todo))]
+    bar = tqdm(total=len(p.configs), initial=p.cached, desc=desc, disable=not progress, dynamic_ncols=True)
     computed = 0
-    if todo:
+    if p.todo:
         ctx = mp.get_context("spawn")
         tasks, results = ctx.Queue(), ctx.Queue()
-        for i in todo:
-            tasks.put((i, configs[i]))
+        for i in p.todo:
+            tasks.put((i, p.configs[i]))
         for _ in devices:
             tasks.put(None)
         n_cpu = sum(1 for d in devices if not d.startswith("cuda"))
         procs = [ctx.Process(target=_worker, args=(w, d, n_cpu, fn, tasks, results), daemon=True,
                              name=f"utrc-scaleout-{w}") for w, d in enumerate(devices)]
-        for p in procs:
-            p.start()
+        for proc in procs:
+            proc.start()
         current: dict[int, Optional[int]] = {w: None for w in range(len(procs))}
-        remaining = set(todo)
+        remaining = set(p.todo)
 
         def record(i: int, out: dict) -> None:
             nonlocal computed
-            row = {"key": keys[i], "params": sweep._canonical(configs[i]), "version": version, **out,
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            store.append(row)
-            done[keys[i]] = row
+            sweep.record(p, i, out)
             remaining.discard(i)
             computed += 1
             bar.update(1)
             if out["status"] != "ok":
-                bar.write(f"FAILED {configs[i].get('model')} {configs[i].get('method')} "
-                          f"{configs[i].get('cut')}: {out['error']}")
+                c = p.configs[i]
+                bar.write(f"FAILED {c.get('model')} {c.get('method')} {c.get('cut')} on {out.get('device')}: "
+                          f"{out['error']}" + (" (not cached)" if out.get("transient") else ""))
 
         import signal
         import threading
@@ -194,36 +206,33 @@ def run(configs: Iterable[dict], cache=DEFAULT_CACHE, *, devices: Optional[Seque
                 if kind == "start":
                     current[w] = i
                     bar.set_postfix_str(f"{devices[w]}: " + ", ".join(
-                        f"{k}={v}" for k, v in configs[i].items() if k in ("model", "method", "cut"))[:80])
+                        f"{k}={v}" for k, v in p.configs[i].items() if k in ("model", "method", "cut"))[:80])
                 elif kind == "row":
                     current[w] = None
                     if i in remaining:
                         record(i, out)
-                for w, p in enumerate(procs):   # a crashed worker fails its current configuration
-                    if not p.is_alive() and p.exitcode not in (0, None) and current[w] is not None:
+                for w, proc in enumerate(procs):   # a crashed worker fails its current configuration
+                    if not proc.is_alive() and proc.exitcode not in (0, None) and current[w] is not None:
                         i, current[w] = current[w], None
-                        if i in remaining:
+                        if i in remaining:   # OOM kill, segfault: the machine's failure, not cached
                             record(i, dict(status="error", result=None, traceback=None, seconds=None,
-                                           device=devices[w], error=f"WorkerDied: the worker on {devices[w]} "
-                                           f"exited with code {p.exitcode}"))
-                if kind is None and remaining and not any(p.is_alive() for p in procs) and results.empty():
+                                           transient=True, device=devices[w],
+                                           error=f"WorkerDied: the worker on {devices[w]} exited with code "
+                                                 f"{proc.exitcode}"))
+                if kind is None and remaining and not any(proc.is_alive() for proc in procs) and results.empty():
                     raise RuntimeError(f"all workers exited with {len(remaining)} configurations left")
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
             bar.close()
-            for p in procs:
-                p.join(timeout=5 if not remaining else 0.1)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
+            for proc in procs:
+                proc.join(timeout=5 if not remaining else 0.1)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(timeout=5)
     else:
         bar.close()
-    # duplicates of a computed configuration share its row
-    out = sweep.SweepResult([done[k] for k in keys], computed=computed, cached=cached, cache_path=str(cache))
-    if out.errors:
-        warnings.warn(out.report())
-    return out
+    return p.result(computed)   # duplicates of a computed configuration share its row
 
 
 def _split(text: str) -> list[str]:
@@ -255,8 +264,12 @@ def main(argv=None) -> int:
                              dense=not ns.no_dense)
     common = dict(tasks=_split(ns.tasks), limit=ns.limit, seed=ns.seed, batch_size=ns.batch_size)
     devices = _split(ns.devices) if ns.devices else None
-    res = run(configs, ns.cache, devices=devices, workers=ns.workers, common=common,
-              retry_errors=ns.retry_errors, progress=not ns.no_progress)
+    try:
+        res = run(configs, ns.cache, devices=devices, workers=ns.workers, common=common,
+                  retry_errors=ns.retry_errors, progress=not ns.no_progress)
+    except (ValueError, OSError) as exc:   # an unusable device or cache: nothing was computed
+        print(f"python -m utrc_lib.scaleout: error: {exc}", file=sys.stderr)
+        return 2
     print(res.report())
     return 1 if res.errors else 0
 

@@ -8,33 +8,44 @@ Every finished configuration is appended to the cache file (flushed and fsynced)
 hashes its parameters and the code version (a hash of the library sources that change the numbers,
 the benchmark manifest and the model weights). Re-running a sweep computes only the configurations
 whose key is not in the cache, so an interrupted sweep (Ctrl-C, a killed kernel) resumes without
-recomputing or losing rows. A configuration that raises is recorded as an "error" row with its
-message and traceback and reported at the end (not silently dropped); by default it is not retried
-until the code version changes (`retry_errors=True` retries it).
+recomputing or losing rows (a row torn by a kill mid-write is cut off before the next append and
+computed again). A configuration that raises is recorded as an "error" row with its message and
+traceback and reported at the end (not silently dropped); by default it is not retried until the
+code version changes (`retry_errors=True` retries it). Errors of the device or the machine (out of
+memory, CUDA errors, an unusable device) are reported but never cached: the next run retries them.
+The cache is checked for writability before the first configuration runs.
+
+`pending` (what is left to compute), `compute` (one configuration) and `record` (its row, appended)
+are the steps `run` is made of; `utrc_lib.experiments.scaleout` runs the same steps over several
+processes, so both write the same rows under the same keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import inspect
 import itertools
 import json
 import os
+import re
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from ..environment import REPO
-DEFAULT_CACHE_DIR = REPO / ".cache" / "sweeps"
+from ..environment import CACHE, code_version, ensure_writable
 
-# Library files that do not change any computed number (plots, reports, runners).
-# files (relative to utrc_lib/) that cannot change a computed number: presentation, CLIs, conversion
-_NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "environment.py", "experiments/bench.py",
-                "experiments/scaleout.py", "hosts/convert.py"}
-_NOT_NUMERIC_DIRS = ("report/",)
+try:  # advisory lock around each append (POSIX); without it appends are still whole writes
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+DEFAULT_CACHE_DIR = CACHE / "sweeps"
+
+__all__ = ["run", "grid", "row_key", "code_version", "RowCache", "SweepResult", "Pending", "pending", "compute",
+           "record", "get_model", "model_fingerprint", "make_config", "evaluate_config", "flatten_scores",
+           "with_fingerprints", "is_environment_error", "DEFAULT_CACHE_DIR"]
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -43,22 +54,6 @@ def _hash_bytes(*chunks: bytes) -> str:
     for c in chunks:
         h.update(c)
     return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def code_version() -> str:
-    """Hash of the library sources that affect computed numbers, and of the benchmark manifest."""
-    root = REPO / "utrc_lib"
-    chunks = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).as_posix()
-        if rel in _NOT_NUMERIC or rel.startswith(_NOT_NUMERIC_DIRS):
-            continue
-        chunks += [str(p.relative_to(root)).encode(), p.read_bytes()]
-    manifest = REPO / "data" / "benchmarks" / "manifest.json"
-    if manifest.is_file():
-        chunks.append(manifest.read_bytes())
-    return _hash_bytes(*chunks)[:16]
 
 
 def _canonical(obj: Any) -> Any:
@@ -90,8 +85,14 @@ def grid(**axes: Sequence) -> list[dict]:
 class RowCache:
     """Append-only JSON-lines file of finished rows; the last row of a key wins.
 
-    A truncated last line (the process died mid-write) is ignored with a warning.
+    A torn last line (the process died mid-write) is skipped by `load` with a warning, and cut off by
+    the next `append` before it writes, so the new row starts on a line of its own. A line that
+    holds a torn row followed by a whole one (caches written before this repair) yields the whole one.
+    Appends take an advisory lock (fcntl) and write each row with one system call, so two processes
+    appending to the same cache do not interleave.
     """
+
+    _ROW_START = '{"key": '   # how json.dumps begins every row
 
     def __init__(self, path):
         self.path = Path(path)
@@ -100,26 +101,79 @@ class RowCache:
         rows: dict[str, dict] = {}
         if not self.path.is_file():
             return rows
-        with self.path.open(encoding="utf-8") as f:
+        with self.path.open(encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                row = self._parse(line)
+                if row is None:
                     warnings.warn(f"{self.path}:{n}: unreadable cache line ignored (interrupted write?)")
                     continue
                 if isinstance(row, dict) and "key" in row:
                     rows[row["key"]] = row
         return rows
 
+    @classmethod
+    def _parse(cls, line: str):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            pass
+        start = line.rfind(cls._ROW_START)
+        if start > 0:   # a torn row with a whole row appended to it
+            try:
+                return json.loads(line[start:])
+            except json.JSONDecodeError:
+                pass
+        return None
+
     def append(self, row: dict) -> None:
+        """Append one row (flushed and fsynced), after cutting off a torn last line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(row, default=_json_default) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._mend_tail(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)   # releases the lock
+
+    def _mend_tail(self, fd: int) -> None:
+        """Make the file end with a newline: a last line without one is a complete row (its newline
+        was lost: add it) or a torn write (cut it off, with a warning; its configuration is not in
+        the cache, so it is computed again)."""
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return
+        os.lseek(fd, size - 1, os.SEEK_SET)
+        if os.read(fd, 1) == b"\n":
+            return
+        start, pos = 0, size
+        while pos > 0:   # find where the last line begins
+            step = min(1 << 16, pos)
+            os.lseek(fd, pos - step, os.SEEK_SET)
+            cut = os.read(fd, step).rfind(b"\n")
+            if cut >= 0:
+                start = pos - step + cut + 1
+                break
+            pos -= step
+        os.lseek(fd, start, os.SEEK_SET)
+        tail = os.read(fd, size - start)
+        try:
+            complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            complete = False
+        if complete:
+            os.write(fd, b"\n")
+        else:
+            os.ftruncate(fd, start)
+            warnings.warn(f"{self.path}: cut off a torn last line ({size - start} bytes, an interrupted write) "
+                          f"before appending")
 
 
 def _json_default(obj):
@@ -139,13 +193,42 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+# -- errors of the machine, not of the configuration ------------------------------------------------
+_ENVIRONMENT_TYPES = {"MemoryError", "OutOfMemoryError", "AcceleratorError", "CudaError", "DeviceUnavailable",
+                      "WorkerDied"}
+_ENVIRONMENT_TEXT = re.compile(r"^(WorkerDied|DeviceUnavailable)\b|OutOfMemoryError|out of memory|\bCUDA\b|cuDNN|"
+                               r"\bNCCL\b|\bno kernel image\b", re.IGNORECASE)
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True for a failure of the device or the machine (out of memory, CUDA errors, an unusable
+    device), which another run on another device may not hit: such errors are never cached."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & _ENVIRONMENT_TYPES) or bool(_ENVIRONMENT_TEXT.search(f"{type(exc).__name__}: {exc}"))
+
+
+def _environmental(row: dict) -> bool:
+    """An error row that came from the device / machine (marked "transient", or, in caches written
+    before that mark, recognised by its message): it does not count as done."""
+    return bool(row.get("transient")) or bool(_ENVIRONMENT_TEXT.search(str(row.get("error") or "")))
+
+
+def _needs_run(row: Optional[dict], retry_errors: bool) -> bool:
+    if row is None:
+        return True
+    if row.get("status") == "ok":
+        return False
+    return retry_errors or _environmental(row)
+
+
 # -- running --------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SweepResult:
     """Rows of one sweep, in configuration order.
 
     rows: {"key", "params", "status" ("ok" | "error"), "result" (dict), "error", "traceback",
-           "seconds", "version", "finished"} per configuration.
+           "seconds", "version", "finished"} per configuration ("transient": True on an error of the
+           device / machine, which is not cached; "device" on rows computed by scale-out).
     computed / cached: how many rows were computed now / read from the cache.
     """
 
@@ -177,8 +260,83 @@ class SweepResult:
         lines = [f"{len(self.rows)} configurations: {self.computed} computed, {self.cached} from cache "
                  f"({self.cache_path}); {len(self.errors)} failed"]
         for r in self.errors:
-            lines.append(f"  FAILED {r['params']}: {r.get('error')}")
+            note = " (device / machine error: not cached, retried by the next run)" if r.get("transient") else ""
+            lines.append(f"  FAILED {r['params']}: {r.get('error')}{note}")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Pending:
+    """A sweep's configurations against its cache: what `sweep.run` and `scaleout.run` compute.
+
+    configs: parameter dicts (common parameters merged in); keys: their row keys; todo: indices of
+    the configurations to compute (not cached, or cached as an error to retry; a configuration
+    listed twice is computed once); done: key -> row (cached rows, then the rows `record` adds).
+    """
+
+    configs: list
+    keys: list
+    todo: list
+    done: dict
+    store: RowCache
+    version: str
+
+    @property
+    def cached(self) -> int:
+        return len(self.configs) - len(self.todo)
+
+    def result(self, computed: int) -> SweepResult:
+        """The SweepResult in configuration order (warns when rows failed)."""
+        out = SweepResult([self.done[k] for k in self.keys], computed=computed, cached=self.cached,
+                          cache_path=str(self.store.path))
+        if out.errors:
+            warnings.warn(out.report())
+        return out
+
+
+def pending(configs: Iterable[dict], cache, *, common: Optional[dict] = None, version: Optional[str] = None,
+            retry_errors: bool = False) -> Pending:
+    """Read `cache` and list the configurations still to compute (see `Pending`)."""
+    version = code_version() if version is None else version
+    store = RowCache(cache)
+    done = store.load()
+    configs = [{**(common or {}), **c} for c in configs]
+    keys = [row_key(c, version) for c in configs]
+    todo, seen = [], set()
+    for i, k in enumerate(keys):
+        if k not in seen and _needs_run(done.get(k), retry_errors):
+            todo.append(i)
+        seen.add(k)
+    if todo:   # fail now, not after the work
+        ensure_writable(store.path, "sweep cache")
+    return Pending(configs, keys, todo, done, store, version)
+
+
+def compute(fn: Callable[..., dict], params: dict, **extra) -> dict:
+    """Run `fn(**params, **extra)` once: {"status", "result", "error", "traceback", "seconds"}, and
+    "transient": True when the error is the device's or the machine's (`is_environment_error`).
+    `extra` (e.g. a model loader) does not enter the row. KeyboardInterrupt propagates."""
+    t = time.perf_counter()
+    try:
+        out = dict(status="ok", result=_canonical(fn(**params, **extra)), error=None, traceback=None)
+    except Exception as exc:  # record the failure
+        out = dict(status="error", result=None, error=f"{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(limit=20))
+        if is_environment_error(exc):
+            out["transient"] = True
+    out["seconds"] = round(time.perf_counter() - t, 3)
+    return out
+
+
+def record(p: Pending, i: int, outcome: dict) -> dict:
+    """The row of configuration `i` from its `compute` outcome: appended to the cache unless it is
+    transient (a device / machine error), and entered in `p.done`."""
+    row = {"key": p.keys[i], "params": _canonical(p.configs[i]), "version": p.version, **outcome,
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not row.get("transient"):
+        p.store.append(row)
+    p.done[p.keys[i]] = row
+    return row
 
 
 def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Optional[dict] = None,
@@ -189,69 +347,56 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Opti
     Args:
         fn: returns a JSON-serialisable dict of results for one configuration.
         configs: parameter dicts (e.g. from `grid`); `common` parameters are added to each.
-        cache: path of the JSON-lines cache file (created on demand).
+        cache: path of the JSON-lines cache file (created on demand; checked for writability before
+            the first configuration runs).
         version: code version in the key (default `code_version()`).
         retry_errors: recompute configurations whose cached row is an error.
     Returns:
         SweepResult (rows in configuration order). Failed configurations appear as "error" rows and
-        are listed by `SweepResult.report()` (also warned about).
+        are listed by `SweepResult.report()` (also warned about). Errors of the device / machine
+        (out of memory, CUDA) are reported but not cached.
     KeyboardInterrupt is not caught: rows finished before it are already on disk.
     """
     from tqdm.auto import tqdm
 
-    version = code_version() if version is None else version
-    store = RowCache(cache)
-    done = store.load()
-    configs = [{**(common or {}), **c} for c in configs]
-    keys = [row_key(c, version) for c in configs]
-    todo = [i for i, k in enumerate(keys)
-            if k not in done or (retry_errors and done[k]["status"] != "ok")]
-    cached = len(configs) - len(todo)
-    bar = tqdm(total=len(configs), initial=cached, desc=desc, disable=not progress, dynamic_ncols=True)
+    p = pending(configs, cache, common=common, version=version, retry_errors=retry_errors)
+    bar = tqdm(total=len(p.configs), initial=p.cached, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
-        for i in todo:
-            params, key = configs[i], keys[i]
+        for i in p.todo:
+            params = p.configs[i]
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in params.items()
                                           if not isinstance(v, (list, tuple, dict)))[:80])
-            t = time.perf_counter()
-            row = {"key": key, "params": _canonical(params), "version": version}
-            try:
-                result = fn(**params)
-                row.update(status="ok", result=_canonical(result), error=None, traceback=None)
-            except Exception as exc:  # record the failure; KeyboardInterrupt propagates
-                row.update(status="error", result=None, error=f"{type(exc).__name__}: {exc}",
-                           traceback=traceback.format_exc(limit=20))
-            row["seconds"] = round(time.perf_counter() - t, 3)
-            row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            store.append(row)
-            done[key] = row
+            record(p, i, compute(fn, params))
             bar.update(1)
     finally:
         bar.close()
-    out = SweepResult([done[k] for k in keys], computed=len(todo), cached=cached, cache_path=str(cache))
-    if out.errors:
-        warnings.warn(out.report())
-    return out
+    return p.result(computed=len(p.todo))
 
 
 # -- evaluation rows ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def get_model(name: str):
-    """(model, tokenizer) by name ("tiny-mamba2", "tiny-mamba") or path; cached per process, eval mode."""
-    from .. import load_model
+def get_model(name: str, device: str = "cpu"):
+    """(model, tokenizer) by name ("tiny-mamba2", "tiny-mamba") or path, on `device`; cached per
+    process (four models), eval mode."""
+    return _load_model(str(name), str(device))
 
-    model, tok = load_model(name)
+
+@functools.lru_cache(maxsize=4)
+def _load_model(name: str, device: str):
+    from ..hosts.models import load_model
+
+    model, tok = load_model(name, device=device)
     return model.eval(), tok
 
 
 @functools.lru_cache(maxsize=None)
 def model_fingerprint(name: str) -> str:
-    """Hash of a model's config and weight files (so retraining a model invalidates its rows)."""
-    try:
-        from ..hosts.models import resolve_path  # optional helper of utrc_lib.models
-        path = Path(resolve_path(name))
-    except Exception:
-        path = Path(name) if Path(name).exists() else REPO / "data" / "models" / name
+    """Hash of a model's config and weight files (so retraining a model invalidates its rows).
+
+    The files of what `load_model(name)` loads: an embedded model's folder, else a local checkpoint
+    directory; "unknown" for anything else (a hub id)."""
+    from ..hosts.models import EMBEDDED, embedded_path
+
+    path = embedded_path(name) if name in EMBEDDED else Path(name).expanduser()
     if not path.is_dir():
         return "unknown"
     h = hashlib.sha256()
@@ -262,49 +407,27 @@ def model_fingerprint(name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def make_config(method: str, cut: float, *, metric: str = "clip", layers=None, q: float = 0.5,
-                hidden_rule=None, residual_rule=None, causal: Optional[bool] = None, seed: int = 0,
-                metric_source: str = "ssm"):
-    """ReductionConfig for a sweep row, or None for the dense model (method "none" or cut 0)."""
-    from ..core.config import ReductionConfig
-    from ..core.methods import get_method
+def make_config(method: str, cut: float, **kwargs):
+    """ReductionConfig of a sweep row, or None for the dense model (method "none" / "dense", or cut 0).
+
+    Built by `utrc_lib.core.config.config_from_args(method, flops_reduction=cut, **kwargs)`: keyword
+    arguments are its fields (metric, layers, q, hidden_rule, residual_rule, causal, seed,
+    metric_source, align, ...), with its defaults (`causal`: the method's own). The dense rows of a
+    sweep are (method "none", cut 0); a dense method ignores `cut`.
+    """
+    from ..core.config import config_from_args
 
     if method in ("none", "dense") or not cut:
         return None
-    if causal is None:
-        causal = get_method(method).causal_capable
-    return ReductionConfig(method=method, metric=metric, layers=None if layers is None else tuple(layers),
-                           flops_reduction=float(cut), q=q, hidden_rule=hidden_rule,
-                           residual_rule=residual_rule, causal=causal, seed=seed,
-                           metric_source=metric_source)
+    return config_from_args(method, flops_reduction=float(cut), **kwargs)
 
 
-def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, seed: int):
-    """utrc_lib.eval.scorer.evaluate with protection of the scored continuation on (default) or off.
-
-    evaluate() always protects; when it has no `protect` switch the unprotected run goes through
-    the same steps with `loglikelihood_tokens(..., protect=False)` (the config applied unchanged).
-    """
+def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool):
+    """utrc_lib.eval.scorer.evaluate, with protection of the scored continuation on or off."""
     from ..eval import scorer as ev
 
-    params = inspect.signature(ev.evaluate).parameters
-    if protect or "protect" in params:
-        kwargs = {} if protect else {"protect": False}
-        return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
-                           progress=False, **kwargs)
-    results = {}
-    model.eval()
-    for task in tasks:
-        t0 = time.perf_counter()
-        toks, extra = ev._task_requests(tok, task, limit)
-        res = ev.loglikelihood_tokens(model, toks, config, batch_size, pad_token_id=ev._pad_id(tok),
-                                      progress=False, protect=False)
-        results[task] = ev._score_task(task, extra["items"], extra["texts"], res, toks)
-        results[task]["seconds"] = time.perf_counter() - t0
-    results["meta"] = {"protect": "none (unprotected: scored positions may be removed / merged)",
-                       "method": "dense" if config is None else config.method, "limit": limit,
-                       "batch_size": batch_size}
-    return results
+    return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
+                       progress=False, protect=protect)
 
 
 def flatten_scores(res: dict) -> dict:
@@ -321,13 +444,16 @@ def flatten_scores(res: dict) -> dict:
 
 def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str] = ("cloze", "choice4", "choice2", "ppl"),
                     limit: Optional[int] = 100, seed: int = 0, batch_size: int = 16, protect: bool = True,
-                    flops_seq_len: int = 128, fingerprint: str = "", **config_kwargs) -> dict:
+                    flops_seq_len: int = 128, fingerprint: str = "",
+                    model_loader: Optional[Callable[[str], tuple]] = None, **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
 
     Returns the flattened task metrics ("cloze/acc", ...), the keep ratio and layers used, the
     token-layer FLOPs cut (the paper's definition) and the analytic FLOPs cut at `flops_seq_len`
     tokens (LM head on the last position), and the evaluator's meta ("meta/<key>").
-    `fingerprint` only enters the cache key (pass `model_fingerprint(model)`).
+    `fingerprint` only enters the cache key (pass `model_fingerprint(model)`). `model_loader(name)`
+    returns (model, tokenizer), default `get_model` (CPU); scale-out passes one that loads on its
+    worker's device. It is not a parameter of the row (rows are keyed without it).
     """
     import torch
 
@@ -335,9 +461,9 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     from ..core.schedule import token_layer_fraction
 
     torch.manual_seed(seed)
-    mdl, tok = get_model(model)
+    mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
-    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, seed)
+    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect)
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():

@@ -54,6 +54,27 @@ def time_ms(fn: Callable[[], object], device, repeats: int = 5, warmup: int = 1)
     return out
 
 
+def warm_up(fn: Callable[[], object], device, min_calls: int = 3, max_calls: int = 8,
+            rel_tol: float = 0.15) -> list[float]:
+    """Call fn() until two consecutive calls agree within `rel_tol` (at least `min_calls`, at most
+    `max_calls` calls); returns their milliseconds.
+
+    One warm-up call is not always enough: the first calls after a model is built also pay for
+    first-touch memory, allocator growth and kernel selection (on CPU the first configuration of a
+    benchmark once took 35x the time of the next). Time a configuration only after this.
+    """
+    times: list[float] = []
+    for _ in range(max(1, max_calls)):
+        t = Stamp(device)
+        fn()
+        t.stop()
+        synchronize(device)
+        times.append(t.ms())
+        if len(times) >= max(2, min_calls) and abs(times[-1] - times[-2]) <= rel_tol * min(times[-2:]):
+            break
+    return times
+
+
 def peak_memory_gb(fn: Callable[[], object], device) -> Optional[float]:
     """max_memory_allocated during fn() in GB (weights included); None on CPU."""
     if torch.device(device).type != "cuda":
