@@ -62,10 +62,14 @@ class TokenScores:
         input order.
     dense_fallback: how many of those requests were scored dense because their context was too
         short to reduce (the engine raised `SequenceTooShort` for them); 0 without a config.
+    achieved_cut: per request, the token-layer cut its forward actually reached
+        (`ForwardReducer.achieved_cut()`; 0 when scored dense). Short inputs, protected tails and
+        kept-count rounding put it below the nominal cut of the config.
     """
 
     results: list
     dense_fallback: int = 0
+    achieved_cut: list = dataclasses.field(default_factory=list)  # per request: token-layer cut reached
 
 
 # -- tokenisation -------------------------------------------------------------------------------------
@@ -185,15 +189,21 @@ def _prepare(token_requests, max_length: int) -> list[tuple[int, list[int], list
     return prepared
 
 
-def _score_rows(model, handle, batch, pad_token_id: int, protect: bool) -> list[tuple[float, bool]]:
+def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
+                cuts: Optional[dict] = None) -> list[tuple[float, bool]]:
     """One forward over `batch` (reduced through `handle`, or dense when None); each row protects
-    its own continuation when `protect`."""
+    its own continuation when `protect`. `cuts`, when given, receives {request index: token-layer
+    cut the forward achieved for that row} (0 for a dense forward)."""
     rows = [p[1] for p in batch]
     if handle is not None and protect:
         with handle.options(protect_last=[len(p[2]) for p in batch]):
             logits = _forward(model, rows, pad_token_id)
     else:
         logits = _forward(model, rows, pad_token_id)
+    if cuts is not None:
+        reducer = handle.last_reducer if handle is not None else None
+        achieved = reducer.achieved_cut().tolist() if reducer is not None else [0.0] * len(batch)
+        cuts.update({p[0]: float(c) for p, c in zip(batch, achieved)})
     out = []
     for row, p in zip(logits, batch):
         n = len(p[2])
@@ -225,6 +235,7 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     batches = [ordered[j:j + batch_size] for j in range(0, len(ordered), batch_size)]
 
     results: list = [None] * len(prepared)
+    cuts: dict = {}
     n_dense = 0
     bar = None
     if progress:
@@ -235,16 +246,16 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
         with _Patch(model, config, protect) as patch:
             for batch in batches:
                 try:
-                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect)
+                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts)
                 except SequenceTooShort:
                     # the condition is per sample: rescoring one by one keeps results batch independent
                     scored = []
                     for p in batch:
                         try:
-                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect)
+                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect, cuts)
                         except SequenceTooShort:
                             patch.remove()  # dense: nothing of this context can be reduced
-                            scored += _score_rows(model, None, [p], pad_token_id, protect)
+                            scored += _score_rows(model, None, [p], pad_token_id, protect, cuts)
                             n_dense += 1
                 for p, r in zip(batch, scored):
                     results[p[0]] = r
@@ -253,7 +264,8 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     finally:
         if bar is not None:
             bar.close()
-    return TokenScores(results=results, dense_fallback=n_dense)
+    return TokenScores(results=results, dense_fallback=n_dense,
+                       achieved_cut=[cuts.get(i, 0.0) for i in range(len(prepared))])
 
 
 def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -396,7 +408,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
     Returns {task: {metric: value, ..., "n": items, "seconds": s}, "meta": run_metadata(...)}.
     Metrics: cloze acc/ppl, choice4 acc/acc_norm, choice2 acc, ppl ppl/nll/bits_per_byte/tokens
     (+ *_stderr for accuracies); with a config also "dense_fallback", the task's requests scored
-    dense because their context was too short to reduce. `protect=False` applies `config` unchanged
+    dense because their context was too short to reduce, and "achieved_token_layer_cut" (mean over
+    the task's requests, "_min" the smallest) beside the nominal cut in "meta". `protect=False` applies `config` unchanged
     (scored positions may be reduced). Task data and tokenised requests are cached, so repeated
     calls (sweeps) only run the model.
     """
@@ -419,6 +432,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
             results[task] = _score_task(task, extra["items"], extra["texts"], scores.results, toks)
             if config is not None:
                 results[task]["dense_fallback"] = scores.dense_fallback
+                cuts = scores.achieved_cut
+                results[task]["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
+                results[task]["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
             results[task]["seconds"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
