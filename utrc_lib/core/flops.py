@@ -110,8 +110,9 @@ class FlopsReport:
         dense / reduced: total FLOPs without / with the reduction (reduced includes the overhead).
         reduction_overhead: FLOPs of the reduction itself (importance + similarity + merge).
         reduction_comparisons: comparisons of its sorts / argmax (not FLOPs).
-        flops_cut: 1 - reduced / dense.
-        token_layer_fraction: mean over layers of n_l / seq_len (the paper's definition; 1 = dense).
+        flops_cut: 1 - reduced / dense, the *analytic FLOPs cut* (also `analytic_cut`).
+        token_layer_fraction: mean over layers of n_l / seq_len (the paper's definition; 1 = dense);
+            `token_layer_cut` = 1 - token_layer_fraction, the *token-layer cut* the figures' x-axes use.
         tokens_per_layer: n_l for each layer.
         matmul_only / matmul_only_reduced: FLOPs of the matmul-like components only (MATMUL_COMPONENTS),
             the figure `FlopCounterMode` gives for the dense / reduced model (reduction matmuls excluded).
@@ -139,10 +140,21 @@ class FlopsReport:
     reduction_matmul: int
     breakdown: dict
 
+    @property
+    def analytic_cut(self) -> float:
+        """1 - reduced / dense FLOPs (every component counted, the reduction's own cost included)."""
+        return self.flops_cut
+
+    @property
+    def token_layer_cut(self) -> float:
+        """The paper's cut: 1 - mean over layers of the fraction of tokens each layer processes."""
+        return 1.0 - self.token_layer_fraction
+
     def to_dict(self) -> dict:
-        """JSON-ready dict (tuples become lists)."""
+        """JSON-ready dict (tuples become lists), with both cuts named apart."""
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["analytic_cut"], d["token_layer_cut"] = self.analytic_cut, self.token_layer_cut
         return d
 
     def to_json(self, **kwargs) -> str:
