@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU efficiency run (method.md §4): GPU tests, then prefill / memory / generation benchmarks of the
+# GPU efficiency run (docs/method.md §4): GPU tests, then prefill / memory / generation benchmarks of the
 # mamba-ssm backend on random-weight Mamba-2-2.7B and Mamba-2.8B shapes, fp16, batch 16 x 2048.
 #
 # Run from the repo root on the GPU machine, after `bash .gpu/setup.sh` (mamba-ssm installed):

@@ -101,7 +101,7 @@ def test_zero_vectors_never_nan():
         assert not torch.isnan(out.hidden).any() and not torch.isnan(out.residual).any(), method
 
 
-# -- the authors' released behaviour (method.md §2) ------------------------------------------------
+# -- the authors' released behaviour (docs/method.md §2) ------------------------------------------------
 
 def test_reference_folds_into_position_one():
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ Glossary:
     C  feature width of the reduction's metric / similarity (E for metric_source="ssm", D for "mixer")
     N  tokens entering one reduction; |A| = floor(N/2), |B| = N - |A| the two halves
 
-Conventions (method.md §1 asks for in_proj, conv, scan, out_proj, norm, LM head and the reduction's
+Conventions (docs/method.md §1.5; the spec asks for in_proj, conv, scan, out_proj, norm, LM head and the reduction's
 own cost):
     * A multiply-add is 2 FLOPs; a matmul (m x k) @ (k x n) is 2 m k n, exactly as
       `torch.utils.flop_counter.FlopCounterMode` counts it. Bias additions are not counted (the

@@ -271,7 +271,7 @@ def _evit(ctx: Context) -> Plan:
     """EViT: keep the top-k tokens by importance, fuse the rest into one token (size-weighted).
 
     The fused token takes the position of its latest member. Fixes the authors' inversion (they kept
-    the lowest-scoring tokens, method.md §2).
+    the lowest-scoring tokens, docs/method.md §2).
     """
     red = ctx.state.reducible
     r = torch.minimum(ctx.r, (red.sum(1) - 1).clamp_min(0))

@@ -1,4 +1,4 @@
-"""The authors' released behaviour ("utrc_reference"), reproduced from its description (method.md §2).
+"""The authors' released behaviour ("utrc_reference"), reproduced from its description (docs/method.md §2).
 
 Glossary: utrc_lib/GLOSSARY.md (n tokens of the reduced segment, D width, r removed tokens, E even / O
 odd positions).
@@ -127,7 +127,7 @@ def reference_reduce_loop(x: Tensor, r: int, rule: str = "merge", hybrid_k: int 
                           metric_input: Tensor | None = None) -> Tensor:
     """Loop twin of the released code for ONE sample (n, D): the output (n - r, D).
 
-    Follows method.md §2 step by step with Python loops where the code uses scatter/topk; used to
+    Follows docs/method.md §2 step by step with Python loops where the code uses scatter/topk; used to
     test `reference_plan` + `ReferencePlan.apply`.
     """
     n, D = x.shape

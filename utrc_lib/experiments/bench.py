@@ -1,4 +1,4 @@
-"""Timing and memory measurement of prefill and generation, dense vs token reduction (method.md §4).
+"""Timing and memory measurement of prefill and generation, dense vs token reduction (docs/method.md §4).
 
 Glossary: B batch, N prompt tokens, V vocabulary, rho per-anchor keep ratio, cut token-layer FLOPs cut.
 
