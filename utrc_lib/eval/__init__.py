@@ -5,7 +5,7 @@
 
 `register()` imports the adapter, which registers the model name "utrc" with lm-eval's registry.
 `TASKS_DIR` is the folder to pass as `include_path` to `lm_eval.tasks.TaskManager`; the YAMLs load
-their items through `tasks/utrc_data.py`, which finds data/benchmarks from the package location (or
+their items through `lm_eval_tasks/utrc_data.py`, which finds data/benchmarks from the package location (or
 $UTRC_DATA_DIR), so they work from any working directory.
 """
 from __future__ import annotations

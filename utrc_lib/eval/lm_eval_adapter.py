@@ -32,6 +32,7 @@ batch composition, the numbers equal the single-process run on the same items. A
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -69,6 +70,20 @@ def build_config(**kw) -> Optional[ReductionConfig]:
     """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense.
     Same as `config_from_args(**kw)`."""
     return config_from_args(**kw)
+
+
+class _LocalTaskAdvice(logging.Filter):
+    """Drops lm-eval's "Custom kwargs can be passed to `--metadata`" advice for our own utrc_* tasks,
+    whose loaders take no arguments (it is printed once per task on every run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("utrc_") and "Custom kwargs can be passed" in msg)
+
+
+_task_log = logging.getLogger("lm_eval.api.task")
+if not any(isinstance(f, _LocalTaskAdvice) for f in _task_log.filters):
+    _task_log.addFilter(_LocalTaskAdvice())
 
 
 @register_model("utrc")
