@@ -64,21 +64,42 @@ def finite(x):
     return x is not None and math.isfinite(x)
 
 
-def test_generator_is_in_sync(tmp_path):
-    """The committed .ipynb files are what notebooks/make_notebooks.py generates."""
-    import importlib.util
+def test_sources_and_notebooks_in_sync():
+    """Each notebooks/0X_*.py (jupytext percent source) and its paired .ipynb hold the same cells."""
+    from utrc_lib.report import notebooks
 
-    import nbformat
+    assert len(notebooks.sources(NB)) == 5
+    problems = notebooks.out_of_sync(NB)
+    assert not problems, "\n".join(problems)
+    for src in notebooks.sources(NB):
+        names = notebooks.parameter_names(notebooks.parameters_cell(src.stem, NB))
+        assert names[0] == "quick" and {"seed", "out_dir"} <= set(names), src.name
 
-    spec = importlib.util.spec_from_file_location("make_notebooks", NB / "make_notebooks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for name, cells in mod.NOTEBOOKS.items():
-        committed = nbformat.read(NB / f"{name}.ipynb", as_version=4)
-        fresh = mod.notebook(cells)
-        assert [c.source for c in committed.cells] == [c.source for c in fresh.cells], name
-        first_code = next(c for c in committed.cells if c.cell_type == "code")
-        assert "parameters" in first_code.metadata.get("tags", []) and "quick: bool = False" in first_code.source
+
+def test_sync_check_and_parameters(tmp_path):
+    """sync writes byte-stable .ipynb files; a changed source is reported by name with the re-sync command."""
+    import shutil
+
+    from utrc_lib.report import notebooks
+
+    src = tmp_path / "00_walkthrough.py"
+    shutil.copy(NB / src.name, src)
+    assert notebooks.out_of_sync(tmp_path) == [f"{src} has no generated 00_walkthrough.ipynb: run "
+                                               f"`{notebooks.SYNC_COMMAND}`"]
+    assert notebooks.sync(tmp_path, log=lambda *_: None) == [src.with_suffix(".ipynb")]
+    first = src.with_suffix(".ipynb").read_bytes()
+    assert notebooks.sync(tmp_path, log=lambda *_: None) == [] and notebooks.out_of_sync(tmp_path) == []
+    assert first == (NB / "00_walkthrough.ipynb").read_bytes()  # the committed file is what sync writes
+    src.write_text(src.read_text().replace("max_tokens: int = 120", "max_tokens: int = 64"))
+    (problem,) = notebooks.out_of_sync(tmp_path)
+    assert "00_walkthrough.ipynb" in problem and notebooks.SYNC_COMMAND in problem and "cell 1" in problem
+    assert notebooks.parameter_names('quick: bool = False  # c\nDEFAULT_OUT = "x"\nout_dir: str = DEFAULT_OUT\n'
+                                     'seed: int = 0\n') == ["quick", "out_dir", "seed"]
+    ns = {"quick": True, "seed": 0, "DEFAULT_OUT": "../figures/x", "out_dir": "../figures/x"}
+    ctx = notebooks.setup("x", ns, parameters_source="quick: bool = True\nseed: int = 0\nout_dir: str = 'y'\n")
+    assert ns["out_dir"] == str(ctx.out) and "figures" not in ns["out_dir"]  # quick: a temp folder
+    ns["quick"] = "changed later"
+    assert ctx.parameters() == {"quick": "changed later", "seed": 0, "out_dir": str(ctx.out)}
 
 
 def test_00_walkthrough(tmp_path, model_names):

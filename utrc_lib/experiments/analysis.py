@@ -1,4 +1,5 @@
-"""Analyses behind the notebooks: token importance, reduction traces, error growth, output change, CPU timing.
+"""Analyses behind the notebooks: token importance, reduction traces, error growth, output change, CPU timing,
+and the small table helpers of the notebooks' sweeps (mean accuracy, grids, mode labels, failed rows).
 
 Glossary: B batch, N input tokens, N' tokens after reductions, D d_model, L layers, V vocabulary.
 
@@ -8,8 +9,6 @@ method "none", so dense and reduced per-layer states follow one convention.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -148,9 +147,10 @@ def cpu_prefill_ms(model, batch: int, seq_len: int, config: Optional[ReductionCo
 
     logits="last" asks the model for the last position only (logits_to_keep=1); "all" for all
     positions. Returns {"median_ms", "min_ms", "times_ms", "tokens_per_s"}.
-    Timed with utrc_lib.experiments.bench.time_ms (warm-up, then `repeats` calls; median reported).
+    Timed with utrc_lib.experiments.timing.time_ms (warm-up, then `repeats` calls; median reported).
     """
     from ..hosts.handle import apply
+    from .timing import median, time_ms
 
     vocab = vocab or model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -162,23 +162,190 @@ def cpu_prefill_ms(model, batch: int, seq_len: int, config: Optional[ReductionCo
             with torch.inference_mode():
                 return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
 
-        try:
-            from .timing import time_ms
-        except ImportError:  # pragma: no cover - bench is optional
-            time_ms = None
-        if time_ms is not None:
-            times = time_ms(step, "cpu", repeats=repeats, warmup=warmup)
-        else:
-            for _ in range(warmup):
-                step()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t) * 1e3)
+        times = time_ms(step, "cpu", repeats=repeats, warmup=warmup)
     finally:
         if handle is not None:
             handle.remove()
-    med = statistics.median(times)
+    med = median(times)
     return {"median_ms": med, "min_ms": min(times), "times_ms": times,
             "tokens_per_s": batch * seq_len / (med / 1e3)}
+
+
+@torch.no_grad()
+def cpu_decode_ms(model, input_ids: Tensor, config: Optional[ReductionConfig] = None, *,
+                  new_tokens: int = 16) -> dict:
+    """Prefill time and time per generated token on CPU, dense (config None) or with a reduced prompt.
+
+    input_ids: (B, N) prompt. One untimed warm-up generation (2 tokens), then one timed prefill
+    (`logits_to_keep=1`, with cache) and one timed greedy generation of `new_tokens` tokens, each with
+    `utrc_lib.experiments.timing.time_ms` (perf_counter on CPU). Decoding time per token =
+    (generation - prefill) / (new_tokens - 1), floored at 0: prompt reduction shortens only the prefill.
+    Returns {"prefill_ms", "decode_ms_per_token"}.
+    """
+    from ..hosts.handle import apply
+    from .timing import time_ms
+
+    def generate(n):
+        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    handle = apply(model, config) if config is not None else None
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+            (pre,) = time_ms(lambda: model(input_ids=input_ids, use_cache=True, logits_to_keep=1), "cpu",
+                             repeats=1, warmup=0)
+            (gen,) = time_ms(lambda: generate(new_tokens), "cpu", repeats=1, warmup=0)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"prefill_ms": pre, "decode_ms_per_token": max(gen - pre, 0) / max(new_tokens - 1, 1)}
+
+
+def cpu_prefill_table(model_names: Sequence[str], methods: Sequence[str], cuts: Sequence[float], *, batch: int,
+                      seq_len: int, repeats: int, seed: int = 0):
+    """CPU prefill latency of dense and of every (method, cut), beside the analytic FLOPs cut (a DataFrame).
+
+    One row per (model, method, cut, logits): logits "last" for every method, also "all" for dense and
+    methods[0]. Columns: model, method, cut, logits, prefill_ms (median of `repeats` after a warm-up,
+    `cpu_prefill_ms`), tokens_per_s, times_ms, analytic_flops_cut / token_layer_cut (`utrc_lib.flops`,
+    last-token logits), speedup_vs_dense (dense time / this time, same model and logits).
+    """
+    import pandas as pd
+
+    from ..core.flops import flops
+    from . import sweep
+
+    rows = []
+    for name in model_names:
+        model, _ = sweep.get_model(name)
+        for method, cut in [("none", 0.0)] + [(m, c) for m in methods for c in cuts]:
+            cfg = sweep.make_config(method, cut, seed=seed)
+            rep = flops(model, seq_len, cfg, batch=batch, logits="last")
+            for logits in (["last", "all"] if method in ("none", methods[0]) else ["last"]):
+                t = cpu_prefill_ms(model, batch, seq_len, cfg, logits=logits, repeats=repeats, seed=seed)
+                rows.append(dict(model=name, method=method, cut=cut, logits=logits, prefill_ms=t["median_ms"],
+                                 tokens_per_s=t["tokens_per_s"], times_ms=t["times_ms"],
+                                 analytic_flops_cut=rep.flops_cut, token_layer_cut=1 - rep.token_layer_fraction))
+    cpu = pd.DataFrame(rows)
+    dense_ms = cpu[cpu["method"] == "none"].set_index(["model", "logits"])["prefill_ms"]
+    cpu["speedup_vs_dense"] = [dense_ms[(r.model, r.logits)] / r.prefill_ms for r in cpu.itertuples()]
+    return cpu
+
+
+def load_gpu_bench(path) -> tuple:
+    """Records of a `utrc_lib.experiments.bench` JSON file and its prefill rows.
+
+    Returns (records: list of dicts, prefill: DataFrame of the error-free records of kind "prefill",
+    with `align` filled with 1 where missing), or (None, None) when the file does not exist.
+    """
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    if not Path(path).is_file():
+        return None, None
+    raw = json.loads(Path(path).read_text())
+    records = raw["records"] if isinstance(raw, dict) else raw  # a list of records (older files: a dict)
+    every = pd.DataFrame([r for r in records if "error" not in r])
+    gpu = every[every["kind"] == "prefill"] if "kind" in every else every
+    if "align" in gpu:
+        gpu = gpu.assign(align=gpu["align"].fillna(1).astype(int))  # kept counts rounded to multiples (1 = off)
+    return records, gpu
+
+
+# -- helpers of the notebooks' sweeps -------------------------------------------------------------
+ACC_METRICS = ["cloze/acc", "choice4/acc_norm", "choice2/acc"]  # averaged into avg_acc (paper: mean of accuracies)
+
+
+def with_avg_acc(df, *, stderr: bool = False, metrics: Sequence[str] = ACC_METRICS):
+    """Add `avg_acc` (mean of the accuracy columns present; NaN if none) to a sweep frame, in place.
+
+    stderr=True also adds `avg_acc_stderr` = sqrt(sum of the present `<metric>_stderr`^2) / len(metrics).
+    Returns the frame.
+    """
+    import numpy as np
+
+    present = [c for c in metrics if c in df]
+    df["avg_acc"] = df[present].mean(axis=1) if present else np.nan
+    if stderr:
+        errs = [c + "_stderr" for c in metrics if c + "_stderr" in df]
+        df["avg_acc_stderr"] = np.sqrt((df[errs] ** 2).sum(axis=1)) / len(metrics)
+    return df
+
+
+def method_grid(model_names: Sequence[str], methods: Sequence[str], cuts: Sequence[float]) -> list[dict]:
+    """Sweep configs (with model fingerprints): dense, then every method at every cut, for every model."""
+    from . import sweep
+
+    return sweep.with_fingerprints(sweep.grid(model=model_names, method=["none"], cut=[0.0])
+                                   + sweep.grid(model=model_names, method=methods, cut=cuts))
+
+
+def sweep_errors(result) -> list[dict]:
+    """[{"params", "error"}] of the failed rows of a `sweep.run` result."""
+    return [{"params": e["params"], "error": e["error"]} for e in result.errors]
+
+
+def failed_rows(frames: dict, keys: Sequence[str]) -> list[dict]:
+    """[{"group", "params" (the `keys` of the row), "error"}] of every row whose status is not "ok".
+
+    frames: {group: DataFrame of `sweep.SweepResult.frame(errors=True)`}.
+    """
+    return [{"group": g, "params": {k: v for k, v in row.items() if k in keys}, "error": row.get("error")}
+            for g, fr in frames.items() for _, row in fr.iterrows() if row.get("status", "ok") != "ok"]
+
+
+def anchor_schedule(start: int, count: int = 4, step: int = 2) -> list[int]:
+    """`count` reduction layers every `step` layers from `start` (02_design_choices' location sweep)."""
+    return [start + step * i for i in range(count)]
+
+
+UTRC_MODES = ["dense", "paper text, causal (ours)", "paper text, non-causal merges", "authors' code (utrc_reference)"]
+
+
+def utrc_mode(row) -> str:
+    """Label of a sweep row among UTRC_MODES (method, causal)."""
+    if row["method"] == "none":
+        return "dense"
+    if row["method"] == "utrc_reference":
+        return "authors' code (utrc_reference)"
+    return "paper text, causal (ours)" if row["causal"] else "paper text, non-causal merges"
+
+
+def modes_table(modes, dense):
+    """Rows of the modes sweep labelled by `utrc_mode`, plus the (protected) dense rows: a new frame."""
+    import pandas as pd
+
+    f = modes.copy()
+    f["mode"] = f.apply(utrc_mode, axis=1)
+    return pd.concat([f, dense.assign(mode="dense", protect=True)], ignore_index=True)
+
+
+def survival_table(modes):
+    """avg_acc protected / unprotected per (model, mode) of a `modes_table`: columns unprotected,
+    protected, survives (= protected / unprotected)."""
+    piv = modes.pivot_table(index=["model", "mode"], columns="protect", values="avg_acc")
+    piv.columns = ["unprotected" if not c else "protected" for c in piv.columns]
+    piv["survives"] = piv["protected"] / piv["unprotected"]
+    return piv
+
+
+def importance_rank(importance: Tensor) -> Tensor:
+    """(L, N) importance -> (L, N) per-layer rank scaled to [0, 1] (1 = most important)."""
+    return importance.argsort(1).argsort(1).float() / (importance.shape[1] - 1)
+
+
+def kl_per_position(dense_logits: Tensor, reduced_logits: Tensor) -> Tensor:
+    """(N, V) dense and reduced logits -> (N,) KL(p_dense || p_reduced) in nats at every position."""
+    lp, lq = dense_logits.log_softmax(-1), reduced_logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def passage_batch(tokenizer, count: int) -> Tensor:
+    """(count, n) token ids of the first `count` ppl-task contexts, each cut to the shortest one's n."""
+    from ..eval.suite import load_task
+
+    enc = [tokenizer(it["context"])["input_ids"] for it in load_task("ppl", count)]
+    n = min(len(e) for e in enc)
+    return torch.tensor([e[:n] for e in enc])

@@ -5,7 +5,9 @@
     python -m utrc_lib.figures --quick         # tiny parameters (what the notebook tests use)
 
 Executed notebooks go to notebooks/executed/ (not committed); each notebook writes
-figures/<notebook>/*.png|pdf and results.json itself.
+figures/<notebook>/*.png|pdf and results.json itself. The notebooks are edited as notebooks/0X_*.py
+(jupytext percent) and run as their paired .ipynb; a pair out of sync is refused (re-sync with
+`python -m utrc_lib.report.notebooks sync`).
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     params = dict(QUICK) if a.quick else {}
     params.update(dict(_parse_param(p) for p in a.param))
+    from .notebooks import out_of_sync
+
+    stale = out_of_sync(NOTEBOOKS, a.only or None)
+    if stale:  # running an .ipynb older than its .py would publish figures of code nobody reads
+        print("\n".join(stale), file=sys.stderr)
+        return 1
     paths = notebook_paths(a.only)
     if not paths:
         print("no notebooks found in notebooks/", file=sys.stderr)

@@ -124,3 +124,131 @@ def legend_below(fig, axes, ncol: int = 4) -> None:
 def annotate_source(fig, text: str) -> None:
     """Small provenance line at the bottom-right of a figure (model, limit, device ...)."""
     fig.text(0.99, 0.005, text, ha="right", va="bottom", fontsize=6.5, color="#555555")
+
+
+def bar_panel(ax, f, x: str, labels, title: str, highlight=None, *, dense, model_names: Sequence[str]) -> None:
+    """Mean accuracy (%) of one design-choice sweep as bars, one group of bars per model (02_design_choices).
+
+    f: sweep rows (columns model, `x`, avg_acc, optional status); one bar per row, in row order. labels:
+    function value of `x` -> tick label. highlight: the value of `x` drawn orange (the paper's choice).
+    dense: frame of the dense rows (model, avg_acc), drawn as a dashed line per model. Failed rows
+    (status != "ok") are marked "failed".
+    """
+    import numpy as np
+
+    for i, name in enumerate(model_names):
+        d = f[f["model"] == name]
+        xs = np.arange(len(d)) + 0.38 * (i - (len(model_names) - 1) / 2)
+        ax.bar(xs, 100 * d["avg_acc"].fillna(0), width=0.36 if len(model_names) > 1 else 0.6, label=Path(name).name,
+               color=["#D55E00" if (highlight is not None and v == highlight) else "#888888" for v in d[x]],
+               edgecolor="black", alpha=1.0 if i == 0 else 0.6)
+        ax.axhline(100 * float(dense[dense["model"] == name]["avg_acc"].iloc[0]), color="black", ls="--", lw=1,
+                   label=f"dense {Path(name).name}")
+        for xx, (_, row) in zip(xs, d.iterrows()):
+            if row.get("status", "ok") != "ok":
+                ax.text(xx, 1, "failed", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
+    d0 = f[f["model"] == model_names[0]]
+    ax.set_xticks(np.arange(len(d0)), [labels(v) for v in d0[x]], rotation=0)
+    ax.set_ylabel("mean accuracy of 3 tasks (%)")
+    ax.set_title(title)
+    lo = 100 * np.nanmin([f["avg_acc"].min(), dense["avg_acc"].min()])
+    ax.set_ylim(max(0, lo - 5), None)
+
+
+def protection_bars(ax, d, metric: str, modes: Sequence[str], tick_labels: Sequence[str]) -> None:
+    """One metric of the UTRC-modes sweep: per mode an unprotected and a protected bar (02_design_choices).
+
+    d: rows of one model with columns mode, protect, `metric`; a missing (mode, protect) is NaN.
+    Accuracies are drawn in %, perplexities as they are on a log axis.
+    """
+    import numpy as np
+
+    scale = 1 if metric.endswith("ppl") else 100
+    for j, prot in enumerate([False, True]):
+        vals = []
+        for m in modes:
+            sel = d[(d["mode"] == m) & (d["protect"] == prot)]
+            vals.append(float(sel[metric].iloc[0]) if len(sel) else np.nan)
+        ax.bar(np.arange(len(modes)) + 0.4 * j - 0.2, np.array(vals) * scale, width=0.4,
+               color="#0072B2" if prot else "#E69F00", label="protected (leak-free)" if prot else "unprotected")
+    ax.set_xticks(np.arange(len(modes)), list(tick_labels), fontsize=7)
+    ax.set_title(TASK_LABELS.get(metric, metric), fontsize=8)
+    ax.set_ylabel("perplexity" if metric.endswith("ppl") else "accuracy (%)")
+    if metric.endswith("ppl"):
+        ax.set_yscale("log")
+
+
+def gpu_prefill_figure(gpu):
+    """Figure of GPU prefill benchmark rows (`utrc_lib.experiments.analysis.load_gpu_bench`), one row of
+    four panels per (model_shape, align, device, dtype, batch, seq_len): speed-up vs dense, peak memory
+    with last-token logits, peak memory with full-sequence (solid) / kept-only (dashed) logits, and the
+    reduction overhead (solid: reduction steps; dotted: end to end minus free slicing) against the 3 % target.
+    """
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ["model_shape", "align", "device", "dtype", "batch", "seq_len"] if k in gpu]
+    groups = list(gpu.groupby(keys)) if keys else [("all", gpu)]
+    fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
+    for (key, g), row in zip(groups, axes):
+        kv = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        label = ", ".join(f"{k}={v}" for k, v in kv.items() if k in ("model_shape", "align", "batch", "seq_len"))
+        for m, e in g[~g["method"].isin(["dense"])].groupby("method"):
+            e = e.sort_values("flops_cut")
+            st = style(m)
+            kw = dict(color=st["color"], marker=st["marker"], label=st["label"] if m in METHOD_STYLE else m)
+            if "speedup_vs_dense" in e:
+                row[0].plot(100 * e["flops_cut"], e["speedup_vs_dense"], **kw)
+            for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
+                if col in e and e[col].notna().any():
+                    ax.plot(100 * e["flops_cut"], e[col], **kw)
+            if "peak_mem_gb_kept_logits" in e and e["peak_mem_gb_kept_logits"].notna().any():
+                row[2].plot(100 * e["flops_cut"], e["peak_mem_gb_kept_logits"], **dict(kw, ls="--", label=None))
+            if m != "slice" and "reduction_overhead_vs_dense" in e and e["reduction_overhead_vs_dense"].notna().any():
+                row[3].plot(100 * e["flops_cut"], 100 * e["reduction_overhead_vs_dense"], **kw)
+            if m != "slice" and "overhead_vs_slice_of_dense" in e and e["overhead_vs_slice_of_dense"].notna().any():
+                row[3].plot(100 * e["flops_cut"], 100 * e["overhead_vs_slice_of_dense"], **dict(kw, ls=":", label=None))
+        row[3].axhline(3.0, color="grey", ls="--", lw=0.8, label="target 3%")
+        row[3].set_ylabel("overhead (% of dense prefill)")
+        row[3].text(0.02, 0.97, "solid: reduction steps (CUDA events)\ndotted: end to end, minus free slicing",
+                    transform=row[3].transAxes, fontsize=6, va="top")
+        dn = g[g["method"] == "dense"]
+        for col, ax in (("peak_mem_gb_last_token", row[1]), ("peak_mem_gb_full_logits", row[2])):
+            if col in dn and len(dn):
+                ax.axhline(float(dn[col].iloc[0]), color="black", ls="--", label="dense")
+        row[0].axhline(1.0, color="black", ls="--", lw=0.8)
+        row[0].set_ylabel("prefill speed-up vs dense (x)")
+        row[1].set_ylabel("peak memory (GB), last-token logits")
+        row[2].set_ylabel("peak memory (GB), full-sequence logits")
+        row[2].text(0.02, 0.03, "solid: logits at all N positions\ndashed: logits at kept tokens only (kept_only)",
+                    transform=row[2].transAxes, fontsize=6, va="bottom")
+        for ax in row:
+            ax.set_xlabel("FLOPs cut (%)")
+            ax.set_title(label, fontsize=7)
+        row[0].legend(fontsize=6.5)
+    names = ", ".join(sorted(set(gpu["gpu"].dropna()))) if "gpu" in gpu else "GPU"
+    fig.suptitle(f"GPU prefill on {names}, fp16 (torch.cuda.max_memory_allocated; CUDA-event timing, median)")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    return fig
+
+
+def paper_efficiency_figure(paper: dict):
+    """The paper's A100 efficiency numbers (data/paper_results.json "efficiency"): throughput speed-up and
+    peak-memory reduction against the FLOPs cut, one line per paper model."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
+    for pm, ls in zip(paper["throughput_speedup"], ["-", "--"]):
+        cs = sorted(paper["throughput_speedup"][pm], key=float)
+        axes[0].plot([0] + [100 * float(c) for c in cs], [1] + [paper["throughput_speedup"][pm][c] for c in cs],
+                     ls=ls, marker="o", color="#D55E00", label=pm)
+        axes[1].plot([0] + [100 * float(c) for c in cs], [0] + [paper["peak_memory_reduction_pct"][pm][c] for c in cs],
+                     ls=ls, marker="o", color="#D55E00", label=pm)
+    axes[0].set_ylabel("throughput speed-up (x)")
+    axes[1].set_ylabel("peak-memory reduction (%)")
+    for ax in axes:
+        ax.set_xlabel("FLOPs cut (%)")
+        ax.legend(fontsize=7)
+    axes[0].set_title("THEIRS (paper, A100): batch 16, 2048 + 100 tokens", fontsize=8)
+    axes[1].set_title("THEIRS (paper, A100): NVML memory, batch 96 x 2048, full logits", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,123 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 Design choices (analog of the paper's Tables 3-5)
+#
+# UTRC at a fixed FLOPs cut, varying one design choice at a time:
+#
+# * importance metric: clip (paper), unclipped sum, l1, l2, and the timescale Delta (MTR / DeciMamba);
+# * reduction location: four anchors every 2 layers starting after layer 1, 2, 3 or 4 (12-layer models);
+# * hidden-branch rule: hybrid with q = fraction of matched edges pruned (0 = merge only, 1 = prune only);
+#   residual-branch rule: merge (paper), prune, hybrid;
+# * the three UTRC modes: the paper's text with non-causal merges, the authors' released behaviour
+#   (`utrc_reference`, non-causal) and our causal variant, each scored with and without protection of the
+#   scored continuation: how much of each method's score survives a leak-free evaluation.
+
+# %% tags=["parameters"]
+# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+quick: bool = False
+model_names: list = ["tiny-mamba2"]          # embedded names or checkpoint paths
+cut: float = 0.2                             # FLOPs cut of the metric / location / modes sweeps (paper: 20%)
+branch_cut: float = 0.3                      # FLOPs cut of the branch-rule sweep (paper: 30%)
+metrics: list = ["clip", "sum", "l1", "l2", "delta"]
+starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors start, start+2, +4, +6
+qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
+residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
+tasks: list = ["cloze", "choice4", "choice2", "ppl"]
+limit: int = 15                              # items per task; sized for `make figures` on 2 CPU cores
+batch_size: int = 16
+seed: int = 0
+DEFAULT_OUT = "../figures/02_design_choices"
+out_dir: str = DEFAULT_OUT
+cache_dir: str = "../.cache/sweeps"
+
+# %%
+from pathlib import Path
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+from utrc_lib.experiments import analysis, sweep
+from utrc_lib.report import plotting
+from utrc_lib.report.notebooks import setup
+
+ctx = setup("02_design_choices", globals())  # threads, seed, output folder, figure saver, style
+out, save = ctx.out, ctx.save
+
+# %%
+if quick:
+    metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 4, 4)
+    tasks = [t for t in tasks if t in ("cloze", "choice2")] or tasks  # the two cheapest tasks
+    if cache_dir == "../.cache/sweeps":
+        cache_dir = str(out / "cache")
+ACC = analysis.ACC_METRICS
+common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
+groups = {
+    "dense": sweep.grid(model=model_names, method=["none"], cut=[0.0]),
+    "metric": sweep.grid(model=model_names, method=["utrc"], cut=[cut], metric=metrics),
+    "location": sweep.grid(model=model_names, method=["utrc"], cut=[cut], layers=[analysis.anchor_schedule(s) for s in starts]),  # 4 anchors, every 2 layers
+    "hidden_q": sweep.grid(model=model_names, method=["utrc"], cut=[branch_cut],
+                           hidden_rule=[f"hybrid({q})" for q in qs], residual_rule=["merge"]),
+    "residual_rule": sweep.grid(model=model_names, method=["utrc"], cut=[branch_cut], hidden_rule=["hybrid(0.5)"],
+                                residual_rule=residual_rules),
+    "modes": sweep.grid(model=model_names, method=["utrc"], cut=[cut], causal=[True, False], protect=[True, False])
+             + sweep.grid(model=model_names, method=["utrc_reference"], cut=[cut], causal=[False], protect=[True, False])
+             + sweep.grid(model=model_names, method=["none"], cut=[0.0], protect=[False]),
+}
+frames = {}
+for g, cfgs in groups.items():
+    r = sweep.run(sweep.evaluate_config, sweep.with_fingerprints(cfgs), Path(cache_dir) / "eval.jsonl",
+                  desc=f"02 {g}", common=common)
+    print(g, "-", r.report())
+    frames[g] = analysis.with_avg_acc(r.frame(errors=True))
+
+# %%
+panel = dict(dense=frames["dense"], model_names=model_names)
+fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+plotting.bar_panel(axes[0, 0], frames["metric"], "metric", str, f"Importance metric (UTRC, {cut:.0%} cut)", "clip", **panel)
+plotting.bar_panel(axes[0, 1], frames["location"], "layers", lambda l: f"start {l[0]}\n{tuple(l)}",
+                   f"Reduction location (UTRC, {cut:.0%} cut)", None, **panel)
+plotting.bar_panel(axes[1, 0], frames["hidden_q"], "hidden_rule", lambda r: "q=" + r[7:-1],
+                   f"Hidden branch: prune fraction q (residual merge, {branch_cut:.0%} cut)", "hybrid(0.5)", **panel)
+plotting.bar_panel(axes[1, 1], frames["residual_rule"], "residual_rule", str,
+                   f"Residual branch rule (hidden hybrid q=0.5, {branch_cut:.0%} cut)", "merge", **panel)
+axes[0, 0].legend(fontsize=7)
+plotting.annotate_source(fig, f"orange = the paper's choice; {limit} items per task, leak-free evaluation")
+fig.tight_layout(); save(fig, "design_choices"); plt.show()
+
+# %% [markdown]
+# ## Three UTRC modes, with and without protection of the scored continuation
+#
+# Unprotected = the reduction may drop or merge the very positions whose logits are scored, and (non-causal
+# modes) earlier positions may see later tokens: a leak that can inflate accuracy. Protected = our
+# leak-free evaluation. "Survives" = protected score / unprotected score.
+
+# %%
+mt = analysis.modes_table(frames["modes"], frames["dense"])   # rows labelled by mode, + protected dense
+modes = analysis.UTRC_MODES
+show = [c for c in ["avg_acc"] + ACC + ["ppl/ppl"] if c in mt]
+fig, axes = plt.subplots(1, len(show), figsize=(3.0 * len(show), 3.6))
+for ax, metric in zip(axes, show):
+    plotting.protection_bars(ax, mt[mt["model"] == model_names[0]], metric, modes,
+                             ["dense", "causal\n(ours)", "non-causal", "authors'\ncode"])
+axes[0].legend(fontsize=7)
+fig.suptitle(f"UTRC modes at {cut:.0%} FLOPs cut, {Path(model_names[0]).name}: scored with and without protecting the continuation")
+fig.tight_layout(); save(fig, "modes_protection"); plt.show()
+piv = analysis.survival_table(mt)
+display(piv)
+
+# %%
+data = {g: fr[[c for c in fr.columns if not c.startswith("meta/")]] for g, fr in frames.items()}
+data["modes_table"] = mt[[c for c in ["model", "mode", "method", "causal", "protect", "avg_acc"] + ACC + ["ppl/ppl"] if c in mt]]
+data["avg_acc_tasks"] = [c for c in ACC if c in mt]
+data["survival"] = piv.reset_index()
+errors = analysis.failed_rows(frames, ("model", "method", "cut", "metric", "layers", "hidden_rule",
+                                        "residual_rule", "causal", "protect"))
+ctx.write_results(data=data, errors=errors, protected="all groups except the unprotected rows of 'modes'")
