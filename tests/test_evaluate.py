@@ -170,10 +170,10 @@ def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
     real = ev._score_rows
     cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
     for error, falls_back in ((SequenceTooShort("refused"), True), (ValueError("sequence too short"), False)):
-        def refuse_reduced(model, handle, batch, pad, protect, error=error):
+        def refuse_reduced(model, handle, batch, pad, protect, *rest, error=error, **kw):
             if handle is not None:
                 raise error
-            return real(model, handle, batch, pad, protect)
+            return real(model, handle, batch, pad, protect, *rest, **kw)
 
         monkeypatch.setattr(ev, "_score_rows", refuse_reduced)
         if falls_back:
@@ -199,3 +199,118 @@ def test_evaluate_reports_fallback_and_protection(m2, tok):
     meta = ev.run_metadata(m2, cfg, max_length=1024, batch_size=2, limit=2)
     assert meta["layers"] == [0, 2] and meta["keep_ratio"] == 0.5 and meta["num_layers"] == 4
     assert ev.eos_id(tok) == tok.eos_token_id and ev.pad_id(tok) in (tok.pad_token_id, tok.eos_token_id)
+
+
+# -- item-level outcomes (evaluate(items=True), score_tokens(details / reference)) ---------------------
+def _without_seconds(r):
+    return {t: {k: v for k, v in m.items() if k != "seconds"} for t, m in r.items() if t not in ("meta", "items")}
+
+
+def test_items_keep_aggregates_identical_and_consistent(m2, tok):
+    cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 2))
+    ev.clear_reference_cache()
+    plain = ev.evaluate(m2, tok, config=cfg, limit=3, batch_size=2, progress=False)
+    rich = ev.evaluate(m2, tok, config=cfg, limit=3, batch_size=2, progress=False, items=True)
+    assert "items" not in plain
+    base = _without_seconds(plain)
+    extra = _without_seconds(rich)
+    for task, metrics in base.items():   # the aggregates of today, bit-identical
+        assert {k: extra[task][k] for k in metrics} == metrics
+        assert 0 <= extra[task]["kl_per_token"] and 0 <= extra[task]["top1_agreement"] <= 1
+    it = rich["items"]
+    assert set(it) == {"cloze", "choice4", "choice2", "ppl"}
+    for task, arr in it.items():
+        assert all(len(v) == 3 for v in arr.values()), task
+        assert arr["id"] == [x["id"] for x in load_task(task, limit=3)]
+        assert all(k >= 0 for k in arr["kl"]) and all(0 <= t <= 1 for t in arr["top1"])
+    assert sum(it["cloze"]["correct"]) / 3 == plain["cloze"]["acc"]
+    assert math.exp(-sum(it["cloze"]["ll"]) / 3) == pytest.approx(plain["cloze"]["ppl"], rel=1e-12)
+    assert sum(it["choice4"]["correct"]) / 3 == plain["choice4"]["acc"]
+    assert sum(it["choice4"]["correct_norm"]) / 3 == plain["choice4"]["acc_norm"]
+    assert sum(it["choice2"]["correct"]) / 3 == plain["choice2"]["acc"]
+    assert "correct" not in it["ppl"] and sum(it["ppl"]["gold_tokens"]) == plain["ppl"]["tokens"] == 192
+    assert math.exp(-sum(it["ppl"]["ll"]) / 192) == pytest.approx(plain["ppl"]["ppl"], rel=1e-12)
+    assert it["choice4"]["tokens"][0] > it["choice4"]["gold_tokens"][0]   # all four endings are scored
+    # the dense run: its own reference (KL 0, top-1 1), same aggregates as without items
+    d = ev.evaluate(m2, tok, config=None, limit=3, batch_size=2, progress=False, items=True)
+    d0 = ev.evaluate(m2, tok, config=None, limit=3, batch_size=2, progress=False)
+    assert {t: {k: v for k, v in m.items() if k in _without_seconds(d0)[t]} for t, m in _without_seconds(d).items()} \
+        == _without_seconds(d0)
+    assert all(k == 0 for a in d["items"].values() for k in a["kl"])
+    assert all(t == 1 for a in d["items"].values() for t in a["top1"])
+
+
+def _direct_logp(model, ctx, cont, cfg=None):
+    """log-softmax at the scored positions from one unbatched forward (reduced through apply)."""
+    from utrc_lib import apply
+
+    ids = torch.tensor([(ctx + cont)[:-1]])
+    with torch.no_grad():
+        if cfg is None:
+            logits = model(ids).logits
+        else:
+            with apply(model, cfg) as h, h.options(protect_last=[len(cont)]):
+                logits = model(ids).logits
+    return torch.log_softmax(logits[0, -len(cont):].float(), -1)
+
+
+def test_kl_and_top1_match_a_direct_computation(m2, tok):
+    toks = [ev.encode_pair(tok, c, x) for c, x in _requests()]
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    ref = ev.dense_reference(m2, toks, 1, pad_token_id=ev.pad_id(tok))
+    assert ref.stored and len(ref.logp) == len(toks)
+    got = ev.score_tokens(m2, toks, cfg, 1, pad_token_id=ev.pad_id(tok), reference=ref)
+    plain = ev.score_tokens(m2, toks, cfg, 1, pad_token_id=ev.pad_id(tok))
+    assert got.results == plain.results and plain.details is None
+    for (ctx, cont), d in zip(toks, got.details):
+        p, q = _direct_logp(m2, ctx, cont), _direct_logp(m2, ctx, cont, cfg)
+        kl = float((p.exp() * (p - q)).sum())
+        assert d.kl == pytest.approx(kl, abs=1e-4) and d.tokens == len(cont)
+        assert d.top1 == int((p.argmax(-1) == q.argmax(-1)).sum())
+        assert d.ll == pytest.approx(float(q[torch.arange(len(cont)), torch.tensor(cont)].sum()), abs=1e-4)
+    assert any(d.kl > 1e-4 for d in got.details)
+    # keep_ratio = 1 reduces nothing: KL ~ 0, every argmax agrees
+    same = ev.score_tokens(m2, toks, ReductionConfig("utrc", keep_ratio=1.0), 1, pad_token_id=ev.pad_id(tok),
+                           reference=ref)
+    assert all(abs(d.kl) < 1e-5 and d.top1 == d.tokens for d in same.details)
+
+
+def test_stored_and_recomputed_references_agree(m2, tok):
+    reqs = [("a", " b c")] + _requests()[:5]   # the first is refused as too short: dense fallback
+    toks = [ev.encode_pair(tok, c, x) for c, x in reqs]
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    stored = ev.dense_reference(m2, toks, 3, pad_token_id=ev.pad_id(tok))
+    recompute = ev.dense_reference(m2, toks, 3, pad_token_id=ev.pad_id(tok), budget_bytes=0)
+    assert stored.stored and not recompute.stored and recompute.nbytes == 0
+    a = ev.score_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok), reference=stored)
+    b = ev.score_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok), reference=recompute)
+    c = ev.score_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok))
+    assert a.results == b.results == c.results and a.dense_fallback == b.dense_fallback == 1
+    for x, y in zip(a.details, b.details):
+        assert x.kl == pytest.approx(y.kl, abs=1e-6) and x.top1 == y.top1
+    assert a.details[0].kl == pytest.approx(0.0, abs=1e-5)   # scored dense: agrees with the reference
+    assert getattr(m2, "_utrc_handle", None) is None
+    # a dense pass over budget hands back the recompute form
+    kept = ev.score_tokens(m2, toks, None, 3, pad_token_id=ev.pad_id(tok), keep_reference=True, reference_budget=10)
+    assert not kept.reference.stored
+    with pytest.raises(ValueError, match="other requests"):
+        ev.score_tokens(m2, toks[:3], cfg, 3, pad_token_id=ev.pad_id(tok), reference=stored)
+    with pytest.raises(ValueError, match="other requests"):
+        ev.score_tokens(m2, toks, cfg, 2, pad_token_id=ev.pad_id(tok), reference=stored)
+    with pytest.raises(ValueError, match="dense call"):
+        ev.score_tokens(m2, toks, cfg, 3, keep_reference=True)
+
+
+def test_dense_reference_computed_once_per_task(m2, tok, monkeypatch):
+    ev.clear_reference_cache()
+    calls = []
+    real = ev.dense_reference
+    monkeypatch.setattr(ev, "dense_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for method in ("utrc", "evit"):
+        ev.evaluate(m2, tok, tasks=("cloze", "choice2"), config=ReductionConfig(method, keep_ratio=0.6, layers=(0, 2)),
+                    limit=2, batch_size=2, progress=False, items=True)
+    assert len(calls) == 2   # one per task, shared by both methods
+    ev.evaluate(m2, tok, tasks=("cloze",), config=None, limit=2, batch_size=2, progress=False, items=True)
+    ev.evaluate(m2, tok, tasks=("cloze",), config=ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 2)),
+                limit=2, batch_size=4, progress=False, items=True)   # another batch size: its own reference
+    assert len(calls) == 3

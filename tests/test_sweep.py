@@ -222,3 +222,63 @@ def test_evaluate_config_takes_a_model_loader():
     out = sweep.evaluate_config("tiny-mamba2", "utrc", 0.2, tasks=("ppl",), limit=2, batch_size=2,
                                 model_loader=loader)
     assert asked == ["tiny-mamba2"] and any(k.startswith("ppl/") for k in out)
+
+
+# -- item-level outcomes in the rows ---------------------------------------------------------------
+def test_item_rows_resume_and_old_rows_recomputed(tmp_path):
+    cache = tmp_path / "rows.jsonl"
+    configs = sweep.grid(x=[1, 2])
+    sweep.run(lambda x: {"y": x}, configs[:1], cache, version="v", progress=False)   # an old row, no items
+    calls = []
+
+    def fn(x, items=False):
+        calls.append((x, items))
+        out = {"y": x}
+        if items:
+            out["items"] = {"t": {"correct": [1, 0, x % 2], "ll": [-1.5, -2.0, -0.25]}}
+        return out
+
+    res = sweep.run(fn, configs, cache, version="v", progress=False)   # without items: the old row serves
+    assert calls == [(2, False)] and res.cached == 1 and "items" not in res.rows[0]
+    res = sweep.run(fn, configs, cache, version="v", progress=False, items=True)   # both lack items
+    assert calls[1:] == [(1, True), (2, True)] and res.computed == 2
+    row = res.rows[1]
+    assert row["result"] == {"y": 2} and row["items"] == {"t": {"correct": [1, 0, 0], "ll": [-1.5, -2.0, -0.25]}}
+    assert list(res.frame().columns) == ["x", "y"]   # the frame holds the aggregates only
+    again = sweep.run(fn, configs, cache, version="v", progress=False, items=True)   # resumed from the cache
+    assert len(calls) == 3 and again.cached == 2 and again.rows[0]["items"]["t"]["correct"] == [1, 0, 1]
+    sweep.run(fn, configs, cache, version="v", progress=False)   # rows with items also serve plain runs
+    assert len(calls) == 3
+    loaded = sweep.RowCache(cache).load()
+    assert all("items" in r for r in loaded.values()) and len(loaded) == 2
+    assert sweep.pending(configs, cache, version="v", items=True).todo == []
+
+
+@pytest.fixture(scope="module")
+def tiny_loader():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model
+
+    pair = (tiny_model("mamba2", layers=4, vocab=8192),
+            AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parent.parent / "data" / "tokenizer")))
+    return lambda name: pair
+
+
+def test_evaluate_config_items(tiny_loader):
+    kw = dict(tasks=("cloze", "ppl"), limit=2, batch_size=2, model_loader=tiny_loader)
+    plain = sweep.evaluate_config("tiny", "utrc", 0.2, **kw)
+    rich = sweep.evaluate_config("tiny", "utrc", 0.2, items=True, **kw)
+    items = rich.pop("items")
+    assert "items" not in plain
+    assert {k: v for k, v in rich.items() if k in plain and "seconds" not in k} == \
+        {k: v for k, v in plain.items() if "seconds" not in k}
+    assert set(items) == {"cloze", "ppl"} and len(items["cloze"]["correct"]) == 2
+    assert 0 <= rich["ppl/top1_agreement"] <= 1 and rich["ppl/kl_per_token"] > 0
+    outcome = sweep.compute(sweep.evaluate_config, {"model": "tiny", "method": "none", "cut": 0.0,
+                                                   "tasks": ["cloze"], "limit": 2, "batch_size": 2}, items=True,
+                            model_loader=tiny_loader)
+    assert outcome["status"] == "ok" and outcome["items"]["cloze"]["kl"] == [0.0, 0.0]
+    assert "items" not in outcome["result"]

@@ -23,11 +23,26 @@ Scoring follows lm-eval 0.4's conventions, so the numbers are comparable with th
       "perplexity"); ppl task: token perplexity exp(-sum loglik / sum tokens) of the 64 scored tokens
       of each 256-token window given its first 192.
 
+Item level (opt-in, the aggregates are the same numbers with it): `evaluate(items=True)` also
+returns per-item arrays (correct, gold log-likelihood, KL(dense || reduced) and top-1 agreement with
+the dense model at the scored positions; `_item_outcomes`). The dense reference is this scorer's own
+dense pass (unpatched model, same sorted batches and padding), cached in memory per (model,
+tokenizer, task, limit, batch_size, max_length): stored as float32 log-softmax at the scored positions
+when that fits REFERENCE_BUDGET_BYTES (256 MiB), else recomputed as a dense forward of each batch
+beside the reduced one (exact either way; `DenseReference`). `utrc_lib.experiments.stats` turns the
+arrays into paired intervals and tests.
+
 API:
     evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2", "ppl"), config=None, *,
-             limit=None, batch_size=16, progress=True, max_length=1024, protect=True) -> dict
+             limit=None, batch_size=16, progress=True, max_length=1024, protect=True,
+             items=False) -> dict
     score_tokens(model, token_requests, config=None, batch_size=16, *, max_length=1024,
-                 pad_token_id=0, progress=False, protect=True) -> TokenScores(results, dense_fallback)
+                 pad_token_id=0, progress=False, protect=True, details=False, reference=None,
+                 keep_reference=False) -> TokenScores(results, dense_fallback, achieved_cut, details,
+                                                      reference)
+    dense_reference(model, token_requests, batch_size=16, *, max_length=1024, pad_token_id=0,
+                    budget_bytes=None) -> DenseReference
+    clear_reference_cache()
     loglikelihood_tokens(...same arguments...) -> list[(loglik, is_greedy)]   (= score_tokens(...).results)
     loglikelihood(model, tokenizer, requests, config=None, batch_size=16, *, max_length=1024,
                   progress=False, protect=True) -> list[(loglik, is_greedy)]
@@ -37,9 +52,11 @@ API:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -70,6 +87,53 @@ class TokenScores:
     results: list
     dense_fallback: int = 0
     achieved_cut: list = dataclasses.field(default_factory=list)  # per request: token-layer cut reached
+    details: Optional[list] = None   # per request RequestDetail (score_tokens(details=True))
+    reference: Optional["DenseReference"] = None   # score_tokens(keep_reference=True), dense calls only
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDetail:
+    """Item-level outcome of one request (`score_tokens(details=True)`).
+
+    ll: sum log p(continuation | context) (= results[i][0]); tokens: scored positions (continuation
+    tokens); greedy: every continuation token is the argmax (= results[i][1]).
+    kl: sum over the scored positions of KL(dense || scored model), in nats, at float32; top1: how
+    many scored positions have the same argmax as the dense model. Both are None when there is
+    nothing to compare with (a reduced call without `reference`); a dense call without a reference
+    is its own reference (kl 0, top1 = tokens).
+    """
+
+    ll: float
+    tokens: int
+    greedy: bool
+    kl: Optional[float] = None
+    top1: Optional[int] = None
+
+
+@dataclasses.dataclass
+class DenseReference:
+    """What fidelity needs from the dense model for one request list: its log-softmax at each
+    request's scored positions, computed by the same scorer (unpatched model, same sorted batches,
+    same left padding), so KL and top-1 agreement compare like with like.
+
+    Two forms with the same numbers (the dense forward of a batch is the same computation either way):
+        stored    `logp[i]` is request i's (n_i, V) float32 CPU log-softmax; a reduced call compares
+                  against it (no extra forward);
+        recompute `logp` is None: a reduced call runs a dense forward of each of its batches (same
+                  batch, model unpatched for it) before the reduced one and compares batch by batch.
+    `dense_reference` chooses stored when n_positions * V * 4 bytes fits `budget_bytes`
+    (REFERENCE_BUDGET_BYTES, 256 MiB: cloze at any limit, choice2 / choice4 / ppl at small limits on
+    V = 8192), recompute otherwise (choice4 at limit 200 would need ~0.7 GB, ppl ~0.4 GB).
+    `signature` ties a reference to its requests, batch size, max_length and pad id.
+    """
+
+    signature: tuple
+    logp: Optional[list] = None
+    nbytes: int = 0
+
+    @property
+    def stored(self) -> bool:
+        return self.logp is not None
 
 
 # -- tokenisation -------------------------------------------------------------------------------------
@@ -190,10 +254,14 @@ def _prepare(token_requests, max_length: int) -> list[tuple[int, list[int], list
 
 
 def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
-                cuts: Optional[dict] = None) -> list[tuple[float, bool]]:
+                cuts: Optional[dict] = None, *, details: Optional[dict] = None, ref=None,
+                keep: Optional[dict] = None) -> list[tuple[float, bool]]:
     """One forward over `batch` (reduced through `handle`, or dense when None); each row protects
     its own continuation when `protect`. `cuts`, when given, receives {request index: token-layer
-    cut the forward achieved for that row} (0 for a dense forward)."""
+    cut the forward achieved for that row} (0 for a dense forward). `details`, when given, receives
+    {request index: RequestDetail}, compared with `ref` ({request index: dense (n, V) log-softmax})
+    when given; `keep`, when given, receives {request index: this forward's (n, V) log-softmax}
+    (float32, CPU)."""
     rows = [p[1] for p in batch]
     if handle is not None and protect:
         with handle.options(protect_last=[len(p[2]) for p in batch]):
@@ -210,14 +278,61 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
         logp = torch.log_softmax(row[-n:].float(), dim=-1)
         target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
         ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
-        out.append((float(ll), bool((logp.argmax(-1) == target).all())))
+        argmax = logp.argmax(-1)
+        out.append((float(ll), bool((argmax == target).all())))
+        if keep is not None:
+            keep[p[0]] = logp.detach().to("cpu", torch.float32).clone()
+        if details is not None:
+            kl = top1 = None
+            if ref is not None:
+                dense = ref[p[0]].to(logp.device)
+                p_dense = dense.exp()   # 0 * log 0 = 0 where the dense probability underflows
+                kl = float(torch.where(p_dense > 0, p_dense * (dense - logp), torch.zeros_like(dense)).sum())
+                top1 = int((dense.argmax(-1) == argmax).sum())
+            elif handle is None:  # a dense forward is its own reference
+                kl, top1 = 0.0, n
+            details[p[0]] = RequestDetail(ll=out[-1][0], tokens=n, greedy=out[-1][1], kl=kl, top1=top1)
     return out
+
+
+def request_signature(token_requests, batch_size: int, max_length: int, pad_token_id: int) -> tuple:
+    """What a DenseReference is valid for: the requests (hashed), batch size, max_length, pad id."""
+    h = hash(tuple((tuple(c), tuple(x)) for c, x in token_requests))
+    return (len(token_requests), h, int(batch_size), int(max_length), int(pad_token_id))
+
+
+def _vocab_size(model) -> Optional[int]:
+    try:
+        return int(model.get_output_embeddings().weight.shape[0])
+    except Exception:
+        v = getattr(getattr(model, "config", None), "vocab_size", None)
+        return int(v) if isinstance(v, int) else None
+
+
+REFERENCE_BUDGET_BYTES = 256 << 20   # largest stored DenseReference; above it: recompute per batch
+
+
+def dense_reference(model, token_requests, batch_size: int = 16, *, max_length: int = 1024,
+                    pad_token_id: int = 0, budget_bytes: Optional[int] = None) -> "DenseReference":
+    """The DenseReference of `token_requests` for `score_tokens(..., reference=...)`: stored (one
+    dense scoring pass, its log-softmax at the scored positions kept) when it fits `budget_bytes`
+    (default REFERENCE_BUDGET_BYTES), else the recompute form (no forward now)."""
+    budget = REFERENCE_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
+    sig = request_signature(token_requests, batch_size, max_length, pad_token_id)
+    V = _vocab_size(model)
+    positions = sum(min(len(c), max_length) for _, c in token_requests)
+    if V is not None and positions * V * 4 > budget:
+        return DenseReference(sig)
+    return score_tokens(model, token_requests, None, batch_size, max_length=max_length,
+                        pad_token_id=pad_token_id, keep_reference=True, reference_budget=budget).reference
 
 
 def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                  config: Optional[ReductionConfig] = None, batch_size: int = 16, *,
                  max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
-                 protect: bool = True, desc: str = "loglikelihood") -> TokenScores:
+                 protect: bool = True, desc: str = "loglikelihood", details: bool = False,
+                 reference: Optional[DenseReference] = None, keep_reference: bool = False,
+                 reference_budget: Optional[int] = None) -> TokenScores:
     """Score (ctx_ids, cont_ids) requests with `model` reduced by `config` (dense when None).
 
     Requests are sorted by input length (longest first) and scored in batches of `batch_size`
@@ -227,12 +342,46 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     engine refuses a sample as too short to reduce (`SequenceTooShort`) is rescored one request
     at a time, and the refused requests dense; their number is `TokenScores.dense_fallback`.
     The model is unpatched again when this returns (or raises).
+
+    Item level (opt-in; `results` are the same numbers either way):
+        details=True: `TokenScores.details`, one RequestDetail per request (ll, tokens, greedy, and
+            KL(dense || this) / top-1 agreement at the scored positions against `reference`).
+        reference: a DenseReference of the same requests, batch size, max_length and pad id
+            (`dense_reference`, or `keep_reference` of a dense call); implies details=True. The
+            recompute form runs a dense forward of each batch before its reduced forward.
+        keep_reference=True (dense calls only): `TokenScores.reference` holds this pass's
+            log-softmax at the scored positions (stored form), or the recompute form once it would
+            exceed `reference_budget` bytes (default REFERENCE_BUDGET_BYTES).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if keep_reference and config is not None:
+        raise ValueError("keep_reference=True needs a dense call (config=None)")
     prepared = _prepare(token_requests, max_length)
     ordered = sorted(prepared, key=lambda p: (-len(p[1]), p[0]))
     batches = [ordered[j:j + batch_size] for j in range(0, len(ordered), batch_size)]
+    sig = None
+    if reference is not None or keep_reference:
+        sig = request_signature(token_requests, batch_size, max_length, pad_token_id)
+    if reference is not None:
+        if not isinstance(reference, DenseReference):
+            raise TypeError(f"reference must be a DenseReference, got {type(reference).__name__}")
+        if reference.signature != sig:
+            raise ValueError("reference was computed for other requests / batch_size / max_length / pad id "
+                             f"({reference.signature[0]} requests, batch_size {reference.signature[2]}) than this "
+                             f"call ({sig[0]} requests, batch_size {sig[2]})")
+        details = True
+    detail: Optional[dict] = {} if details or keep_reference else None
+    kept: Optional[dict] = {} if keep_reference else None
+    kept_bytes = 0
+    budget = REFERENCE_BUDGET_BYTES if reference_budget is None else int(reference_budget)
+    stored_ref = dict(enumerate(reference.logp)) if reference is not None and reference.stored else None
+    recompute = reference is not None and not reference.stored
+
+    def extra(ref):   # keyword arguments of _score_rows only when item level is asked for
+        if detail is None:
+            return {}
+        return dict(details=detail, ref=ref, keep=kept)
 
     results: list = [None] * len(prepared)
     cuts: dict = {}
@@ -245,27 +394,43 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     try:
         with _Patch(model, config, protect) as patch:
             for batch in batches:
+                ref = stored_ref
+                if recompute:   # the dense forward of this very batch, model unpatched for it
+                    patch.remove()
+                    ref = {}
+                    _score_rows(model, None, batch, pad_token_id, protect, keep=ref)
                 try:
-                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts)
+                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts, **extra(ref))
                 except SequenceTooShort:
                     # the condition is per sample: rescoring one by one keeps results batch independent
                     scored = []
                     for p in batch:
                         try:
-                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect, cuts)
+                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect, cuts,
+                                                  **extra(ref))
                         except SequenceTooShort:
                             patch.remove()  # dense: nothing of this context can be reduced
-                            scored += _score_rows(model, None, [p], pad_token_id, protect, cuts)
+                            scored += _score_rows(model, None, [p], pad_token_id, protect, cuts, **extra(ref))
                             n_dense += 1
                 for p, r in zip(batch, scored):
                     results[p[0]] = r
+                if kept is not None:
+                    kept_bytes += sum(kept[p[0]].numel() * 4 for p in batch)
+                    if kept_bytes > budget:   # too big to keep: the recompute form
+                        kept = None
                 if bar is not None:
                     bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()
+    dense_ref = None
+    if keep_reference:
+        dense_ref = (DenseReference(sig, [kept[i] for i in range(len(prepared))], kept_bytes)
+                     if kept is not None else DenseReference(sig))
     return TokenScores(results=results, dense_fallback=n_dense,
-                       achieved_cut=[cuts.get(i, 0.0) for i in range(len(prepared))])
+                       achieved_cut=[cuts.get(i, 0.0) for i in range(len(prepared))],
+                       details=None if not details else [detail[i] for i in range(len(prepared))],
+                       reference=dense_ref)
 
 
 def loglikelihood_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -352,6 +517,96 @@ def _score_task(task: str, items: list[dict], texts, res, toks) -> dict:
     return out
 
 
+def _item_outcomes(task: str, items: list[dict], toks, details: list) -> dict:
+    """Per-item arrays of one task from its requests' RequestDetails (item order = task order).
+
+    Every task: "id"; "tokens" (scored positions of all the item's requests); "kl" (sum of
+    KL(dense || scored model) over them, nats) and "kl_per_token" (kl / tokens); "top1" (fraction of
+    them whose argmax equals the dense model's); "ll" (gold log-likelihood: the target, the gold
+    ending / option, the window's continuation), "gold_tokens" and "ll_per_token" (ll / gold_tokens).
+    "correct" (0/1): cloze greedy match, choice acc; choice4 also "correct_norm" (acc_norm). The
+    ppl task has no "correct". kl / top1 are None where there was no reference.
+    """
+    groups = []   # (request indices of the item, gold request index)
+    if task in ("choice4", "choice2"):
+        key = "endings" if task == "choice4" else "options"
+        j = 0
+        for it in items:
+            n = len(it[key])
+            groups.append((list(range(j, j + n)), j + it["label"]))
+            j += n
+    else:
+        groups = [([i], i) for i in range(len(items))]
+    out: dict = {"id": [it.get("id") for it in items], "tokens": [], "kl": [], "kl_per_token": [], "top1": [],
+                 "ll": [], "gold_tokens": [], "ll_per_token": []}
+    for members, gold in groups:
+        ds = [details[j] for j in members]
+        ntok = sum(d.tokens for d in ds)
+        have = all(d.kl is not None for d in ds)
+        kl = sum(d.kl for d in ds) if have else None
+        out["tokens"].append(ntok)
+        out["kl"].append(kl)
+        out["kl_per_token"].append(None if kl is None else kl / ntok)
+        out["top1"].append(sum(d.top1 for d in ds) / ntok if have else None)
+        g = details[gold]
+        out["ll"].append(g.ll)
+        out["gold_tokens"].append(g.tokens)
+        out["ll_per_token"].append(g.ll / g.tokens)
+    if task == "cloze":
+        out["correct"] = [int(details[i].greedy) for i in range(len(items))]
+    elif task in ("choice4", "choice2"):
+        key = "endings" if task == "choice4" else "options"
+        out["correct"], norm = [], []
+        for it, (members, _) in zip(items, groups):
+            lls = [details[j].ll for j in members]
+            n = len(members)
+            out["correct"].append(int(max(range(n), key=lambda c: lls[c]) == it["label"]))
+            if task == "choice4":
+                normed = [lls[c] / len(it[key][c]) for c in range(n)]
+                norm.append(int(max(range(n), key=lambda c: normed[c]) == it["label"]))
+        if task == "choice4":
+            out["correct_norm"] = norm
+    return out
+
+
+def _fidelity_summary(outcomes: dict) -> dict:
+    """Task-level fidelity from the item arrays: kl_per_token (sum KL / sum scored tokens) and
+    top1_agreement (agreeing positions / positions); empty without a reference."""
+    if any(v is None for v in outcomes["kl"]):
+        return {}
+    ntok = sum(outcomes["tokens"])
+    agree = sum(t * n for t, n in zip(outcomes["top1"], outcomes["tokens"]))
+    return {"kl_per_token": sum(outcomes["kl"]) / ntok, "top1_agreement": agree / ntok}
+
+
+# dense references of evaluate(items=True): (id(model), id(tokenizer), task, limit, batch_size, max_length)
+# -> (weakref to the model, DenseReference); least recently used dropped beyond REFERENCE_CACHE_BYTES
+_REFERENCES: "collections.OrderedDict" = collections.OrderedDict()
+REFERENCE_CACHE_BYTES = 1 << 30
+
+
+def clear_reference_cache() -> None:
+    """Forget the cached dense references (call after changing a model's weights in place)."""
+    _REFERENCES.clear()
+
+
+def _cached_reference(model, tokenizer, task, limit, batch_size, max_length, toks):
+    key = (id(model), id(tokenizer), task, limit, batch_size, max_length)
+    hit = _REFERENCES.get(key)
+    if hit is not None and hit[0]() is model and \
+            hit[1].signature == request_signature(toks, batch_size, max_length, pad_id(tokenizer)):
+        _REFERENCES.move_to_end(key)
+        return key, hit[1]
+    return key, None
+
+
+def _store_reference(key, model, ref: DenseReference) -> None:
+    _REFERENCES[key] = (weakref.ref(model), ref)
+    _REFERENCES.move_to_end(key)
+    while len(_REFERENCES) > 1 and sum(r.nbytes for _, r in _REFERENCES.values()) > REFERENCE_CACHE_BYTES:
+        _REFERENCES.popitem(last=False)
+
+
 def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, batch_size: int,
                  limit=None, protect: bool = True) -> dict:
     """What a scoring run used: the config, method, protection, batch size, max length, limit, model
@@ -402,7 +657,7 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
 
 def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Optional[ReductionConfig] = None, *,
              limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
-             max_length: int = 1024, protect: bool = True) -> dict:
+             max_length: int = 1024, protect: bool = True, items: bool = False) -> dict:
     """Score `model` (patched with `config`, or dense when None) on the offline suite.
 
     Returns {task: {metric: value, ..., "n": items, "seconds": s}, "meta": run_metadata(...)}.
@@ -412,6 +667,14 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
     the task's requests, "_min" the smallest) beside the nominal cut in "meta". `protect=False` applies `config` unchanged
     (scored positions may be reduced). Task data and tokenised requests are cached, so repeated
     calls (sweeps) only run the model.
+
+    items=True (opt-in; the aggregate numbers are the same either way) adds "items": {task: per-item
+    arrays} (`_item_outcomes`: correct, ll, ll_per_token, kl, kl_per_token, top1, tokens, ...) and per
+    task "kl_per_token" / "top1_agreement", fidelity to the dense model at the scored positions. The
+    dense reference is computed by this scorer (unpatched model, same batches) once per (model,
+    tokenizer, task, limit, batch_size, max_length) and kept in memory (`DenseReference`: stored
+    log-softmax when it fits REFERENCE_BUDGET_BYTES, else a dense forward of each batch beside the
+    reduced one); a dense call with items=True builds it from its own pass.
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -427,9 +690,27 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         for task in tasks:
             t0 = time.perf_counter()
             toks, extra = _task_requests(tokenizer, task, limit)
+            kw = {}
+            if items:
+                ref_key, ref = _cached_reference(model, tokenizer, task, limit, batch_size, max_length, toks)
+                if config is None:
+                    kw = dict(details=True, keep_reference=ref is None)
+                else:
+                    if ref is None:
+                        ref = dense_reference(model, toks, batch_size, max_length=max_length,
+                                              pad_token_id=pad_id(tokenizer))
+                        _store_reference(ref_key, model, ref)
+                    kw = dict(reference=ref)
             scores = score_tokens(model, toks, config, batch_size, max_length=max_length,
-                                  pad_token_id=pad_id(tokenizer), progress=progress, protect=protect, desc=task)
+                                  pad_token_id=pad_id(tokenizer), progress=progress, protect=protect, desc=task,
+                                  **kw)
             results[task] = _score_task(task, extra["items"], extra["texts"], scores.results, toks)
+            if items:
+                if scores.reference is not None:
+                    _store_reference(ref_key, model, scores.reference)
+                outcomes = _item_outcomes(task, extra["items"], toks, scores.details)
+                results.setdefault("items", {})[task] = outcomes
+                results[task].update(_fidelity_summary(outcomes))
             if config is not None:
                 results[task]["dense_fallback"] = scores.dense_fallback
                 cuts = scores.achieved_cut

@@ -15,6 +15,14 @@ code version changes (`retry_errors=True` retries it). Errors of the device or t
 memory, CUDA errors, an unusable device) are reported but never cached: the next run retries them.
 The cache is checked for writability before the first configuration runs.
 
+Item-level outcomes (opt-in: `run(..., items=True)`, `evaluate_config(..., items=True)`): a row then
+also holds row["items"][task] = {"id", "correct", "ll", "ll_per_token", "kl", "kl_per_token", "top1",
+"tokens", "gold_tokens", ...} (per-item arrays in task order; `utrc_lib.eval.scorer._item_outcomes`),
+beside the unchanged aggregates in row["result"]. Whether a row has items does not enter its key: a
+cached row without items (written before, or by a run without items) still loads, and a run with
+items=True recomputes it (the new row replaces it; its aggregates are the same numbers).
+`utrc_lib.experiments.stats` turns the arrays into paired intervals and tests.
+
 `pending` (what is left to compute), `compute` (one configuration) and `record` (its row, appended)
 are the steps `run` is made of; `utrc_lib.experiments.scaleout` runs the same steps over several
 processes, so both write the same rows under the same keys.
@@ -213,11 +221,11 @@ def _environmental(row: dict) -> bool:
     return bool(row.get("transient")) or bool(_ENVIRONMENT_TEXT.search(str(row.get("error") or "")))
 
 
-def _needs_run(row: Optional[dict], retry_errors: bool) -> bool:
+def _needs_run(row: Optional[dict], retry_errors: bool, items: bool = False) -> bool:
     if row is None:
         return True
     if row.get("status") == "ok":
-        return False
+        return bool(items) and not isinstance(row.get("items"), dict)
     return retry_errors or _environmental(row)
 
 
@@ -228,7 +236,8 @@ class SweepResult:
 
     rows: {"key", "params", "status" ("ok" | "error"), "result" (dict), "error", "traceback",
            "seconds", "version", "finished"} per configuration ("transient": True on an error of the
-           device / machine, which is not cached; "device" on rows computed by scale-out).
+           device / machine, which is not cached; "device" on rows computed by scale-out; "items":
+           {task: per-item arrays} on rows computed with items=True).
     computed / cached: how many rows were computed now / read from the cache.
     """
 
@@ -270,8 +279,9 @@ class Pending:
     """A sweep's configurations against its cache: what `sweep.run` and `scaleout.run` compute.
 
     configs: parameter dicts (common parameters merged in); keys: their row keys; todo: indices of
-    the configurations to compute (not cached, or cached as an error to retry; a configuration
-    listed twice is computed once); done: key -> row (cached rows, then the rows `record` adds).
+    the configurations to compute (not cached, or cached as an error to retry, or cached without
+    item arrays when `items` is asked for; a configuration listed twice is computed once); done:
+    key -> row (cached rows, then the rows `record` adds).
     """
 
     configs: list
@@ -295,8 +305,9 @@ class Pending:
 
 
 def pending(configs: Iterable[dict], cache, *, common: Optional[dict] = None, version: Optional[str] = None,
-            retry_errors: bool = False) -> Pending:
-    """Read `cache` and list the configurations still to compute (see `Pending`)."""
+            retry_errors: bool = False, items: bool = False) -> Pending:
+    """Read `cache` and list the configurations still to compute (see `Pending`); with `items`, an
+    ok row without item arrays counts as still to compute."""
     version = code_version() if version is None else version
     store = RowCache(cache)
     done = store.load()
@@ -304,7 +315,7 @@ def pending(configs: Iterable[dict], cache, *, common: Optional[dict] = None, ve
     keys = [row_key(c, version) for c in configs]
     todo, seen = [], set()
     for i, k in enumerate(keys):
-        if k not in seen and _needs_run(done.get(k), retry_errors):
+        if k not in seen and _needs_run(done.get(k), retry_errors, items):
             todo.append(i)
         seen.add(k)
     if todo:   # fail now, not after the work
@@ -315,10 +326,16 @@ def pending(configs: Iterable[dict], cache, *, common: Optional[dict] = None, ve
 def compute(fn: Callable[..., dict], params: dict, **extra) -> dict:
     """Run `fn(**params, **extra)` once: {"status", "result", "error", "traceback", "seconds"}, and
     "transient": True when the error is the device's or the machine's (`is_environment_error`).
-    `extra` (e.g. a model loader) does not enter the row. KeyboardInterrupt propagates."""
+    `extra` (e.g. a model loader, items=True) does not enter the row's parameters. A result dict
+    with an "items" entry (per-item arrays) has it moved to the row: outcome["items"].
+    KeyboardInterrupt propagates."""
     t = time.perf_counter()
     try:
-        out = dict(status="ok", result=_canonical(fn(**params, **extra)), error=None, traceback=None)
+        result = fn(**params, **extra)
+        item_arrays = result.pop("items", None) if isinstance(result, dict) else None
+        out = dict(status="ok", result=_canonical(result), error=None, traceback=None)
+        if item_arrays is not None:
+            out["items"] = _canonical(item_arrays)
     except Exception as exc:  # record the failure
         out = dict(status="error", result=None, error=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc(limit=20))
@@ -341,7 +358,7 @@ def record(p: Pending, i: int, outcome: dict) -> dict:
 
 def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Optional[dict] = None,
         version: Optional[str] = None, desc: str = "sweep", retry_errors: bool = False,
-        progress: bool = True) -> SweepResult:
+        progress: bool = True, items: bool = False) -> SweepResult:
     """Run `fn(**params)` for every configuration not yet in `cache`, appending each finished row.
 
     Args:
@@ -351,6 +368,9 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Opti
             the first configuration runs).
         version: code version in the key (default `code_version()`).
         retry_errors: recompute configurations whose cached row is an error.
+        items: keep per-item outcomes: `fn` is called with items=True (it must accept it, as
+            `evaluate_config` does) and returns them under "items", which goes to row["items"];
+            cached rows without item arrays are recomputed.
     Returns:
         SweepResult (rows in configuration order). Failed configurations appear as "error" rows and
         are listed by `SweepResult.report()` (also warned about). Errors of the device / machine
@@ -359,14 +379,15 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Opti
     """
     from tqdm.auto import tqdm
 
-    p = pending(configs, cache, common=common, version=version, retry_errors=retry_errors)
+    p = pending(configs, cache, common=common, version=version, retry_errors=retry_errors, items=items)
+    extra = {"items": True} if items else {}
     bar = tqdm(total=len(p.configs), initial=p.cached, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         for i in p.todo:
             params = p.configs[i]
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in params.items()
                                           if not isinstance(v, (list, tuple, dict)))[:80])
-            record(p, i, compute(fn, params))
+            record(p, i, compute(fn, params, **extra))
             bar.update(1)
     finally:
         bar.close()
@@ -422,19 +443,20 @@ def make_config(method: str, cut: float, **kwargs):
     return config_from_args(method, flops_reduction=float(cut), **kwargs)
 
 
-def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool):
+def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False):
     """utrc_lib.eval.scorer.evaluate, with protection of the scored continuation on or off."""
     from ..eval import scorer as ev
 
+    kw = {"items": True} if items else {}
     return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
-                       progress=False, protect=protect)
+                       progress=False, protect=protect, **kw)
 
 
 def flatten_scores(res: dict) -> dict:
-    """{task: {metric: v, "n": n}, "meta": {...}} -> {"task/metric": v, "task/n": n}."""
+    """{task: {metric: v, "n": n}, "meta": {...}} -> {"task/metric": v, "task/n": n} ("items" skipped)."""
     out = {}
     for task, metrics in res.items():
-        if task == "meta" or not isinstance(metrics, dict):
+        if task in ("meta", "items") or not isinstance(metrics, dict):
             continue
         for m, v in metrics.items():
             if isinstance(v, (int, float)) or v is None:
@@ -445,7 +467,8 @@ def flatten_scores(res: dict) -> dict:
 def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str] = ("cloze", "choice4", "choice2", "ppl"),
                     limit: Optional[int] = 100, seed: int = 0, batch_size: int = 16, protect: bool = True,
                     flops_seq_len: int = 128, fingerprint: str = "",
-                    model_loader: Optional[Callable[[str], tuple]] = None, **config_kwargs) -> dict:
+                    model_loader: Optional[Callable[[str], tuple]] = None, items: bool = False,
+                    **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
 
     Returns the flattened task metrics ("cloze/acc", ...), the keep ratio and layers used, the
@@ -453,7 +476,9 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     tokens (LM head on the last position), and the evaluator's meta ("meta/<key>").
     `fingerprint` only enters the cache key (pass `model_fingerprint(model)`). `model_loader(name)`
     returns (model, tokenizer), default `get_model` (CPU); scale-out passes one that loads on its
-    worker's device. It is not a parameter of the row (rows are keyed without it).
+    worker's device. It is not a parameter of the row (rows are keyed without it), nor is `items`:
+    items=True adds "items" ({task: per-item arrays}, see the module doc), which `compute` moves to
+    the row; the other entries are the same numbers as without it.
     """
     import torch
 
@@ -463,7 +488,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     torch.manual_seed(seed)
     mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
-    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect)
+    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items)
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():
@@ -481,6 +506,8 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
                    token_layer_cut=1.0 - token_layer_fraction(L, layers, rho))
     out["analytic_flops_cut"] = rep.flops_cut
     out["analytic_flops_seq_len"] = flops_seq_len
+    if items:
+        out["items"] = res.get("items", {})
     return out
 
 
