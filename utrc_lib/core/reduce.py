@@ -63,49 +63,68 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
     tail length on the host for the static path.
     """
     out = Rounds(hidden, residual, state, requested=r)
-    remaining = todo = r
     feats_is_hidden = features is None or features is hidden
+    repeat = config.spec.repeat_rounds
+    # static path (no padding, one protection for all): every count is a host integer, no syncs
+    r_host = static["r"] if static is not None else None
+    remaining, todo = r, r
+    prev = None  # (plan, sizes) of the previous round: features / Delta follow it only if a round comes
     for k in range(MAX_ROUNDS):
-        if k > 0:  # stop quietly when nothing reducible is left (the shortfall is reported below)
-            n_red = out.state.reducible.sum(1)
-            todo = torch.where(n_red >= 2, remaining, torch.zeros_like(remaining))
-            if static is not None:
-                n = int(out.hidden.shape[1])
-                r_host = int(todo.max()) if todo.numel() else 0
-                static = {"n": n, "n_red": n - n_protected, "r": r_host} if n - n_protected >= 2 else None
-                if static is None:
-                    break
-            if int(todo.max()) <= 0:
-                break
+        if k > 0:
+            plan0, sizes0 = prev
+            if not feats_is_hidden and features is not None:
+                features = plan0.apply(features, "residual", sizes0)
+            if delta is not None:
+                delta = plan0.apply(delta, "residual", sizes0)
         plan = plan_reduction(config, out.state, todo, hidden=out.hidden, residual=out.residual,
                               features=out.hidden if feats_is_hidden else features, delta=delta,
                               salt=salt if k == 0 else salt + 104729 * k, static=static)
         sizes = out.state.sizes
-        before = out.state.valid.sum(1)
         out.plans.append(plan)
         out.states_before.append(out.state)
-        new_hidden = plan.apply(out.hidden, "hidden", sizes)
+        n_before = int(out.hidden.shape[1])
+        out.hidden = plan.apply(out.hidden, "hidden", sizes)
         if out.residual is not None:
             out.residual = plan.apply(out.residual, "residual", sizes)
-        if not feats_is_hidden and features is not None:
-            features = plan.apply(features, "residual", sizes)
-        if delta is not None:
-            delta = plan.apply(delta, "residual", sizes)
-        out.hidden = new_hidden
-        out.state = plan.next_state(out.state)
-        removed = before - out.state.valid.sum(1)
-        remaining = (remaining - removed).clamp_min(0)
-        if not config.spec.repeat_rounds or int(removed.max()) == 0:
-            break
-    out.removed = r - remaining
-    short = remaining > 0
-    if bool(short.any()):
-        b = int(short.nonzero()[0, 0])
-        warnings.warn(
-            f"{config.method}: an anchor removed {int(out.removed[b])} of the {int(r[b])} tokens asked for "
-            f"(sample {b}); the achieved cut is below the nominal one (ReductionResult.removed, "
-            f"ForwardReducer.achieved_cut())", ReductionShortfall, stacklevel=3)
+        if static is not None:
+            removed_host = n_before - plan.num_out
+            r_host -= removed_host
+            out.state = plan.next_state(out.state)
+            n = plan.num_out
+            if not repeat or r_host <= 0 or removed_host == 0 or n - n_protected < 2:
+                break
+            static = {"n": n, "n_red": n - n_protected, "r": r_host}
+            todo = torch.full_like(r, r_host)
+        else:
+            before = out.state.valid.sum(1)
+            out.state = plan.next_state(out.state)
+            removed = before - out.state.valid.sum(1)
+            remaining = (remaining - removed).clamp_min(0)
+            if not repeat or int(removed.max()) == 0:
+                break
+            # stop quietly where nothing reducible is left (the shortfall is reported below)
+            todo = torch.where(out.state.reducible.sum(1) >= 2, remaining, torch.zeros_like(remaining))
+            if int(todo.max()) <= 0:
+                break
+        prev = (plan, sizes)
+    if r_host is not None:
+        out.removed = r - max(r_host, 0)
+        if r_host > 0:
+            _warn_short(config, int(out.removed[0]), int(r[0]), 0)
+    else:
+        out.removed = r - remaining
+        short = remaining > 0
+        if bool(short.any()):
+            b = int(short.nonzero()[0, 0])
+            _warn_short(config, int(out.removed[b]), int(r[b]), b)
     return out
+
+
+def _warn_short(config: ReductionConfig, removed: int, asked: int, sample: int) -> None:
+    warnings.warn(
+        f"{config.method}: an anchor removed {removed} of the {asked} tokens asked for (sample {sample}); "
+        f"the achieved cut is below the nominal one (ReductionResult.removed, ForwardReducer.achieved_cut())",
+        ReductionShortfall, stacklevel=4)
 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
@@ -188,7 +207,7 @@ class ForwardReducer:
         self.history: list[dict] = []  # per round of each anchor: layer, tokens before/after (for reports)
         self.record = record
         self.n_valid_input = valid.sum(1)
-        self.counts: list[tuple[int, Tensor]] = []  # (anchor, (B,) valid tokens after it)
+        self.counts: list = []  # (anchor, valid tokens after it: int, or (B,) with padding)
 
     def wants(self, layer: int) -> bool:
         return self.active and layer in self.layers
@@ -232,7 +251,8 @@ class ForwardReducer:
             e["positions"] = nxt.positions
         self.history[-1].update(requested=rounds.requested, removed=rounds.removed)
         self.state = rounds.state
-        self.counts.append((layer, self.state.valid.sum(1)))
+        # host count on the uniform path (no sync), per-sample valid counts otherwise
+        self.counts.append((layer, int(rounds.hidden.shape[1]) if self.uniform else self.state.valid.sum(1)))
         self.n_current = int(rounds.hidden.shape[1])
         self.reduced = True
         return rounds.hidden, rounds.residual
@@ -247,7 +267,7 @@ class ForwardReducer:
         cur, prev = self.n_valid_input.double(), -1
         for layer, count in self.counts:
             total += cur * (layer - prev)
-            cur, prev = count.double(), layer
+            cur, prev = (count.double() if isinstance(count, Tensor) else torch.full_like(n0, count)), layer
         total += cur * (L - 1 - prev)
         return 1.0 - total / (L * n0)
 

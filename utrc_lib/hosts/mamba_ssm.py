@@ -113,9 +113,11 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, read
             continue
         with capture.tap() as got:
             hidden, residual = layer(hidden, residual, inference_params=inference_params)
-        delta = got.delta
+        ssm, delta = got.ssm, got.delta
+        del got  # y is (B, N, Di): hold it no longer than this anchor's step (peak memory)
         if delta is not None:
             delta = readers[i](delta, (B, hidden.shape[1]))
-        hidden, residual = reducer.step(i, hidden, residual, features=got.ssm, delta=delta)  # (B, N', D) each
+        hidden, residual = reducer.step(i, hidden, residual, features=ssm, delta=delta)  # (B, N', D) each
+        del ssm, delta
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
     return handle.output(reducer, hidden)
