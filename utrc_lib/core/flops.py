@@ -458,19 +458,30 @@ def flops_table_markdown(cuts=(0.1, 0.2, 0.3), seq_len: int = 2048,
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Analytic FLOPs table for the paper's default anchors.")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--cuts", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--models", nargs="+", default=["Mamba-2-2.7B", "Mamba-2-1.3B"],
-                   choices=sorted(PAPER_SHAPES))
-    p.add_argument("--method", default="utrc")
-    p.add_argument("--logits", default="all", choices=["all", "last"])
+    from .methods import available_methods
+
+    p = argparse.ArgumentParser(prog="python -m utrc_lib.flops",
+                                description="Analytic FLOPs table for the paper's default anchors: the analytic "
+                                            "FLOPs cut beside the token-layer cut (the paper's definition).")
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt tokens (default 2048)")
+    p.add_argument("--cuts", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                   help="target token-layer cuts, each in [0, 1) (default 0.1 0.2 0.3)")
+    p.add_argument("--models", nargs="+", default=["Mamba-2-2.7B", "Mamba-2-1.3B"], choices=sorted(PAPER_SHAPES),
+                   help="paper model shapes (default Mamba-2-2.7B Mamba-2-1.3B)")
+    p.add_argument("--method", default="utrc", choices=available_methods(),
+                   help="reduction method whose own cost is counted (default utrc)")
+    p.add_argument("--logits", default="all", choices=["all", "last"],
+                   help="LM head over all positions or the last one only (default all)")
     a = p.parse_args(argv)
+    bad = [c for c in a.cuts if not 0.0 <= c < 1.0]
+    if bad or a.seq_len < 1:
+        p.error(f"--cuts must be in [0, 1) (got {bad})" if bad else f"--seq-len must be >= 1 (got {a.seq_len})")
     print(flops_table_markdown(tuple(a.cuts), a.seq_len, tuple(a.models), a.method, a.logits))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

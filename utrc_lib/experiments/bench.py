@@ -579,27 +579,39 @@ def parser() -> argparse.ArgumentParser:
 
     methods = ["dense", "slice", *available_methods()]
     ap = argparse.ArgumentParser(prog="python -m utrc_lib.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", choices=BACKENDS, default="mamba_ssm")
+    ap.add_argument("--backend", choices=BACKENDS, default="mamba_ssm",
+                    help="host library of the random-weight model (default mamba_ssm; hf = transformers)")
     ap.add_argument("--shapes", type=_names(list(SHAPES)), default="mamba2-2.7b,mamba-2.8b",
                     help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--methods", type=_names(methods), default="dense,slice,utrc,utrc_reference,evit,tome",
                     help=f"comma list of {', '.join(methods)}")
     ap.add_argument("--cuts", type=_cut_list, default="0.1,0.2,0.3", help="token-layer FLOPs cuts, each in [0, 1)")
-    ap.add_argument("--batch", type=_positive_int, default=16)
-    ap.add_argument("--seq-len", type=_positive_int, default=2048)
-    ap.add_argument("--repeats", type=_positive_int, default=5)
+    ap.add_argument("--batch", type=_positive_int, default=16,
+                    help="prompts per prefill (default 16)")
+    ap.add_argument("--seq-len", type=_positive_int, default=2048,
+                    help="prompt tokens (default 2048)")
+    ap.add_argument("--repeats", type=_positive_int, default=5,
+                    help="timed forwards per configuration after its warm-up; the median is reported (default 5)")
     ap.add_argument("--out", default=str(DEFAULT_OUT),
                     help="records JSON (default: a scratch file under .cache/bench; name "
                          "figures/03_efficiency/gpu_bench.json to update the committed results)")
     ap.add_argument("--generate", action="store_true", help="also time generation (prefill and decoding apart)")
-    ap.add_argument("--gen-methods", type=_names(methods), default="dense,utrc")
-    ap.add_argument("--gen-cuts", type=_cut_list, default="0.3")
-    ap.add_argument("--gen-batch", type=_positive_int, default=16)
-    ap.add_argument("--gen-prompt", type=_positive_int, default=2048)
-    ap.add_argument("--new-tokens", type=_positive_int, default=100)
-    ap.add_argument("--gen-repeats", type=_positive_int, default=1)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    ap.add_argument("--gen-methods", type=_names(methods), default="dense,utrc",
+                    help="methods timed for generation (default dense,utrc)")
+    ap.add_argument("--gen-cuts", type=_cut_list, default="0.3",
+                    help="token-layer cuts timed for generation (default 0.3)")
+    ap.add_argument("--gen-batch", type=_positive_int, default=16,
+                    help="prompts per generation run (default 16)")
+    ap.add_argument("--gen-prompt", type=_positive_int, default=2048,
+                    help="prompt tokens of a generation run (default 2048)")
+    ap.add_argument("--new-tokens", type=_positive_int, default=100,
+                    help="tokens generated after the prompt (default 100)")
+    ap.add_argument("--gen-repeats", type=_positive_int, default=1,
+                    help="timed generation runs per configuration (default 1)")
+    ap.add_argument("--device", default=None,
+                    help="torch device (default cuda when available, else cpu)")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="weights and activations dtype (default float16 on GPU, float32 on CPU)")
     ap.add_argument("--time-budget-s", type=_positive_float, default=None,
                     help="stop starting new configurations after this")
     ap.add_argument("--align", type=_positive_int, default=1,
@@ -607,7 +619,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="torch CPU threads (default: torch's). On a shared CPU, 1 avoids oversubscribed "
                          "thread pools that make small forwards erratic")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress lines")
     return ap
 
 

@@ -242,19 +242,19 @@ def _split(text: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m utrc_lib.scaleout", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny-mamba2,tiny-mamba", help="names or checkpoint paths")
-    ap.add_argument("--methods", default="utrc,evit,pumer")
-    ap.add_argument("--cuts", default="0.1,0.2,0.3", help="FLOPs cuts")
+    ap.add_argument("--methods", default="utrc,evit,pumer", help="comma list of reduction methods (default utrc,evit,pumer)")
+    ap.add_argument("--cuts", default="0.1,0.2,0.3", help="token-layer cuts (the paper's FLOPs definition), comma list")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline rows")
-    ap.add_argument("--tasks", default="cloze,choice4,choice2,ppl")
+    ap.add_argument("--tasks", default="cloze,choice4,choice2,ppl", help="comma list of offline tasks (default cloze,choice4,choice2,ppl)")
     ap.add_argument("--limit", type=int, default=30, help="items per task (the notebooks' default: 30)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random metric / method (default 0)")
+    ap.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
     ap.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1 (default: all visible GPUs, else CPU)")
     ap.add_argument("--workers", type=int, default=None,
                     help="number of workers without --devices (CPU: default 1; GPUs: default all)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="JSON-lines row cache (shared with the notebooks)")
-    ap.add_argument("--retry-errors", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--retry-errors", action="store_true", help="recompute configurations cached as errors")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
 
 
