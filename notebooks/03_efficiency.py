@@ -11,27 +11,30 @@
 # %% [markdown]
 # # 03 Efficiency (analog of the paper's Figures 3-6)
 #
-# * CPU prefill latency and throughput against the FLOPs cut on the tiny models (always measured here);
+# * CPU prefill latency and throughput against the token-layer cut (the paper's FLOPs definition, the
+#   x-axis of every panel) on the tiny models (always measured here);
 #   last-token logits (what generation needs) and full-sequence logits (what the paper's memory setup
 #   returns) separately; decoding time per generated token, which prompt reduction does not change.
 # * Analytic FLOPs cut (`utrc_lib.flops`) beside the token-layer cut.
 # * Peak memory: not measured on CPU (torch's CPU allocator exposes no peak counter and tracemalloc does
 #   not see it); GPU peak memory (`torch.cuda.max_memory_allocated`) and GPU timings are read from
 #   `figures/03_efficiency/gpu_bench.json` when `python -m utrc_lib.bench` has produced it on a GPU.
+#
+# The CPU timings are measurements of this machine at this moment: they change from run to run (and
+# with them this notebook's results.json and figures), unlike the other notebooks' numbers.
 
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
 quick: bool = False
 model_names: list = ["tiny-mamba2", "tiny-mamba"]
 methods: list = ["utrc", "evit", "tome"]     # reduced methods timed on CPU
-cuts: list = [0.1, 0.2, 0.3]
+cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
 batch: int = 4                               # CPU prefill batch
 seq_len: int = 512                           # CPU prompt length (tokens)
 new_tokens: int = 16                         # generated tokens for the decode timing
 repeats: int = 3                             # timed repeats (median reported) after one warm-up
 seed: int = 0
-DEFAULT_OUT = "../figures/03_efficiency"
-out_dir: str = DEFAULT_OUT
+out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 gpu_bench: str = "../figures/03_efficiency/gpu_bench.json"   # written by utrc_lib.bench on a GPU machine
 paper_results: str = "../data/paper_results.json"
 
@@ -82,9 +85,9 @@ for name, ls in zip(model_names, ["-", "--"]):
 axes[0].set_ylabel("prefill latency (ms, median)"); axes[0].set_title(f"CPU prefill, last-token logits\nbatch {batch} x {seq_len} tokens, fp32, {torch.get_num_threads()} threads")
 axes[1].set_ylabel("prefill throughput (k tokens/s)"); axes[1].set_title("CPU prefill throughput")
 axes[2].plot([0, 100 * max(cuts)], [0, 100 * max(cuts)], color="black", lw=0.8, ls=":", label="analytic = token-layer")
-axes[2].set_ylabel("analytic FLOPs cut (%)"); axes[2].set_title(f"Analytic FLOPs cut (incl. reduction cost), N={seq_len}")
+axes[2].set_ylabel(plotting.ANALYTIC_CUT_LABEL); axes[2].set_title(f"Analytic FLOPs cut (incl. reduction cost), N={seq_len}")
 for ax in axes:
-    ax.set_xlabel("FLOPs cut (%, token-layer fraction)")
+    ax.set_xlabel(plotting.TOKEN_LAYER_CUT_LABEL)
 axes[0].legend(fontsize=6.5); axes[2].legend(fontsize=7)
 fig.tight_layout(); save(fig, "cpu_prefill"); plt.show()
 
@@ -94,7 +97,7 @@ for name, ls in zip(model_names, ["-", "--"]):
     for logits, col in [("last", "#D55E00"), ("all", "#0072B2")]:
         e = d[(d["model"] == name) & (d["logits"] == logits)].sort_values("cut")
         axes[0].plot(100 * e["cut"], e["prefill_ms"], ls=ls, color=col, marker="o", label=f"{logits}-position logits - {Path(name).name}")
-axes[0].set_xlabel("FLOPs cut (%)"); axes[0].set_ylabel("prefill latency (ms)")
+axes[0].set_xlabel(plotting.TOKEN_LAYER_CUT_LABEL); axes[0].set_ylabel("prefill latency (ms)")
 axes[0].set_title(f"{plotting.style(methods[0])['label']}: last-token vs full-sequence logits (CPU)"); axes[0].legend(fontsize=7)
 x = np.arange(len(dec))
 axes[1].bar(x - 0.2, dec["prefill_ms"], 0.4, label="prefill (prompt)", color="#0072B2")

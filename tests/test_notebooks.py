@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parent.parent
 NB = REPO / "notebooks"
 pm = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +47,37 @@ def cache_dir(tmp_path_factory):
 
 
 def run(name, tmp_path, **params):
+    """Execute notebook `name` the way the figures runner does (quiet kernel), quick mode, into tmp_path/name."""
+    from utrc_lib.report.figures import execute
+
     out = tmp_path / name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pm.execute_notebook(str(NB / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"), cwd=str(NB),
-                        parameters=dict(quick=True, out_dir=str(out), **params), kernel_name="python3",
-                        progress_bar=False)
+    execute(NB / f"{name}.ipynb", tmp_path / f"{name}.out.ipynb", dict(quick=True, out_dir=str(out), **params))
     res = json.loads((out / "results.json").read_text())
     assert res["notebook"] == name and res["parameters"]["quick"] is True
     assert res["seed"] == 0 and res["versions"]["torch"] and "token-layer" in res["flops_definition"]
     for fig in res["figures"]:  # every figure listed exists, as png and pdf
         assert (out / fig).is_file()
     assert any(f.endswith(".png") for f in res["figures"]) and any(f.endswith(".pdf") for f in res["figures"])
+    # byte-stable layout: no clock, no durations, no output folders, no commit; those are in the run log
+    assert "created" not in res and "git_commit" not in res["versions"] and "out_dir" not in res["parameters"]
+    assert not [k for k in _keys(res["data"]) if k == "seconds" or k.endswith("/seconds") or k in ("cut", "flops_cut")]
+    log = json.loads((out / "run_log.json").read_text())
+    assert log["notebook"] == name and log["created"] and log["locations"]["out_dir"] == str(out)
+    streams = "".join(o.get("text", "") for c in nbformat.read(tmp_path / f"{name}.out.ipynb", as_version=4).cells
+                      for o in c.get("outputs", []))
+    assert "IProgress not found" not in streams  # ipywidgets (the notebooks extra) is installed
     return res
+
+
+def _keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _keys(v)
 
 
 def finite(x):
@@ -95,15 +115,92 @@ def test_sync_check_and_parameters(tmp_path):
     assert "00_walkthrough.ipynb" in problem and notebooks.SYNC_COMMAND in problem and "cell 1" in problem
     assert notebooks.parameter_names('quick: bool = False  # c\nDEFAULT_OUT = "x"\nout_dir: str = DEFAULT_OUT\n'
                                      'seed: int = 0\n') == ["quick", "out_dir", "seed"]
-    ns = {"quick": True, "seed": 0, "DEFAULT_OUT": "../figures/x", "out_dir": "../figures/x"}
+    ns = {"quick": True, "seed": 0, "out_dir": ""}
     ctx = notebooks.setup("x", ns, parameters_source="quick: bool = True\nseed: int = 0\nout_dir: str = 'y'\n")
     assert ns["out_dir"] == str(ctx.out) and "figures" not in ns["out_dir"]  # quick: a temp folder
     ns["quick"] = "changed later"
     assert ctx.parameters() == {"quick": "changed later", "seed": 0, "out_dir": str(ctx.out)}
 
 
-def test_00_walkthrough(tmp_path, model_names):
+def test_hand_runs_write_to_scratch():
+    """A notebook run with its default parameters (JupyterLab, nbconvert, papermill without parameters)
+    writes to a scratch folder; only the figures runner passes figures/<name>."""
+    from utrc_lib.report import figures as runner
+    from utrc_lib.report import notebooks
+
+    figures = (REPO / "figures").resolve()
+    for src in notebooks.sources(NB):
+        ns = {}
+        exec(notebooks.parameters_cell(src.stem, NB), ns)  # the defaults a hand run sees
+        for quick in (False, True):
+            out = notebooks.output_folder(src.stem, ns["out_dir"], quick).resolve()
+            assert not out.is_relative_to(figures), (src.name, quick, out)
+        assert notebooks.output_folder(src.stem, ns["out_dir"], False) == notebooks.SCRATCH / src.stem
+        passed = runner.notebook_parameters(src.stem, {}, quick=False)
+        assert Path(passed["out_dir"]).resolve() == figures / src.stem  # `make figures` refreshes figures/
+        assert notebooks.output_folder(src.stem, passed["out_dir"], False).resolve() == figures / src.stem
+        assert "out_dir" not in runner.notebook_parameters(src.stem, {"quick": True}, quick=True)
+        assert runner.notebook_parameters(src.stem, {"out_dir": "/x"}, quick=False)["out_dir"] == "/x"
+
+
+def test_figures_are_byte_stable(tmp_path):
+    """FigureSaver writes no date and no software version: two saves of one figure are byte-identical."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utrc_lib.report import plotting
+
+    files = {}
+    for run_name in ("a", "b"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], [1, 0, 2], label="x")
+        ax.set_xlabel(plotting.TOKEN_LAYER_CUT_LABEL); ax.legend()
+        saver = plotting.FigureSaver(tmp_path / run_name)
+        files[run_name] = saver(fig, "f")
+        plt.close(fig)
+    for a, b in zip(files["a"], files["b"]):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    pdf, png = files["a"][1].read_bytes(), files["a"][0].read_bytes()
+    assert b"CreationDate" not in pdf and b"Matplotlib" not in pdf and b"/ID" not in pdf
+    assert b"Software" not in png and b"Matplotlib" not in png
+
+
+def test_results_document_layout():
+    """results.json holds no clock, durations, folders or commit (they go to the run log); cuts are named."""
+    from utrc_lib.report import provenance
+
+    rows = [{"cut": 0.2, "token_layer_cut": 0.2000001, "analytic_flops_cut": 0.07, "cloze/acc": 0.5,
+             "cloze/seconds": 1.25, "seconds": 3.0}]
+    doc, log = provenance.results_document("nb", parameters={"quick": True, "out_dir": "/tmp/x", "cut": 0.2},
+                                           data={"rows": rows, "gpu": [{"flops_cut": 0.1}]}, seed=0)
+    assert doc["data"]["rows"] == [{"target_token_layer_cut": 0.2, "token_layer_cut": 0.2000001,
+                                    "analytic_flops_cut": 0.07, "cloze/acc": 0.5}]
+    assert doc["data"]["gpu"] == [{"target_token_layer_cut": 0.1}]
+    assert log["timings"] == {"data/rows[0]/cloze/seconds": 1.25, "data/rows[0]/seconds": 3.0}
+    assert doc["parameters"] == {"quick": True, "cut": 0.2} and log["locations"] == {"out_dir": "/tmp/x"}
+    assert "created" not in doc and "git_commit" not in doc["versions"] and "git_commit" in log
+    assert set(doc["versions"]) >= {"torch", "transformers", "numpy", "utrc_code_version"}
+    assert "docs/method.md §1" in doc["flops_definition"]
+    with pytest.raises(ValueError):
+        provenance.results_document("nb", parameters={}, data={"r": [{"cut": 1, "target_token_layer_cut": 1}]}, seed=0)
+    assert provenance.fate_counts_text({"hybrid": 32, "kept": 55, "merged": 33}) == \
+        "55 kept, 33 merged, 32 hybrid (pruned in hidden, merged in residual)"
+
+
+def test_00_walkthrough(tmp_path, model_names, capfd):
     res = run("00_walkthrough", tmp_path, model_names=model_names[:1])
+    again = tmp_path / "again"
+    again.mkdir()
+    run("00_walkthrough", again, model_names=model_names[:1])
+    first, second = tmp_path / "00_walkthrough", again / "00_walkthrough"
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir()) and "run_log.json" in names
+    for n in names:  # a regeneration with the same numbers is byte-identical (the run log aside)
+        if n != "run_log.json":
+            assert (first / n).read_bytes() == (second / n).read_bytes(), f"{n} differs between two runs"
+    assert "without encryption" not in capfd.readouterr().err  # the runner's kernel is quiet
     d = res["data"]
     N = len(d["tokens"])
     assert len(d["importance_clip"]) == 12 and len(d["importance_clip"][0]) == N
@@ -129,7 +226,7 @@ def test_01_main_results(tmp_path, model_names, cache_dir):
             assert 0.0 <= r[k] <= 1.0
         assert r["ppl/ppl"] > 1 and r["cloze/n"] == p["limit"]
         if r["method"] != "none":
-            assert abs(r["token_layer_cut"] - r["cut"]) < 0.05  # the FLOPs target was met
+            assert abs(r["token_layer_cut"] - r["target_token_layer_cut"]) < 0.05  # the FLOPs target was met
             assert 0 < r["analytic_flops_cut"] < 1 and 0 < r["keep_ratio"] < 1
     for m in p["model_names"]:  # dense >= reduced within noise (accuracy); perplexity not below dense
         dense = next(r for r in rows if r["model"] == m and r["method"] == "none")
@@ -166,6 +263,7 @@ def test_03_efficiency(tmp_path, model_names):
     for r in res["data"]["cpu_decode"]:
         assert r["decode_ms_per_token"] >= 0
     assert res["data"]["gpu"] is None  # no benchmark file: GPU panels skipped, not invented
+    assert all("target_token_layer_cut" in r and "analytic_flops_cut" in r for r in cpu)
 
 
 def test_04_failure(tmp_path, model_names, cache_dir):
@@ -181,3 +279,8 @@ def test_04_failure(tmp_path, model_names, cache_dir):
         assert all(v < 1e-5 for v in rel[: p["error_layer"]])  # nothing changes before the reduction
         assert rel[p["error_layer"] + 1] > 0 and all(finite(v) for v in rel)
         assert e["tokens"][-1] < e["tokens"][0]
+    for name in p["model_names"]:  # the ranking the text reports is computed from the same numbers
+        rank = res["data"]["error_ranking"][name]
+        final = {e["method"]: e["rel_error"][-1] for e in errs if e["model"] == name}
+        assert rank["largest_final_error"] == max(final, key=final.get)
+        assert rank["smallest_final_error"] == min(final, key=final.get)

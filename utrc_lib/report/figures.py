@@ -5,13 +5,18 @@
     python -m utrc_lib.figures --quick         # tiny parameters (what the notebook tests use)
 
 Executed notebooks go to notebooks/executed/ (not committed); each notebook writes
-figures/<notebook>/*.png|pdf and results.json itself. The notebooks are edited as notebooks/0X_*.py
-(jupytext percent) and run as their paired .ipynb; a pair out of sync is refused (re-sync with
-`python -m utrc_lib.report.notebooks sync`).
+figures/<notebook>/*.png|pdf and results.json itself: this runner passes `out_dir=figures/<notebook>`
+(a notebook run any other way writes to a scratch folder, see `utrc_lib.report.notebooks.output_folder`).
+`--quick` passes no out_dir (each notebook picks a temp folder); `--param out_dir=...` replaces it. The notebooks are edited as notebooks/0X_*.py (jupytext percent) and run as their paired
+.ipynb; a pair out of sync is refused (re-sync with `python -m utrc_lib.report.notebooks sync`).
+
+A full run writes figures/run_summary.json (notebooks run, failed, parameters: stable) and the
+wall times to figures/run_log.json (not committed), so regenerating unchanged numbers leaves git clean.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -23,6 +28,20 @@ NOTEBOOKS = REPO / "notebooks"
 
 # Parameters that make every notebook finish in seconds (tests and --quick).
 QUICK = {"quick": True}
+
+# Arguments of the notebook kernel: ipykernel's own log at ERROR, which silences its once-per-kernel
+# "Kernel is running over TCP without encryption" warning (the kernel listens on localhost only).
+# Warnings and output of the notebook code are not affected.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
+def execute(path: Path, output: Path, parameters: dict, **kwargs):
+    """papermill.execute_notebook with the runner's kernel settings (cwd notebooks/, quiet kernel)."""
+    import papermill as pm
+
+    kwargs.setdefault("progress_bar", False)
+    return pm.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
+                               kernel_name="python3", extra_arguments=list(KERNEL_ARGUMENTS), **kwargs)
 
 
 def notebook_paths(only=None) -> list[Path]:
@@ -38,15 +57,21 @@ def notebook_paths(only=None) -> list[Path]:
 
 
 def run_notebook(path: Path, parameters: dict, out_dir: Path, log=print) -> float:
-    import papermill as pm
-
+    """Execute one notebook into `out_dir/<name>.ipynb`; returns its wall time (s)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    pm.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, cwd=str(NOTEBOOKS),
-                        kernel_name="python3", progress_bar=False, log_output=False)
+    execute(path, out_dir / path.name, parameters, log_output=False)
     dt = time.time() - t
     log(f"{path.stem}: {dt:.0f}s")
     return dt
+
+
+def notebook_parameters(name: str, params: dict, quick: bool) -> dict:
+    """Parameters passed to notebook `name`: figures/<name> as out_dir (not in quick mode, and not when
+    `params` already has one), then `params`."""
+    from .notebooks import figures_folder
+
+    return ({} if quick else {"out_dir": str(figures_folder(name))}) | params
 
 
 def _parse_param(text: str):
@@ -81,15 +106,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     for path in paths:
         try:
-            timings[path.stem] = run_notebook(path, params, Path(a.out))
+            timings[path.stem] = run_notebook(path, notebook_parameters(path.stem, params, a.quick), Path(a.out))
         except Exception as exc:  # report and go on: one broken notebook should not hide the others
             failed.append(path.stem)
             print(f"{path.stem}: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", file=sys.stderr)
     total = time.time() - t0
-    summary = {"timings_s": timings, "total_s": round(total, 1), "failed": failed, "parameters": params}
-    (REPO / "figures").mkdir(exist_ok=True)
     if not a.quick and not a.only:
+        (REPO / "figures").mkdir(exist_ok=True)
+        summary = {"notebooks": [p.stem for p in paths], "failed": failed, "parameters": params}
         (REPO / "figures" / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        run_log = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "timings_s": {k: round(v, 1) for k, v in timings.items()}, "total_s": round(total, 1)}
+        (REPO / "figures" / "run_log.json").write_text(json.dumps(run_log, indent=1) + "\n")
     print(f"done in {total:.0f}s; {len(timings)} ok, {len(failed)} failed")
     return 1 if failed else 0
 

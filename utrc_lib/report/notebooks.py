@@ -11,10 +11,16 @@ Generated files have stable cell ids (`cell-00`, `cell-01`, ...) and no outputs,
 unchanged source gives a byte-identical file.
 
 Inside a notebook, `ctx = setup("00_walkthrough", globals())` replaces the shared setup block: threads,
-seed, warning filter, output folder (a temp folder in quick mode unless one was given), FigureSaver,
-plot style; `ctx.write_results(data=...)` records the effective parameters, read by name from the
-notebook's parameters cell (its annotated assignments, `name: type = value`) and valued from the
-notebook's globals at write time, i.e. after any quick-mode overrides.
+seed, warning filter, output folder, FigureSaver, plot style; `ctx.write_results(data=...)` records the
+effective parameters, read by name from the notebook's parameters cell (its annotated assignments,
+`name: type = value`) and valued from the notebook's globals at write time, i.e. after any quick-mode
+overrides.
+
+Output folder (`output_folder`): a notebook run by hand (JupyterLab, nbconvert, papermill without
+parameters) leaves `out_dir` empty and writes to the scratch folder `.cache/notebooks/<name>` (a fresh
+temp folder in quick mode), never into the committed figures/; the figures runner
+(`python -m utrc_lib.figures`, i.e. `make figures`) passes `out_dir=<repo>/figures/<name>` (see
+`figures_folder`), the only thing that refreshes figures/.
 """
 from __future__ import annotations
 
@@ -24,13 +30,16 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..environment import REPO
+from ..environment import CACHE, REPO
 
 NOTEBOOKS = REPO / "notebooks"
+FIGURES = REPO / "figures"
+SCRATCH = CACHE / "notebooks"
 SYNC_COMMAND = "python -m utrc_lib.report.notebooks sync"
 PARAMETERS_TAG = "parameters"
 NOTEBOOK_METADATA = {
@@ -159,6 +168,7 @@ class NotebookContext:
 
     def __init__(self, name: str, namespace: dict, out: Path, save, names: Sequence[str]):
         self.name, self.namespace, self.out, self.save, self.names = name, namespace, out, save, list(names)
+        self.started = time.perf_counter()
 
     def parameters(self) -> dict:
         """{name: current value} of every parameter, read from the notebook's globals now."""
@@ -168,26 +178,44 @@ class NotebookContext:
         return {n: self.namespace[n] for n in self.names}
 
     def write_results(self, *, data: dict, **extra) -> Path:
-        """results.json with the effective parameters, the seed and the figures saved so far (see
-        `utrc_lib.report.provenance.write_results`); extra keys go to the top level. Prints the path."""
+        """results.json with the effective parameters, the seed and the figures saved so far, and the
+        run log beside it (see `utrc_lib.report.provenance.write_results`); extra keys go to the top
+        level. Prints the path."""
         from .provenance import write_results
 
         path = write_results(self.out, self.name, parameters=self.parameters(), data=data,
-                             seed=self.namespace["seed"], figures=self.save.names, **extra)
+                             seed=self.namespace["seed"], figures=self.save.names,
+                             wall_s=time.perf_counter() - self.started, **extra)
         print("wrote", path)
         return path
+
+
+def figures_folder(name: str) -> Path:
+    """figures/<name> of the checkout: the `out_dir` the figures runner passes (nothing else writes there)."""
+    return FIGURES / name
+
+
+def output_folder(name: str, out_dir: Optional[str], quick: bool) -> Path:
+    """Where a notebook run writes: `out_dir` when given (the runner passes `figures_folder(name)`),
+    else the scratch folder `.cache/notebooks/<name>`, or a fresh temp folder in quick mode. Creates nothing
+    (the temp folder aside)."""
+    if out_dir:
+        return Path(out_dir)
+    if quick:
+        return Path(tempfile.mkdtemp(prefix=f"utrc-{name}-"))
+    return SCRATCH / name
 
 
 def setup(name: str, namespace: dict, *, folder: Path = NOTEBOOKS,
           parameters_source: Optional[str] = None) -> NotebookContext:
     """The shared first step of every notebook; call as `ctx = setup("<notebook>", globals())`.
 
-    Needs `quick`, `seed`, `out_dir` and `DEFAULT_OUT` in `namespace` (the parameters cell). Sets torch
-    to all CPU cores and seeds it with `seed`, silences the reference-kernel fallback warning, picks
-    the output folder (`out_dir`; in quick mode with the default folder a fresh temp folder, so that a
-    quick run never overwrites the committed figures), writes the chosen folder back as
-    `namespace["out_dir"]`, creates it and applies the plot style. parameters_source: the
-    parameters cell's text (default: read from the notebook in `folder`).
+    Needs `quick`, `seed` and `out_dir` in `namespace` (the parameters cell). Sets torch to all CPU
+    cores and seeds it with `seed`, silences the reference-kernel fallback warning, picks the output
+    folder (`output_folder`: empty `out_dir` = scratch, so a hand run never overwrites the committed
+    figures), writes the chosen folder back as `namespace["out_dir"]`, creates it, prints it and applies
+    the plot style. parameters_source: the parameters cell's text (default: read from the notebook in
+    `folder`).
     """
     import torch
 
@@ -196,16 +224,15 @@ def setup(name: str, namespace: dict, *, folder: Path = NOTEBOOKS,
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     torch.manual_seed(namespace["seed"])
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
-    out_dir = namespace["out_dir"]
-    if namespace["quick"] and out_dir == namespace.get("DEFAULT_OUT"):
-        out_dir = tempfile.mkdtemp(prefix=f"utrc-{name}-")
-    out = Path(out_dir)
+    out = output_folder(name, namespace["out_dir"], bool(namespace["quick"]))
     out.mkdir(parents=True, exist_ok=True)
     namespace["out_dir"] = str(out)
     save = plotting.FigureSaver(out)
     plotting.setup()
     names = parameter_names(parameters_source if parameters_source is not None else parameters_cell(name, folder))
-    print("figures and results.json ->", out.resolve())
+    where = "" if out.resolve().is_relative_to(FIGURES.resolve()) else \
+        " (scratch: only `make figures` refreshes figures/)"
+    print(f"figures and results.json -> {out.resolve()}{where}")
     return NotebookContext(name, namespace, out, save, names)
 
 

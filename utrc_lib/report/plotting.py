@@ -1,7 +1,13 @@
 """Plot helpers shared by the notebooks: one style, one colour per method, figure saving.
 
 Every figure is saved as PNG (200 dpi) and PDF by `save`, and its name is remembered so that the
-notebook's results.json can list the files it wrote.
+notebook's results.json can list the files it wrote. Saved files carry no creation date and no
+software version (`SAVE_METADATA`), so the same figure saved twice, or by another matplotlib release
+that draws it the same way, gives byte-identical files.
+
+Axis labels name the cut they plot (utrc_lib/GLOSSARY.md, "Two FLOPs cuts"): `TOKEN_LAYER_CUT_LABEL`
+for the token-layer cut (the paper's FLOPs definition, the x-axis of every accuracy figure),
+`ANALYTIC_CUT_LABEL` for the analytic FLOPs cut of `utrc_lib.flops`.
 """
 from __future__ import annotations
 
@@ -22,6 +28,16 @@ METHOD_STYLE = {
     "merge_only": dict(color="#999999", marker=">", label="merge-only"),
     "random": dict(color="#7F3C8D", marker="x", label="random drop"),
     "slice": dict(color="#555555", marker=".", label="free slicing (bound)"),
+}
+
+TOKEN_LAYER_CUT_LABEL = "token-layer cut (%, paper's FLOPs definition)"
+ANALYTIC_CUT_LABEL = "analytic FLOPs cut (%, utrc_lib.flops)"
+
+# Metadata written into every saved file: no timestamps, no version strings (byte-stable outputs).
+# PDF: matplotlib writes no /ID; CreationDate None drops the date (SOURCE_DATE_EPOCH is not needed).
+SAVE_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None},
 }
 
 SHORT_LABELS = {
@@ -70,7 +86,7 @@ class FigureSaver:
         paths = []
         for fmt in formats:
             p = self.out_dir / f"{name}.{fmt}"
-            fig.savefig(p)
+            fig.savefig(p, metadata=SAVE_METADATA.get(fmt))
             paths.append(p)
             self.names.append(p.name)
         return paths
@@ -79,9 +95,10 @@ class FigureSaver:
 def metric_vs_cut(ax, df, metric: str, *, methods: Optional[Iterable[str]] = None, dense: Optional[float] = None,
                   x: str = "cut", err: Optional[str] = None, title: Optional[str] = None,
                   ylabel: Optional[str] = None, percent: bool = True) -> None:
-    """One line per method: `metric` against the FLOPs cut; the dense value as a dashed line.
+    """One line per method: `metric` against the token-layer cut; the dense value as a dashed line.
 
-    df: rows with columns method, `x`, `metric` (and optionally `err` standard errors).
+    df: rows with columns method, `x` (the target token-layer cut), `metric` (and optionally `err`
+    standard errors).
     """
     methods = list(methods) if methods is not None else list(dict.fromkeys(df["method"]))
     scale = 100.0 if percent and not metric.endswith("ppl") else 1.0
@@ -99,7 +116,7 @@ def metric_vs_cut(ax, df, metric: str, *, methods: Optional[Iterable[str]] = Non
                             color=st["color"], alpha=0.12, lw=0)
     if dense is not None:
         ax.axhline(scale * dense, color="black", ls="--", lw=1, label="dense (no reduction)")
-    ax.set_xlabel("FLOPs cut (%, token-layer fraction)")
+    ax.set_xlabel(TOKEN_LAYER_CUT_LABEL)
     unit = " (%)" if scale == 100.0 else ""
     ax.set_ylabel(ylabel or TASK_LABELS.get(metric, metric) + unit)
     if metric.endswith("ppl"):
@@ -132,16 +149,19 @@ def bar_panel(ax, f, x: str, labels, title: str, highlight=None, *, dense, model
     f: sweep rows (columns model, `x`, avg_acc, optional status); one bar per row, in row order. labels:
     function value of `x` -> tick label. highlight: the value of `x` drawn orange (the paper's choice).
     dense: frame of the dense rows (model, avg_acc), drawn as a dashed line per model. Failed rows
-    (status != "ok") are marked "failed".
+    (status != "ok") are marked "failed". The y-axis starts at zero (a truncated axis makes differences
+    of one or two items look large); with an `avg_acc_stderr` column each bar carries +-1 s.e.
     """
     import numpy as np
 
     for i, name in enumerate(model_names):
         d = f[f["model"] == name]
         xs = np.arange(len(d)) + 0.38 * (i - (len(model_names) - 1) / 2)
+        yerr = 100 * d["avg_acc_stderr"].fillna(0) if "avg_acc_stderr" in d else None
         ax.bar(xs, 100 * d["avg_acc"].fillna(0), width=0.36 if len(model_names) > 1 else 0.6, label=Path(name).name,
                color=["#D55E00" if (highlight is not None and v == highlight) else "#888888" for v in d[x]],
-               edgecolor="black", alpha=1.0 if i == 0 else 0.6)
+               edgecolor="black", alpha=1.0 if i == 0 else 0.6, yerr=yerr, capsize=2,
+               error_kw=dict(elinewidth=0.8, ecolor="#333333"))
         ax.axhline(100 * float(dense[dense["model"] == name]["avg_acc"].iloc[0]), color="black", ls="--", lw=1,
                    label=f"dense {Path(name).name}")
         for xx, (_, row) in zip(xs, d.iterrows()):
@@ -151,15 +171,15 @@ def bar_panel(ax, f, x: str, labels, title: str, highlight=None, *, dense, model
     ax.set_xticks(np.arange(len(d0)), [labels(v) for v in d0[x]], rotation=0)
     ax.set_ylabel("mean accuracy of 3 tasks (%)")
     ax.set_title(title)
-    lo = 100 * np.nanmin([f["avg_acc"].min(), dense["avg_acc"].min()])
-    ax.set_ylim(max(0, lo - 5), None)
+    ax.set_ylim(0, None)
 
 
 def protection_bars(ax, d, metric: str, modes: Sequence[str], tick_labels: Sequence[str]) -> None:
     """One metric of the UTRC-modes sweep: per mode an unprotected and a protected bar (02_design_choices).
 
     d: rows of one model with columns mode, protect, `metric`; a missing (mode, protect) is NaN.
-    Accuracies are drawn in %, perplexities as they are on a log axis.
+    Accuracies are drawn in %, perplexities as they are; every axis is linear from zero (bars on a
+    truncated or log axis exaggerate small differences).
     """
     import numpy as np
 
@@ -174,8 +194,7 @@ def protection_bars(ax, d, metric: str, modes: Sequence[str], tick_labels: Seque
     ax.set_xticks(np.arange(len(modes)), list(tick_labels), fontsize=7)
     ax.set_title(TASK_LABELS.get(metric, metric), fontsize=8)
     ax.set_ylabel("perplexity" if metric.endswith("ppl") else "accuracy (%)")
-    if metric.endswith("ppl"):
-        ax.set_yscale("log")
+    ax.set_ylim(0, None)
 
 
 def gpu_prefill_figure(gpu):
@@ -222,7 +241,7 @@ def gpu_prefill_figure(gpu):
         row[2].text(0.02, 0.03, "solid: logits at all N positions\ndashed: logits at kept tokens only (kept_only)",
                     transform=row[2].transAxes, fontsize=6, va="bottom")
         for ax in row:
-            ax.set_xlabel("FLOPs cut (%)")
+            ax.set_xlabel(TOKEN_LAYER_CUT_LABEL)
             ax.set_title(label, fontsize=7)
         row[0].legend(fontsize=6.5)
     names = ", ".join(sorted(set(gpu["gpu"].dropna()))) if "gpu" in gpu else "GPU"
@@ -233,7 +252,8 @@ def gpu_prefill_figure(gpu):
 
 def paper_efficiency_figure(paper: dict):
     """The paper's A100 efficiency numbers (data/paper_results.json "efficiency"): throughput speed-up and
-    peak-memory reduction against the FLOPs cut, one line per paper model."""
+    peak-memory reduction against the FLOPs cut the paper reports (its token-layer definition), one
+    line per paper model."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
@@ -246,7 +266,7 @@ def paper_efficiency_figure(paper: dict):
     axes[0].set_ylabel("throughput speed-up (x)")
     axes[1].set_ylabel("peak-memory reduction (%)")
     for ax in axes:
-        ax.set_xlabel("FLOPs cut (%)")
+        ax.set_xlabel(TOKEN_LAYER_CUT_LABEL)
         ax.legend(fontsize=7)
     axes[0].set_title("THEIRS (paper, A100): batch 16, 2048 + 100 tokens", fontsize=8)
     axes[1].set_title("THEIRS (paper, A100): NVML memory, batch 96 x 2048, full logits", fontsize=8)

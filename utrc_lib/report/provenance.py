@@ -1,9 +1,21 @@
-"""Reports of the notebooks: results.json (plotted numbers + parameters + provenance) and token renderings.
+"""Reports of the notebooks: results.json (plotted numbers + parameters + provenance), the run log,
+and token renderings.
 
-results.json layout (one per notebook, `figures/<notebook>/results.json`):
-    {"notebook", "created", "parameters" (effective, after quick-mode overrides), "seed",
-     "versions" (python, torch, transformers, numpy, utrc_lib, git commit), "flops_definition",
-     "evaluation" (how scores were computed), "data" (the plotted numbers), ...extra}
+results.json layout (one per notebook, `figures/<notebook>/results.json`); byte-identical when the
+numbers are (no wall-clock time, no durations, no output paths in it):
+    {"notebook", "parameters" (effective, after quick-mode overrides; without the output / cache
+     folders), "seed", "versions" (`utrc_lib.environment.versions()` without git_commit),
+     "flops_definition", "cut_fields", "evaluation" (how scores were computed), "figures", ...extra,
+     "data" (the plotted numbers)}
+In every record of "data", a cut is named by what it is (`CUT_FIELDS`): `target_token_layer_cut` (the
+token-layer cut a run was configured for; the sweep's `cut` / the benchmark's `flops_cut`),
+`token_layer_cut` (the one reached) and `analytic_flops_cut`.
+
+run_log.json beside it (not committed: listed in .gitignore): what differs between two runs of the
+same code, {"notebook", "created", "wall_s", "git_commit", "locations" (out_dir, cache_dir),
+"timings" ({"<path in data>": seconds} of every `seconds` field moved out of "data")}.
+Measured timings that are the point of a notebook (03_efficiency's prefill / decode milliseconds)
+are numbers, not bookkeeping, and stay in its results.json.
 
 Token rendering (00_walkthrough): `token_fates` turns the recorded plans of one prefill into a fate
 per original token (kept to the end, or removed after layer l by merge / prune / hybrid);
@@ -15,19 +27,31 @@ import datetime as _dt
 import html
 import json
 import math
-import platform
-import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..environment import REPO
+from .. import environment
 
 FLOPS_DEFINITION = (
-    "FLOPs cut = 1 - mean over layers of (tokens the layer processes / input tokens): the token-layer "
-    "fraction, the only definition the authors' code gives (method.md 1); the same keep ratio rho is "
-    "used at every reduction layer and solved for the target cut (utrc_lib.core.schedule.keep_ratio_for_flops). "
-    "analytic_flops_cut = 1 - reduced / dense FLOPs of utrc_lib.flops (in_proj, conv, scan, out_proj, "
-    "norms, LM head on the last position, plus the reduction's own importance / similarity / merge cost).")
+    "token-layer cut (the paper's FLOPs cut, x-axis of every accuracy figure) = 1 - mean over layers of "
+    "(tokens the layer processes / input tokens): the only definition the authors' code gives "
+    "(docs/method.md §1); the same keep ratio rho is used at every reduction layer and solved for the "
+    "target cut (utrc_lib.core.schedule.keep_ratio_for_flops). analytic FLOPs cut (analytic_flops_cut) "
+    "= 1 - reduced / dense FLOPs of utrc_lib.flops (in_proj, conv, scan, out_proj, norms, LM head on the "
+    "last position, plus the reduction's own importance / similarity / merge cost).")
+
+# Names of the record fields that hold a cut, in results.json (source name -> written name).
+CUT_FIELDS = {"cut": "target_token_layer_cut", "flops_cut": "target_token_layer_cut"}
+CUT_FIELD_MEANING = {
+    "target_token_layer_cut": "token-layer cut the run was configured for (paper's definition; the "
+                              "parameters cut / cuts / branch_cut; the paper's rows: the cut it reports)",
+    "token_layer_cut": "token-layer cut the schedule reaches (equal to the target up to the keep-ratio solve)",
+    "analytic_flops_cut": "1 - reduced / dense FLOPs counted by utrc_lib.flops",
+}
+
+# Parameters that say where a run writes, not what it computes: recorded in the run log only.
+LOCATION_PARAMETERS = ("out_dir", "cache_dir")
+TIMING_FIELD = "seconds"   # a record key equal to it or ending in "/seconds" is a duration
 
 EVALUATION = (
     "utrc_lib.evaluate (offline tasks in data/benchmarks: cloze = LAMBADA-style greedy acc + target ppl, "
@@ -43,33 +67,7 @@ FATE_LABELS = {
     "pruned": "pruned (both branches)",
     "protected": "protected (never reduced)",
 }
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "utrc_lib"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode:
-            return None
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    """Versions of the software that produced a result."""
-    import numpy
-    import torch
-    import transformers
-
-    from .. import __version__
-    from ..experiments.sweep import code_version
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__,
-            "utrc_lib": __version__, "utrc_code_version": code_version(), "git_commit": git_commit(),
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+FATE_HATCH = {"hybrid": "////", "pruned": "xxxx"}   # matplotlib hatching per fate (none: merged / kept)
 
 
 def jsonable(obj):
@@ -97,18 +95,65 @@ def jsonable(obj):
     return obj
 
 
+def _is_timing(key: str) -> bool:
+    return key == TIMING_FIELD or key.endswith("/" + TIMING_FIELD)
+
+
+def split_record_fields(obj, path: str = "data"):
+    """(clean, timings): `obj` (already `jsonable`) with the cut fields renamed (`CUT_FIELDS`) and the
+    duration fields removed, and {"<path>": seconds} of the removed durations."""
+    timings: dict = {}
+
+    def walk(o, where):
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                if _is_timing(k):
+                    timings[f"{where}/{k}"] = v
+                    continue
+                name = CUT_FIELDS.get(k, k)
+                if name in out or (name != k and name in o):
+                    raise ValueError(f"{where}: both {k!r} and {name!r} present")
+                out[name] = walk(v, f"{where}/{name}")
+            return out
+        if isinstance(o, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(o)]
+        return o
+
+    return walk(obj, path), timings
+
+
+def results_document(notebook: str, *, parameters: dict, data: dict, seed: int,
+                     figures: Sequence[str] = (), **extra) -> tuple[dict, dict]:
+    """(results.json document, run-log fields) of one notebook run (see the module docstring)."""
+    params = {k: v for k, v in parameters.items() if k not in LOCATION_PARAMETERS}
+    versions = environment.versions()
+    commit = versions.pop("git_commit", None)
+    clean, timings = split_record_fields(jsonable(data))
+    doc = {"notebook": notebook, "parameters": params, "seed": seed, "versions": versions,
+           "flops_definition": FLOPS_DEFINITION, "cut_fields": CUT_FIELD_MEANING, "evaluation": EVALUATION,
+           "figures": sorted(figures), **extra, "data": clean}
+    log = {"git_commit": commit, "locations": {k: parameters[k] for k in LOCATION_PARAMETERS if k in parameters},
+           "timings": timings}
+    return jsonable(doc), jsonable(log)
+
+
 def write_results(out_dir, notebook: str, *, parameters: dict, data: dict, seed: int,
-                  figures: Sequence[str] = (), **extra) -> Path:
-    """Write `out_dir/results.json` and return its path."""
+                  figures: Sequence[str] = (), wall_s: Optional[float] = None, **extra) -> Path:
+    """Write `out_dir/results.json` (byte-stable) and `out_dir/run_log.json` (this run's clock, commit,
+    folders and durations); returns the path of results.json. wall_s: seconds the run took so far."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"notebook": notebook, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-           "parameters": parameters, "seed": seed, "versions": versions(),
-           "flops_definition": FLOPS_DEFINITION, "evaluation": EVALUATION,
-           "figures": sorted(figures), **extra, "data": data}
+    doc, log = results_document(notebook, parameters=parameters, data=data, seed=seed, figures=figures, **extra)
     path = out / "results.json"
-    path.write_text(json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    run_log = {"notebook": notebook, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+               "wall_s": None if wall_s is None else round(wall_s, 1), **log}
+    (out / RUN_LOG).write_text(json.dumps(run_log, indent=1, allow_nan=False) + "\n")
     return path
+
+
+RUN_LOG = "run_log.json"
 
 
 # -- token fates ----------------------------------------------------------------------------------
@@ -194,8 +239,9 @@ def plot_token_fates(ax, tokens: Sequence[str], fates: Sequence[dict], layers: S
                      title: str = "", width_chars: Optional[int] = None, fontsize: float = 8.0) -> None:
     """Matplotlib rendering of `token_fates` as wrapped, coloured text (one box per token).
 
-    Face colour = layer after which the token was removed (white = kept); hatching '///' = pruned in
-    the hidden branch (pruned or hybrid); solid = merged; blue = protected.
+    Face colour = layer after which the token was removed (white = kept); hatching = fate (`FATE_HATCH`:
+    '///' hybrid = pruned in the hidden branch, merged in the residual; 'xxx' pruned in both branches;
+    none = merged in both); blue = protected. The legend names every fate present (`FATE_LABELS`).
     """
     from matplotlib.patches import Patch, Rectangle
 
@@ -217,7 +263,7 @@ def plot_token_fates(ax, tokens: Sequence[str], fates: Sequence[dict], layers: S
     nlines = y + 1
     for x, y, w, shown, f in boxes:
         colour = cols.get(f["layer"]) if f["layer"] is not None else cols.get(f["fate"], "#ffffff")
-        hatch = "////" if f["fate"] in ("pruned", "hybrid") else None
+        hatch = FATE_HATCH.get(f["fate"])
         ax.add_patch(Rectangle((x, -y - 0.9), w, 0.85, facecolor=colour, edgecolor="#888888" if hatch else "none",
                                linewidth=0.3, hatch=hatch))
         ax.text(x + 0.05, -y - 0.47, shown, fontsize=fontsize, family="monospace", va="center", ha="left")
@@ -226,11 +272,14 @@ def plot_token_fates(ax, tokens: Sequence[str], fates: Sequence[dict], layers: S
     if title:
         ax.set_title(title, fontsize=10, loc="left")
     handles = [Patch(facecolor=cols[l], label=f"removed after layer {l}") for l in layers]
-    handles += [Patch(facecolor="white", edgecolor="#888888", hatch="////", label="pruned in hidden branch"),
-                Patch(facecolor="white", edgecolor="#888888", label="kept")]
-    if any(f["fate"] == "protected" for f in fates):
-        handles.append(Patch(facecolor=cols["protected"], label="protected"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(handles)),
+    present = {f["fate"] for f in fates}
+    for fate in ("merged", "hybrid", "pruned", "kept"):  # fate swatches: grey = any layer's colour
+        if fate in present:
+            handles.append(Patch(facecolor="white" if fate == "kept" else "#d9d9d9", edgecolor="#888888",
+                                 hatch=FATE_HATCH.get(fate), label=FATE_LABELS[fate]))
+    if "protected" in present:
+        handles.append(Patch(facecolor=cols["protected"], label=FATE_LABELS["protected"]))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
               fontsize=7, frameon=False)
 
 
@@ -240,3 +289,10 @@ def token_fate_counts(fates: Sequence[dict]) -> dict:
     for f in fates:
         out[f["fate"]] = out.get(f["fate"], 0) + 1
     return out
+
+
+def fate_counts_text(counts: dict) -> str:
+    """Readable `token_fate_counts`, in `FATE_LABELS` order: "55 kept, 33 merged, 32 hybrid (...)"."""
+    short = {"kept": "kept", "merged": "merged", "hybrid": "hybrid (pruned in hidden, merged in residual)",
+             "pruned": "pruned", "protected": "protected"}
+    return ", ".join(f"{counts[k]} {short[k]}" for k in FATE_LABELS if counts.get(k))
