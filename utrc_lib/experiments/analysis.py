@@ -108,11 +108,9 @@ def token_importance(model, input_ids: Tensor, metric: str = "clip") -> Tensor:
 def trace(model, tokenizer, text: str, config: ReductionConfig, *, max_tokens: int = 160) -> dict:
     """Which tokens of `text` a method removes, where and how, and how the next-token prediction changes.
 
-    Returns {"tokens": [str], "ids", "fates": [utrc_lib.report.provenance.token_fates], "tokens_per_layer",
+    Returns {"tokens": [str], "ids", "fates": [token_fates], "tokens_per_layer",
     "anchors", "kl_last", "top_dense"/"top_reduced": [(token, prob)] x 5, "logits_dense"/"logits_reduced"}.
     """
-    from ..report.provenance import token_fates
-
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
     N = ids.shape[1]
     dense = run(model, ids)
@@ -349,3 +347,44 @@ def passage_batch(tokenizer, count: int) -> Tensor:
     enc = [tokenizer(it["context"])["input_ids"] for it in load_task("ppl", count)]
     n = min(len(e) for e in enc)
     return torch.tensor([e[:n] for e in enc])
+
+
+def token_fates(history: Sequence[dict], num_tokens: int, protect_from: Optional[int] = None) -> list[dict]:
+    """Fate of each original token of a single-sample prefill, from its recorded reduction history.
+
+    Args:
+        history: `handle.last_reducer.history` of a batch-1 prefill run with plan recording on
+            (`handle.options(record=True)`, as `utrc_lib.experiments.analysis.run(..., record=True)` does); entries need "plan".
+        num_tokens: input length N.
+        protect_from: original index from which tokens were protected (shown as "protected").
+    Returns:
+        one dict per original token: {"fate": kept | merged | hybrid | pruned | protected,
+        "layer": reduction layer that removed it (None if kept), "into": original index of the kept
+        token it was merged into (None if pruned / kept)}.
+    A slot carries the identity of its base (kept) token, whatever position a causal merge gives it.
+    """
+    fates = [{"fate": "kept", "layer": None, "into": None} for _ in range(num_tokens)]
+    if protect_from is not None:
+        for i in range(protect_from, num_tokens):
+            fates[i]["fate"] = "protected"
+    identity = list(range(num_tokens))  # original token carried by each current slot
+    for entry in history:
+        if "plan" not in entry:
+            raise ValueError("history has no plans: run the forward inside handle.options(record=True)")
+        plan = entry["plan"]
+        if plan.base.shape[0] != 1:
+            raise ValueError("token_fates reads batch-1 traces")
+        base = plan.base[0].tolist()
+        n_src = int(entry["tokens_before"]) - int(entry["tokens_after"])
+        src = plan.src[0].tolist()[:n_src]  # sources first, by position
+        slot = plan.src_slot[0].tolist()
+        w_h = plan.src_weight.get("hidden")
+        w_r = plan.src_weight.get("residual")
+        for j, s in enumerate(src):
+            mh = w_h is not None and float(w_h[0, j]) > 0
+            mr = w_r is not None and float(w_r[0, j]) > 0
+            fate = "merged" if (mh and mr) else "hybrid" if (mr or mh) else "pruned"
+            into = identity[base[slot[j]]] if (mh or mr) else None
+            fates[identity[s]].update(fate=fate, layer=int(entry["layer"]), into=into)
+        identity = [identity[b] for b in base]
+    return fates

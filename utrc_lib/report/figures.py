@@ -83,11 +83,12 @@ def _parse_param(text: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m utrc_lib.figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="notebook stems to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny parameters (seconds per notebook)")
     ap.add_argument("--param", action="append", default=[], help="key=value (JSON value) for every notebook")
-    ap.add_argument("--out", default=str(NOTEBOOKS / "executed"))
+    ap.add_argument("--out", default=str(NOTEBOOKS / "executed"),
+                    help="folder for the executed notebooks (not committed; default notebooks/executed)")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     params = dict(QUICK) if a.quick else {}

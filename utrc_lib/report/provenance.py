@@ -156,46 +156,8 @@ def write_results(out_dir, notebook: str, *, parameters: dict, data: dict, seed:
 RUN_LOG = "run_log.json"
 
 
-# -- token fates ----------------------------------------------------------------------------------
-def token_fates(history: Sequence[dict], num_tokens: int, protect_from: Optional[int] = None) -> list[dict]:
-    """Fate of each original token of a single-sample prefill, from its recorded reduction history.
-
-    Args:
-        history: `handle.last_reducer.history` of a batch-1 prefill run with plan recording on
-            (`handle.options(record=True)`, as `utrc_lib.experiments.analysis.run(..., record=True)` does); entries need "plan".
-        num_tokens: input length N.
-        protect_from: original index from which tokens were protected (shown as "protected").
-    Returns:
-        one dict per original token: {"fate": kept | merged | hybrid | pruned | protected,
-        "layer": reduction layer that removed it (None if kept), "into": original index of the kept
-        token it was merged into (None if pruned / kept)}.
-    A slot carries the identity of its base (kept) token, whatever position a causal merge gives it.
-    """
-    fates = [{"fate": "kept", "layer": None, "into": None} for _ in range(num_tokens)]
-    if protect_from is not None:
-        for i in range(protect_from, num_tokens):
-            fates[i]["fate"] = "protected"
-    identity = list(range(num_tokens))  # original token carried by each current slot
-    for entry in history:
-        if "plan" not in entry:
-            raise ValueError("history has no plans: run the forward inside handle.options(record=True)")
-        plan = entry["plan"]
-        if plan.base.shape[0] != 1:
-            raise ValueError("token_fates reads batch-1 traces")
-        base = plan.base[0].tolist()
-        n_src = int(entry["tokens_before"]) - int(entry["tokens_after"])
-        src = plan.src[0].tolist()[:n_src]  # sources first, by position
-        slot = plan.src_slot[0].tolist()
-        w_h = plan.src_weight.get("hidden")
-        w_r = plan.src_weight.get("residual")
-        for j, s in enumerate(src):
-            mh = w_h is not None and float(w_h[0, j]) > 0
-            mr = w_r is not None and float(w_r[0, j]) > 0
-            fate = "merged" if (mh and mr) else "hybrid" if (mr or mh) else "pruned"
-            into = identity[base[slot[j]]] if (mh or mr) else None
-            fates[identity[s]].update(fate=fate, layer=int(entry["layer"]), into=into)
-        identity = [identity[b] for b in base]
-    return fates
+# -- token fates (computed in utrc_lib.experiments.analysis; drawn here) -------------------------
+from ..experiments.analysis import token_fates  # noqa: E402,F401  (re-exported for the notebooks)
 
 
 def fate_colours(layers: Sequence[int]) -> dict:
