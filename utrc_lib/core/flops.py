@@ -1,13 +1,13 @@
 """Analytic FLOPs of a Mamba / Mamba-2 forward (prefill), dense and with token reduction.
 
-Glossary:
+Glossary (utrc_lib/GLOSSARY.md; the letters used below):
     B  batch                         n_l  tokens processed by layer l (n_0 = seq_len)
-    D  model width (d_model)         E    SSM inner width D' = expand * D (d_inner)
+    D  model width (d_model)         Di   SSM inner width (D' in prose) = expand * D (d_inner)
     S  SSM state size (d_state)      K    depthwise conv kernel width (d_conv)
-    R  dt rank (Mamba-1)             H    heads, P head dim (Mamba-2; E = H * P), G groups
+    Rdt dt rank (Mamba-1)            H    heads, P head dim (Mamba-2; Di = H * P), G groups
     Q  SSD chunk size (Mamba-2)      T    n padded up to a multiple of Q; c = T / Q chunks
     V  vocabulary size               L    layers; rho per-anchor keep ratio
-    C  feature width of the reduction's metric / similarity (E for metric_source="ssm", D for "mixer")
+    C  feature width of the reduction's metric / similarity (Di for metric_source="ssm", D for "mixer")
     N  tokens entering one reduction; |A| = floor(N/2), |B| = N - |A| the two halves
 
 Conventions (docs/method.md §1.5; the spec asks for in_proj, conv, scan, out_proj, norm, LM head and the reduction's
@@ -25,8 +25,8 @@ own cost):
         - conv1d is `F.conv1d(..., padding=K-1)` then sliced, so it computes n + K - 1 outputs per
           channel: 2 * C_conv * K * (n + K - 1) per sample;
         - Mamba-1 scan (`mamba_selective_scan`, sequential path): per token the state update
-          h = exp(dt A) * h + dt B x (element-wise, 6 E S + 11 E FLOPs incl. softplus, D skip and the
-          silu(z) gate) and the output y = h @ C, a (E x S) @ (S x 1) matmul: 2 E S;
+          h = exp(dt A) * h + dt B x (element-wise, 6 Di S + 11 Di FLOPs incl. softplus, D skip and the
+          silu(z) gate) and the output y = h @ C, a (Di x S) @ (S x 1) matmul: 2 Di S;
         - Mamba-2 SSD (`mamba2_chunk_scan`): the sequence is padded to T = c Q and the five einsums
           of the chunked scan cost, per sample,
               G      = C B^T within a chunk      bclhn,bcshn->bclsh   2 c Q^2 H S
@@ -35,7 +35,7 @@ own cost):
               inter-chunk recurrence             bzch,bzhpn->bchpn    2 (c+1)^2 H P S
               Y_off  = C states                  bclhn,bchpn->bclhp   2 T H S P
           plus element-wise work (segment sums, decays, masks, D residual; approximate);
-        - Mamba-2 gated RMSNorm: y * silu(z), then RMSNorm per group: 9 E + G per token.
+        - Mamba-2 gated RMSNorm: y * silu(z), then RMSNorm per group: 9 Di + G per token.
       The fused CUDA kernels do the same matmul work up to the conv padding.
     * LM head: 2 D V per position, on all seq_len positions for logits="all" (the engine scatters
       reduced tokens back to full length before the head) or on 1 position for logits="last". The
@@ -50,8 +50,8 @@ own cost):
       sorts every channel along the tokens (D N log2 N comparisons).
 
 Shapes of the torch path (per layer, one sample): hidden (n, D) -> in_proj (n, 2E) [Mamba-1] or
-(n, 2E + 2GS + H) [Mamba-2] -> conv over (E or E + 2GS channels, n + K - 1) -> x_proj (n, R + 2S)
--> dt_proj (E, n) [Mamba-1] -> scan y (n, E) -> [gated norm (n, E)] -> out_proj (n, D).
+(n, 2E + 2GS + H) [Mamba-2] -> conv over (Di or Di + 2GS channels, n + K - 1) -> x_proj (n, Rdt + 2S)
+-> dt_proj (Di, n) [Mamba-1] -> scan y (n, Di) -> [gated norm (n, Di)] -> out_proj (n, D).
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def layer_flops(shape: ModelShape, n: int, batch: int = 1) -> dict[str, int]:
     Returns:
         {component: FLOPs}; the matmul components are exact for the transformers torch path.
     """
-    D, E, S, K = shape.d_model, shape.d_inner, shape.d_state, shape.d_conv
+    D, Di, S, K = shape.d_model, shape.d_inner, shape.d_state, shape.d_conv
     out = dict.fromkeys(("block_norm", "in_proj", "conv1d", "activations", "x_proj", "dt_proj", "ssm_scan",
                          "ssm_elementwise", "gated_norm", "out_proj", "residual_add"), 0)
     if n <= 0:
@@ -235,27 +235,27 @@ def layer_flops(shape: ModelShape, n: int, batch: int = 1) -> dict[str, int]:
     out["residual_add"] = n * D
     out["conv1d"] = 2 * shape.conv_channels * K * (n + K - 1)
     out["activations"] = 4 * n * shape.conv_channels  # silu after the conv
-    out["out_proj"] = 2 * n * E * D
+    out["out_proj"] = 2 * n * Di * D
     if shape.kind == "mamba1":
-        R = shape.dt_rank
-        out["in_proj"] = 2 * n * D * 2 * E
-        out["x_proj"] = 2 * n * E * (R + 2 * S)
-        out["dt_proj"] = 2 * n * R * E
-        out["ssm_scan"] = 2 * n * E * S                  # y_t = h_t @ C_t
-        out["ssm_elementwise"] = n * (6 * E * S + 11 * E)  # exp(dt A), dt B x, h update, softplus, D, gate
+        Rdt = shape.dt_rank
+        out["in_proj"] = 2 * n * D * 2 * Di
+        out["x_proj"] = 2 * n * Di * (Rdt + 2 * S)
+        out["dt_proj"] = 2 * n * Rdt * Di
+        out["ssm_scan"] = 2 * n * Di * S                  # y_t = h_t @ C_t
+        out["ssm_elementwise"] = n * (6 * Di * S + 11 * Di)  # exp(dt A), dt B x, h update, softplus, D, gate
     else:
         H, P, G, Q = shape.n_heads, shape.head_dim, shape.n_groups, shape.chunk_size
         c = -(-n // Q)
         T = c * Q
-        out["in_proj"] = 2 * n * D * (2 * E + 2 * G * S + H)
+        out["in_proj"] = 2 * n * D * (2 * Di + 2 * G * S + H)
         out["ssm_scan"] = (2 * c * Q * Q * H * S        # G = C B^T
                            + 2 * c * Q * Q * H * P      # Y_diag
                            + 2 * T * H * P * S          # chunk states
                            + 2 * (c + 1) ** 2 * H * P * S  # inter-chunk recurrence
                            + 2 * T * H * S * P)         # Y_off = C states
-        out["ssm_elementwise"] = (5 * n * H + T * (5 * E + 5 * H + H * S)
+        out["ssm_elementwise"] = (5 * n * H + T * (5 * Di + 5 * H + H * S)
                                   + 3 * c * Q * Q * H + 2 * (c + 1) ** 2 * H)
-        out["gated_norm"] = n * (9 * E + G)
+        out["gated_norm"] = n * (9 * Di + G)
     return {k: v * batch for k, v in out.items()}
 
 
