@@ -197,7 +197,8 @@ _DENSE_NAMES = (None, "", "none", "dense")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _as_bool(name: str, v) -> bool:
+def parse_bool(name: str, v) -> bool:
+    """A strict boolean from a loose value: bool, or true/false/1/0/yes/no/on/off; ValueError naming `name`."""
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -238,7 +239,7 @@ _PARSERS = {
     "keep_ratio": lambda v: _as_number("keep_ratio", v), "flops_reduction": lambda v: _as_number("flops_reduction", v),
     "q": lambda v: _as_number("q", v), "seed": lambda v: _as_number("seed", v, int),
     "align": lambda v: _as_number("align", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
-    "causal": lambda v: _as_bool("causal", v),
+    "causal": lambda v: parse_bool("causal", v),
 }
 BUILDER_FIELDS = ("method",) + tuple(_PARSERS)
 

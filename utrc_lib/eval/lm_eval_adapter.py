@@ -40,22 +40,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from . import scorer as ev
-from ..core.config import BUILDER_FIELDS, ReductionConfig, config_from_args
+from ..core.config import BUILDER_FIELDS, ReductionConfig, config_from_args, parse_bool
 
 # model_args that describe the reduction (everything else is a model / scoring argument)
 REDUCTION_ARGS = BUILDER_FIELDS
-
-
-def _model_flag(name: str, v) -> bool:
-    """A boolean model_arg that is not a config field (protect): bool or true/false/1/0/yes/no/on/off."""
-    if isinstance(v, bool):
-        return v
-    text = str(v).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"model_arg {name} must be a boolean (true/false), got {v!r}")
 
 
 def launched_world_size() -> int:
@@ -134,7 +122,7 @@ class UTRCLM(LM):
             batch_size = 16
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = int(max_length)
-        self.protect = _model_flag("protect", protect)
+        self.protect = parse_bool("protect", protect)
         self.calls = 0
         self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
         self.dense_fallback = 0  # the same, summed over every call of this instance
