@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ReductionConfig", "ReductionResult", "reduce_tokens", "available_methods", "available_metrics",
     "default_layers", "flops_table", "keep_ratio_for_flops", "token_layer_fraction", "apply", "flops",
-    "load_model", "available_models", "config_from_args", "__version__",
+    "load_model", "available_models", "config_from_args", "__version__", "prefill", "generate_from",
+    "PrefillState",
 ]
 
 _LAZY = {  # heavy imports (transformers) only when asked for
@@ -31,7 +32,16 @@ _LAZY = {  # heavy imports (transformers) only when asked for
     "load_model": ("hosts.models", "load_model"),
     "available_models": ("hosts.models", "available_models"),
     "flops": ("core.flops", "flops"),
+    "prefill": ("hosts.generation", "prefill"),            # reduce once ...
+    "generate_from": ("hosts.generation", "generate_from"),  # ... ask many
+    "PrefillState": ("hosts.generation", "PrefillState"),
 }
+
+# the "utrc-text-generation" transformers pipeline: registered when transformers' pipelines are
+# imported (a one-shot import hook; importing them here would add ~2 s to `import utrc_lib`)
+from .hosts.pipeline import register_when_imported as _register_pipeline  # noqa: E402
+
+_register_pipeline()
 
 
 def __getattr__(name):

@@ -8,8 +8,9 @@ Follows transformers 5.23-5.24 `MambaModel.forward` / `Mamba2Model.forward` and 
 What it changes, and nothing else:
   * the backbone loop (instance `forward`) creates one ForwardReducer per prefill, shortens the
     attention mask after each anchor, and maps the final rows back to the N input positions (or
-    the last row / the kept rows, as the handle's options say); decoding steps (N = 1) and
-    training run the original forward;
+    the last row / the kept rows, as the handle's options say); decoding steps (N = 1), forwards
+    that continue a filled cache (a question after a prefilled context) and training run the
+    original forward;
   * an anchor block's `forward` (instance attribute) runs the block's own operations but keeps the
     two terms apart, in mamba-ssm's convention (hidden = mixer output, residual = the stream it is
     added to), reduces both with one plan, then adds them. Every block is still called through
@@ -69,8 +70,8 @@ def install(model, handle: Handle) -> None:
         if (ids is None) == (embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         n = (embeds if embeds is not None else ids).shape[1]
-        if n <= 1 or backbone.training:  # decoding step (or training): untouched
-            return backbone_forward(*args, **kwargs)
+        if n <= 1 or backbone.training or _continues(bound.get("cache")):  # decoding step, continuation
+            return backbone_forward(*args, **kwargs)                         # of a filled cache, training
         return _reduced_forward(backbone, handle, bound)
 
     @functools.wraps(lm_forward)
@@ -80,6 +81,17 @@ def install(model, handle: Handle) -> None:
 
     handle.set_attr(backbone, "forward", patched_backbone_forward)
     handle.set_attr(model, "forward", patched_lm_forward)
+
+
+def _continues(cache) -> bool:
+    """True when `cache` already holds a state (a question continuing a prefilled context,
+    utrc_lib.generate_from): such a forward is not a prefill and is never reduced."""
+    if cache is None or not hasattr(cache, "get_conv_state"):
+        return False
+    try:
+        return cache.get_conv_state(0) is not None
+    except (IndexError, ValueError, AttributeError):  # no layer initialised yet
+        return False
 
 
 def _bind(signature, args, kwargs) -> dict:
