@@ -326,6 +326,40 @@ _METHODS: dict[str, Method] = {
 }
 
 
+BUILTIN_METHODS = tuple(_METHODS)  # shipped methods: never replaced or removed by register / unregister
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add a reduction method to the registry, so that ReductionConfig(method=method.name) runs it.
+
+    The public way to extend the library without editing it: `method.fn(ctx: Context) -> Plan`
+    (build plans with `build_plan` / `edges_to_plan`, pick tokens with `lowest`, `importance_halves`,
+    `bipartite_match`). Raises TypeError for a non-Method, ValueError for an empty name, a built-in
+    name, or a name already registered (unless replace=True). Returns the method.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method takes a utrc_lib.core.methods.Method, got {type(method).__name__}")
+    if not isinstance(method.name, str) or not method.name.strip():
+        raise ValueError(f"a method needs a non-empty name, got {method.name!r}")
+    if not callable(method.fn):
+        raise TypeError(f"method {method.name!r}: fn must be callable (Context -> Plan)")
+    if method.name in BUILTIN_METHODS:
+        raise ValueError(f"{method.name!r} is a built-in method and cannot be replaced; pick another name")
+    if method.name in _METHODS and not replace:
+        raise ValueError(f"method {method.name!r} is already registered; pass replace=True to replace it")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added with `register_method` (built-ins cannot be removed)."""
+    if name in BUILTIN_METHODS:
+        raise ValueError(f"{name!r} is a built-in method and cannot be removed")
+    if name not in _METHODS:
+        raise ValueError(f"method {name!r} is not registered; registered: {', '.join(_METHODS)}")
+    del _METHODS[name]
+
+
 def available_methods() -> list[str]:
     return list(_METHODS)
 
