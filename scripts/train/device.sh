@@ -1,0 +1,46 @@
+#!/bin/bash
+# One training call on the GPU machine: install the mamba-ssm pieces, train, write $OUT.
+#   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba [train_small.py options]
+# carry: .train  (packed tokens + tokenizer from pack.py; mamba_ssm_py/ and the sdist from prepare_kernels.py)
+# mamba2: mamba-ssm's Python/Triton code from .train/mamba_ssm_py on PYTHONPATH (no CUDA extension needed).
+# mamba:  builds mamba-ssm's selective-scan extension from the sdist for sm_90 (~3 min on 16 cores).
+# Everything must be written by START + LIMIT seconds (default 575, inside the 600 s call limit).
+set -uo pipefail
+START=${START:-$(date +%s)}
+LIMIT=${LIMIT:-575}
+arch=${1:?usage: device.sh mamba2|mamba [options]}; shift
+OUT=${OUT:-out}; mkdir -p "$OUT"
+LOG=$OUT/train.log
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+say() { echo "[device +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+say "host $(hostname); $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -1)"
+[ -f .train/tokens/manifest.json ] || { say "no .train/tokens: run scripts/train/pack.py and carry .train"; exit 2; }
+if [ "$arch" = mamba2 ]; then
+  [ -d .train/mamba_ssm_py/mamba_ssm ] || { say "no .train/mamba_ssm_py: run scripts/train/prepare_kernels.py"; exit 2; }
+  export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD${PYTHONPATH:+:$PYTHONPATH}
+elif [ "$arch" = mamba ]; then
+  if ! python3 -c 'import selective_scan_cuda' 2>/dev/null; then
+    say "building mamba-ssm (selective_scan_cuda) from the sdist for sm_90"
+    build=$(mktemp -d)
+    tar xzf .train/mamba_ssm-2.3.2.post1.tar.gz -C "$build" || exit 2
+    python3 - "$build"/mamba_ssm-2.3.2.post1/setup.py <<'PY'
+import re, sys
+f = sys.argv[1]; s = open(f).read()
+s = re.sub(r'cc_flag\.append\("-gencode"\)\n(\s*)cc_flag\.append\("arch=compute_(?!90)\d+,code=sm_\d+"\)', 'pass', s)
+open(f, 'w').write(s)
+PY
+    (cd "$build"/mamba_ssm-2.3.2.post1 && MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 MAMBA_FORCE_BUILD=TRUE \
+      python3 -m pip install -q --no-deps --no-build-isolation . ) 2>&1 | tail -5 | tee -a "$LOG"
+    python3 -c 'import selective_scan_cuda, mamba_ssm' 2>&1 | tee -a "$LOG" || { say "mamba-ssm build failed"; exit 3; }
+    say "mamba-ssm built"
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  say "unknown arch $arch"; exit 2
+fi
+say "training $arch until $(( LIMIT ))s"
+python3 scripts/train/train_small.py --arch "$arch" --end-by $(( START + LIMIT )) --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "train_small.py exit $rc; files: $(ls "$OUT" | tr '\n' ' ')"
+exit $rc

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Join the weight parts a training call brought back, check them and install the model in the repo.
+
+  .venv/bin/python scripts/train/join.py FROM_DIR --name small-mamba2 [--dest data/models/small-mamba2]
+
+FROM_DIR holds what train_small.py wrote to $OUT: weights.safetensors.NN, training_log.json and
+(optionally) train.log. Steps:
+  1. every part's size and sha256, then the sha256 of the joined file, against training_log.json;
+  2. the mamba-ssm state dict -> transformers (utrc_lib.hosts.convert.convert_mamba_ssm_state_dict),
+     fp16 safetensors, tied embeddings, saved with the v2 tokenizer (whose sha256 must be the one the
+     training used);
+  3. the saved directory is loaded back with utrc_lib.load_model (CPU, fp32, the transformers torch
+     path) and must reproduce the per-token NLL that the training backend computed for the reference
+     windows (mean |diff| <= --tol-mean, max |diff| <= --tol-max);
+  4. model card README.md, training_log.json (plus the join record), training_curve.png, train.log.
+Exit status 1 when a check fails (nothing is left in --dest then).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from packing import file_sha256, join_parts  # noqa: E402
+
+MAX_MODEL_BYTES = 64 * 2**20
+
+
+def fail(msg: str) -> None:
+    print(f"join: ERROR: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def model_card(name: str, log: dict, join: dict) -> str:
+    cfg = log["mamba_ssm_config"]
+    ssm = cfg["ssm_cfg"]
+    lines = [
+        f"# {name}",
+        "",
+        f"{'Mamba-2' if log['arch'] == 'mamba2' else 'Mamba-1'} language model, {cfg['n_layer']} layers, "
+        f"d_model {cfg['d_model']}, d_state {ssm['d_state']}"
+        + (f", headdim {ssm['headdim']}" if log["arch"] == "mamba2" else "")
+        + f", tied embeddings, {log['params'] / 1e6:.2f}M parameters, fp16 safetensors "
+          f"({join['model_bytes'] / 2**20:.1f} MiB), vocabulary {log['vocab_size']} (byte-level BPE v2).",
+        "",
+        f"Trained by `scripts/train/train_small.py` on corpus v2 (data/corpus/manifest_v2.json) on "
+        f"{log['hardware']} with mamba-ssm {log['versions'].get('mamba_ssm', '-')}: {log['steps']} steps of "
+        f"{log['args']['batch']} x {log['args']['seq']} tokens = {log['tokens_seen'] / 1e6:.1f}M tokens in "
+        f"{log['train_seconds']:.0f} s ({log['tokens_per_second']:,} tokens/s; kernel warm-up "
+        f"{log['kernel_warmup_seconds']:.0f} s untimed), AdamW lr {log['args']['lr']} (warm-up "
+        f"{log['args']['warmup']} steps, cosine to {log['args']['min_lr_frac']} of the peak), weight decay "
+        f"{log['args']['wd']}, bf16 autocast. Best in-training validation at step {log['best_step']}; "
+        f"these weights are that checkpoint.",
+        "",
+        "## Perplexity (fp16-rounded weights, fp32 compute, non-overlapping "
+        f"{log['args']['seq']}-token windows per source)",
+        "",
+        "| source | validation ppl | validation bits/byte | test ppl | test bits/byte |",
+        "|---|---|---|---|---|",
+    ]
+    ev = log["eval"]
+    names = list(ev.get("test", ev.get("validation", {})).get("per_source", {}))
+    for src in ["overall"] + names:
+        row = []
+        for split in ("validation", "test"):
+            r = ev.get(split, {}).get("overall") if src == "overall" else \
+                ev.get(split, {}).get("per_source", {}).get(src)
+            row += [fmt(r and r["ppl"]), fmt(r and r["bits_per_byte"], 4)]
+        lines.append(f"| {'**all**' if src == 'overall' else src} | " + " | ".join(row) + " |")
+    lines += ["", "Training curve: `training_curve.png`, `training_log.json` (`log`).", "",
+              "## Conversion check", "",
+              f"The transformers checkpoint (torch path, CPU, fp32) reproduces the training backend's per-token "
+              f"NLL on {join['verify']['tokens']} validation tokens: mean |diff| {join['verify']['mean_abs_diff']:.2e}, "
+              f"max {join['verify']['max_abs_diff']:.2e} (loss {join['verify']['loss_backend']:.4f} vs "
+              f"{join['verify']['loss_transformers']:.4f}).", "",
+              "## Samples (temperature 0.8, top-k 40, from the training run)", ""]
+    for s in log.get("samples", []):
+        lines.append("> " + s["text"].replace("\n", " ").strip())
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="folder with weights.safetensors.NN and training_log.json")
+    ap.add_argument("--name", required=True, help="model name, e.g. small-mamba2")
+    ap.add_argument("--dest", default=None, help="default data/models/NAME")
+    ap.add_argument("--tokenizer", default=str(REPO / "data/tokenizer_v2"))
+    ap.add_argument("--tol-mean", type=float, default=5e-3)
+    ap.add_argument("--tol-max", type=float, default=5e-2)
+    a = ap.parse_args(argv)
+    src = Path(a.src)
+    dest = Path(a.dest) if a.dest else REPO / "data/models" / a.name
+    log = json.loads((src / "training_log.json").read_text())
+    w = log["weights"]
+    try:
+        blob = join_parts(src, w["parts"], w["sha256"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    print(f"joined {len(w['parts'])} part(s), {len(blob):,} bytes, sha256 ok")
+    for f, want in log["data"]["tokenizer_sha256"].items():
+        if file_sha256(Path(a.tokenizer) / f) != want:
+            fail(f"{a.tokenizer}/{f} is not the tokenizer the model was trained with (sha256 differs)")
+
+    from safetensors.torch import load as st_load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from utrc_lib.hosts.convert import convert_mamba_ssm_state_dict
+    sd = st_load(blob)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    eot = tok.eos_token_id if tok.eos_token_id is not None else 0
+    hf_cfg, hf_sd = convert_mamba_ssm_state_dict(sd, log["arch"], log["mamba_ssm_config"], dtype=torch.float16,
+                                                 bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in hf_sd.items()}, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        fail(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model = model.to(torch.float16)
+    model.config.dtype = torch.float16
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{a.name}-", dir=dest.parent if dest.parent.exists() else None))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        if size > MAX_MODEL_BYTES:
+            fail(f"weights are {size / 2**20:.1f} MiB, over the 64 MiB limit")
+        # reload through the project's loader and compare with the training backend's reference
+        from utrc_lib.hosts.models import load_model
+        m, _ = load_model(str(tmp))
+        ref = log["reference"]
+        x = torch.tensor(ref["tokens"])
+        with torch.no_grad():
+            lg = m(x[:, :-1]).logits.float()
+        nll = F.cross_entropy(lg.reshape(-1, lg.size(-1)), x[:, 1:].reshape(-1), reduction="none").view(x.size(0), -1)
+        want = torch.tensor(ref["nll"])
+        d = (nll - want).abs()
+        verify = {"tokens": int(want.numel()), "mean_abs_diff": d.mean().item(), "max_abs_diff": d.max().item(),
+                  "loss_backend": want.mean().item(), "loss_transformers": nll.mean().item(),
+                  "tol_mean": a.tol_mean, "tol_max": a.tol_max}
+        verify["ok"] = verify["mean_abs_diff"] <= a.tol_mean and verify["max_abs_diff"] <= a.tol_max
+        print(f"verify: mean |NLL diff| {verify['mean_abs_diff']:.2e}, max {verify['max_abs_diff']:.2e}; loss "
+              f"{verify['loss_backend']:.4f} (training backend) vs {verify['loss_transformers']:.4f} (transformers)"
+              f" -> {'OK' if verify['ok'] else 'MISMATCH'}")
+        if not verify["ok"]:
+            fail("the transformers checkpoint does not reproduce the trained model")
+        join = {"weights_sha256": w["sha256"], "model_bytes": size,
+                "model_safetensors_sha256": {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))},
+                "verify": verify}
+        log_out = dict(log, join=join)
+        (tmp / "training_log.json").write_text(json.dumps(log_out, indent=1, default=str) + "\n")
+        if (src / "train.log").exists():
+            shutil.copy2(src / "train.log", tmp / "train.log")
+        if log.get("log"):
+            import train_lm as base
+            cfg = log["mamba_ssm_config"]
+            base.plot_curve(log["log"], tmp / "training_curve.png",
+                            f"{a.name}: {log['arch']} {cfg['n_layer']}x{cfg['d_model']} (seq {log['args']['seq']})")
+        (tmp / "README.md").write_text(model_card(a.name, log, join))
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(dest))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    ev = log["eval"].get("test", {}).get("overall", {})
+    print(f"installed {dest} ({size / 2**20:.2f} MiB); test ppl {fmt(ev.get('ppl'))}, "
+          f"bits/byte {fmt(ev.get('bits_per_byte'), 4)}")
+    return {"dest": str(dest), **join}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""Train one second-generation embedded model (small-mamba2 / small-mamba) in one device call.
+
+GPU (default): mamba-ssm's MambaLMHeadModel, bf16 autocast, fp32 weights, fused AdamW (betas 0.9/0.95,
+weight decay on matrices), linear warm-up then cosine to --min-lr-frac of the peak over the time
+budget. The budget is what is left before --end-by (a Unix time: the call's start plus its limit)
+after the kernel warm-up, minus a reserve for the final evaluation and saving, capped by --max-seconds.
+Validation loss every --eval-every steps; the best weights are kept (in host memory).
+
+At the end, on the best weights rounded to fp16 (fp32 compute):
+  * validation and test loss, perplexity and bits per byte, overall and per source (non-overlapping
+    --seq windows over each source's documents joined by <|endoftext|>, every token scored);
+  * a reference for join.py: per-token NLL of two validation windows, without TF32;
+  * samples from a few prompts.
+Writes to --out ($OUT on the device): weights.safetensors.NN (the fp16 mamba-ssm state dict without the
+tied lm_head, cut into parts of at most --part-mib MiB), training_log.json (curve, evaluations,
+reference, samples, sha256 of the weights). The device command tees stdout into train.log.
+
+Resume: not supported on purpose. The AdamW state of a 26M-parameter model is ~200 MB in fp32, far
+over what one call can bring back (8 files of 16 MiB), so each model is sized to one 10-minute call
+(~100M tokens at 220-280k tokens/s on an H200).
+
+--smoke: CPU, transformers torch path (--backend hf), 2 layers, width 64, a few seconds; the same
+outputs, so that pack -> train -> parts -> join -> load_model is testable without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from packing import file_sha256, load_packed, source_streams, write_parts  # noqa: E402
+
+PROMPTS = ["The", "It was a dark and stormy night, and", "In the beginning", "Dear friends,",
+           "The function returns", "Mr. President, the state of the Union"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["mamba", "mamba2"], required=True)
+    ap.add_argument("--backend", choices=["mamba_ssm", "hf"], default="mamba_ssm")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--d-state", type=int, default=None, help="default 16 (mamba) / 64 (mamba2)")
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--expand", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--pad-vocab-multiple", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--max-seconds", type=float, default=480.0, help="cap on the training time")
+    ap.add_argument("--end-by", type=float, default=None,
+                    help="Unix time by which everything must be written (default: now + max-seconds + 120)")
+    ap.add_argument("--reserve", type=float, default=45.0,
+                    help="seconds kept before --end-by for the final evaluation and saving")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--val-tokens", type=int, default=524288, help="tokens of the in-training validation")
+    ap.add_argument("--eval-max-tokens", type=int, default=0,
+                    help="cap on tokens per source in the final evaluation (0 = all; bpb only when uncapped)")
+    ap.add_argument("--sample-tokens", type=int, default=80)
+    ap.add_argument("--data", default=str(REPO / ".train/tokens"))
+    ap.add_argument("--tokenizer", default=str(REPO / ".train/tokenizer"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--part-mib", type=float, default=15.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the transformers torch path")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.backend, a.layers, a.d_model, a.headdim, a.chunk_size = "hf", 2, 64, 16, 32
+        a.batch, a.seq, a.warmup, a.eval_every = 4, 64, 5, 5
+        a.max_seconds = min(a.max_seconds, 120.0)
+        a.val_tokens, a.eval_max_tokens, a.sample_tokens = 2048, 1024, 8
+        a.reserve = 0.0
+        if a.max_steps is None:
+            a.max_steps = 30
+    if a.d_state is None:
+        a.d_state = 16 if a.arch == "mamba" else (16 if a.smoke else 64)
+    return a
+
+
+# --------------------------------------------------------------------------- mamba-ssm import
+def import_mamba_ssm(arch: str):
+    """Import MambaLMHeadModel. Mamba-2 needs only mamba-ssm's Python/Triton code: when the Mamba-1 CUDA
+    extension (selective_scan_cuda) is absent, a stand-in that fails on use is registered, so the
+    Triton-only package copy (install.sh) imports."""
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        if arch != "mamba2":
+            raise
+        stub = types.ModuleType("selective_scan_cuda")
+
+        def _missing(*_a, **_k):
+            raise RuntimeError("selective_scan_cuda (Mamba-1 kernel) is not installed in this run")
+        stub.fwd = stub.bwd = _missing
+        sys.modules["selective_scan_cuda"] = stub
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: F401
+    import mamba_ssm
+    return mamba_ssm.__version__
+
+
+# --------------------------------------------------------------------------- helpers
+class GpuBatcher:
+    """Random windows of seq+1 tokens from the training stream, held on the device as int32."""
+
+    def __init__(self, tokens: np.ndarray, batch: int, seq: int, seed: int, device):
+        self.t = torch.from_numpy(tokens.astype(np.int32)).to(device)
+        self.batch, self.seq = batch, seq
+        self.g = torch.Generator(device="cpu").manual_seed(seed)
+        self.off = torch.arange(seq + 1, device=device)
+
+    def next(self) -> torch.Tensor:
+        starts = torch.randint(0, self.t.numel() - self.seq - 1, (self.batch,), generator=self.g)
+        return self.t[starts.to(self.off.device)[:, None] + self.off].long()
+
+
+def windows(stream: np.ndarray, seq: int, cap: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Non-overlapping windows covering every next-token target of ``stream``: (full, last partial)."""
+    s = stream[: cap + 1] if cap else stream
+    t = torch.from_numpy(s.astype(np.int64))
+    n_full = (t.numel() - 1) // seq
+    full = torch.stack([t[i * seq: i * seq + seq + 1] for i in range(n_full)]) if n_full else \
+        torch.empty(0, seq + 1, dtype=torch.long)
+    rest = t[n_full * seq:]
+    return full, (rest if rest.numel() >= 2 else None)
+
+
+@torch.no_grad()
+def nll_sum(model, full: torch.Tensor, rest, batch: int, device, ctx) -> tuple[float, int]:
+    tot, n = 0.0, 0
+    chunks = [full[i: i + batch] for i in range(0, full.size(0), batch)]
+    if rest is not None:
+        chunks.append(rest[None])
+    for b in chunks:
+        b = b.to(device)
+        with ctx():
+            logits = model(b[:, :-1]).logits
+        tot += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        n += b[:, 1:].numel()
+    return tot, n
+
+
+def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, device, ctx) -> dict:
+    res, tot, n, nbytes, capped_any = {}, 0.0, 0, 0, False
+    for name, stream in source_streams(split, sources).items():
+        capped = bool(a.eval_max_tokens and stream.size - 1 > a.eval_max_tokens)
+        full, rest = windows(stream, a.seq, a.eval_max_tokens if capped else 0)
+        s, k = nll_sum(model, full, rest, max(1, a.batch // 2), device, ctx)
+        b = man_split["sources"][name]["bytes"]
+        res[name] = {"tokens_scored": k, "loss": s / k, "ppl": math.exp(s / k),
+                     "bits_per_byte": None if capped else s / math.log(2) / b, "bytes": b, "capped": capped}
+        tot, n, nbytes, capped_any = tot + s, n + k, nbytes + b, capped_any or capped
+    return {"overall": {"tokens_scored": n, "loss": tot / n, "ppl": math.exp(tot / n),
+                        "bits_per_byte": None if capped_any else tot / math.log(2) / nbytes,
+                        "bytes": nbytes, "capped": capped_any},
+            "per_source": res}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, n_new: int, device, gen: torch.Generator) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([[tokenizer.eos_token_id] + ids], device=device)
+    for _ in range(n_new):
+        logits = model(x).logits[0, -1].float() / 0.8
+        top = torch.topk(logits, 40)
+        p = torch.softmax(top.values, -1).cpu()
+        nxt = top.indices[torch.multinomial(p, 1, generator=gen).item()]
+        x = torch.cat([x, nxt.view(1, 1)], 1)
+    return tokenizer.decode(x[0, 1:].tolist())
+
+
+def to_mamba_ssm_sd(a, model, state: dict) -> dict:
+    if a.backend == "mamba_ssm":
+        return state
+    from utrc_lib.hosts.convert import hf_to_mamba_ssm_state_dict
+    return hf_to_mamba_ssm_state_dict(state, model.config)[2]
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    t_start = time.time()
+    a = parse_args(argv)
+    end_by = a.end_by or (t_start + a.max_seconds + 120)
+    device = torch.device(a.device or ("cuda" if a.backend == "mamba_ssm" else "cpu"))
+    versions = {"torch": torch.__version__}
+    if a.backend == "mamba_ssm":
+        if device.type != "cuda":
+            sys.exit("train_small: the mamba_ssm backend needs CUDA (use --smoke on CPU)")
+        versions["mamba_ssm"] = import_mamba_ssm(a.arch)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    import train_lm as base          # scripts/train_lm.py: model construction, loss, schedule, plot
+    from transformers import AutoTokenizer
+    import transformers
+    versions["transformers"] = transformers.__version__
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    packed = load_packed(a.data)
+    man, sources = packed["manifest"], packed["sources"]
+    from utrc_lib.hosts.convert import padded_vocab
+    vocab = padded_vocab(len(tokenizer), a.pad_vocab_multiple)
+    train = packed["train"]["tokens"]
+    if int(train.max()) >= len(tokenizer):
+        sys.exit("train_small: token ids exceed the tokenizer size (packed with another tokenizer?)")
+    val_stream = packed["validation"]["tokens"]
+    vfull, _ = windows(val_stream, a.seq, a.val_tokens)
+    cfg = base.ssm_config_dict(a, vocab)
+    model = base.build_model(a, cfg, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{a.backend}/{a.arch} {a.layers}x{a.d_model}: {n_params / 1e6:.2f}M params, vocab {vocab}; train "
+          f"{train.size:,} tokens, validation {vfull.numel():,} in-training tokens; data {time.time() - t_start:.0f}s",
+          flush=True)
+    if device.type == "cuda":
+        def ctx():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        ctx = contextlib.nullcontext
+    batcher = GpuBatcher(train, a.batch, a.seq, a.seed, device)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "A_log" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+    def val_loss() -> float:
+        s, k = nll_sum(model.eval(), vfull, None, a.batch, device, ctx)
+        model.train()
+        return s / k
+
+    # kernel warm-up (Triton compile/autotune), untimed, same data order afterwards
+    t = time.time()
+    for _ in range(2 if device.type == "cuda" else 1):
+        base.lm_loss(model, batcher.next(), ctx).backward()
+    model.zero_grad(set_to_none=True)
+    nll_sum(model.eval(), vfull[: a.batch], None, a.batch, device, ctx)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.time() - t
+    batcher = GpuBatcher(train, a.batch, a.seq, a.seed, device)
+    budget = min(a.max_seconds, end_by - time.time() - a.reserve)
+    print(f"kernel warm-up {warm_s:.1f}s; training budget {budget:.0f}s", flush=True)
+    if budget <= 0:
+        sys.exit("train_small: no time left for training")
+
+    log, best = [], {"val_loss": float("inf"), "step": -1, "state": None}
+    tok_step = a.batch * a.seq
+    t0 = time.time()
+    step, run_loss, run_n = 0, torch.zeros((), device=device), 0
+    while True:
+        el = time.time() - t0
+        stop = el >= budget or (a.max_steps is not None and step >= a.max_steps)
+        if step > 0 and (step % a.eval_every == 0 or stop):
+            vl = val_loss()
+            rec = {"step": step, "tokens": step * tok_step, "elapsed_s": round(time.time() - t0, 2),
+                   "train_loss": (run_loss / max(run_n, 1)).item(), "val_loss": vl, "val_ppl": math.exp(vl),
+                   "lr": base.lr_at(a, step, el / budget)}
+            log.append(rec)
+            run_loss, run_n = torch.zeros((), device=device), 0
+            improved = vl < best["val_loss"]
+            if improved:
+                best.update(val_loss=vl, step=step,
+                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            print(f"step {step:6d}  tok {rec['tokens'] / 1e6:7.1f}M  {rec['elapsed_s']:6.0f}s  "
+                  f"train {rec['train_loss']:.3f}  val {vl:.3f}  ppl {rec['val_ppl']:.1f}{'  *' if improved else ''}",
+                  flush=True)
+        if stop:
+            break
+        lr = base.lr_at(a, step, el / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = base.lm_loss(model, batcher.next(), ctx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        run_loss += loss.detach()
+        run_n += 1
+        step += 1
+    train_s = time.time() - t0
+    print(f"trained {step} steps ({step * tok_step / 1e6:.1f}M tokens) in {train_s:.0f}s = "
+          f"{step * tok_step / train_s:,.0f} tokens/s; best val loss {best['val_loss']:.4f} at step {best['step']}",
+          flush=True)
+
+    # ------------------------------------------------ final: fp16-rounded best weights, fp32 compute
+    t = time.time()
+    model.load_state_dict({k: v.to(torch.float16).float() if v.is_floating_point() else v
+                           for k, v in best["state"].items()})
+    model.eval()
+    nctx = contextlib.nullcontext
+    evals = {s: evaluate_split(model, packed[s], sources, man["splits"][s], a, device, nctx)
+             for s in ("validation", "test") if s in packed}
+    for s, e in evals.items():
+        o = e["overall"]
+        print(f"{s}: loss {o['loss']:.4f} ppl {o['ppl']:.2f} bpb {o['bits_per_byte']}", flush=True)
+        for name, r in e["per_source"].items():
+            print(f"   {name:20s} ppl {r['ppl']:8.2f}  bpb {r['bits_per_byte'] if r['bits_per_byte'] is None else round(r['bits_per_byte'], 4)}",
+                  flush=True)
+    # reference for join.py (transformers on CPU must reproduce it)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ref_len = min(256, a.seq)
+    ref_x = torch.from_numpy(val_stream[: 2 * ref_len + 1].astype(np.int64))
+    ref_b = torch.stack([ref_x[:ref_len + 1], ref_x[ref_len: 2 * ref_len + 1]])
+    with torch.no_grad():
+        lg = model(ref_b[:, :-1].to(device)).logits.float()
+        ref_nll = F.cross_entropy(lg.reshape(-1, lg.size(-1)), ref_b[:, 1:].reshape(-1).to(device),
+                                  reduction="none").view(2, -1).cpu()
+    gen = torch.Generator().manual_seed(a.seed)
+    samples = [{"prompt": p, "text": sample(model, tokenizer, p, a.sample_tokens, device, gen)} for p in PROMPTS]
+    for s in samples[:3]:
+        print(f"sample: {s['text']!r}", flush=True)
+    final_s = time.time() - t
+
+    # ------------------------------------------------ weights in parts
+    from safetensors.torch import save as st_save
+    ssm_sd = to_mamba_ssm_sd(a, model, {k: v.to(torch.float16) if v.is_floating_point() else v
+                                        for k, v in best["state"].items()})
+    ssm_sd = {k: v.contiguous() for k, v in ssm_sd.items() if k != "lm_head.weight"}
+    blob = st_save(ssm_sd, metadata={"format": "mamba_ssm", "arch": a.arch})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = write_parts(blob, out, "weights.safetensors", int(a.part_mib * 2**20))
+    import hashlib
+    result = {
+        "arch": a.arch, "backend": a.backend, "params": n_params, "vocab_size": vocab,
+        "mamba_ssm_config": cfg, "args": vars(a), "versions": versions,
+        "hardware": base.hardware(device),
+        "steps": step, "tokens_seen": step * tok_step, "train_seconds": round(train_s, 1),
+        "kernel_warmup_seconds": round(warm_s, 1), "final_eval_seconds": round(final_s, 1),
+        "tokens_per_second": round(step * tok_step / max(train_s, 1e-9)),
+        "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
+        "data": {"train_tokens": int(train.size), "in_training_validation_tokens": int(vfull.numel()),
+                 "tokenizer_sha256": man["tokenizer_sha256"],
+                 "splits": {s: {k: v for k, v in r.items() if k != "parts"} for s, r in man["splits"].items()}},
+        "log": log, "eval": evals,
+        "reference": {"tokens": ref_b.tolist(), "nll": ref_nll.tolist(), "tf32": False,
+                      "note": "per-token NLL of the fp16-rounded best weights in fp32 on the training backend"},
+        "samples": samples,
+        "weights": {"file": "weights.safetensors", "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "dtype": "float16",
+                    "naming": "mamba-ssm MambaLMHeadModel state dict, lm_head.weight omitted (tied)"},
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    (out / "training_log.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {len(parts)} weight part(s) ({len(blob) / 2**20:.2f} MiB) + training_log.json to {out} "
+          f"in {time.time() - t_start:.0f}s wall", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

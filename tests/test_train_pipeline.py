@@ -1,0 +1,119 @@
+"""The small-model training package end to end on CPU: pack -> train (smoke) -> parts -> join -> load.
+
+Builds a tiny corpus and tokenizer in a temporary folder (no download, no built corpus needed), runs
+scripts/train/pack.py, scripts/train/train_small.py --smoke (transformers torch path), then
+scripts/train/join.py, and loads the result with utrc_lib.load_model.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts/train"))
+sys.path.insert(0, str(REPO / "data/corpus"))
+
+WORDS = ("the a ship sea captain whale night storm house garden letter friend morning river town road "
+         "function value returns list file system error option server table query row column").split()
+
+
+def _corpus(work: Path, n_docs: int = 40) -> None:
+    rng = random.Random(0)
+    work.mkdir(parents=True)
+    splits = {"train": [], "validation": [], "test": []}
+    for i in range(n_docs):
+        src = "prose" if i % 2 else "technical"
+        paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(4)]
+        split = "validation" if i % 10 in (3, 4) else "test" if i % 10 in (7, 8) else "train"
+        splits[split].append({"id": f"{src}/{i}", "source": src, "text": "\n\n".join(paras)})
+    for s, docs in splits.items():
+        (work / f"{s}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    import build_corpus_v2 as b2
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("pipe")
+    _corpus(root / "work")
+    texts = [json.loads(l)["text"] for l in (root / "work/train.jsonl").read_text().splitlines()]
+    tok = b2.train_tokenizer(texts, 400)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=b2.EOT, eos_token=b2.EOT, unk_token=b2.EOT,
+                                   pad_token=b2.EOT, model_max_length=1 << 20)
+    fast.save_pretrained(root / "tok")
+    import pack
+    man = pack.main(["--work", str(root / "work"), "--out", str(root / ".train"), "--tokenizer", str(root / "tok"),
+                     "--part-mib", "0.001"])          # tiny parts: the joining is exercised
+    return root, man
+
+
+def test_pack_roundtrip(packed):
+    from packing import load_packed, source_streams
+    root, man = packed
+    assert len(man["splits"]["train"]["parts"]) > 1
+    data = load_packed(root / ".train/tokens")
+    tr = data["train"]
+    assert tr["tokens"].size == man["splits"]["train"]["tokens"]
+    eot = man["eot_id"]
+    assert tr["tokens"][0] == eot and tr["tokens"][-1] == eot
+    assert all(tr["tokens"][s] == eot for s in tr["doc_start"])
+    streams = source_streams(tr, data["sources"])
+    assert set(streams) == {"prose", "technical"}
+    # every document token is in exactly one source stream (+1 closing EOT per stream)
+    assert sum(s.size - 1 for s in streams.values()) == tr["tokens"].size - 1
+    # a damaged part is detected
+    part = root / ".train/tokens" / man["splits"]["validation"]["parts"][0]["file"]
+    orig = part.read_bytes()
+    part.write_bytes(orig[:-1] + bytes([orig[-1] ^ 1]))
+    with pytest.raises(ValueError):
+        load_packed(root / ".train/tokens")
+    part.write_bytes(orig)
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "mamba"])
+def test_train_join_load(packed, arch, tmp_path):
+    import join
+    import train_small
+    from utrc_lib.hosts.models import load_model
+    root, _ = packed
+    out = tmp_path / "out"
+    res = train_small.main(["--arch", arch, "--smoke", "--data", str(root / ".train/tokens"),
+                            "--tokenizer", str(root / ".train/tokenizer"), "--out", str(out),
+                            "--max-steps", "6", "--part-mib", "0.05"])
+    files = sorted(p.name for p in out.iterdir())
+    assert "training_log.json" in files and len([f for f in files if f.startswith("weights.")]) >= 2
+    assert res["steps"] == 6 and len(res["log"]) == 2, res
+    assert set(res["eval"]["test"]["per_source"]) == {"prose", "technical"}
+    assert res["eval"]["validation"]["overall"]["ppl"] > 1
+    dest = tmp_path / "models" / f"small-{arch}"
+    j = join.main([str(out), "--name", f"small-{arch}", "--dest", str(dest), "--tokenizer", str(root / "tok")])
+    assert j["verify"]["ok"] and j["verify"]["max_abs_diff"] < 5e-2
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "training_log.json",
+              "training_curve.png"):
+        assert (dest / f).exists(), f
+    model, tok = load_model(str(dest))
+    assert type(model).__name__ == ("Mamba2ForCausalLM" if arch == "mamba2" else "MambaForCausalLM")
+    assert model.config.num_hidden_layers == 2 and model.config.tie_word_embeddings
+    # a damaged weight part makes join fail, and leaves no model behind
+    part = out / res["weights"]["parts"][0]["file"]
+    part.write_bytes(b"\0" + part.read_bytes()[1:])
+    with pytest.raises(SystemExit):
+        join.main([str(out), "--name", "x", "--dest", str(tmp_path / "models/x"), "--tokenizer", str(root / "tok")])
+    assert not (tmp_path / "models/x").exists()
+
+
+def test_join_rejects_other_tokenizer(packed, tmp_path):
+    import join
+    import train_small
+    root, _ = packed
+    out = tmp_path / "out"
+    train_small.main(["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"),
+                      "--tokenizer", str(root / ".train/tokenizer"), "--out", str(out), "--max-steps", "6"])
+    with pytest.raises(SystemExit):
+        join.main([str(out), "--name", "y", "--dest", str(tmp_path / "y"),
+                   "--tokenizer", str(REPO / "data/tokenizer")])       # v1 tokenizer: not the one trained with
