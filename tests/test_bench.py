@@ -212,3 +212,93 @@ def test_speedups_beyond_the_physical_bound_are_flagged():
     assert not utrc["speedup_suspect"] and not dense["speedup_suspect"]
     slc.update(elapsed_s=1.0)
     assert "SUSPECT" in bench._summary(slc)
+
+
+# -- generation as users run it, reduce once / ask many (CPU: the transformers rows) -------------------
+GEN = dict(RUN, methods=[], generate=True, gen_methods=["dense", "utrc", "slice"], gen_cuts=[0.3], gen_batch=2,
+           gen_prompt=48, new_tokens=[3, 5], long_new_tokens=7, long_methods=["dense", "utrc"], long_cuts=[0.3],
+           gen_repeats=3, ask_many=True, ask_methods=["dense", "utrc"], ask_cuts=[0.3], ask_questions=2,
+           ask_question_tokens=3, ask_answer_tokens=3, ask_context=40)
+
+
+@pytest.fixture(scope="module")
+def gen_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "gen.json"
+    return out, bench.run_bench(out=str(out), **GEN)
+
+
+def test_generation_records(gen_file):
+    out, records = gen_file
+    saved = json.loads(out.read_text())
+    assert [(r["kind"], r["method"], r["new_tokens"]) for r in saved] == [
+        ("generate", "dense", 7), ("generate", "utrc", 7), ("generate", "slice", 5),
+        ("ask_many", "dense", 3), ("ask_many", "utrc", 3)]
+    for r in saved:
+        assert "error" not in r, r.get("traceback")
+    dense, utrc, slc = saved[:3]
+    assert list(dense["checkpoints"]) == ["3", "5", "7"] and list(slc["checkpoints"]) == ["3", "5"]
+    for r in (dense, utrc, slc):
+        assert r["decoding"] == "transformers_generate" and len(r["prefill_ms_all"]) == 3 and r["warmup_ms"] > 0
+        for n, c in r["checkpoints"].items():
+            assert len(c["e2e_ms_all"]) == 3
+            assert c["e2e_ms_all"] == pytest.approx([p + d for p, d in zip(r["prefill_ms_all"], c["decode_ms_all"])])
+            assert c["tokens_per_s"] == pytest.approx(2 * int(n) / (c["e2e_ms"] / 1e3))
+        assert r["weight_bytes"] == sum(p.numel() * 4 for p in bench.build_model("tiny-mamba", "hf", "cpu",
+                                                                                 torch.float32).parameters())
+        assert r["copy_bandwidth_gb_s"] is None and "decode_bound_ms_weights" not in r  # CPU: no bound
+    # the comparisons against dense, per checkpoint (slice's dense has every one of its checkpoints)
+    for r in (utrc, slc):
+        for n, c in r["checkpoints"].items():
+            d = dense["checkpoints"][n]
+            p = dense["prefill_ms"] / d["e2e_ms"]
+            assert c["prefill_share_dense"] == pytest.approx(p)
+            assert c["e2e_speedup_vs_dense"] == pytest.approx(d["e2e_ms"] / c["e2e_ms"])
+            assert c["amdahl_bound"] == pytest.approx(1 / ((1 - p) + p / bench.speedup_bound(r)))
+    assert "e2e_speedup_slice" in utrc["checkpoints"]["5"] and "e2e_speedup_slice" not in utrc["checkpoints"]["7"]
+    ask = saved[3]
+    assert ask["questions"] == 2 and ask["context_tokens"] == 40 and ask["answer_tokens"] == 3
+    assert ask["answers_agree"] == 1.0   # dense: the state's answers are the full runs' answers
+    assert ask["once_ms"] == pytest.approx(sorted(ask["once_ms_all"])[1])
+    rows = bench.generation_table(saved)
+    assert len(rows) == 3 + 3 + 2 and {r["new_tokens"] for r in rows} == {3, 5, 7}
+
+
+def test_generation_resume(gen_file):
+    out, records = gen_file
+    stamps = [r["timestamp"] for r in json.loads(out.read_text())]
+    assert [r["timestamp"] for r in bench.run_bench(out=str(out), **GEN)] == stamps
+
+
+def test_amdahl_fields_from_synthetic_records():
+    base = dict(kind="generate", model_shape="s", backend="mamba_ssm", device="cuda", dtype="float16", batch=16,
+                seq_len=2048, decoding="cuda_graph")
+    ck = lambda pre, per_tok, n: {"new_tokens": n, "e2e_ms": pre + per_tok * (n - 1)}  # noqa: E731
+    dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=500.0,
+                 checkpoints={str(n): ck(500.0, 6.0, n) for n in (100, 2000)})
+    utrc = dict(base, method="utrc", flops_cut=0.3, prefill_ms=370.0,
+                checkpoints={str(n): ck(370.0, 6.0, n) for n in (100, 2000)})
+    records = [utrc, dense]
+    for r in records:
+        bench.derive_generation(records, r)
+    c = utrc["checkpoints"]["100"]
+    p = 500 / (500 + 6 * 99)
+    assert c["prefill_share_dense"] == pytest.approx(p)
+    assert c["amdahl_bound"] == pytest.approx(1 / ((1 - p) + p * 0.7))
+    assert c["amdahl_from_prefill"] == pytest.approx(1 / ((1 - p) + p * 370 / 500))
+    assert c["e2e_speedup_vs_dense"] == pytest.approx(c["amdahl_from_prefill"])  # decode unchanged
+    assert utrc["checkpoints"]["2000"]["e2e_speedup_vs_dense"] < c["e2e_speedup_vs_dense"]  # share falls
+
+
+@pytest.mark.parametrize("bad", [["--new-tokens", "0"], ["--new-tokens", "10,x"], ["--long-new-tokens", "0"],
+                                 ["--ask-questions", "0"], ["--gen-methods", "nope"], ["--long-cuts", "1.5"],
+                                 ["--gen-decoding", "fast"]])
+def test_bad_generation_arguments_are_rejected_before_any_model(bad, tmp_path, no_model, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(CLI + ["--out", str(tmp_path / "b.json"), "--generate"] + bad)
+    assert exc.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_transformers_rows_need_the_mamba_ssm_backend(no_model):
+    with pytest.raises(ValueError, match="gen_hf_methods"):
+        bench.run_bench(out=None, **dict(GEN, gen_hf_methods=["dense"]))

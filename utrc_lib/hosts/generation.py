@@ -165,11 +165,13 @@ class CacheDecoder:
         self.offset += ids.shape[1]
         return out.logits[:, -1].float()  # (B, V)
 
+    @torch.inference_mode()
     def prefill(self, ids: Tensor) -> Tensor:
         """(B, N) context -> (B, V) next-token logits; the cache then holds the prefill's state."""
         self.cache, self.offset = None, 0
         return self._forward(ids)
 
+    @torch.inference_mode()
     def load(self, state: PrefillState, batch: int) -> None:
         """A fresh cache holding `state` (broadcast from batch 1 to `batch` when the state has one row)."""
         from transformers.cache_utils import DynamicCache
@@ -185,6 +187,7 @@ class CacheDecoder:
             cache.update_recurrent_state(ssm, i)
         self.cache, self.offset = cache, state.num_tokens
 
+    @torch.inference_mode()
     def feed(self, ids: Tensor) -> Tensor:
         """Continue the state with (B, M) tokens (not reduced) -> (B, V) logits after the last one."""
         if self.mamba2:
@@ -194,10 +197,12 @@ class CacheDecoder:
             logits = self._forward(ids[:, j:j + 1])
         return logits
 
+    @torch.inference_mode()
     def step(self, tok: Tensor) -> Tensor:
         """(B, 1) token -> (B, V) logits."""
         return self._forward(tok)
 
+    @torch.inference_mode()
     def state(self) -> tuple[tuple, tuple]:
         """(conv, ssm) per layer, cloned from the cache."""
         n = len(self.model.backbone.layers)
@@ -249,6 +254,7 @@ class GraphDecoder:
             self.params = InferenceParams(max_seqlen=max_seqlen, max_batch_size=self.batch)
         self.params.seqlen_offset = 0
 
+    @torch.inference_mode()
     def prefill(self, ids: Tensor) -> Tensor:
         """(B, N) context -> (B, V) logits; the (reduced, when patched) prefill writes the states."""
         if ids.shape[0] != self.batch:
@@ -258,10 +264,15 @@ class GraphDecoder:
         self.params.seqlen_offset = ids.shape[1]
         return logits.float()
 
+    def state_bytes(self) -> int:
+        """Bytes of the conv + SSM state tensors decoding reads and writes (0 before a prefill)."""
+        return sum(t.numel() * t.element_size() for pair in self.params.key_value_memory_dict.values() for t in pair)
+
     def _states(self):
         layers = self.model.backbone.layers
         return [self.params.key_value_memory_dict[layer.mixer.layer_idx] for layer in layers]
 
+    @torch.inference_mode()
     def load(self, state: PrefillState, batch: int) -> None:
         """Copy `state` into the tensors decoding reads (in place: the graph reads their addresses)."""
         if batch != self.batch:
@@ -273,6 +284,7 @@ class GraphDecoder:
             ssm_t.copy_(ssm)
         self.params.seqlen_offset = state.num_tokens
 
+    @torch.inference_mode()
     def step(self, tok: Tensor) -> Tensor:
         """(B, 1) token -> (B, V) logits (one graph replay when cg)."""
         pos = torch.full((self.batch, 1), self.params.seqlen_offset, dtype=torch.long, device=tok.device)
@@ -283,6 +295,7 @@ class GraphDecoder:
         self.params.seqlen_offset += 1
         return logits[:, -1].float()
 
+    @torch.inference_mode()
     def feed(self, ids: Tensor) -> Tensor:
         """Continue with (B, M) tokens one step each (mamba-ssm's chunked forward takes no initial state)."""
         logits = None
@@ -290,6 +303,7 @@ class GraphDecoder:
             logits = self.step(ids[:, j:j + 1])
         return logits
 
+    @torch.inference_mode()
     def state(self) -> tuple[tuple, tuple]:
         st = self._states()
         return tuple(c.clone() for c, _ in st), tuple(s.clone() for _, s in st)
