@@ -44,6 +44,13 @@ corpus: venv
 tokenizer: corpus
 	$(PY) data/corpus/train_tokenizer.py
 
+# Corpus v2 (general English added) and its tokenizer, for the small-* models (data/corpus/README.md).
+.PHONY: corpus-v2 tokenizer-v2
+corpus-v2: venv
+	$(PY) data/corpus/build_corpus_v2.py build
+tokenizer-v2: corpus-v2
+	$(PY) data/corpus/build_corpus_v2.py tokenizer
+
 flops: venv
 	$(PY) -m utrc_lib.flops
 

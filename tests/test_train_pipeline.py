@@ -91,7 +91,9 @@ def test_train_join_load(packed, arch, tmp_path):
     assert set(res["eval"]["test"]["per_source"]) == {"prose", "technical"}
     assert res["eval"]["validation"]["overall"]["ppl"] > 1
     dest = tmp_path / "models" / f"small-{arch}"
-    j = join.main([str(out), "--name", f"small-{arch}", "--dest", str(dest), "--tokenizer", str(root / "tok")])
+    j = join.main([str(out), "--name", f"small-{arch}", "--dest", str(dest), "--tokenizer", str(root / "tok"),
+                   "--sample-tokens", "5"])
+    assert len(j["samples"]) == len(join.PROMPTS) and all(s["text"].startswith(s["prompt"]) for s in j["samples"])
     assert j["verify"]["ok"] and j["verify"]["max_abs_diff"] < 5e-2
     for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "training_log.json",
               "training_curve.png"):

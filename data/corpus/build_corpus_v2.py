@@ -317,6 +317,7 @@ def clean_dict_entry(text: str, drop_first_line: bool = False) -> list[str]:
         p = _GCIDE_SRC.sub("", p)
         p = re.sub(r"\\[^\\]{0,60}\\", "", p)        # pronunciation \A*buse"\
         p = re.sub(r"[{}]", "", p)                     # cross-reference braces
+        p = re.sub(r"\s+([,.;:])", r"\1", norm_ws(p))
         letters = sum(c.isalpha() or c == " " for c in p)
         if len(p) >= 25 and len(p.split()) >= 4 and letters / len(p) >= 0.72:
             out.append(p)
@@ -539,6 +540,7 @@ def build(args) -> None:
         "total_chars": sum(s["chars"] for s in splits.values()),
     }
     if not args.only:
+        manifest["v1_subset_sha256"] = v1_subset_sha256()
         MANIFEST.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {MANIFEST.relative_to(REPO)}")
     print(f"done in {time.time() - t0:.0f}s")
@@ -565,6 +567,21 @@ def train_tokenizer(texts: list[str], vocab: int):
     return tok
 
 
+def v1_subset_sha256() -> dict[str, str]:
+    """sha256 of the lines of each v2 split whose source is a v1 source. The v1 sources come first and are
+    written exactly as build_corpus.py writes them, so for the test split this equals the sha256 of v1's
+    test.jsonl that data/benchmarks/manifest.json records (corpus_sha256): v1 test = v2 test's v1 part."""
+    out = {}
+    for split in SPLITS:
+        h = hashlib.sha256()
+        with open(WORK / f"{split}.jsonl", "rb") as f:
+            for line in f:
+                if json.loads(line)["source"] in V1_SOURCES:
+                    h.update(line)
+        out[split] = h.hexdigest()
+    return out
+
+
 def tokenizer_stage(args) -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -573,6 +590,7 @@ def tokenizer_stage(args) -> None:
     if not MANIFEST.exists():
         die(f"{MANIFEST} is missing: run `build_corpus_v2.py build` first")
     manifest = json.loads(MANIFEST.read_text())
+    manifest["v1_subset_sha256"] = v1_subset_sha256()
     t0 = time.time()
     docs = {s: read_split(s) for s in SPLITS}
     tok = train_tokenizer([d["text"] for d in docs["train"]], args.vocab)

@@ -10,11 +10,12 @@ Validation loss every --eval-every steps; the best weights are kept (in host mem
 At the end, on the best weights rounded to fp16 (fp32 compute):
   * validation and test loss, perplexity and bits per byte, overall and per source (non-overlapping
     --seq windows over each source's documents joined by <|endoftext|>, every token scored);
-  * a reference for join.py: per-token NLL of two validation windows, without TF32;
-  * samples from a few prompts.
+  * a reference for join.py: per-token NLL of two validation windows (fp32 without TF32 when time allows).
+Evaluation runs under the training autocast (bf16) and shapes, so no Triton kernel is re-tuned at the end.
+Samples are drawn by join.py on CPU.
 Writes to --out ($OUT on the device): weights.safetensors.NN (the fp16 mamba-ssm state dict without the
 tied lm_head, cut into parts of at most --part-mib MiB), training_log.json (curve, evaluations,
-reference, samples, sha256 of the weights). The device command tees stdout into train.log.
+reference, sha256 of the weights). The device command tees stdout into train.log.
 
 Resume: not supported on purpose. The AdamW state of a 26M-parameter model is ~200 MB in fp32, far
 over what one call can bring back (8 files of 16 MiB), so each model is sized to one 10-minute call
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -48,8 +48,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from packing import file_sha256, load_packed, source_streams, write_parts  # noqa: E402
 
-PROMPTS = ["The", "It was a dark and stormy night, and", "In the beginning", "Dear friends,",
-           "The function returns", "Mr. President, the state of the Union"]
 
 
 def parse_args(argv=None):
@@ -73,14 +71,13 @@ def parse_args(argv=None):
     ap.add_argument("--max-seconds", type=float, default=480.0, help="cap on the training time")
     ap.add_argument("--end-by", type=float, default=None,
                     help="Unix time by which everything must be written (default: now + max-seconds + 120)")
-    ap.add_argument("--reserve", type=float, default=45.0,
+    ap.add_argument("--reserve", type=float, default=35.0,
                     help="seconds kept before --end-by for the final evaluation and saving")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-tokens", type=int, default=524288, help="tokens of the in-training validation")
     ap.add_argument("--eval-max-tokens", type=int, default=0,
                     help="cap on tokens per source in the final evaluation (0 = all; bpb only when uncapped)")
-    ap.add_argument("--sample-tokens", type=int, default=80)
     ap.add_argument("--data", default=str(REPO / ".train/tokens"))
     ap.add_argument("--tokenizer", default=str(REPO / ".train/tokenizer"))
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -93,7 +90,7 @@ def parse_args(argv=None):
         a.backend, a.layers, a.d_model, a.headdim, a.chunk_size = "hf", 2, 64, 16, 32
         a.batch, a.seq, a.warmup, a.eval_every = 4, 64, 5, 5
         a.max_seconds = min(a.max_seconds, 120.0)
-        a.val_tokens, a.eval_max_tokens, a.sample_tokens = 2048, 1024, 8
+        a.val_tokens, a.eval_max_tokens = 2048, 1024
         a.reserve = 0.0
         if a.max_steps is None:
             a.max_steps = 30
@@ -138,30 +135,50 @@ class GpuBatcher:
         return self.t[starts.to(self.off.device)[:, None] + self.off].long()
 
 
-def windows(stream: np.ndarray, seq: int, cap: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Non-overlapping windows covering every next-token target of ``stream``: (full, last partial)."""
+def windows(stream: np.ndarray, seq: int, cap: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of seq+1 tokens scoring every next-token target of ``stream`` once: (tokens, target mask).
+
+    Non-overlapping windows; the remainder is scored by one last window ending at the stream's end
+    (only its new targets count), a stream shorter than a window is padded, so every forward pass has
+    the same shape (no kernel recompilation at the end of a run)."""
     s = stream[: cap + 1] if cap else stream
     t = torch.from_numpy(s.astype(np.int64))
-    n_full = (t.numel() - 1) // seq
-    full = torch.stack([t[i * seq: i * seq + seq + 1] for i in range(n_full)]) if n_full else \
-        torch.empty(0, seq + 1, dtype=torch.long)
-    rest = t[n_full * seq:]
-    return full, (rest if rest.numel() >= 2 else None)
+    n_tgt = t.numel() - 1
+    n_full = n_tgt // seq
+    rows = [t[i * seq: i * seq + seq + 1] for i in range(n_full)]
+    masks = [torch.ones(seq, dtype=torch.bool) for _ in range(n_full)]
+    r = n_tgt - n_full * seq
+    if r > 0:
+        if t.numel() >= seq + 1:
+            rows.append(t[-(seq + 1):])
+            m = torch.zeros(seq, dtype=torch.bool)
+            m[-r:] = True
+        else:
+            rows.append(torch.cat([t, t.new_full((seq + 1 - t.numel(),), int(t[-1]))]))
+            m = torch.zeros(seq, dtype=torch.bool)
+            m[:r] = True
+        masks.append(m)
+    if not rows:
+        return torch.empty(0, seq + 1, dtype=torch.long), torch.empty(0, seq, dtype=torch.bool)
+    return torch.stack(rows), torch.stack(masks)
 
 
 @torch.no_grad()
-def nll_sum(model, full: torch.Tensor, rest, batch: int, device, ctx) -> tuple[float, int]:
+def nll_sum(model, x: torch.Tensor, mask: torch.Tensor, batch: int, device, ctx) -> tuple[float, int]:
+    """Summed NLL of the masked targets; every forward pass is ``batch`` rows (padded with row 0, unscored)."""
     tot, n = 0.0, 0
-    chunks = [full[i: i + batch] for i in range(0, full.size(0), batch)]
-    if rest is not None:
-        chunks.append(rest[None])
-    for b in chunks:
-        b = b.to(device)
+    for i in range(0, x.size(0), batch):
+        b, m = x[i: i + batch], mask[i: i + batch]
+        if b.size(0) < batch:
+            pad = batch - b.size(0)
+            b = torch.cat([b, b[:1].expand(pad, -1)])
+            m = torch.cat([m, torch.zeros(pad, m.size(1), dtype=torch.bool)])
+        b, m = b.to(device), m.to(device)
         with ctx():
             logits = model(b[:, :-1]).logits
-        tot += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        n += b[:, 1:].numel()
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1), reduction="none")
+        tot += (nll * m.reshape(-1)).sum().item()
+        n += int(m.sum().item())
     return tot, n
 
 
@@ -169,8 +186,8 @@ def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, d
     res, tot, n, nbytes, capped_any = {}, 0.0, 0, 0, False
     for name, stream in source_streams(split, sources).items():
         capped = bool(a.eval_max_tokens and stream.size - 1 > a.eval_max_tokens)
-        full, rest = windows(stream, a.seq, a.eval_max_tokens if capped else 0)
-        s, k = nll_sum(model, full, rest, max(1, a.batch // 2), device, ctx)
+        x, m = windows(stream, a.seq, a.eval_max_tokens if capped else 0)
+        s, k = nll_sum(model, x, m, a.batch, device, ctx)
         b = man_split["sources"][name]["bytes"]
         res[name] = {"tokens_scored": k, "loss": s / k, "ppl": math.exp(s / k),
                      "bits_per_byte": None if capped else s / math.log(2) / b, "bytes": b, "capped": capped}
@@ -179,19 +196,6 @@ def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, d
                         "bits_per_byte": None if capped_any else tot / math.log(2) / nbytes,
                         "bytes": nbytes, "capped": capped_any},
             "per_source": res}
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompt: str, n_new: int, device, gen: torch.Generator) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    x = torch.tensor([[tokenizer.eos_token_id] + ids], device=device)
-    for _ in range(n_new):
-        logits = model(x).logits[0, -1].float() / 0.8
-        top = torch.topk(logits, 40)
-        p = torch.softmax(top.values, -1).cpu()
-        nxt = top.indices[torch.multinomial(p, 1, generator=gen).item()]
-        x = torch.cat([x, nxt.view(1, 1)], 1)
-    return tokenizer.decode(x[0, 1:].tolist())
 
 
 def to_mamba_ssm_sd(a, model, state: dict) -> dict:
@@ -230,7 +234,7 @@ def main(argv=None) -> dict:
     if int(train.max()) >= len(tokenizer):
         sys.exit("train_small: token ids exceed the tokenizer size (packed with another tokenizer?)")
     val_stream = packed["validation"]["tokens"]
-    vfull, _ = windows(val_stream, a.seq, a.val_tokens)
+    vfull, vmask = windows(val_stream, a.seq, a.val_tokens)
     cfg = base.ssm_config_dict(a, vocab)
     model = base.build_model(a, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -250,7 +254,7 @@ def main(argv=None) -> dict:
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
     def val_loss() -> float:
-        s, k = nll_sum(model.eval(), vfull, None, a.batch, device, ctx)
+        s, k = nll_sum(model.eval(), vfull, vmask, a.batch, device, ctx)
         model.train()
         return s / k
 
@@ -259,7 +263,7 @@ def main(argv=None) -> dict:
     for _ in range(2 if device.type == "cuda" else 1):
         base.lm_loss(model, batcher.next(), ctx).backward()
     model.zero_grad(set_to_none=True)
-    nll_sum(model.eval(), vfull[: a.batch], None, a.batch, device, ctx)
+    nll_sum(model.eval(), vfull[: a.batch], vmask[: a.batch], a.batch, device, ctx)
     model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -310,36 +314,36 @@ def main(argv=None) -> dict:
           f"{step * tok_step / train_s:,.0f} tokens/s; best val loss {best['val_loss']:.4f} at step {best['step']}",
           flush=True)
 
-    # ------------------------------------------------ final: fp16-rounded best weights, fp32 compute
+    # ------------------------------------------------ final: fp16-rounded best weights
+    # Evaluation under the training autocast and shapes (already compiled kernels: no Triton re-tuning).
     t = time.time()
     model.load_state_dict({k: v.to(torch.float16).float() if v.is_floating_point() else v
                            for k, v in best["state"].items()})
     model.eval()
-    nctx = contextlib.nullcontext
-    evals = {s: evaluate_split(model, packed[s], sources, man["splits"][s], a, device, nctx)
+    evals = {s: evaluate_split(model, packed[s], sources, man["splits"][s], a, device, ctx)
              for s in ("validation", "test") if s in packed}
     for s, e in evals.items():
         o = e["overall"]
         print(f"{s}: loss {o['loss']:.4f} ppl {o['ppl']:.2f} bpb {o['bits_per_byte']}", flush=True)
         for name, r in e["per_source"].items():
-            print(f"   {name:20s} ppl {r['ppl']:8.2f}  bpb {r['bits_per_byte'] if r['bits_per_byte'] is None else round(r['bits_per_byte'], 4)}",
-                  flush=True)
-    # reference for join.py (transformers on CPU must reproduce it)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+            bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+            print(f"   {name:20s} ppl {r['ppl']:8.2f}  bpb {bpb}", flush=True)
+    # reference for join.py: per-token NLL of two validation windows. fp32 without TF32 when there is
+    # time for Mamba-2's Triton kernels to compile for fp32 (or for Mamba-1, whose scan is CUDA), else
+    # under the training autocast (join.py then allows bf16-sized differences).
     ref_len = min(256, a.seq)
     ref_x = torch.from_numpy(val_stream[: 2 * ref_len + 1].astype(np.int64))
     ref_b = torch.stack([ref_x[:ref_len + 1], ref_x[ref_len: 2 * ref_len + 1]])
-    with torch.no_grad():
+    fp32_ref = device.type != "cuda" or a.arch == "mamba" or end_by - time.time() > 120
+    if device.type == "cuda" and fp32_ref:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad(), (contextlib.nullcontext() if fp32_ref else ctx()):
         lg = model(ref_b[:, :-1].to(device)).logits.float()
-        ref_nll = F.cross_entropy(lg.reshape(-1, lg.size(-1)), ref_b[:, 1:].reshape(-1).to(device),
-                                  reduction="none").view(2, -1).cpu()
-    gen = torch.Generator().manual_seed(a.seed)
-    samples = [{"prompt": p, "text": sample(model, tokenizer, p, a.sample_tokens, device, gen)} for p in PROMPTS]
-    for s in samples[:3]:
-        print(f"sample: {s['text']!r}", flush=True)
+    ref_nll = F.cross_entropy(lg.reshape(-1, lg.size(-1)), ref_b[:, 1:].reshape(-1).to(device),
+                              reduction="none").view(2, -1).cpu()
     final_s = time.time() - t
+    print(f"final evaluation {final_s:.0f}s (reference in {'fp32' if fp32_ref else 'bf16 autocast'})", flush=True)
 
     # ------------------------------------------------ weights in parts
     from safetensors.torch import save as st_save
@@ -363,9 +367,10 @@ def main(argv=None) -> dict:
                  "tokenizer_sha256": man["tokenizer_sha256"],
                  "splits": {s: {k: v for k, v in r.items() if k != "parts"} for s, r in man["splits"].items()}},
         "log": log, "eval": evals,
-        "reference": {"tokens": ref_b.tolist(), "nll": ref_nll.tolist(), "tf32": False,
-                      "note": "per-token NLL of the fp16-rounded best weights in fp32 on the training backend"},
-        "samples": samples,
+        "reference": {"tokens": ref_b.tolist(), "nll": ref_nll.tolist(),
+                      "compute": "fp32" if fp32_ref else "bf16-autocast",
+                      "note": "per-token NLL of the fp16-rounded best weights on the training backend"},
+        "eval_compute": "bf16 autocast" if device.type == "cuda" else "fp32",
         "weights": {"file": "weights.safetensors", "bytes": len(blob),
                     "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "dtype": "float16",
                     "naming": "mamba-ssm MambaLMHeadModel state dict, lm_head.weight omitted (tied)"},
