@@ -216,7 +216,7 @@ def test_speedups_beyond_the_physical_bound_are_flagged():
 
 # -- generation as users run it, reduce once / ask many (CPU: the transformers rows) -------------------
 GEN = dict(RUN, methods=[], generate=True, gen_methods=["dense", "utrc", "slice"], gen_cuts=[0.3], gen_batch=2,
-           gen_prompt=48, new_tokens=[3, 5], long_new_tokens=7, long_methods=["dense", "utrc"], long_cuts=[0.3],
+           gen_prompt=48, new_tokens=[3, 5, 7], short_new_tokens=5, long_methods=["dense", "utrc"], long_cuts=[0.3],
            gen_repeats=3, ask_many=True, ask_methods=["dense", "utrc"], ask_cuts=[0.3], ask_questions=2,
            ask_question_tokens=3, ask_answer_tokens=3, ask_context=40)
 
@@ -289,7 +289,7 @@ def test_amdahl_fields_from_synthetic_records():
     assert utrc["checkpoints"]["2000"]["e2e_speedup_vs_dense"] < c["e2e_speedup_vs_dense"]  # share falls
 
 
-@pytest.mark.parametrize("bad", [["--new-tokens", "0"], ["--new-tokens", "10,x"], ["--long-new-tokens", "0"],
+@pytest.mark.parametrize("bad", [["--new-tokens", "0"], ["--new-tokens", "10,x"], ["--short-new-tokens", "0"],
                                  ["--ask-questions", "0"], ["--gen-methods", "nope"], ["--long-cuts", "1.5"],
                                  ["--gen-decoding", "fast"]])
 def test_bad_generation_arguments_are_rejected_before_any_model(bad, tmp_path, no_model, capsys):

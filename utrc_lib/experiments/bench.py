@@ -541,7 +541,7 @@ def save_records(path: str, records: list[dict]) -> None:
 
 
 GEN_DEFAULTS = dict(generate=False, gen_methods=("dense", "utrc"), gen_cuts=(0.3,), gen_batch=None, gen_prompt=None,
-                    new_tokens=(100,), long_new_tokens=None, long_methods=("dense",), long_cuts=(),
+                    new_tokens=(100,), short_new_tokens=None, long_methods=("dense",), long_cuts=(),
                     gen_hf_methods=(), gen_hf_cuts=(0.3,), gen_hf_new_tokens=None, gen_decoding="cg",
                     ask_many=False, ask_methods=("dense", "utrc"), ask_cuts=(0.3,), ask_questions=8,
                     ask_question_tokens=32, ask_answer_tokens=32, ask_context=2048)
@@ -554,30 +554,30 @@ def _tokens(new_tokens) -> list[int]:
 
 def plan_runs(shape: str, methods, cuts, generate: bool = False, gen_methods=(), gen_cuts=(), **gen) -> list[tuple]:
     """[(kind, method, cut, backend or None, new tokens or None)] in run order: dense prefill first,
-    then each method at each cut, then generation (dense first; its longest runs first), the
-    transformers rows on the same weights, then reduce-once-ask-many."""
+    then each method at each cut, then generation (dense first, then the longest runs), reduce once /
+    ask many, then the transformers rows on the same weights."""
     g = dict(GEN_DEFAULTS, **gen)
     runs = [("prefill", "dense", 0.0, None, None)] if "dense" in methods else []
     runs += [("prefill", m, c, None, None) for m in methods if m != "dense" for c in cuts]
     if generate:
-        short = _tokens(g["new_tokens"])[-1]
-        long = g["long_new_tokens"]
+        points = _tokens(g["new_tokens"])
+        long, short = points[-1], min(g["short_new_tokens"] or points[0], points[-1])
 
-        def length(m, c):
-            wanted = m in g["long_methods"] and (m == "dense" or c in g["long_cuts"])
-            return max(long, short) if long and wanted else short
+        def length(m, c):  # long runs go to the largest checkpoint, the others to the short length
+            return long if m in g["long_methods"] and (m == "dense" or c in g["long_cuts"]) else short
 
         gens = [(m, 0.0 if m == "dense" else float(c)) for m in gen_methods for c in (gen_cuts if m != "dense" else [0.0])]
         gens = sorted(dict.fromkeys(gens), key=lambda mc: (mc[0] != "dense", -length(*mc)))
         runs += [("generate", m, c, None, length(m, c)) for m, c in gens]
-        hf_n = g["gen_hf_new_tokens"] or _tokens(g["new_tokens"])[0]
-        hf = [(m, 0.0 if m == "dense" else float(c)) for m in g["gen_hf_methods"]
-              for c in (g["gen_hf_cuts"] if m != "dense" else [0.0])]
-        runs += [("generate", m, c, "hf", hf_n) for m, c in dict.fromkeys(hf)]
     if g["ask_many"]:
         asks = [(m, 0.0 if m == "dense" else float(c)) for m in g["ask_methods"]
                 for c in (g["ask_cuts"] if m != "dense" else [0.0])]
         runs += [("ask_many", m, c, None, g["ask_answer_tokens"]) for m, c in dict.fromkeys(asks)]
+    if generate:
+        hf_n = g["gen_hf_new_tokens"] or _tokens(g["new_tokens"])[0]
+        hf = [(m, 0.0 if m == "dense" else float(c)) for m in g["gen_hf_methods"]
+              for c in (g["gen_hf_cuts"] if m != "dense" else [0.0])]
+        runs += [("generate", m, c, "hf", hf_n) for m, c in dict.fromkeys(hf)]
     return list(dict.fromkeys(runs))
 
 
@@ -633,7 +633,7 @@ def validate(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, r
         for i, v in enumerate(items):
             sizes[f"new_tokens[{i}]"] = v
         sizes["gen_repeats"] = gen_repeats
-        for k in ("gen_batch", "gen_prompt", "long_new_tokens", "gen_hf_new_tokens"):
+        for k in ("gen_batch", "gen_prompt", "short_new_tokens", "gen_hf_new_tokens"):
             if g[k] is not None:
                 sizes[k] = g[k]
     if g["ask_many"]:
@@ -694,8 +694,10 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
         first model is built.
     align: ReductionConfig.align of every reduced run (kept counts rounded to multiples; slice too).
     gen: the generation / ask-many request (GEN_DEFAULTS names the fields): generate, gen_methods,
-        gen_cuts, gen_batch, gen_prompt, new_tokens (checkpoints), long_new_tokens / long_methods /
-        long_cuts (runs that go on to the long length), gen_hf_methods / gen_hf_cuts / gen_hf_new_tokens
+        gen_cuts, gen_batch, gen_prompt, new_tokens (the checkpoints: one run generates up to the
+        largest and is timed at each), long_methods / long_cuts (runs that go to the largest; dense
+        always when listed), short_new_tokens (where the other runs stop; default the smallest
+        checkpoint), gen_hf_methods / gen_hf_cuts / gen_hf_new_tokens
         (transformers' generate on the same weights), gen_decoding, ask_many and its sizes.
     check_tokens: mamba-ssm generate records also run mamba-ssm's own generate() for this many
         tokens (0: off) and record whether its tokens equal the bench's.
@@ -952,12 +954,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gen-prompt", type=_positive_int, default=2048,
                     help="prompt tokens of a generation run (default 2048)")
     ap.add_argument("--new-tokens", type=_int_list, default="100",
-                    help="generated tokens, comma list: one run generates the largest, timed at each (default 100)")
-    ap.add_argument("--long-new-tokens", type=_positive_int, default=None,
-                    help="runs of --long-methods at --long-cuts (dense always) go on to this many tokens")
+                    help="checkpoints, comma list (e.g. 100,500,2000): a run generates up to its length and is "
+                         "timed at each checkpoint on the way (default 100)")
     ap.add_argument("--long-methods", type=_names(methods, True), default="dense",
-                    help="methods whose generation runs go on to --long-new-tokens (default dense)")
+                    help="methods whose runs go to the largest checkpoint (default dense)")
     ap.add_argument("--long-cuts", type=_cut_list, default="0.3", help="cuts of those runs (default 0.3)")
+    ap.add_argument("--short-new-tokens", type=_positive_int, default=None,
+                    help="where every other run stops (default: the smallest checkpoint)")
     ap.add_argument("--gen-hf-methods", type=_names(methods, True), default="",
                     help="backend mamba_ssm: also time transformers' generate on the same weights for these "
                          "methods (default none)")
@@ -1008,7 +1011,7 @@ def main(argv=None) -> int:
     request = dict(backend=a.backend, shapes=a.shapes, methods=[] if a.no_prefill else a.methods, cuts=a.cuts,
                    batch=a.batch, seq_len=a.seq_len, generate=a.generate, gen_methods=a.gen_methods,
                    gen_cuts=a.gen_cuts, gen_batch=a.gen_batch, gen_prompt=a.gen_prompt, new_tokens=a.new_tokens,
-                   long_new_tokens=a.long_new_tokens, long_methods=a.long_methods, long_cuts=a.long_cuts,
+                   short_new_tokens=a.short_new_tokens, long_methods=a.long_methods, long_cuts=a.long_cuts,
                    gen_hf_methods=a.gen_hf_methods, gen_hf_cuts=a.gen_hf_cuts,
                    gen_hf_new_tokens=a.gen_hf_new_tokens, gen_decoding=a.gen_decoding, ask_many=a.ask_many,
                    ask_methods=a.ask_methods, ask_cuts=a.ask_cuts, ask_questions=a.ask_questions,
