@@ -53,6 +53,7 @@ API:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import time
@@ -237,6 +238,14 @@ class _Patch:
         self.remove()
 
 
+def _speed(model, fast: bool):
+    if not fast:
+        return contextlib.nullcontext()
+    from ..hosts.speed import fast_inference
+
+    return fast_inference(model)
+
+
 def _prepare(token_requests, max_length: int) -> list[tuple[int, list[int], list[int]]]:
     """(index, model input, continuation) per request; the input is context + continuation minus its
     last token, kept to the last `max_length` tokens."""
@@ -261,7 +270,10 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
     cut the forward achieved for that row} (0 for a dense forward). `details`, when given, receives
     {request index: RequestDetail}, compared with `ref` ({request index: dense (n, V) log-softmax})
     when given; `keep`, when given, receives {request index: this forward's (n, V) log-softmax}
-    (float32, CPU)."""
+    (float32, CPU).
+
+    The whole batch is scored with batched tensor operations and read back in one transfer
+    (`_score_rows_simple` is the row-by-row twin the tests compare it with)."""
     rows = [p[1] for p in batch]
     if handle is not None and protect:
         with handle.options(protect_last=[len(p[2]) for p in batch]):
@@ -272,26 +284,74 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
         reducer = handle.last_reducer if handle is not None else None
         achieved = reducer.achieved_cut().tolist() if reducer is not None else [0.0] * len(batch)
         cuts.update({p[0]: float(c) for p, c in zip(batch, achieved)})
+    scored, kept_logp = _score_logits(logits, batch, ref if details is not None else None, keep is not None)
+    out = []
+    for b, (p, (ll, greedy, kl, top1)) in enumerate(zip(batch, scored)):
+        out.append((ll, greedy))
+        if keep is not None:
+            keep[p[0]] = kept_logp[b]
+        if details is not None:
+            if kl is None and ref is None and handle is None:  # a dense forward is its own reference
+                kl, top1 = 0.0, len(p[2])
+            details[p[0]] = RequestDetail(ll=ll, tokens=len(p[2]), greedy=greedy, kl=kl, top1=top1)
+    return out
+
+
+def _score_logits(logits: torch.Tensor, batch, ref=None, keep: bool = False):
+    """Batched scoring of one forward's (B, T, V) logits: [(ll, greedy, kl, top1)] per row (kl / top1
+    None without `ref`) and, when `keep`, each row's (n, V) float32 CPU log-softmax (else None).
+    One transfer to the host; `_score_rows_simple` is its row-by-row twin."""
+    device = logits.device
+    ns = [len(p[2]) for p in batch]
+    m = max(ns)
+    # right-aligned (B, m): row b's continuation fills its last n_b slots, `valid` marks them
+    target = torch.zeros((len(batch), m), dtype=torch.long)
+    valid = torch.zeros((len(batch), m), dtype=torch.bool)
+    for b, p in enumerate(batch):
+        target[b, m - ns[b]:] = torch.tensor(p[2], dtype=torch.long)
+        valid[b, m - ns[b]:] = True
+    target, valid = target.to(device), valid.to(device)
+    logp = torch.log_softmax(logits[:, -m:].float(), dim=-1)            # (B, m, V)
+    tok_ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)          # (B, m)
+    zero = torch.zeros_like(tok_ll)
+    ll = torch.where(valid, tok_ll, zero).sum(1)
+    argmax = logp.argmax(-1)
+    greedy = ((argmax == target) | ~valid).all(1)
+    cols = [ll.double(), greedy.double()]
+    if ref is not None:
+        dense = torch.zeros_like(logp)
+        for b, p in enumerate(batch):
+            dense[b, m - ns[b]:] = ref[p[0]].to(device)
+        p_dense = dense.exp()   # 0 * log 0 = 0 where the dense probability underflows
+        kl_tok = torch.where(p_dense > 0, p_dense * (dense - logp), torch.zeros_like(dense)).sum(-1)
+        cols += [torch.where(valid, kl_tok, zero).sum(1).double(), ((dense.argmax(-1) == argmax) & valid).sum(1).double()]
+    host = torch.stack(cols).cpu().tolist()
+    rows = [(float(host[0][b]), bool(host[1][b]),
+             float(host[2][b]) if ref is not None else None, int(host[3][b]) if ref is not None else None)
+            for b in range(len(batch))]
+    kept = None
+    if keep:
+        cpu = logp.detach().to("cpu", torch.float32)
+        kept = [cpu[b, m - ns[b]:].clone() for b in range(len(batch))]
+    return rows, kept
+
+
+def _score_rows_simple(logits: torch.Tensor, batch, ref=None) -> list[tuple[float, bool, Optional[float], Optional[int]]]:
+    """Row-by-row twin of `_score_rows`' scoring (given the batch's logits): (ll, greedy, kl, top1)."""
     out = []
     for row, p in zip(logits, batch):
         n = len(p[2])
         logp = torch.log_softmax(row[-n:].float(), dim=-1)
-        target = torch.tensor(p[2], dtype=torch.long, device=logp.device)
-        ll = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum()
-        argmax = logp.argmax(-1)
-        out.append((float(ll), bool((argmax == target).all())))
-        if keep is not None:
-            keep[p[0]] = logp.detach().to("cpu", torch.float32).clone()
-        if details is not None:
-            kl = top1 = None
-            if ref is not None:
-                dense = ref[p[0]].to(logp.device)
-                p_dense = dense.exp()   # 0 * log 0 = 0 where the dense probability underflows
-                kl = float(torch.where(p_dense > 0, p_dense * (dense - logp), torch.zeros_like(dense)).sum())
-                top1 = int((dense.argmax(-1) == argmax).sum())
-            elif handle is None:  # a dense forward is its own reference
-                kl, top1 = 0.0, n
-            details[p[0]] = RequestDetail(ll=out[-1][0], tokens=n, greedy=out[-1][1], kl=kl, top1=top1)
+        target = torch.tensor(p[2], dtype=torch.long)
+        ll = float(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum())
+        greedy = bool((logp.argmax(-1) == target).all())
+        kl = top1 = None
+        if ref is not None:
+            dense = ref[p[0]]
+            p_dense = dense.exp()
+            kl = float(torch.where(p_dense > 0, p_dense * (dense - logp), torch.zeros_like(dense)).sum())
+            top1 = int((dense.argmax(-1) == logp.argmax(-1)).sum())
+        out.append((ll, greedy, kl, top1))
     return out
 
 
@@ -332,7 +392,7 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
                  max_length: int = 1024, pad_token_id: int = 0, progress: bool = False,
                  protect: bool = True, desc: str = "loglikelihood", details: bool = False,
                  reference: Optional[DenseReference] = None, keep_reference: bool = False,
-                 reference_budget: Optional[int] = None) -> TokenScores:
+                 reference_budget: Optional[int] = None, fast: bool = True) -> TokenScores:
     """Score (ctx_ids, cont_ids) requests with `model` reduced by `config` (dense when None).
 
     Requests are sorted by input length (longest first) and scored in batches of `batch_size`
@@ -352,6 +412,10 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
         keep_reference=True (dense calls only): `TokenScores.reference` holds this pass's
             log-softmax at the scored positions (stored form), or the recompute form once it would
             exceed `reference_budget` bytes (default REFERENCE_BUDGET_BYTES).
+
+    fast=True (default) runs the model under `hosts.speed.fast_inference` (Mamba-2 chunk size by
+    length, Mamba-1 parallel scan): the same numbers up to float rounding, several times faster on
+    CPU. A reference and the calls compared with it must use the same setting.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -392,7 +456,7 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
 
         bar = tqdm(total=len(prepared), desc=desc, unit="req", leave=False)
     try:
-        with _Patch(model, config, protect) as patch:
+        with _Patch(model, config, protect) as patch, _speed(model, fast):
             for batch in batches:
                 ref = stored_ref
                 if recompute:   # the dense forward of this very batch, model unpatched for it
