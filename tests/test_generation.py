@@ -440,3 +440,123 @@ def test_gpu_ask_many_equals_separate_full_runs_at_keep_ratio_one(ssm):
     full = torch.cat([ctx.expand(3, -1), qs], 1)
     ref = model.generate(full, max_length=full.shape[1] + 10, cg=True)[:, full.shape[1]:]
     assert torch.equal(got, ref), arch
+
+
+# -- CPU: the mamba-ssm host and GraphDecoder against a stand-in of mamba-ssm's interface ------------
+@pytest.fixture
+def fake(monkeypatch):
+    import fake_mamba_ssm
+
+    gen = fake_mamba_ssm.install(monkeypatch)
+    monkeypatch.setattr(G.GraphDecoder, "require_cuda", False)
+    model = fake_mamba_ssm.MambaLMHeadModel().eval()
+    return model, gen
+
+
+def greedy_no_cache(model, ids, n):
+    """Reference: recompute the whole sequence for every new token (no state at all)."""
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(n):
+            tok = model(seq, num_last_tokens=1).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, tok], 1)
+    return seq[:, ids.shape[1]:]
+
+
+def test_fake_mamba_ssm_decoding_paths_agree(fake):
+    model, gen = fake
+    assert G.host_name(model) == "mamba_ssm"
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(6))
+    ref = greedy_no_cache(model, ids, 8)
+    assert torch.equal(model.generate(ids, max_length=28)[:, 20:], ref)  # the stand-in is consistent
+    assert torch.equal(G.generate(model, ids, 8, cg=False), ref)
+    assert torch.equal(G.generate(model, ids, 8, cg=True), ref)
+    st = G.prefill(model, ids)
+    assert st.host == "mamba_ssm" and st.conv[0].shape == (3, 48, 4) and st.ssm[0].shape == (3, 48)
+    for cg in (False, True):
+        assert torch.equal(G.generate_from(model, st, max_new_tokens=8, cg=cg), ref)
+        # the question continues the state token by token = one full run over [context; question]
+        q = ids[:, :5]
+        assert torch.equal(G.generate_from(model, st, q, max_new_tokens=6, cg=cg),
+                           greedy_no_cache(model, torch.cat([ids, q], 1), 6))
+
+
+def test_fake_graph_cache_is_reused_and_filled_in_place(fake):
+    model, gen = fake
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(7))
+    st = G.prefill(model, ids, u.ReductionConfig("utrc", keep_ratio=0.6, layers=(1, 3), protect_last=2))
+    before = [t.clone() for t in st.conv + st.ssm]
+    d1 = G.GraphDecoder(model, 2, 40, cg=True)
+    tensors = [t for pair in d1.params.key_value_memory_dict.values() for t in pair]
+    d1.load(st, 2)
+    assert all(a is b for a, b in zip(tensors, [t for p in d1.params.key_value_memory_dict.values() for t in p]))
+    for (conv, ssm), c0, s0 in zip(d1._states(), st.conv, st.ssm):
+        assert torch.equal(conv, c0) and torch.equal(ssm, s0)
+    assert d1.params.seqlen_offset == 16 and d1.state_bytes() == sum(t.numel() * 4 for t in tensors)
+    n = len(gen.captures)
+    G.GraphDecoder(model, 2, 30, cg=True)      # same batch, shorter: reused
+    assert len(gen.captures) == n
+    G.GraphDecoder(model, 1, 30, cg=True)      # another batch: captured anew (mamba-ssm keeps larger states)
+    assert len(gen.captures) == n + 1
+    out = G.generate_from(model, st, ids[:, :3], max_new_tokens=5, cg=True)
+    assert torch.equal(out, G.generate_from(model, st, ids[:, :3], max_new_tokens=5, cg=False))
+    for a, b in zip(before, st.conv + st.ssm):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="batch of 2"):
+        d1.load(st, 3)
+
+
+def test_fake_mamba_ssm_reduced_state_is_the_state_of_the_reduced_sequence(fake):
+    """The mamba-ssm host loop hands over the state of the reduced sequence (as on transformers): the
+    layers after anchor a_k, rerun densely over the (hidden, residual) pair the anchor left."""
+    model, gen = fake
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(8))
+    anchors = (1, 3)
+    cfg = u.ReductionConfig("utrc", keep_ratio=0.7, layers=anchors, protect_last=2)
+    inputs = {}
+    handle = u.apply(model, cfg)
+    hooks = [model.backbone.layers[a + 1].register_forward_pre_hook(
+        lambda mod, args, a=a: inputs.setdefault(a, tuple(t.detach().clone() for t in args[:2])))
+        for a in anchors]  # the prefill's call (decoding steps call the layers again)
+    try:
+        st = G.prefill(model, ids)
+        with_patch = G.generate_from(model, st, max_new_tokens=6, cg=True)
+        generate_patched = model.generate(ids, max_length=46)[:, 40:]
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.remove()
+    assert torch.equal(with_patch, generate_patched)  # the host's own generate continues the same state
+    dense = G.prefill(model, ids)
+    for i in range(anchors[0] + 1):
+        assert torch.equal(st.ssm[i], dense.ssm[i]) and torch.equal(st.conv[i], dense.conv[i]), i
+    for a, end in zip(anchors, (anchors[1], len(model.backbone.layers) - 1)):
+        hidden, residual = inputs[a]
+        assert hidden.shape[1] == st.layer_tokens[a + 1] < (40 if a == anchors[0] else st.layer_tokens[a])
+        params = gen.InferenceParams(max_seqlen=64, max_batch_size=2)
+        with torch.inference_mode():
+            for i in range(a + 1, end + 1):
+                hidden, residual = model.backbone.layers[i](hidden, residual, inference_params=params)
+        for i in range(a + 1, end + 1):
+            conv, ssm_state = params.key_value_memory_dict[i]
+            assert torch.equal(st.conv[i], conv) and torch.equal(st.ssm[i], ssm_state), i
+    assert not torch.equal(st.ssm[-1], dense.ssm[-1])
+
+
+def test_fake_bench_graph_generation_record(fake):
+    from utrc_lib.experiments import bench
+
+    model, gen = fake
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(9))
+    for cg in (True, False):
+        rec = bench.measure_graph_generation(model, ids, [3, 6], "cpu", repeats=3, cg=cg, check_tokens=6)
+        assert rec["decoding"] == ("cuda_graph" if cg else "python_loop") and rec["tokens_match_mamba_ssm"]
+        assert list(rec["checkpoints"]) == ["3", "6"] and len(rec["prefill_ms_all"]) == 3
+        assert rec["state_bytes"] == sum(t.numel() * 4 for pair in model.allocate_inference_cache(2, 1).values()
+                                         for t in pair)
+    with bench.patched(model, "mamba_ssm", "utrc", bench.method_config("utrc", 0.7, (1, 3))):
+        rec = bench.measure_graph_generation(model, ids, [4], "cpu", repeats=3, cg=True, check_tokens=4)
+    assert rec["tokens_match_mamba_ssm"]   # reduced prefill: our decoding = the host's generate()
+    ask = bench.bench_ask_many(model, "mamba_ssm", "dense", None, "cpu", context=ids[:1], questions=ids[:, :3],
+                               answer_tokens=4, repeats=3)
+    assert ask["answers_agree"] == 1.0 and ask["questions"] == 2

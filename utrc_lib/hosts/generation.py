@@ -211,6 +211,11 @@ class CacheDecoder:
         return conv, ssm
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # model -> mamba-ssm DecodingCGCache (captured graphs of the decoding step)
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -225,6 +230,8 @@ class GraphDecoder:
     cg=False: mamba-ssm's Python decoding path (`model(tok, inference_params=...)` per token).
     """
 
+    require_cuda = True  # the CPU tests swap mamba-ssm's capture for an eager stand-in
+
     def __init__(self, model, batch: int, max_seqlen: int, cg: bool = True):
         from mamba_ssm.utils.generation import InferenceParams
 
@@ -232,7 +239,7 @@ class GraphDecoder:
         self.capture_ms = 0.0
         self.device = next(model.parameters()).device
         if self.cg:
-            if self.device.type != "cuda":
+            if self.require_cuda and self.device.type != "cuda":
                 raise ValueError("cg=True (CUDA-graph decoding) needs the model on a CUDA device")
             import time
 
@@ -242,10 +249,10 @@ class GraphDecoder:
             if cache is not None and (cache.max_batch_size != self.batch or cache.max_seqlen < max_seqlen):
                 cache = None
             fresh = cache is None
-            torch.cuda.synchronize(self.device)
+            _sync(self.device)
             t0 = time.perf_counter()
             cache = update_graph_cache(model, cache, self.batch, 1, max(max_seqlen, getattr(cache, "max_seqlen", 0)))
-            torch.cuda.synchronize(self.device)
+            _sync(self.device)
             self.capture_ms = (time.perf_counter() - t0) * 1e3 if fresh else 0.0
             _GRAPHS[model] = cache
             self.graphs = cache
