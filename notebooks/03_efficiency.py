@@ -36,6 +36,7 @@ repeats: int = 3                             # timed repeats (median reported) a
 seed: int = 0
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 gpu_bench: str = "../figures/03_efficiency/gpu_bench.json"   # written by utrc_lib.bench on a GPU machine
+gpu_generate: str = "../figures/03_efficiency/gpu_generate.json"   # written by scripts/gpu_generate.sh
 paper_results: str = "../data/paper_results.json"
 
 # %%
@@ -121,8 +122,97 @@ paper = json.load(open(paper_results))["efficiency"]
 fig = plotting.paper_efficiency_figure(paper)
 save(fig, "paper_efficiency"); plt.show()
 
+# %% [markdown]
+# ## Generation as users run it (GPU, `scripts/gpu_generate.sh`, when present)
+#
+# mamba-ssm with CUDA-graph decoding after the (reduced) prefill, end to end (prefill + decoding) at
+# 100, 500 and 2000 new tokens, batch 16 x 2048-token prompts, random fp16 weights of the paper's
+# shapes. The reduction only shortens the prefill (decoding keeps a fixed-size state), so its
+# end-to-end gain is bounded by Amdahl's law from the dense prefill share p:
+# 1 / ((1 - p) + p (1 - cut)). The paper's throughput speed-ups (batch 16, 2048 + 100 tokens) are
+# shown at 100 tokens. Decode ms/token is compared with the bound of moving the weights and the
+# state once per step at the measured copy bandwidth.
+
+# %%
+from utrc_lib.experiments.bench import generation_table
+
+gen_records = json.load(open(gpu_generate)) if Path(gpu_generate).is_file() else None
+gen_table = ask_table = None
+if gen_records:
+    paper_tp = json.load(open(paper_results))["efficiency"]["throughput_speedup"]
+    paper_name = {"mamba2-2.7b": "Mamba-2-2.7B", "mamba-2.8b": "Mamba-2.8B"}
+    gen_table = pd.DataFrame(generation_table(gen_records))
+    gen_table["paper_speedup"] = [
+        paper_tp.get(paper_name.get(r.model_shape, ""), {}).get(f"{r.flops_cut:.1f}")
+        if (r.method == "utrc" and r.new_tokens == 100) else None for r in gen_table.itertuples()]
+    display(gen_table.round(3))
+    ask_table = pd.DataFrame([{k: r.get(k) for k in ("model_shape", "method", "flops_cut", "questions",
+                                                       "question_tokens", "context_tokens", "answer_tokens",
+                                                       "once_prefill_ms", "once_ms", "separate_ms",
+                                                       "speedup_once_vs_separate", "answers_agree")}
+                              for r in gen_records if r.get("kind") == "ask_many" and "error" not in r])
+    display(ask_table.round(3))
+    cg = gen_table[gen_table["decoding"] == "cuda_graph"]
+    shapes = sorted(cg["model_shape"].unique())
+    if len(shapes):
+        fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 3.6 * len(shapes)), squeeze=False)
+        for shape, row in zip(shapes, axes):
+            g = cg[cg["model_shape"] == shape]
+            for n, col in zip(sorted(g["new_tokens"].unique()), ["#0072B2", "#E69F00", "#009E73", "#CC79A7"]):
+                for m, ls in (("utrc", "-"), ("slice", "--")):
+                    e = g[(g["method"].isin([m, "dense"])) & (g["new_tokens"] == n)].sort_values("flops_cut")
+                    e = e[e["e2e_speedup_vs_dense"].notna()]
+                    if len(e) > 1:
+                        row[0].plot(100 * e["flops_cut"], e["e2e_speedup_vs_dense"], ls=ls, marker="o", color=col,
+                                    label=f"{plotting.style(m)['label'] if m == 'utrc' else 'free slicing'}, {n} tokens")
+                b = g[(g["method"] == "utrc") & (g["new_tokens"] == n)].sort_values("flops_cut")
+                if len(b):
+                    row[0].plot(100 * b["flops_cut"], b["amdahl_bound"], ls=":", color=col, lw=1)
+            p = g[g["paper_speedup"].notna()]
+            if len(p):
+                row[0].plot(100 * p["flops_cut"], p["paper_speedup"].astype(float), "k*", ms=9, label="paper (A100, 100 tokens)")
+            row[0].axhline(1.0, color="black", lw=0.6)
+            row[0].set_xlabel(plotting.TOKEN_LAYER_CUT_LABEL); row[0].set_ylabel("end-to-end speed-up vs dense (x)")
+            row[0].set_title(f"{shape}: dotted = Amdahl bound from the dense prefill share", fontsize=8)
+            row[0].legend(fontsize=6)
+            top = g[g["flops_cut"] == g["flops_cut"].max()]
+            for m, ls, col in (("utrc", "-", "#0072B2"), ("slice", "--", "#009E73")):
+                e = top[top["method"] == m].sort_values("new_tokens")
+                if len(e):
+                    row[1].plot(e["new_tokens"], e["e2e_speedup_vs_dense"], ls=ls, marker="o", color=col,
+                                label=plotting.style(m)["label"] if m == "utrc" else "free slicing")
+                    if m == "utrc":
+                        row[1].plot(e["new_tokens"], e["amdahl_bound"], ls=":", color="grey", label="Amdahl bound")
+            d = g[g["method"] == "dense"].sort_values("new_tokens")
+            if len(d):
+                ax2 = row[1].twinx()
+                ax2.plot(d["new_tokens"], 100 * (d["prefill_ms"] / d["e2e_ms"]), color="#D55E00", marker="s", lw=0.8)
+                ax2.set_ylabel("dense prefill share (%)", color="#D55E00")
+            ns = sorted(g["new_tokens"].unique())
+            row[1].set_xscale("log"); row[1].set_xticks(ns, [str(n) for n in ns]); row[1].minorticks_off()
+            row[1].axhline(1.0, color="black", lw=0.6)
+            row[1].set_xlabel("new tokens"); row[1].set_ylabel(f"speed-up at {100 * g['flops_cut'].max():.0f}% cut (x)")
+            row[1].set_title("the reduction's share falls as generation grows", fontsize=8); row[1].legend(fontsize=6)
+            dd = (g.sort_values("new_tokens", ascending=False).drop_duplicates(["method", "flops_cut"])
+                  .sort_values(["method", "flops_cut"]))   # each configuration's longest run
+            x = np.arange(len(dd))
+            row[2].bar(x, dd["decode_ms_per_token"], color="#0072B2", label="decode ms/token (median)")
+            if dd["decode_bound_ms"].notna().any():
+                row[2].axhline(float(dd["decode_bound_ms"].dropna().iloc[0]), color="black", ls="--",
+                               label="bound: weights + 2 x state / copy bandwidth")
+            row[2].set_xticks(x, [f"{m}\n{c:.0%}\n{n} tok" for m, c, n in zip(dd["method"], dd["flops_cut"], dd["new_tokens"])],
+                              fontsize=7)
+            row[2].set_ylabel("ms per decoding step"); row[2].legend(fontsize=6)
+            row[2].set_title("decoding (CUDA graphs) does not depend on the method", fontsize=8)
+        gpus = sorted({r.get("gpu") for r in gen_records if r.get("gpu")})
+        fig.suptitle(f"Generation with CUDA-graph decoding on {', '.join(gpus) or 'GPU'}, batch 16 x 2048, fp16")
+        fig.tight_layout(rect=(0, 0, 1, 0.98)); save(fig, "gpu_generation"); plt.show()
+else:
+    print(f"no generation benchmark at {gpu_generate}: run `bash scripts/gpu_generate.sh` on a GPU machine")
+
 # %%
 data = {"cpu_prefill": cpu, "cpu_decode": dec, "cpu_memory": "not measured (no peak counter for torch's CPU allocator)",
-        "gpu": None if gpu is None else gpu, "paper_efficiency": paper}
+        "gpu": None if gpu is None else gpu, "paper_efficiency": paper,
+        "gpu_generation": gen_table, "gpu_ask_many": ask_table}
 ctx.write_results(data=data, device={"cpu": "CPU fp32", "threads": torch.get_num_threads()},
                   timing="utrc_lib.experiments.timing.time_ms: 1 warm-up, median of `repeats` (perf_counter on CPU)")
