@@ -760,9 +760,15 @@ def check_method(model, method: str, *, keep_ratio: float = 0.6, n: int = 28, pr
                 worst = max(worst, float((both[i, n - len(s_):] - single).abs().max()))
         return worst <= 1e-4, f"max |batched - single| over 3 left-padded lengths: {worst:.2e}"
 
-    for name, fn in (("order", order), ("causal placement", placement), ("causal (protected tail)", protected),
-                     ("batch", batch)):
-        record(name, fn)
+    import warnings
+
+    from ..core.reduce import ReductionShortfall
+
+    with warnings.catch_warnings():  # short test sequences run out of reducible tokens: not what is checked
+        warnings.simplefilter("ignore", ReductionShortfall)
+        for name, fn in (("order", order), ("causal placement", placement),
+                         ("causal (protected tail)", protected), ("batch", batch)):
+            record(name, fn)
     return out
 
 
