@@ -438,6 +438,7 @@ def test_gpu_ask_many_equals_separate_full_runs_at_keep_ratio_one(ssm):
     got = G.generate_from(model, state, qs, max_new_tokens=10, cg=True)
     assert torch.equal(G.generate_from(model, state, qs, max_new_tokens=10, cg=False), got)
     full = torch.cat([ctx.expand(3, -1), qs], 1)
+    model._decoding_cache = None  # mamba-ssm keeps a larger batch's state tensors for a smaller batch
     ref = model.generate(full, max_length=full.shape[1] + 10, cg=True)[:, full.shape[1]:]
     assert torch.equal(got, ref), arch
 
