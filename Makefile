@@ -59,3 +59,12 @@ bench: venv
 
 clean:
 	rm -rf notebooks/executed .pytest_cache
+
+# Notebooks in a real JupyterLab with headless Chromium (Debian chromium + chromium-driver, selenium).
+# Screenshots: .cache/browser/<notebook>.png. Not part of `make test` (CI): opt-in, needs apt.
+.PHONY: test-browser
+test-browser: venv
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver)
+	$(PY) -c "import selenium" 2>/dev/null || $(PIP) install -q -e ".[browser]"
+	UTRC_BROWSER=1 $(PY) -m pytest -q -m browser tests/test_browser.py

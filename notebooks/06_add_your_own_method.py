@@ -36,7 +36,7 @@ quick: bool = False                 # tests: fewer items, one cut
 model_name: str = "tiny-mamba2"     # embedded model or checkpoint path
 cuts: list = [0.15, 0.3]            # token-layer cuts of the sweep
 tasks: list = ["cloze", "choice2"]  # offline tasks of the sweep
-limit: int = 20                     # items per task (small: the notebook runs in make figures)
+limit: int = 10                     # items per task (small: the notebook runs in make figures)
 seed: int = 0                       # torch seed
 out_dir: str = ""                   # empty: scratch .cache/notebooks/<name>; `make figures` passes figures/<name>
 

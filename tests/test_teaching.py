@@ -228,3 +228,32 @@ def test_explorer_widgets_redraw(real):
         T.explorer_config("utrc", "clip", 0.8, 0.5).resolve(12)
     d = T.explorer_data(m2, tok, texts[0], method="utrc", metric="clip", cut=0.2, q=0.5, max_tokens=20)
     assert d["trace"]["tokens_per_layer"][-1] < 20 and len(d["own"]) == d["trace"]["tokens_per_layer"][-1]
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["05_algorithm_step_by_step", "06_add_your_own_method"])
+def test_teaching_notebooks_run(tmp_path, real, name):
+    """Quick papermill runs of the teaching notebooks record the library's numbers."""
+    import json
+
+    from utrc_lib.report.figures import execute
+    from utrc_lib.environment import REPO
+
+    out = tmp_path / name
+    execute(REPO / "notebooks" / f"{name}.ipynb", tmp_path / f"{name}.out.ipynb", {"quick": True, "out_dir": str(out)})
+    res = json.loads((out / "results.json").read_text())
+    d = res["data"]
+    assert all((out / f).is_file() for f in res["figures"])
+    if name.startswith("05"):
+        st = T.utrc_steps(T.toy_sequence(seed=res["parameters"]["toy_seed"]), res["parameters"]["toy_keep"],
+                          q=res["parameters"]["q"])
+        assert d["kept_edges"] == [list(e) for e in st.edges] and d["best_match"] == st.f
+        assert d["causal"]["dense position 0"] == 0.0 and d["causal"]["non-causal row at position 0"] > 0
+        assert d["reference"]["destinations"] and set(d["reference"]["destinations"]) == {1}
+        assert "explorer_default.png" in res["figures"]
+    else:
+        assert all(c["passed"] for c in d["checks"])
+        assert not next(c for c in d["broken_checks"] if c["check"] == "causal placement")["passed"]
+        assert {r["method"] for r in d["rows"]} == {"none", "utrc", "neighbour_merge"}
+        assert all(0 <= r["mean_acc"] <= 1 for r in d["rows"])
