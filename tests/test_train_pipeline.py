@@ -83,7 +83,7 @@ def test_train_join_load(packed, arch, tmp_path):
     root, _ = packed
     out = tmp_path / "out"
     res = train_small.main(["--arch", arch, "--smoke", "--data", str(root / ".train/tokens"),
-                            "--tokenizer", str(root / ".train/tokenizer"), "--out", str(out),
+                            "--tokenizer", str(root / "tok"), "--out", str(out),
                             "--max-steps", "6", "--part-mib", "0.05"])
     files = sorted(p.name for p in out.iterdir())
     assert "training_log.json" in files and len([f for f in files if f.startswith("weights.")]) >= 2
@@ -115,7 +115,7 @@ def test_join_rejects_other_tokenizer(packed, tmp_path):
     root, _ = packed
     out = tmp_path / "out"
     train_small.main(["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"),
-                      "--tokenizer", str(root / ".train/tokenizer"), "--out", str(out), "--max-steps", "6"])
+                      "--tokenizer", str(root / "tok"), "--out", str(out), "--max-steps", "6"])
     with pytest.raises(SystemExit):
         join.main([str(out), "--name", "y", "--dest", str(tmp_path / "y"),
                    "--tokenizer", str(REPO / "data/tokenizer")])       # v1 tokenizer: not the one trained with

@@ -1,13 +1,14 @@
 #!/bin/bash
 # One training call on the GPU machine: install the mamba-ssm pieces, train, write $OUT.
 #   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba [train_small.py options]
-# carry: .train  (packed tokens + tokenizer from pack.py; mamba_ssm_py/ and the sdist from prepare_kernels.py)
+# carry: .train/tokens (pack.py) and .train/mamba_ssm_py (mamba2) or .train/mamba_ssm-2.3.2.post1.tar.gz (mamba),
+#        both from prepare_kernels.py; the tokenizer is data/tokenizer_v2 (committed)
 # mamba2: mamba-ssm's Python/Triton code from .train/mamba_ssm_py on PYTHONPATH (no CUDA extension needed).
 # mamba:  builds mamba-ssm's selective-scan extension from the sdist for sm_90 (~3 min on 16 cores).
-# Everything must be written by START + LIMIT seconds (default 575, inside the 600 s call limit).
+# Everything must be written by START + LIMIT seconds (default 590, inside the 600 s call limit).
 set -uo pipefail
 START=${START:-$(date +%s)}
-LIMIT=${LIMIT:-575}
+LIMIT=${LIMIT:-590}
 arch=${1:?usage: device.sh mamba2|mamba [options]}; shift
 OUT=${OUT:-out}; mkdir -p "$OUT"
 LOG=$OUT/train.log
@@ -17,11 +18,12 @@ say() { echo "[device +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 say "host $(hostname); $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -1)"
 [ -f .train/tokens/manifest.json ] || { say "no .train/tokens: run scripts/train/pack.py and carry .train"; exit 2; }
 if [ "$arch" = mamba2 ]; then
-  [ -d .train/mamba_ssm_py/mamba_ssm ] || { say "no .train/mamba_ssm_py: run scripts/train/prepare_kernels.py"; exit 2; }
+  [ -d .train/mamba_ssm_py/mamba_ssm ] || { say "no .train/mamba_ssm_py: run scripts/train/prepare_kernels.py and carry it"; exit 2; }
   export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD${PYTHONPATH:+:$PYTHONPATH}
 elif [ "$arch" = mamba ]; then
   if ! python3 -c 'import selective_scan_cuda' 2>/dev/null; then
     say "building mamba-ssm (selective_scan_cuda) from the sdist for sm_90"
+    [ -f .train/mamba_ssm-2.3.2.post1.tar.gz ] || { say "no .train/mamba_ssm-2.3.2.post1.tar.gz: run prepare_kernels.py and carry it"; exit 2; }
     build=$(mktemp -d)
     tar xzf .train/mamba_ssm-2.3.2.post1.tar.gz -C "$build" || exit 2
     python3 - "$build"/mamba_ssm-2.3.2.post1/setup.py <<'PY'

@@ -10,7 +10,8 @@ Writes .train/tokens/ (gitignored):
          sources.npz            per split: doc_start (int64 token offsets), doc_source (uint8 index)
          manifest.json          sha256 and size of every part, per split and per source: documents,
                                 tokens, UTF-8 bytes of the text; the tokenizer's sha256
-       .train/tokenizer/        copy of the tokenizer (so the device needs nothing else from data/)
+       (the tokenizer itself is not copied: data/tokenizer_v2 is committed and travels with the tree;
+       its sha256 is recorded and train_small.py checks it)
 
 Usage: .venv/bin/python scripts/train/pack.py [--splits train validation test] [--out .train]
        [--tokenizer data/tokenizer_v2] [--work data/corpus/work_v2] [--part-mib 15]
@@ -66,14 +67,11 @@ def main(argv=None) -> dict:
     if tdir.exists():
         shutil.rmtree(tdir)
     tdir.mkdir(parents=True)
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tok_dir / f, out / "tokenizer" / f)
 
     sources: list[str] = []
     man: dict = {"format": "uint16 little-endian token ids, xz (preset %d) stream cut into parts" % a.xz_preset,
                  "eot": EOT, "eot_id": eot, "vocab": tok.get_vocab_size(),
-                 "tokenizer_sha256": {f: file_sha256(out / "tokenizer" / f)
+                 "tokenizer_sha256": {f: file_sha256(tok_dir / f)
                                       for f in ("tokenizer.json", "tokenizer_config.json")},
                  "splits": {}}
     meta = {}

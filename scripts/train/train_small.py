@@ -71,7 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-seconds", type=float, default=480.0, help="cap on the training time")
     ap.add_argument("--end-by", type=float, default=None,
                     help="Unix time by which everything must be written (default: now + max-seconds + 120)")
-    ap.add_argument("--reserve", type=float, default=35.0,
+    ap.add_argument("--reserve", type=float, default=25.0,
                     help="seconds kept before --end-by for the final evaluation and saving")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-max-tokens", type=int, default=0,
                     help="cap on tokens per source in the final evaluation (0 = all; bpb only when uncapped)")
     ap.add_argument("--data", default=str(REPO / ".train/tokens"))
-    ap.add_argument("--tokenizer", default=str(REPO / ".train/tokenizer"))
+    ap.add_argument("--tokenizer", default=str(REPO / "data/tokenizer_v2"))
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--part-mib", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -228,6 +228,9 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     packed = load_packed(a.data)
     man, sources = packed["manifest"], packed["sources"]
+    for f, want in man["tokenizer_sha256"].items():
+        if file_sha256(Path(a.tokenizer) / f) != want:
+            sys.exit(f"train_small: {a.tokenizer}/{f} is not the tokenizer the tokens were packed with")
     from utrc_lib.hosts.convert import padded_vocab
     vocab = padded_vocab(len(tokenizer), a.pad_vocab_multiple)
     train = packed["train"]["tokens"]
