@@ -554,8 +554,9 @@ def _tokens(new_tokens) -> list[int]:
 
 def plan_runs(shape: str, methods, cuts, generate: bool = False, gen_methods=(), gen_cuts=(), **gen) -> list[tuple]:
     """[(kind, method, cut, backend or None, new tokens or None)] in run order: dense prefill first,
-    then each method at each cut, then generation (dense first, then the longest runs), reduce once /
-    ask many, then the transformers rows on the same weights."""
+    then each method at each cut, then generation: dense and the other long runs, reduce once / ask
+    many, the short runs, the transformers rows on the same weights (the most wanted first, for a
+    time budget that cuts the list)."""
     g = dict(GEN_DEFAULTS, **gen)
     runs = [("prefill", "dense", 0.0, None, None)] if "dense" in methods else []
     runs += [("prefill", m, c, None, None) for m in methods if m != "dense" for c in cuts]
@@ -568,12 +569,13 @@ def plan_runs(shape: str, methods, cuts, generate: bool = False, gen_methods=(),
 
         gens = [(m, 0.0 if m == "dense" else float(c)) for m in gen_methods for c in (gen_cuts if m != "dense" else [0.0])]
         gens = sorted(dict.fromkeys(gens), key=lambda mc: (mc[0] != "dense", -length(*mc)))
-        runs += [("generate", m, c, None, length(m, c)) for m, c in gens]
+        runs += [("generate", m, c, None, length(m, c)) for m, c in gens if length(m, c) == long]
     if g["ask_many"]:
         asks = [(m, 0.0 if m == "dense" else float(c)) for m in g["ask_methods"]
                 for c in (g["ask_cuts"] if m != "dense" else [0.0])]
         runs += [("ask_many", m, c, None, g["ask_answer_tokens"]) for m, c in dict.fromkeys(asks)]
     if generate:
+        runs += [("generate", m, c, None, length(m, c)) for m, c in gens if length(m, c) != long]
         hf_n = g["gen_hf_new_tokens"] or _tokens(g["new_tokens"])[0]
         hf = [(m, 0.0 if m == "dense" else float(c)) for m in g["gen_hf_methods"]
               for c in (g["gen_hf_cuts"] if m != "dense" else [0.0])]
