@@ -213,7 +213,7 @@ def test_continuation_under_a_patch_is_not_reduced(trained):
     cfg = u.ReductionConfig("utrc", keep_ratio=0.5, layers=(1,))
     state = G.prefill(model, ctx, cfg)
     ref = G.generate_from(model, state, q, max_new_tokens=8)
-    with u.apply(model, cfg) as handle:
+    with u.apply(model, cfg):
         again = G.prefill(model, ctx)  # config=None: the model's own patch
         assert again.layer_tokens == state.layer_tokens
         got = G.generate_from(model, again, q, max_new_tokens=8)

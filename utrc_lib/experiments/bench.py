@@ -160,7 +160,6 @@ def copy_bandwidth_gb_s(device, nbytes: int = 1 << 30, repeats: int = 5) -> Opti
     x = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
     y = torch.empty_like(x)
     ms = median(time_ms(lambda: y.copy_(x), device, repeats=repeats, warmup=2))
-    del x, y
     return 2 * nbytes / (ms / 1e3) / 1e9
 
 
