@@ -39,7 +39,7 @@ from packing import file_sha256, join_parts  # noqa: E402
 MAX_MODEL_BYTES = 64 * 2**20
 PROMPTS = ["The", "It was a dark and stormy night, and", "In the beginning", "Dear friends,",
            "The function returns", "Mr. President, the state of the Union"]
-BF16_TOL = (5e-2, 1.0)   # (mean, max) |NLL diff| when the device reference was computed under bf16 autocast
+BF16_TOL = (8e-2, 1.5)   # (mean, max) |NLL diff| when the device reference was computed under bf16 autocast
 
 
 @torch.no_grad()

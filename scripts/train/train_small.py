@@ -331,18 +331,20 @@ def main(argv=None) -> dict:
         for name, r in e["per_source"].items():
             bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
             print(f"   {name:20s} ppl {r['ppl']:8.2f}  bpb {bpb}", flush=True)
-    # reference for join.py: per-token NLL of two validation windows. fp32 without TF32 when there is
-    # time for Mamba-2's Triton kernels to compile for fp32 (or for Mamba-1, whose scan is CUDA), else
-    # under the training autocast (join.py then allows bf16-sized differences).
-    ref_len = min(256, a.seq)
-    ref_x = torch.from_numpy(val_stream[: 2 * ref_len + 1].astype(np.int64))
-    ref_b = torch.stack([ref_x[:ref_len + 1], ref_x[ref_len: 2 * ref_len + 1]])
-    fp32_ref = device.type != "cuda" or a.arch == "mamba" or end_by - time.time() > 120
+    # reference for join.py: per-token NLL of the first two validation windows, computed in a forward
+    # pass of the evaluation's shape. Under the training autocast on Mamba-2 (fp32 would make Triton
+    # compile and tune its kernels again), in fp32 without TF32 on Mamba-1 (CUDA scan) when 60 s are
+    # left, and in fp32 on CPU; join.py allows bf16-sized differences for a bf16 reference.
+    fp32_ref = device.type != "cuda" or (a.arch == "mamba" and end_by - time.time() > 60)
     if device.type == "cuda" and fp32_ref:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    rb = vfull[: a.batch]
+    if rb.size(0) < a.batch:
+        rb = torch.cat([rb, rb[:1].expand(a.batch - rb.size(0), -1)])
     with torch.no_grad(), (contextlib.nullcontext() if fp32_ref else ctx()):
-        lg = model(ref_b[:, :-1].to(device)).logits.float()
+        lg = model(rb[:, :-1].to(device)).logits[:2].float()
+    ref_b = rb[:2]
     ref_nll = F.cross_entropy(lg.reshape(-1, lg.size(-1)), ref_b[:, 1:].reshape(-1).to(device),
                               reduction="none").view(2, -1).cpu()
     final_s = time.time() - t
