@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--max-seconds", type=float, default=480.0, help="cap on the training time")
+    ap.add_argument("--max-seconds", type=float, default=540.0, help="cap on the training time (the deadline usually governs)")
     ap.add_argument("--end-by", type=float, default=None,
                     help="Unix time by which everything must be written (default: now + max-seconds + 120)")
     ap.add_argument("--reserve", type=float, default=25.0,
