@@ -26,7 +26,9 @@ def test_chunk_size_rule():
 
 
 def _settings(model):
-    out = []
+    from transformers.models.mamba import modeling_mamba
+
+    out = [modeling_mamba.mamba_selective_scan]
     for block in model.backbone.layers:
         m = block.mixer
         out.append((getattr(m, "chunk_size", None), getattr(m, "use_mambapy", None),
@@ -47,7 +49,9 @@ def test_fast_inference_same_logits_and_restores(loaded, n):
             if name == "tiny-mamba2":
                 assert info["mamba2_chunk"]
             else:
-                assert info["mamba1_mambapy"] == speed.mambapy_available()
+                assert info["mamba1_scan"]
+                from transformers.models.mamba import modeling_mamba
+                assert modeling_mamba.mamba_selective_scan is speed._dispatch_scan
             with speed.fast_inference(model) as inner:   # nested: a no-op
                 assert inner == {"nested": True}
             fast = model(ids, use_cache=False).logits
@@ -127,3 +131,21 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             speed.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selective_scan_equals_transformers_twin(seed):
+    from transformers.models.mamba import modeling_mamba
+
+    g = torch.Generator().manual_seed(seed)
+    b, di, n, s = 1 + seed % 3, 8 + 4 * seed, 1 + 7 * seed, 4 + 2 * seed
+    u, dt, z = (torch.randn(b, di, n, generator=g) for _ in range(3))
+    A = -torch.rand(di, s, generator=g) * 4
+    B, C = torch.randn(b, s, n, generator=g), torch.randn(b, s, n, generator=g)
+    D, bias = torch.randn(di, generator=g), torch.randn(di, generator=g) * 0.2
+    for kw in (dict(D=D, z=z, delta_bias=bias, delta_softplus=True), dict()):
+        ref = modeling_mamba.mamba_selective_scan(u, dt.abs(), A, B, C, return_last_state=True, **kw)
+        got = speed.selective_scan(u, dt.abs(), A, B, C, return_last_state=True, **kw)
+        for r, o in zip(ref, got):
+            assert r.shape == o.shape and r.dtype == o.dtype
+            assert torch.allclose(r, o, rtol=1e-4, atol=1e-4 * (1 + float(r.abs().max())))

@@ -28,7 +28,7 @@ returns per-item arrays (correct, gold log-likelihood, KL(dense || reduced) and 
 the dense model at the scored positions; `_item_outcomes`). The dense reference is this scorer's own
 dense pass (unpatched model, same sorted batches and padding), cached in memory per (model,
 tokenizer, task, limit, batch_size, max_length): stored as float32 log-softmax at the scored positions
-when that fits REFERENCE_BUDGET_BYTES (256 MiB), else recomputed as a dense forward of each batch
+when that fits REFERENCE_BUDGET_BYTES (1 GiB; environment UTRC_REFERENCE_BUDGET_BYTES), else recomputed as a dense forward of each batch
 beside the reduced one (exact either way; `DenseReference`). `utrc_lib.experiments.stats` turns the
 arrays into paired intervals and tests.
 
@@ -56,6 +56,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import weakref
 from typing import Iterable, Optional, Sequence
@@ -123,8 +124,8 @@ class DenseReference:
         recompute `logp` is None: a reduced call runs a dense forward of each of its batches (same
                   batch, model unpatched for it) before the reduced one and compares batch by batch.
     `dense_reference` chooses stored when n_positions * V * 4 bytes fits `budget_bytes`
-    (REFERENCE_BUDGET_BYTES, 256 MiB: cloze at any limit, choice2 / choice4 / ppl at small limits on
-    V = 8192), recompute otherwise (choice4 at limit 200 would need ~0.7 GB, ppl ~0.4 GB).
+    (REFERENCE_BUDGET_BYTES, 1 GiB: every task at 200 items per task on V = 8192; choice4 at all 1000
+    items needs about 1.1 GB), recompute otherwise.
     `signature` ties a reference to its requests, batch size, max_length and pad id.
     """
 
@@ -369,7 +370,22 @@ def _vocab_size(model) -> Optional[int]:
         return int(v) if isinstance(v, int) else None
 
 
-REFERENCE_BUDGET_BYTES = 256 << 20   # largest stored DenseReference; above it: recompute per batch
+def _env_bytes(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if not v:
+        return default
+    try:
+        n = int(float(v))
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: expected a number of bytes") from None
+    if n < 0:
+        raise ValueError(f"{name}={v!r}: must be >= 0")
+    return n
+
+
+# largest stored DenseReference (above it: a dense forward per batch beside the reduced one), and the
+# most the in-memory reference cache keeps; both overridable by environment for big-memory hosts
+REFERENCE_BUDGET_BYTES = _env_bytes("UTRC_REFERENCE_BUDGET_BYTES", 1 << 30)
 
 
 def dense_reference(model, token_requests, batch_size: int = 16, *, max_length: int = 1024,
@@ -646,7 +662,7 @@ def _fidelity_summary(outcomes: dict) -> dict:
 # dense references of evaluate(items=True): (id(model), id(tokenizer), task, limit, batch_size, max_length)
 # -> (weakref to the model, DenseReference); least recently used dropped beyond REFERENCE_CACHE_BYTES
 _REFERENCES: "collections.OrderedDict" = collections.OrderedDict()
-REFERENCE_CACHE_BYTES = 1 << 30
+REFERENCE_CACHE_BYTES = _env_bytes("UTRC_REFERENCE_CACHE_BYTES", 4 << 30)
 
 
 def clear_reference_cache() -> None:
@@ -690,6 +706,8 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
         "protect": PROTECT_NOTE[bool(protect)],
         "batch_size": batch_size, "max_length": max_length, "limit": limit,
         "model_class": type(model).__name__,
+        "device": str(_model_device(model)),
+        "dtype": str(next(iter(model.parameters())).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else None,
         "versions": {"utrc_lib": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }

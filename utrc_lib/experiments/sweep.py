@@ -382,23 +382,69 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, common: Opti
     p = pending(configs, cache, common=common, version=version, retry_errors=retry_errors, items=items)
     extra = {"items": True} if items else {}
     bar = tqdm(total=len(p.configs), initial=p.cached, desc=desc, disable=not progress, dynamic_ncols=True)
+    report = Progress(desc, len(p.configs), p.cached)
     try:
         for i in p.todo:
             params = p.configs[i]
-            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in params.items()
-                                          if not isinstance(v, (list, tuple, dict)))[:80])
+            label = ", ".join(f"{k}={v}" for k, v in params.items()
+                              if not isinstance(v, (list, tuple, dict)) and k not in ("fingerprint",))
+            bar.set_postfix_str(label[:80])
             record(p, i, compute(fn, params, **extra))
             bar.update(1)
+            report.step(label)
     finally:
         bar.close()
     return p.result(computed=len(p.todo))
 
 
+PROGRESS_ENV = "UTRC_PROGRESS_FILE"
+
+
+class Progress:
+    """One line per finished configuration ("<desc>: i/n configurations (...), elapsed, ~remaining"),
+    appended to the file named by $UTRC_PROGRESS_FILE when it is set: the figures runner sets it and
+    prints the lines while a notebook runs (a notebook kernel's own output reaches only the notebook)."""
+
+    def __init__(self, desc: str, total: int, cached: int):
+        self.desc, self.total, self.done, self.cached = desc, total, cached, cached
+        self.t0 = time.perf_counter()
+        self.path = os.environ.get(PROGRESS_ENV)
+        if cached and self.path:
+            self._write(f"{desc}: {cached}/{total} configurations already cached")
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.path:
+            return
+        el = time.perf_counter() - self.t0
+        computed = self.done - self.cached
+        left = el / computed * (self.total - self.done) if computed else float("nan")
+        self._write(f"{self.desc}: {self.done}/{self.total} configurations ({label}), "
+                    f"{_fmt_s(el)} elapsed, ~{_fmt_s(left)} left")
+
+    def _write(self, line: str) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:  # progress is advisory: never fail a sweep over it
+            pass
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:
+        return "?"
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 # -- evaluation rows ------------------------------------------------------------------------------
-def get_model(name: str, device: str = "cpu"):
-    """(model, tokenizer) by name ("tiny-mamba2", "tiny-mamba") or path, on `device`; cached per
+def get_model(name: str, device: str = "auto"):
+    """(model, tokenizer) by name ("tiny-mamba2", "tiny-mamba") or path, on `device` ("auto": CUDA
+    when torch sees a GPU, else CPU; float32 either way, so that the numbers agree); cached per
     process (four models), eval mode."""
-    return _load_model(str(name), str(device))
+    from ..hosts.speed import resolve_device
+
+    return _load_model(str(name), resolve_device(device))
 
 
 @functools.lru_cache(maxsize=4)
@@ -476,7 +522,8 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     tokens (LM head on the last position), and the evaluator's meta ("meta/<key>").
     `fingerprint` only enters the cache key (pass `model_fingerprint(model)`). `model_loader(name)`
     returns (model, tokenizer), default `get_model` (CPU); scale-out passes one that loads on its
-    worker's device. It is not a parameter of the row (rows are keyed without it), nor is `items`:
+    worker's device (the default loads on CUDA when present, else CPU: `get_model`). It is not a
+    parameter of the row (rows are keyed without it; the row's "meta/device" says where it ran), nor is `items`:
     items=True adds "items" ({task: per-item arrays}, see the module doc), which `compute` moves to
     the row; the other entries are the same numbers as without it.
     """

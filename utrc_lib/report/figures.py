@@ -56,14 +56,100 @@ def notebook_paths(only=None) -> list[Path]:
     return paths
 
 
-def run_notebook(path: Path, parameters: dict, out_dir: Path, log=print) -> float:
-    """Execute one notebook into `out_dir/<name>.ipynb`; returns its wall time (s)."""
+def run_notebook(path: Path, parameters: dict, out_dir: Path, log=None, engine: str = "papermill") -> float:
+    """Execute one notebook into `out_dir/<name>.ipynb` (engine "papermill"), or its jupytext source
+    as a plain Python script in a fresh process (engine "script": for hosts without Jupyter, e.g. a GPU
+    machine; figures and results.json are the same, no executed notebook is written); returns its
+    wall time (s). Sweep progress lines (`sweep.Progress`) are printed while it runs."""
+    log = log or (lambda msg: print(msg, flush=True))
     out_dir.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    execute(path, out_dir / path.name, parameters, log_output=False)
+    with _progress_printer(path.stem, log):
+        if engine == "papermill":
+            execute(path, out_dir / path.name, parameters, log_output=False)
+        elif engine == "script":
+            run_script(path.with_suffix(".py"), parameters)
+        else:
+            raise ValueError(f"unknown engine {engine!r}; valid: papermill, script")
     dt = time.time() - t
     log(f"{path.stem}: {dt:.0f}s")
     return dt
+
+
+def run_script(source: Path, parameters: dict) -> None:
+    """Run a notebook's percent source as a script (parameters injected after its parameters cell)
+    in a subprocess with cwd notebooks/ and the Agg backend; raises with its stderr tail on failure."""
+    import subprocess
+
+    from .notebooks import as_script
+
+    code = as_script(source.read_text(encoding="utf-8"), parameters)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT_PRELUDE + code], cwd=str(NOTEBOOKS), env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{source.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+# what a script run needs from IPython when it is not installed: display() prints
+_SCRIPT_PRELUDE = """
+import sys, types
+try:
+    import IPython.display  # noqa: F401
+except ImportError:
+    _m = types.ModuleType("IPython.display")
+    _m.display = lambda *a, **k: [print(x) for x in a]
+    _m.Markdown = lambda text: text
+    _m.HTML = lambda text: text
+    _p = types.ModuleType("IPython"); _p.display = _m
+    sys.modules["IPython"] = _p; sys.modules["IPython.display"] = _m
+"""
+
+
+class _progress_printer:
+    """Sets $UTRC_PROGRESS_FILE for the notebook's kernel and prints each line written to it."""
+
+    def __init__(self, name: str, log):
+        self.name, self.log = name, log
+
+    def __enter__(self):
+        import tempfile
+        import threading
+
+        from ..experiments.sweep import PROGRESS_ENV
+
+        fd, self.path = tempfile.mkstemp(prefix=f"utrc-progress-{self.name}-", suffix=".log")
+        os.close(fd)
+        self.env, self.old = PROGRESS_ENV, os.environ.get(PROGRESS_ENV)
+        os.environ[PROGRESS_ENV] = self.path
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tail, daemon=True)
+        self.thread.start()
+        return self
+
+    def _tail(self):
+        with open(self.path, encoding="utf-8") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    self.log(f"  {self.name} | {line.rstrip()}")
+                    continue
+                if self.stop.is_set():
+                    return
+                self.stop.wait(1.0)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        if self.old is None:
+            os.environ.pop(self.env, None)
+        else:
+            os.environ[self.env] = self.old
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def notebook_parameters(name: str, params: dict, quick: bool) -> dict:
@@ -87,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="notebook stems to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny parameters (seconds per notebook)")
     ap.add_argument("--param", action="append", default=[], help="key=value (JSON value) for every notebook")
+    ap.add_argument("--engine", choices=["papermill", "script"], default="papermill",
+                    help="papermill (executed notebooks) or script (each source run as a Python script: no Jupyter needed)")
     ap.add_argument("--out", default=str(NOTEBOOKS / "executed"),
                     help="folder for the executed notebooks (not committed; default notebooks/executed)")
     a = ap.parse_args(argv)
@@ -95,7 +183,7 @@ def main(argv=None) -> int:
     params.update(dict(_parse_param(p) for p in a.param))
     from .notebooks import out_of_sync
 
-    stale = out_of_sync(NOTEBOOKS, a.only or None)
+    stale = out_of_sync(NOTEBOOKS, a.only or None) if a.engine == "papermill" else []
     if stale:  # running an .ipynb older than its .py would publish figures of code nobody reads
         print("\n".join(stale), file=sys.stderr)
         return 1
@@ -107,7 +195,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for path in paths:
         try:
-            timings[path.stem] = run_notebook(path, notebook_parameters(path.stem, params, a.quick), Path(a.out))
+            print(f"{path.stem}: running ({len(timings) + len(failed) + 1}/{len(paths)})", flush=True)
+            timings[path.stem] = run_notebook(path, notebook_parameters(path.stem, params, a.quick), Path(a.out),
+                                              engine=a.engine)
         except Exception as exc:  # report and go on: one broken notebook should not hide the others
             failed.append(path.stem)
             print(f"{path.stem}: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", file=sys.stderr)

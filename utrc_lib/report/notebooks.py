@@ -148,14 +148,57 @@ def parameter_names(source: str) -> list[str]:
 
 def parameters_cell(name: str, folder: Path = NOTEBOOKS) -> str:
     """Source of the cell tagged `parameters` of notebook `name` (read from its .py, else its .ipynb)."""
+    py = Path(folder) / f"{name}.py"
+    if py.is_file():
+        return percent_parameters_cell(py.read_text(encoding="utf-8"), name)
     import nbformat
 
-    py = Path(folder) / f"{name}.py"
-    nb = from_source(py) if py.is_file() else nbformat.read(Path(folder) / f"{name}.ipynb", as_version=4)
+    nb = nbformat.read(Path(folder) / f"{name}.ipynb", as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code" and PARAMETERS_TAG in cell.metadata.get("tags", []):
             return cell.source
     raise ValueError(f"notebook {name} has no cell tagged {PARAMETERS_TAG!r}")
+
+
+def _percent_cells(text: str) -> list[tuple[str, list[str]]]:
+    """(cell marker line, body lines) of a jupytext percent source; the header before the first
+    marker is cell ("", lines)."""
+    cells: list = [("", [])]
+    for line in text.splitlines():
+        if line.startswith("# %%"):
+            cells.append((line, []))
+        else:
+            cells[-1][1].append(line)
+    return cells
+
+
+def _is_parameters_marker(marker: str) -> bool:
+    return "[markdown]" not in marker and f'"{PARAMETERS_TAG}"' in marker.partition("tags=")[2]
+
+
+def percent_parameters_cell(text: str, name: str = "notebook") -> str:
+    """The parameters cell of a jupytext percent source, read without jupytext (plain text)."""
+    for marker, body in _percent_cells(text):
+        if marker and _is_parameters_marker(marker):
+            return "\n".join(body).strip("\n")
+    raise ValueError(f"notebook {name} has no cell tagged {PARAMETERS_TAG!r}")
+
+
+def as_script(text: str, parameters: dict) -> str:
+    """A percent source as one Python script with `parameters` assigned right after its parameters
+    cell (what papermill's injected cell does); markdown cells are comments already."""
+    out, injected = [], False
+    for marker, body in _percent_cells(text):
+        if marker:
+            out.append(marker)
+        out.extend(body)
+        if marker and _is_parameters_marker(marker):
+            out.append("# injected parameters")
+            out.extend(f"{k} = {v!r}" for k, v in parameters.items())
+            injected = True
+    if not injected:
+        raise ValueError(f"no cell tagged {PARAMETERS_TAG!r}")
+    return "\n".join(out) + "\n"
 
 
 # -- the setup every notebook runs -----------------------------------------------------------------
