@@ -20,6 +20,10 @@
 # their (non-causal, unprotected) code, so only the ordering of methods is comparable, not the values.
 #
 # Every finished configuration is cached (`.cache/sweeps/`): rerunning after an interruption resumes.
+# Each row keeps its per-item outcomes (correct, gold log-likelihood, KL to the dense model at the scored
+# positions), so every number below carries a paired 95% interval and every UTRC-vs-baseline difference a
+# test (`utrc_lib.experiments.paired`): exact McNemar per task, stratified paired bootstrap for the mean
+# accuracy and for KL, Holm-corrected over the six baselines at each cut.
 
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
@@ -28,9 +32,10 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoin
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
 cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 20                              # items per task (None: all 1000 / 200); sized for `make figures` on 2 CPU cores
+limit: int = 200                             # items per task (None: all 1000 / 200 windows): 200 on 2 CPU cores; the committed figures: None on one GPU
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
 seed: int = 0
+resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 cache_dir: str = "../.cache/sweeps"          # resumable sweep cache (shared by the notebooks)
 paper_results: str = "../data/paper_results.json"
@@ -42,7 +47,7 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.experiments import analysis, sweep
+from utrc_lib.experiments import analysis, paired, sweep
 from utrc_lib.report import plotting
 from utrc_lib.report.notebooks import setup
 
@@ -51,15 +56,23 @@ out, save = ctx.out, ctx.save
 
 # %%
 if quick:
-    methods, cuts, limit = methods[:2], cuts[1:2], min(limit or 6, 6)
+    methods, cuts, limit, resamples = methods[:2], cuts[1:2], min(limit or 6, 6), min(resamples, 300)
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = analysis.ACC_METRICS   # averaged into avg_acc (paper: mean of accuracies)
 configs = analysis.method_grid(model_names, methods, cuts)   # dense + every method at every cut
 res = sweep.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", desc="01 main results",
-                common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size))
+                common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size), items=True)
 print(res.report())
 df = analysis.with_avg_acc(res.frame(), stderr=True)
+devices = sorted({str(v) for v in df.get("meta/device", pd.Series(["?"])).dropna()})
+acc = paired.accuracy_table(res, resamples=resamples, seed=seed)
+ppl = paired.perplexity_table(res, resamples=resamples, seed=seed)
+fid = paired.fidelity_table(res, resamples=resamples, seed=seed)
+cmp = paired.comparison_table(res, baselines=[m for m in methods if m != "utrc"], resamples=resamples, seed=seed)
+power = paired.power_table(res)
+n_items = {t: int(df[f"{t}/n"].iloc[0]) for t in tasks if f"{t}/n" in df}
+print("items per task:", n_items, "| rows computed on:", devices)
 
 # %% [markdown]
 # ## Table: every task, every method, every cut (Tables 1-2 analog)
@@ -79,21 +92,121 @@ display(table.style.format({**pct, "keep_ratio": "{:.3f}", "cloze/ppl": "{:.1f}"
 (out / "table_main.md").write_text(table.to_markdown(index=False, floatfmt=".4g") if hasattr(table, "to_markdown") else table.to_string())
 
 # %% [markdown]
-# ## Accuracy and perplexity against the token-layer cut
+# ## Intervals: mean accuracy and perplexity with 95% intervals, and UTRC against each baseline
+#
+# Mean accuracy (3 tasks) with its stratified bootstrap interval, the paired change from dense, and the
+# held-out perplexity with its interval. Then, for every model and cut, UTRC minus each baseline:
+# `beats` / `beaten` where the Holm-corrected test says so at 5%, `unresolved` otherwise.
 
 # %%
-metrics = ["avg_acc"] + ACC + ["ppl/ppl"]
-fig, axes = plt.subplots(len(model_names), len(metrics), figsize=(3.1 * len(metrics), 2.9 * len(model_names)), squeeze=False)
+def fmt_ci(e, lo, hi, scale=100, digits=1):
+    return f"{scale * e:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+avg = acc[acc["metric"] == paired.AVG].copy()
+avg["mean acc % [95% CI]"] = [fmt_ci(r.acc, r.acc_low, r.acc_high) for r in avg.itertuples()]
+avg["vs dense, points [95% CI]"] = ["" if r.method == "none" else fmt_ci(r.delta, r.delta_low, r.delta_high)
+                                    for r in avg.itertuples()]
+pp = ppl[ppl["task"] == "ppl"].set_index(["model", "method", "cut"])
+avg["held-out ppl [95% CI]"] = [fmt_ci(pp.loc[(r.model, r.method, r.cut), "ppl"], pp.loc[(r.model, r.method, r.cut), "ppl_low"],
+                                       pp.loc[(r.model, r.method, r.cut), "ppl_high"], scale=1, digits=2)
+                                if (r.model, r.method, r.cut) in pp.index else "" for r in avg.itertuples()]
+ci_table = avg[["model", "method", "cut", "n", "mean acc % [95% CI]", "vs dense, points [95% CI]",
+                "held-out ppl [95% CI]"]].sort_values(["model", "cut", "method"]).reset_index(drop=True)
+display(ci_table)
+(out / "table_intervals.md").write_text(ci_table.to_markdown(index=False))
+
+verdict_rows = []
+for (model, cut), v in sorted(paired.verdicts(cmp).items()):
+    kl = paired.verdicts(cmp, "kl:ppl").get((model, cut), {})
+    verdict_rows.append({"model": model, "cut": cut, "UTRC beats (mean acc)": ", ".join(v["beats"]) or "-",
+                         "beaten by (mean acc)": ", ".join(v["beaten"]) or "-",
+                         "unresolved (mean acc)": ", ".join(v["unresolved"]) or "-",
+                         "UTRC beats (KL, ppl task)": ", ".join(kl.get("beats", [])) or "-",
+                         "beaten by (KL)": ", ".join(kl.get("beaten", [])) or "-"})
+verdict_table = pd.DataFrame(verdict_rows)
+display(verdict_table)
+(out / "table_significance.md").write_text(verdict_table.to_markdown(index=False))
+c = cmp[cmp["metric"] == paired.AVG].copy()
+c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for r in c.itertuples()]
+(out / "table_margins.md").write_text(c[["model", "cut", "baseline", "UTRC minus baseline, points [95% CI]", "p", "p_holm",
+                                         "verdict"]].to_markdown(index=False, floatfmt=".3g"))
+
+# %% [markdown]
+# ## Accuracy and perplexity against the token-layer cut (95% intervals)
+
+# %%
+panels = [paired.AVG] + [t for t in paired.TASK_ACC if t in tasks] + ["ppl"]
+fig, axes = plt.subplots(len(model_names), len(panels), figsize=(3.1 * len(panels), 2.9 * len(model_names)), squeeze=False)
 for r, name in enumerate(model_names):
-    d = df[df["model"] == name]
-    dense = d[d["method"] == "none"].iloc[0]
-    for c, metric in enumerate(metrics):
-        plotting.metric_vs_cut(axes[r, c], d[d["method"] != "none"], metric, methods=methods, dense=dense[metric],
-                               err=metric + "_stderr" if metric + "_stderr" in d else None,
-                               title=f"{Path(name).name}: {plotting.SHORT_LABELS.get(metric, metric)}")
+    for c_, metric in enumerate(panels):
+        ax = axes[r, c_]
+        if metric == "ppl":
+            t = ppl[(ppl["model"] == name) & (ppl["task"] == "ppl")]
+            dn = t[t["method"] == "none"].iloc[0]
+            plotting.interval_vs_cut(ax, t[t["method"] != "none"], "ppl", "ppl_low", "ppl_high", methods=methods, scale=1,
+                                     dense=(dn.ppl, dn.ppl_low, dn.ppl_high), ylabel="held-out perplexity",
+                                     title=f"{Path(name).name}: held-out ppl")
+            continue
+        t = acc[(acc["model"] == name) & (acc["metric"] == metric)]
+        dn = t[t["method"] == "none"].iloc[0]
+        plotting.interval_vs_cut(ax, t[t["method"] != "none"], "acc", "acc_low", "acc_high", methods=methods,
+                                 dense=(dn.acc, dn.acc_low, dn.acc_high), ylabel="accuracy (%)",
+                                 title=f"{Path(name).name}: {plotting.SHORT_LABELS.get(metric, metric + ' acc')}")
 plotting.legend_below(fig, axes.ravel(), ncol=5)
-plotting.annotate_source(fig, f"ours: tiny models, {limit} items per task, leak-free evaluation; shaded = +-1 s.e.")
-fig.tight_layout(rect=(0, 0.07, 1, 1)); save(fig, "accuracy_vs_flops"); plt.show()
+plotting.annotate_source(fig, f"ours: tiny models, items per task {n_items}, leak-free evaluation; bars = 95% bootstrap CI "
+                              f"({resamples} resamples, seed {seed}); device {', '.join(devices)}", top=True)
+fig.tight_layout(rect=(0, 0.07, 1, 0.97)); save(fig, "accuracy_vs_flops"); plt.show()
+
+# %% [markdown]
+# ## Fidelity to the dense model: KL and log-likelihood change (95% intervals)
+#
+# Accuracy needs many items to separate methods; the continuous measures need far fewer. KL(dense || method)
+# per scored token and the change in gold log-likelihood per token, at the positions the tasks score.
+
+# %%
+fid_tasks = [t for t in ("ppl", "cloze", "choice4") if t in tasks]
+fig, axes = plt.subplots(len(model_names), 2 * len(fid_tasks), figsize=(3.0 * 2 * len(fid_tasks), 2.9 * len(model_names)), squeeze=False)
+for r, name in enumerate(model_names):
+    for j, t in enumerate(fid_tasks):
+        for k, (measure, label, scale) in enumerate([("kl_per_token", "KL(dense || method) per token (nats)", 1.0),
+                                                     ("delta_ll_per_token", "gold log-lik. change per token (nats)", 1.0)]):
+            f = fid[(fid["model"] == name) & (fid["task"] == t) & (fid["measure"] == measure)]
+            ax = axes[r, 2 * j + k]
+            plotting.interval_vs_cut(ax, f, "estimate", "low", "high", methods=methods, scale=scale, ylabel=label,
+                                     title=f"{Path(name).name}, {t}: {'KL' if k == 0 else 'delta ll'}")
+            if k == 1:
+                ax.axhline(0, color="black", lw=0.8, ls="--")
+plotting.legend_below(fig, axes.ravel(), ncol=5)
+plotting.annotate_source(fig, f"95% bootstrap CI over items ({resamples} resamples, seed {seed}); KL token-weighted", top=True)
+fig.tight_layout(rect=(0, 0.07, 1, 0.97)); save(fig, "fidelity_vs_flops"); plt.show()
+
+# %% [markdown]
+# ## UTRC's margin over each baseline (95% intervals, Holm-corrected verdicts)
+
+# %%
+base = [m for m in methods if m != "utrc"]
+fig, axes = plt.subplots(len(model_names), 2, figsize=(11, 3.2 * len(model_names)), squeeze=False)
+for r, name in enumerate(model_names):
+    d = cmp[cmp["model"] == name]
+    plotting.margin_panel(axes[r, 0], d, paired.AVG, cuts=cuts, baselines=base, ylabel="UTRC minus baseline (points)",
+                          title=f"{Path(name).name}: mean accuracy, UTRC minus baseline (labels: cut %)")
+    plotting.margin_panel(axes[r, 1], d, "kl:ppl", cuts=cuts, baselines=base, scale=1.0,
+                          ylabel="UTRC minus baseline (nats/token)",
+                          title=f"{Path(name).name}: KL per token on the ppl task (lower = closer to dense)")
+plotting.legend_below(fig, axes.ravel(), ncol=3)
+fig.tight_layout(rect=(0, 0.08, 1, 1)); save(fig, "utrc_margins"); plt.show()
+
+# %% [markdown]
+# ## What this sample size can resolve
+#
+# The smallest paired accuracy difference (UTRC vs a baseline) that the items of each task resolve at 95%,
+# from the measured discordance (share of items on which the two methods disagree; median over baselines):
+# `resolvable` at 50% power, `at_power` with 80% power.
+
+# %%
+pw = power.groupby(["model", "task"])[["n", "discordance", "resolvable", "at_power"]].median().reset_index()
+display(pw)
+(out / "table_power.md").write_text(pw.to_markdown(index=False, floatfmt=".3g"))
 
 # %% [markdown]
 # ## Beside the paper (their checkpoints, their benchmarks)
@@ -131,5 +244,9 @@ fig.tight_layout(); save(fig, "ours_vs_paper"); plt.show()
 # %%
 keep = [c for c in df.columns if not c.startswith("meta/") or c in ("meta/protect",)]
 ctx.write_results(data={"rows": df[keep], "avg_acc_tasks": ACC, "paper": paper["main"],
-                        "paper_source": paper["source"]},
+                        "paper_source": paper["source"], "items_per_task": n_items, "devices": devices,
+                        "accuracy": acc, "perplexity": ppl, "fidelity": fid, "comparisons": cmp, "power": power,
+                        "intervals": {"level": 0.95, "resamples": resamples, "seed": seed, "method":
+                                      "percentile bootstrap over items (paired; stratified by task for avg_acc); "
+                                      "McNemar exact per task; Holm over baselines"}},
                   errors=analysis.sweep_errors(res), protected=bool(df["protect"].all()))

@@ -138,9 +138,10 @@ def legend_below(fig, axes, ncol: int = 4) -> None:
     fig.subplots_adjust(bottom=0.2)
 
 
-def annotate_source(fig, text: str) -> None:
-    """Small provenance line at the bottom-right of a figure (model, limit, device ...)."""
-    fig.text(0.99, 0.005, text, ha="right", va="bottom", fontsize=6.5, color="#555555")
+def annotate_source(fig, text: str, *, top: bool = False) -> None:
+    """Small provenance line at the bottom-right (or top-right) of a figure (model, limit, device ...)."""
+    fig.text(0.99, 0.995 if top else 0.005, text, ha="right", va="top" if top else "bottom", fontsize=6.5,
+             color="#555555")
 
 
 def bar_panel(ax, f, x: str, labels, title: str, highlight=None, *, dense, model_names: Sequence[str]) -> None:
@@ -272,3 +273,65 @@ def paper_efficiency_figure(paper: dict):
     axes[1].set_title("THEIRS (paper, A100): NVML memory, batch 96 x 2048, full logits", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# -- interval figures (experiments.paired tables) ------------------------------------------------------
+VERDICT_STYLE = {"beats": dict(color="#D55E00", marker="o", label="UTRC significantly better"),
+                 "beaten": dict(color="#0072B2", marker="s", label="UTRC significantly worse"),
+                 "unresolved": dict(color="#999999", marker="o", label="unresolved (95%, Holm)")}
+
+
+def interval_vs_cut(ax, tab, y: str, low: str, high: str, *, methods: Sequence[str], dense=None,
+                    title: Optional[str] = None, ylabel: Optional[str] = None, scale: float = 100.0,
+                    log: bool = False, x: str = "cut") -> None:
+    """One line per method of `tab` (columns method, `x`, `y`, `low`, `high`) with its 95% interval
+    as error bars (points dodged a little along x so that the bars stay apart); `dense` = (estimate,
+    low, high) of the dense model drawn as a dashed line with a grey band."""
+    methods = [m for m in methods if (tab["method"] == m).any()]
+    width = 0.8 * max(1, len(methods) - 1)   # total dodge (points of cut)
+    for i, m in enumerate(methods):
+        d = tab[tab["method"] == m].sort_values(x)
+        st = style(m)
+        off = (i - (len(methods) - 1) / 2) * (width / max(1, len(methods) - 1)) if len(methods) > 1 else 0.0
+        xs = 100 * d[x].to_numpy() + off
+        ys = scale * d[y].to_numpy()
+        err = [ys - scale * d[low].to_numpy(), scale * d[high].to_numpy() - ys]
+        ax.errorbar(xs, ys, yerr=err, color=st["color"], marker=st["marker"], label=st["label"], lw=1.2, ms=4,
+                    capsize=2, elinewidth=0.8)
+    if dense is not None:
+        est, lo, hi = dense
+        ax.axhline(scale * est, color="black", ls="--", lw=1, label="dense (no reduction), 95% CI band")
+        ax.axhspan(scale * lo, scale * hi, color="black", alpha=0.07, lw=0)
+    ax.set_xlabel(TOKEN_LAYER_CUT_LABEL)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+
+
+def margin_panel(ax, cmp, metric: str, *, cuts: Sequence[float], baselines: Sequence[str], scale: float = 100.0,
+                 title: Optional[str] = None, ylabel: Optional[str] = None) -> None:
+    """UTRC minus each baseline (comparison_table rows of one model and `metric`) with 95% intervals,
+    grouped by baseline, one point per cut, coloured by the Holm-corrected verdict."""
+    import numpy as np
+
+    d = cmp[cmp["metric"] == metric]
+    for j, b in enumerate(baselines):
+        for k, c in enumerate(cuts):
+            r = d[(d["baseline"] == b) & (np.isclose(d["cut"], c))]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            st = VERDICT_STYLE[r["verdict"]]
+            xx = j + (k - (len(cuts) - 1) / 2) * 0.22
+            ax.errorbar([xx], [scale * r["delta"]], yerr=[[scale * (r["delta"] - r["low"])], [scale * (r["high"] - r["delta"])]],
+                        color=st["color"], marker=st["marker"], ms=4, capsize=2, elinewidth=0.9, label=st["label"])
+            ax.text(xx, scale * r["high"], f"{100 * c:.0f}", ha="center", va="bottom", fontsize=5.5, color="#444444")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(baselines)), [style(b)["label"] for b in baselines], rotation=30, ha="right", fontsize=7)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=8)
