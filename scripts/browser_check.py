@@ -166,6 +166,8 @@ def run_notebook(driver, base: str, token: str, name: str, shots: Path, timeout:
         code = [c for c in s["cells"] if c["type"] == "code"]
         failed = any(c["errors"] for c in code)
         done = all(c["count"] is not None for c in code)
+        if s["kernel"] in ("dead", "unknown"):
+            raise RuntimeError(f"the kernel is {s['kernel']} (out of memory?)")
         return s["kernel"] == "idle" and (done or failed)
 
     wait_for(driver, finished, timeout, f"{name}: run all cells", poll=2.0)
@@ -201,6 +203,9 @@ def run_notebook(driver, base: str, token: str, name: str, shots: Path, timeout:
     path = shots / f"{name}.png"
     driver.save_screenshot(str(path))
     report["screenshot"] = str(path)
+    # free the kernel (and its model) before the next notebook, then close the tab
+    driver.execute_script("const w = window.jupyterapp.shell.currentWidget; "
+                          "w.sessionContext.shutdown().then(() => w.dispose());")
     report["seconds"] = round(time.time() - t0, 1)
     report["code_cells"] = len(code or [])
     return report
