@@ -10,7 +10,7 @@ selenium, runs all cells with JupyterLab's own command `notebook:run-all-cells`,
 and checks: no cell has an error output or a Traceback on stderr; every widget output renders as
 widgets (ipywidgets' `.jupyter-widgets` nodes, no "Error displaying widget"); where the explorer of
 05 is shown, choosing another method in its dropdown re-draws it. A PNG screenshot of each notebook
-(scrolled to its first widget, else its last cell) goes to --shots (default .cache/browser/).
+(scrolled to the explorer's controls, else to its last figure) goes to --shots (default .cache/browser/).
 Exit 1 with one line per failure naming the notebook and the cell. Needs: apt-get install chromium
 chromium-driver; pip install selenium (the `browser` extra). See `make test-browser`.
 """
@@ -57,6 +57,7 @@ const cells = w.content.widgets.map((c, i) => {
   out.widget_outputs = c.model.outputs.toJSON().filter(o => o.data && o.data['application/vnd.jupyter.widget-view+json']).length;
   out.widget_nodes = c.node.querySelectorAll('.jupyter-widgets').length;
   out.dropdowns = c.node.querySelectorAll('.widget-dropdown select').length;
+  out.images = c.node.querySelectorAll('.jp-OutputArea-output img').length;
   out.widget_errors = Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
       .map(n => n.textContent).filter(t => t.includes('Error displaying widget')).length;
   out.source = c.model.sharedModel.getSource().slice(0, 80);
@@ -194,7 +195,8 @@ def run_notebook(driver, base: str, token: str, name: str, shots: Path, timeout:
                                           f"({c['widget_nodes']} widget nodes, {c['widget_errors']} errors)")
     if controls is not None and not report["failures"]:
         report["redraw"] = check_redraw(driver, controls, report, name)
-    target = controls if controls is not None else first_widget if first_widget is not None else len(state["cells"]) - 1
+    figures = [c["index"] for c in state["cells"] if c.get("images")]
+    target = controls if controls is not None else figures[-1] if figures else len(state["cells"]) - 1
     driver.execute_script(
         "const w = window.jupyterapp.shell.currentWidget; w.content.widgets[arguments[0]].node.scrollIntoView();",
         target)
