@@ -32,9 +32,10 @@ starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors st
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 15                              # items per task; sized for `make figures` on 2 CPU cores
+limit: int = 200                             # items per task (None: all); 200 on 2 CPU cores, the committed figures: None on one GPU
 batch_size: int = 16
 seed: int = 0
+resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
 cache_dir: str = "../.cache/sweeps"
 
@@ -43,7 +44,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.experiments import analysis, sweep
+import pandas as pd
+
+from utrc_lib.experiments import analysis, paired, sweep
 from utrc_lib.report import plotting
 from utrc_lib.report.notebooks import setup
 
@@ -53,6 +56,7 @@ out, save = ctx.out, ctx.save
 # %%
 if quick:
     metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 4, 4)
+    resamples = min(resamples, 300)
     tasks = [t for t in tasks if t in ("cloze", "choice2")] or tasks  # the two cheapest tasks
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
@@ -70,17 +74,22 @@ groups = {
              + sweep.grid(model=model_names, method=["utrc_reference"], cut=[cut], causal=[False], protect=[True, False])
              + sweep.grid(model=model_names, method=["none"], cut=[0.0], protect=[False]),
 }
-frames = {}
+frames, results = {}, {}
 for g, cfgs in groups.items():
     r = sweep.run(sweep.evaluate_config, sweep.with_fingerprints(cfgs), Path(cache_dir) / "eval.jsonl",
-                  desc=f"02 {g}", common=common)
+                  desc=f"02 {g}", common=common, items=True)
     print(g, "-", r.report())
-    frames[g] = analysis.with_avg_acc(r.frame(errors=True), stderr=True)
+    f = analysis.with_avg_acc(r.frame(errors=True), stderr=True)
+    # each bar's own 95% interval (bootstrap over items; mean accuracy stratified by task) and KL on the ppl task
+    frames[g] = pd.concat([f, paired.interval_columns(r, resamples=resamples, seed=seed)], axis=1)
+    results[g] = r
+devices = sorted({str(v) for fr in frames.values() for v in fr.get("meta/device", pd.Series(dtype=str)).dropna()})
 
 # %% [markdown]
-# Every bar axis starts at zero and every bar carries +-1 standard error of the mean accuracy: with
-# `limit` items per task one item moves a task's accuracy by 100 / `limit` points, so most of the
-# differences between bars below are within one or two items (read the error bars, not the heights).
+# Every bar axis starts at zero and every bar carries the 95% bootstrap interval of its mean accuracy
+# (items resampled within each task). Below the bars: KL(dense || setting) per token on the held-out
+# windows, which separates settings with far fewer items than accuracy does; and, per sweep, the paired
+# test of the paper's choice against each alternative.
 
 # %%
 panel = dict(dense=frames["dense"], model_names=model_names)
@@ -93,9 +102,49 @@ plotting.bar_panel(axes[1, 0], frames["hidden_q"], "hidden_rule", lambda r: "q="
 plotting.bar_panel(axes[1, 1], frames["residual_rule"], "residual_rule", str,
                    f"Residual branch rule (hidden hybrid q=0.5, {branch_cut:.0%} cut)", "merge", **panel)
 axes[0, 0].legend(fontsize=7)
-plotting.annotate_source(fig, f"orange = the paper's choice; {limit} items per task, leak-free evaluation; "
-                              f"error bars = +-1 s.e.; cuts are token-layer cuts")
+plotting.annotate_source(fig, f"orange = the paper's choice; {limit or 'all'} items per task, leak-free evaluation; "
+                              f"error bars = 95% bootstrap CI ({resamples} resamples); cuts are token-layer cuts; device {', '.join(devices)}")
 fig.tight_layout(); save(fig, "design_choices"); plt.show()
+
+# %%
+SWEEPS = [("metric", "metric", str, f"Importance metric ({cut:.0%} cut)", "clip"),
+          ("location", "layers", lambda l: f"start {l[0]}", f"Reduction location ({cut:.0%} cut)", None),
+          ("hidden_q", "hidden_rule", lambda r: "q=" + r[7:-1], f"Hidden branch q ({branch_cut:.0%} cut)", "hybrid(0.5)"),
+          ("residual_rule", "residual_rule", str, f"Residual rule ({branch_cut:.0%} cut)", "merge")]
+fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+for ax, (g, x, lab, title, hl) in zip(axes, SWEEPS):
+    f = frames[g][frames[g]["model"] == model_names[0]]
+    vals = f["kl/ppl"].to_numpy(dtype=float)
+    err = [vals - f["kl/ppl_low"].to_numpy(dtype=float), f["kl/ppl_high"].to_numpy(dtype=float) - vals]
+    ax.bar(range(len(f)), vals, yerr=err, capsize=2, color=["#D55E00" if v == hl else "#888888" for v in f[x]],
+           edgecolor="black", error_kw=dict(elinewidth=0.8))
+    ax.set_xticks(range(len(f)), [lab(v) for v in f[x]], fontsize=7)
+    ax.set_title(title, fontsize=8); ax.set_ylim(0, None)
+axes[0].set_ylabel("KL(dense || setting) per token, ppl task (nats)")
+plotting.annotate_source(fig, f"{Path(model_names[0]).name}; 95% bootstrap CI over windows; orange = the paper's choice", top=True)
+fig.tight_layout(rect=(0, 0, 1, 0.95)); save(fig, "design_choices_kl"); plt.show()
+
+# %%
+# the paper's choice against each alternative of its sweep: mean accuracy and KL, paired (Holm over the alternatives)
+choice_tests = []
+for g, x, lab, title, hl in SWEEPS:
+    if hl is None:
+        continue
+    r = results[g]
+    for row in r.rows:
+        row["params"] = dict(row["params"], method=f"{row['params'].get(x)}")   # label rows by the swept value
+    for metric in (paired.AVG, "kl:ppl"):
+        cmp = paired.comparison_table(r, reference=str(hl), baselines=[str(v) for v in frames[g][x] if v != hl],
+                                      metrics=[metric], resamples=resamples, seed=seed)
+        for rec in cmp.to_dict("records"):
+            choice_tests.append({"sweep": g, **rec})
+    for row in r.rows:   # restore
+        row["params"] = dict(row["params"], method="utrc")
+choice_tests = pd.DataFrame(choice_tests)
+if len(choice_tests):
+    display(choice_tests[["sweep", "metric", "reference", "baseline", "delta", "low", "high", "p_holm", "verdict"]])
+    (out / "table_choice_tests.md").write_text(choice_tests[["sweep", "metric", "reference", "baseline", "delta", "low",
+                                                            "high", "p_holm", "verdict"]].to_markdown(index=False, floatfmt=".3g"))
 
 # %% [markdown]
 # ## Three UTRC modes, with and without protection of the scored continuation
@@ -123,6 +172,10 @@ data = {g: fr[[c for c in fr.columns if not c.startswith("meta/")]] for g, fr in
 data["modes_table"] = mt[[c for c in ["model", "mode", "method", "causal", "protect", "avg_acc"] + ACC + ["ppl/ppl"] if c in mt]]
 data["avg_acc_tasks"] = [c for c in ACC if c in mt]
 data["survival"] = piv.reset_index()
+data["choice_tests"] = choice_tests
+data["devices"] = devices
+data["intervals"] = {"level": 0.95, "resamples": resamples, "seed": seed,
+                     "method": "percentile bootstrap over items (mean accuracy stratified by task); Holm over alternatives"}
 errors = analysis.failed_rows(frames, ("model", "method", "cut", "metric", "layers", "hidden_rule",
                                         "residual_rule", "causal", "protect"))
 ctx.write_results(data=data, errors=errors, protected="all groups except the unprotected rows of 'modes'")

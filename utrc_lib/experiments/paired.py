@@ -310,3 +310,43 @@ def power_table(result, reference: str = "utrc", tasks: Sequence[str] = tuple(TA
                              discordance=pd_med, resolvable=mde.resolvable, at_power=mde.at_power, power=power,
                              exact=mde.exact))
     return pd.DataFrame.from_records(recs)
+
+
+FRAME_METRICS = ("avg_acc", "cloze/acc", "choice4/acc_norm", "choice2/acc", "ppl/ppl", "kl/ppl")
+
+
+def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFAULT_RESAMPLES,
+                     seed: int = stats.DEFAULT_SEED):
+    """DataFrame aligned row by row with `result.frame(errors=errors)`: for each metric of FRAME_METRICS
+    present, `<metric>_low` / `<metric>_high` (95% bootstrap interval of that row's own value; avg_acc
+    stratified by task; ppl/ppl over windows; kl/ppl = KL per token on the ppl task, with `kl/ppl`
+    itself as its point estimate). NaN for error rows and missing tasks."""
+    import pandas as pd
+
+    recs = []
+    ratio = lambda x, n: x.sum(-1) / n.sum(-1)  # noqa: E731
+    for r in result.rows:
+        if r.get("status") != "ok" and not errors:
+            continue
+        rec: dict = {}
+        items = r.get("items") if r.get("status") == "ok" else None
+        if items:
+            present = [t for t in TASK_ACC if t in items]
+            if present:
+                ci = stratified_bootstrap([_acc(items, t) for t in present], resamples=resamples, seed=seed)
+                rec.update({"avg_acc_low": ci.low, "avg_acc_high": ci.high})
+            for t in present:
+                key = f"{t}/{'acc_norm' if TASK_ACC[t] == 'correct_norm' else 'acc'}"
+                ci = stratified_bootstrap([_acc(items, t)], resamples=resamples, seed=seed)
+                rec.update({f"{key}_low": ci.low, f"{key}_high": ci.high})
+            if "ppl" in items:
+                it = items["ppl"]
+                ci = stats.bootstrap_ppl(it["ll"], it["gold_tokens"], resamples=resamples, seed=seed)
+                rec.update({"ppl/ppl_low": ci.low, "ppl/ppl_high": ci.high})
+                if not any(v is None for v in it["kl"]):
+                    ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], ratio,
+                                         resamples=resamples, seed=seed)
+                    rec.update({"kl/ppl": ci.estimate, "kl/ppl_low": ci.low, "kl/ppl_high": ci.high})
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs, columns=[f"{m}{s}" for m in FRAME_METRICS for s in ("_low", "_high")]
+                                     + ["kl/ppl"])

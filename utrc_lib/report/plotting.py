@@ -151,14 +151,18 @@ def bar_panel(ax, f, x: str, labels, title: str, highlight=None, *, dense, model
     function value of `x` -> tick label. highlight: the value of `x` drawn orange (the paper's choice).
     dense: frame of the dense rows (model, avg_acc), drawn as a dashed line per model. Failed rows
     (status != "ok") are marked "failed". The y-axis starts at zero (a truncated axis makes differences
-    of one or two items look large); with an `avg_acc_stderr` column each bar carries +-1 s.e.
+    of one or two items look large); with `avg_acc_low` / `avg_acc_high` columns each bar carries its
+    95% interval (else, with an `avg_acc_stderr` column, +-1 s.e.).
     """
     import numpy as np
 
     for i, name in enumerate(model_names):
         d = f[f["model"] == name]
         xs = np.arange(len(d)) + 0.38 * (i - (len(model_names) - 1) / 2)
-        yerr = 100 * d["avg_acc_stderr"].fillna(0) if "avg_acc_stderr" in d else None
+        if "avg_acc_low" in d and d["avg_acc_low"].notna().any():   # 95% interval (asymmetric)
+            yerr = [100 * (d["avg_acc"] - d["avg_acc_low"]).fillna(0), 100 * (d["avg_acc_high"] - d["avg_acc"]).fillna(0)]
+        else:
+            yerr = 100 * d["avg_acc_stderr"].fillna(0) if "avg_acc_stderr" in d else None
         ax.bar(xs, 100 * d["avg_acc"].fillna(0), width=0.36 if len(model_names) > 1 else 0.6, label=Path(name).name,
                color=["#D55E00" if (highlight is not None and v == highlight) else "#888888" for v in d[x]],
                edgecolor="black", alpha=1.0 if i == 0 else 0.6, yerr=yerr, capsize=2,
@@ -186,11 +190,16 @@ def protection_bars(ax, d, metric: str, modes: Sequence[str], tick_labels: Seque
 
     scale = 1 if metric.endswith("ppl") else 100
     for j, prot in enumerate([False, True]):
-        vals = []
+        vals, lo, hi = [], [], []
         for m in modes:
             sel = d[(d["mode"] == m) & (d["protect"] == prot)]
-            vals.append(float(sel[metric].iloc[0]) if len(sel) else np.nan)
+            v = float(sel[metric].iloc[0]) if len(sel) else np.nan
+            vals.append(v)
+            has = len(sel) and f"{metric}_low" in sel and np.isfinite(sel[f"{metric}_low"].iloc[0])
+            lo.append(v - float(sel[f"{metric}_low"].iloc[0]) if has else 0.0)
+            hi.append(float(sel[f"{metric}_high"].iloc[0]) - v if has else 0.0)
         ax.bar(np.arange(len(modes)) + 0.4 * j - 0.2, np.array(vals) * scale, width=0.4,
+               yerr=[np.array(lo) * scale, np.array(hi) * scale], capsize=2, error_kw=dict(elinewidth=0.8),
                color="#0072B2" if prot else "#E69F00", label="protected (leak-free)" if prot else "unprotected")
     ax.set_xticks(np.arange(len(modes)), list(tick_labels), fontsize=7)
     ax.set_title(TASK_LABELS.get(metric, metric), fontsize=8)
