@@ -51,6 +51,14 @@ corpus-v2: venv
 tokenizer-v2: corpus-v2
 	$(PY) data/corpus/build_corpus_v2.py tokenizer
 
+# Benchmark suite v2 from the corpus v2 test split (data/benchmarks_v2/README.md); calibrate the short
+# tasks on the small models with: make benchmarks-v2-calibrate
+.PHONY: benchmarks-v2 benchmarks-v2-calibrate
+benchmarks-v2: venv
+	$(PY) data/benchmarks_v2/build_benchmarks_v2.py
+benchmarks-v2-calibrate: venv
+	HF_HUB_OFFLINE=1 $(PY) data/benchmarks_v2/build_benchmarks_v2.py --calibrate data/models/small-mamba2 data/models/small-mamba
+
 flops: venv
 	$(PY) -m utrc_lib.flops
 

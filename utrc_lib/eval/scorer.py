@@ -65,7 +65,7 @@ import torch
 
 from ..core.config import ReductionConfig
 from ..core.reduce import SequenceTooShort
-from .suite import available_tasks, load_task
+from .suite import available_tasks, load_task, task_kind
 
 DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")
 # what run_metadata()["protect"] says for protect=True / False
@@ -543,13 +543,14 @@ def _task_requests(tokenizer, task: str, limit: Optional[int]):
     if hit is not None and hit[0] is tokenizer:
         return hit[1], hit[2]
     items = load_task(task, limit)
-    if task == "cloze":
+    kind = task_kind(task)
+    if kind == "cloze":
         reqs = [(it["context"], it["target"]) for it in items]
-    elif task == "choice4":
+    elif kind == "choice4":
         reqs = [(it["context"], " " + e) for it in items for e in it["endings"]]
-    elif task == "choice2":
+    elif kind == "choice2":
         reqs = [(it["context"], " " + o) for it in items for o in it["options"]]
-    elif task == "ppl":
+    elif kind == "ppl":
         reqs = [(it["context"], it["continuation"]) for it in items]
     else:  # pragma: no cover - load_task rejects unknown names
         raise ValueError(task)
@@ -569,12 +570,13 @@ def _stderr(values: Sequence[float]) -> float:
 
 def _score_task(task: str, items: list[dict], texts, res, toks) -> dict:
     out: dict = {"n": len(items)}
-    if task == "cloze":
+    kind = task_kind(task)
+    if kind == "cloze":
         accs = [float(g) for _, g in res]
         lls = [ll for ll, _ in res]
         out.update(acc=sum(accs) / len(accs), acc_stderr=_stderr(accs), ppl=math.exp(-sum(lls) / len(lls)))
-    elif task in ("choice4", "choice2"):
-        key = "endings" if task == "choice4" else "options"
+    elif kind in ("choice4", "choice2"):
+        key = "endings" if kind == "choice4" else "options"
         accs, norms, j = [], [], 0
         for it in items:
             n = len(it[key])
@@ -582,13 +584,18 @@ def _score_task(task: str, items: list[dict], texts, res, toks) -> dict:
             j += n
             pred = max(range(n), key=lambda c: lls[c])
             accs.append(float(pred == it["label"]))
-            if task == "choice4":
+            if kind == "choice4":
                 normed = [lls[c] / len(it[key][c]) for c in range(n)]
                 norms.append(float(max(range(n), key=lambda c: normed[c]) == it["label"]))
         out.update(acc=sum(accs) / len(accs), acc_stderr=_stderr(accs))
-        if task == "choice4":
+        if items and all("depth" in it for it in items):  # v2 passkey: accuracy per needle depth
+            by = collections.defaultdict(list)
+            for it, a in zip(items, accs):
+                by[it["depth"]].append(a)
+            out["acc_by_depth"] = {str(d): sum(v) / len(v) for d, v in sorted(by.items())}
+        if kind == "choice4":
             out.update(acc_norm=sum(norms) / len(norms), acc_norm_stderr=_stderr(norms))
-    elif task == "ppl":
+    elif kind == "ppl":
         lls = [ll for ll, _ in res]
         ntok = sum(len(t[1]) for t in toks)
         nbytes = sum(len(x.encode("utf-8")) for _, x in texts)
@@ -607,9 +614,10 @@ def _item_outcomes(task: str, items: list[dict], toks, details: list) -> dict:
     "correct" (0/1): cloze greedy match, choice acc; choice4 also "correct_norm" (acc_norm). The
     ppl task has no "correct". kl / top1 are None where there was no reference.
     """
+    kind = task_kind(task)
     groups = []   # (request indices of the item, gold request index)
-    if task in ("choice4", "choice2"):
-        key = "endings" if task == "choice4" else "options"
+    if kind in ("choice4", "choice2"):
+        key = "endings" if kind == "choice4" else "options"
         j = 0
         for it in items:
             n = len(it[key])
@@ -632,19 +640,19 @@ def _item_outcomes(task: str, items: list[dict], toks, details: list) -> dict:
         out["ll"].append(g.ll)
         out["gold_tokens"].append(g.tokens)
         out["ll_per_token"].append(g.ll / g.tokens)
-    if task == "cloze":
+    if kind == "cloze":
         out["correct"] = [int(details[i].greedy) for i in range(len(items))]
-    elif task in ("choice4", "choice2"):
-        key = "endings" if task == "choice4" else "options"
+    elif kind in ("choice4", "choice2"):
+        key = "endings" if kind == "choice4" else "options"
         out["correct"], norm = [], []
         for it, (members, _) in zip(items, groups):
             lls = [details[j].ll for j in members]
             n = len(members)
             out["correct"].append(int(max(range(n), key=lambda c: lls[c]) == it["label"]))
-            if task == "choice4":
+            if kind == "choice4":
                 normed = [lls[c] / len(it[key][c]) for c in range(n)]
                 norm.append(int(max(range(n), key=lambda c: normed[c]) == it["label"]))
-        if task == "choice4":
+        if kind == "choice4":
             out["correct_norm"] = norm
     return out
 
@@ -760,9 +768,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in available_tasks()]
+    unknown = [t for t in tasks if t not in available_tasks("all")]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
+        raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(available_tasks('all'))}")
     if config is not None and not isinstance(config, ReductionConfig):
         raise TypeError(f"config must be a utrc_lib.ReductionConfig or None, got {type(config).__name__}")
     was_training = model.training
@@ -772,6 +780,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         for task in tasks:
             t0 = time.perf_counter()
             toks, extra = _task_requests(tokenizer, task, limit)
+            longest = max((len(c) + len(x) - 1 for c, x in toks), default=0)
+            if longest > max_length:  # the context would be cut on the left (e.g. v2 long tasks, passkey)
+                raise ValueError(f"task {task!r}: a request has {longest} input tokens > max_length={max_length}; "
+                                 f"pass max_length >= {longest}")
             kw = {}
             if items:
                 ref_key, ref = _cached_reference(model, tokenizer, task, limit, batch_size, max_length, toks)

@@ -1,0 +1,710 @@
+#!/usr/bin/env python
+"""Build benchmark suite v2 from the corpus v2 TEST split (short calibrated tasks + long-context tasks).
+
+Deterministic: documents in id order, every random choice from `random.Random` seeded with a fixed
+string per task (and level), byte-identical output across runs. Items are text; lengths are
+measured with the v2 tokenizer (`data/tokenizer_v2`), whose sha256 the manifest records. A model
+with another tokenizer (the tiny v1 models) scores the same text; its token counts differ.
+
+Tasks (README.md in this folder):
+    cloze_v2, choice4_v2, choice2_v2     short, in v1's formats, with a difficulty level each;
+                                         `--calibrate MODEL [MODEL ...]` picks the level whose dense
+                                         accuracy (200 sampled items) is in [0.30, 0.85]
+    lr_cloze_{512,1024,2048}             long-range cloze (target >= 256 tokens back, not in the last 64)
+    passkey_{512,1024,2048}              pass key at depth 10/30/50/70/90 % of natural text, 4 candidate keys
+    longppl_{1024,2048}                  64 scored tokens after 1024 / 2048 tokens of context
+
+Long items do not repeat the text: `context_parts` / `continuation_parts` list literal strings and
+[doc_id, start, end] character spans of `docs.jsonl` (the test documents used, verbatim);
+`utrc_lib.eval.suite.load_task` joins them into `context` / `continuation`.
+
+Usage:
+    .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py                 # build (default levels)
+    .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py --calibrate data/models/small-mamba2 \
+        data/models/small-mamba [--sample 200] [--dry-run]
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VERSION = "utrc-benchmarks-v2"
+
+_spec = importlib.util.spec_from_file_location("utrc_build_benchmarks_v1", ROOT / "data/benchmarks/build_benchmarks.py")
+v1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(v1)
+STOPWORDS, WORD = v1.STOPWORDS, v1.WORD
+sentences, sentence_spans, good_sentence, round_robin, suffix_class = (
+    v1.sentences, v1.sentence_spans, v1.good_sentence, v1.round_robin, v1.suffix_class)
+
+N_SHORT = 1000
+N_LONG = 500
+LENGTHS = (512, 1024, 2048)
+PPL_LENGTHS = (1024, 2048)
+PPL_SCORED = 64
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+LR_MIN_BACK, LR_CLEAR_LAST = 256, 64      # lr_cloze: an occurrence >= 256 tokens back, none in the last 64
+ACC_RANGE = (0.30, 0.85)
+ACC_TARGET = 0.55                         # calibration picks the in-range level closest to this
+
+
+def length_tolerance(L: int) -> int:
+    """Long items have L - tol <= tokens <= L (v2 tokenizer); tol = L / 64 (8, 16, 32)."""
+    return L // 64
+
+
+# -- short tasks: one builder per task, parameterised by a difficulty level ---------------------------
+# Levels are listed easiest first (by design; calibration measures them, it does not assume the order).
+LEVELS = {
+    "cloze_v2": {
+        "repeat2_short": "target occurs >= 2 times earlier in a 60-150 token passage",
+        "repeat_short": "target occurs earlier in a 60-150 token passage (v1 rule)",
+        "repeat_long": "target occurs earlier in a 150-300 token passage",
+        "any_short": "any content word before punctuation, 60-150 token passage (no repetition required)",
+    },
+    "choice4_v2": {
+        "other_source": "distractors: sentences of other sources (length +-20 %)",
+        "same_source": "distractors: sentences of other documents of the same source (v1 rule)",
+        "same_doc": "distractors: other sentences of the same document, >= 5 sentences away",
+    },
+    "choice2_v2": {
+        "any_word": "substitute: a random frequent content word of another suffix class",
+        "suffix_freq": "substitute: same suffix class, test-split frequency within x2 (v1 rule)",
+        "suffix_doc": "substitute: same suffix class, a word of the same document",
+    },
+}
+DEFAULT_LEVEL = {"cloze_v2": "repeat_short", "choice4_v2": "same_source", "choice2_v2": "suffix_freq"}
+
+
+def build_cloze_v2(docs, tok, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
+    lo_tok, hi_tok = (150, 300) if level == "repeat_long" else (60, 150)
+    need = {"repeat2_short": 2, "repeat_short": 1, "repeat_long": 1, "any_short": 0}[level]
+    rng = random.Random(f"{seed}-cloze_v2-{level}")
+    per_doc = []
+    for d in docs:
+        text = d["text"]
+        starts = sentence_spans(text)
+        cands = list(re.finditer(r"(?<= )([A-Za-z]{4,})(?=[.,;:!?])", text))
+        rng.shuffle(cands)
+        items, used = [], []
+        for m in cands:
+            if len(items) >= cap:
+                break
+            word, p = m.group(1), m.start()
+            if word.lower() in STOPWORDS:
+                continue
+            opts = [s for s in starts if lo_tok * 2.5 <= p - s <= hi_tok * 6]
+            if not opts:
+                continue
+            rng.shuffle(opts)
+            for s in opts[:4]:
+                context = text[s:p - 1]
+                if len(re.findall(r"\b" + word + r"\b", context)) < need:
+                    continue
+                ntok = len(tok.encode(context).ids)
+                if not lo_tok <= ntok <= hi_tok:
+                    continue
+                if any(s < e and p > b for b, e in used):
+                    break
+                used.append((s, p))
+                items.append({"context": context, "target": " " + word, "n_context_tokens": ntok,
+                              "source": d["source"], "doc_id": d["id"]})
+                break
+        per_doc.append(items)
+    out = round_robin(per_doc, n, rng)
+    return [{"id": f"cloze_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+
+
+def build_choice4_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
+    rng = random.Random(f"{seed}-choice4_v2-{level}")
+    pool = []  # (len, sentence, source, doc index, flat sentence index within the doc)
+    doc_sents = []
+    for di, d in enumerate(docs):
+        paras = [sentences(p) for p in d["text"].split("\n\n")]
+        doc_sents.append(paras)
+        k = 0
+        for ss in paras:
+            for s in ss:
+                if good_sentence(s, 25, 320):
+                    pool.append((len(s), s, d["source"], di, k))
+                k += 1
+    pool.sort()
+    lengths = [p[0] for p in pool]
+    per_doc = []
+    for di, d in enumerate(docs):
+        flat = {}
+        k = 0
+        for pi, ss in enumerate(doc_sents[di]):
+            for i in range(len(ss)):
+                flat[(pi, i)] = k
+                k += 1
+        cands = [(pi, i) for pi, ss in enumerate(doc_sents[di]) for i in range(1, len(ss))]
+        rng.shuffle(cands)
+        items, used = [], set()
+        for pi, i in cands:
+            if len(items) >= cap:
+                break
+            ss = doc_sents[di][pi]
+            ending = ss[i]
+            if not good_sentence(ending, 30, 250) or (pi, i) in used:
+                continue
+            k = rng.randint(1, min(3, i))
+            while k < min(3, i) and len(" ".join(ss[i - k:i])) < 100:
+                k += 1
+            context = " ".join(ss[i - k:i])
+            if not 100 <= len(context) <= 700 or "\n" in context:
+                continue
+            L = len(ending)
+            lo = bisect.bisect_left(lengths, math.ceil(0.8 * L))
+            hi = bisect.bisect_right(lengths, math.floor(1.2 * L))
+            here = flat[(pi, i)]
+            window = [p for p in pool[lo:hi] if p[1] != ending and p[1] not in context]
+            if level == "other_source":
+                src = [p for p in window if p[2] != d["source"]]
+            elif level == "same_source":
+                window = [p for p in window if p[3] != di]
+                same = [p for p in window if p[2] == d["source"]]
+                src = same if len({p[1] for p in same}) >= 3 else window
+            else:  # same_doc
+                src = [p for p in window if p[3] == di and abs(p[4] - here) >= 5]
+            texts = sorted({p[1] for p in src})
+            if len(texts) < 3:
+                continue
+            endings = rng.sample(texts, 3) + [ending]
+            rng.shuffle(endings)
+            used.update((pi, j) for j in range(i - k, i + 1))
+            items.append({"context": context, "endings": endings, "label": endings.index(ending),
+                          "source": d["source"], "doc_id": d["id"]})
+        per_doc.append(items)
+    out = round_robin(per_doc, n, rng)
+    return [{"id": f"choice4_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+
+
+def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
+    rng = random.Random(f"{seed}-choice2_v2-{level}")
+    freq = collections.Counter(w.lower() for d in docs for w in WORD.findall(d["text"]))
+    by_class = collections.defaultdict(list)
+    for w, c in freq.items():
+        if len(w) >= 4 and c >= 3 and w not in STOPWORDS and w.isascii():
+            by_class[suffix_class(w)].append((c, w))
+    for v in by_class.values():
+        v.sort()
+    frequent = sorted(w for w, c in freq.items() if c >= 20 and len(w) >= 4 and w not in STOPWORDS and w.isascii())
+    other_class = {k: [w for w in frequent if suffix_class(w) != k] for k in {suffix_class(w) for w in freq}}
+
+    def substitute(word: str, avoid: str, doc_words: list):
+        present = set(re.findall(r"[a-z]+", avoid.lower()))   # the substitute must not occur in the item
+        ok = lambda w: w != word and w not in present  # noqa: E731
+        if level == "any_word":
+            opts = other_class[suffix_class(word)]
+            for _ in range(50):
+                w = rng.choice(opts)
+                if ok(w):
+                    return w
+            return None
+        if level == "suffix_doc":
+            opts = [w for w in doc_words if suffix_class(w) == suffix_class(word) and ok(w)]
+            return rng.choice(opts) if len(opts) >= 3 else None
+        cls = by_class[suffix_class(word)]
+        f = freq[word]
+        counts = [c for c, _ in cls]
+        for factor in (2.0, 4.0, 8.0):
+            lo = bisect.bisect_left(counts, f / factor)
+            hi = bisect.bisect_right(counts, f * factor)
+            opts = [w for _, w in cls[lo:hi] if ok(w)]
+            if len(opts) >= 5:
+                return rng.choice(sorted(opts))
+        return None
+
+    per_doc = []
+    for d in docs:
+        text = d["text"]
+        doc_words = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", text) if w not in STOPWORDS and freq[w] >= 3})
+        starts = sentence_spans(text)
+        ends = starts[1:] + [len(text)]
+        cands = [j for j in range(len(starts)) if good_sentence(text[starts[j]:ends[j]].rstrip(), 40, 260)]
+        rng.shuffle(cands)
+        items, seen = [], set()
+        for j in cands:
+            if len(items) >= cap:
+                break
+            s0 = starts[j]
+            s = text[s0:ends[j]].rstrip()
+            if s in seen:
+                continue
+            words = [m for m in re.finditer(r"(?<= )([a-z]{4,})(?= )", s)
+                     if m.group(1) not in STOPWORDS and freq[m.group(1)] >= 3
+                     and len(WORD.findall(s[:m.start()])) >= 3 and len(WORD.findall(s[m.end():])) >= 2]
+            opts = [st for st in starts[:j] if 100 <= s0 - st <= 600]
+            if not words or not opts:
+                continue
+            m = rng.choice(words)
+            word = m.group(1)
+            prefix = text[rng.choice(opts):s0 + m.start() - 1]
+            rest = s[m.end():]
+            sub = substitute(word, prefix + " " + s, doc_words)
+            if sub is None:
+                continue
+            options = [word + rest, sub + rest]
+            order = [0, 1]
+            rng.shuffle(order)
+            seen.add(s)
+            items.append({"context": prefix, "options": [options[o] for o in order], "label": order.index(0),
+                          "word": word, "substitute": sub, "source": d["source"], "doc_id": d["id"]})
+        per_doc.append(items)
+    out = round_robin(per_doc, n, rng)
+    return [{"id": f"choice2_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+
+
+def build_short(name: str, docs, tok, level: str, seed: int) -> list[dict]:
+    if level not in LEVELS[name]:
+        raise ValueError(f"unknown level {level!r} for {name}; valid: {', '.join(LEVELS[name])}")
+    if name == "cloze_v2":
+        return build_cloze_v2(docs, tok, level, seed)
+    if name == "choice4_v2":
+        return build_choice4_v2(docs, level, seed)
+    return build_choice2_v2(docs, level, seed)
+
+
+# -- long tasks -------------------------------------------------------------------------------------------
+class TokDoc:
+    """A test document with its v2 token offsets (token index <-> character offset)."""
+
+    def __init__(self, doc: dict, enc):
+        self.id, self.source, self.text = doc["id"], doc["source"], doc["text"]
+        self.ids = enc.ids
+        self.starts = [o[0] for o in enc.offsets]
+
+    def tok_at(self, char: int) -> int:
+        """Index of the first token starting at or after `char`."""
+        return bisect.bisect_left(self.starts, char)
+
+    def word_start_at_or_after(self, char: int) -> int:
+        """First character >= char that begins a word (follows whitespace), else char."""
+        m = re.compile(r"(?<=\s)\S").search(self.text, char)
+        return m.start() if m else char
+
+
+def ntok(tok, text: str) -> int:
+    return len(tok.encode(text).ids)
+
+
+def span_back(tok, doc: TokDoc, end: int, L: int, reserve: int = 0):
+    """Character start s such that text[s:end] has L - reserve - tol .. L - reserve tokens, starting at a
+    word start; (s, tokens) or None."""
+    budget = L - reserve
+    t_end = doc.tok_at(end)
+    t0 = t_end - budget
+    if t0 < 0:
+        return None
+    s = doc.word_start_at_or_after(doc.starts[t0] if t0 < len(doc.starts) else end)
+    for _ in range(3):
+        n = ntok(tok, doc.text[s:end])
+        if budget - length_tolerance(L) <= n <= budget:
+            return s, n
+        if n > budget:  # tokenisation of the substring is longer: move on by a word
+            s = doc.word_start_at_or_after(s + 1)
+        else:
+            return None
+    return None
+
+
+def build_lr_cloze(tdocs, tok, L: int, seed: int, n: int = N_LONG, cap: int = 20) -> list[dict]:
+    """Long-range cloze: a context of ~L tokens ending before a word; the word occurs (same case, whole
+    word) >= 256 tokens before the blank and nowhere (any case) in the last 64 tokens."""
+    rng = random.Random(f"{seed}-lr_cloze-{L}")
+    per_doc = []
+    for d in tdocs:
+        if len(d.ids) < L + 8:
+            per_doc.append([])
+            continue
+        text = d.text
+        cands = [m for m in re.finditer(r"(?<= )([A-Za-z]{4,})(?=[.,;:!?])", text)
+                 if m.group(1).lower() not in STOPWORDS and d.tok_at(m.start()) >= L]
+        rng.shuffle(cands)
+        items, blanks = [], []
+        for m in cands:
+            if len(items) >= cap:
+                break
+            word, p = m.group(1), m.start() - 1        # the context stops before the space
+            tb = d.tok_at(p)
+            if any(abs(tb - b) < 256 for b in blanks):
+                continue
+            # quick filter on document tokens before the exact check on the context
+            occ = [o.start() for o in re.finditer(r"\b" + re.escape(word) + r"\b", text[:p])]
+            if not occ or tb - d.tok_at(occ[0]) < LR_MIN_BACK + 8:
+                continue
+            if any(tb - d.tok_at(o.start()) <= LR_CLEAR_LAST + 8
+                   for o in re.finditer(r"(?i)\b" + re.escape(word) + r"\b", text[:p])):
+                continue
+            sp = span_back(tok, d, p, L)
+            if sp is None:
+                continue
+            s, nt = sp
+            context = text[s:p]
+            back = lr_distances(tok, context, word)
+            if not back or max(back["same_case"]) < LR_MIN_BACK or min(back["any_case"]) <= LR_CLEAR_LAST:
+                continue
+            blanks.append(tb)
+            items.append({"context_parts": [[d.id, s, p]], "target": " " + word, "n_context_tokens": nt,
+                          "target_back_tokens": max(back["same_case"]), "target_nearest_tokens": min(back["any_case"]),
+                          "source": d.source, "doc_id": d.id})
+        per_doc.append(items)
+    out = round_robin(per_doc, n, rng)
+    return [{"id": f"lr_cloze_{L}-{i:04d}", **it} for i, it in enumerate(out)]
+
+
+def lr_distances(tok, context: str, word: str) -> dict:
+    """Tokens from each occurrence of `word` to the end of `context` (v2 tokenizer, exact):
+    {"same_case": [...], "any_case": [...]}; tests use the same definition."""
+    out = {}
+    for key, flags in (("same_case", 0), ("any_case", re.IGNORECASE)):
+        out[key] = [ntok(tok, context[m.start():]) for m in re.finditer(r"\b" + re.escape(word) + r"\b", context, flags)]
+    return out if out["same_case"] else {}
+
+
+SENT_END = re.compile(r"[.!?](?=\s)")
+NEEDLE = "The pass key is {k}. Remember it. {k} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def build_passkey(tdocs, tok, L: int, seed: int, n: int = N_LONG, cap: int = 20) -> list[dict]:
+    """Pass key retrieval: ~L tokens = natural text (one test document span) with the needle sentence
+    inserted at a sentence start nearest depth d (fraction of the context's tokens before the needle),
+    then the question. Scored as a 4-way choice: `endings` = the key and 3 random 5-digit keys absent
+    from the haystack, `label` = the key's index (chance 0.25); `target` = " " + key is kept for greedy
+    (generation-style) scoring. n / len(DEPTHS) per depth, depths interleaved."""
+    rng = random.Random(f"{seed}-passkey-{L}")
+    reserve = ntok(tok, NEEDLE.format(k=12345)) + ntok(tok, QUESTION) + 2
+    per_depth = n // len(DEPTHS)
+    groups = []
+    for depth in DEPTHS:
+        slots = []
+        for d in tdocs:
+            T = len(d.ids)
+            if T < L:
+                continue
+            stride = max(L // 2, (T - L) // max(1, cap))
+            for t_end in range(L, T + 1, stride):
+                slots.append((d, t_end))
+        rng.shuffle(slots)
+        # round robin over documents for source balance
+        by_doc = collections.defaultdict(list)
+        for d, t in slots:
+            by_doc[d.id].append((d, t))
+        order = sorted(by_doc)
+        rng.shuffle(order)
+        got, depth_i = [], 0
+        while len(got) < per_depth and any(depth_i < len(by_doc[k]) for k in order):
+            for k in order:
+                if depth_i >= len(by_doc[k]) or len(got) >= per_depth:
+                    continue
+                d, t_end = by_doc[k][depth_i]
+                it = make_passkey(tok, d, t_end, L, depth, reserve, rng)
+                if it is not None:
+                    got.append(it)
+            depth_i += 1
+        groups.append(got)
+    # interleave the depths, so that any prefix of the file (limit=) covers all of them
+    items = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+    return [{"id": f"passkey_{L}-{i:04d}", **it} for i, it in enumerate(items)]
+
+
+def make_passkey(tok, d: TokDoc, t_end: int, L: int, depth: float, reserve: int, rng):
+    pos = d.starts[t_end - 1] if t_end < len(d.starts) else len(d.text)
+    m = None
+    for m in SENT_END.finditer(d.text, max(0, pos - 400), pos):
+        pass
+    end = m.end() if m else d.text.rfind(" ", 0, pos)
+    if end <= 0:
+        return None
+    sp = span_back(tok, d, end, L, reserve)
+    if sp is None:
+        return None
+    s, nh = sp
+    hay = d.text[s:end]
+    # sentence / paragraph starts inside the haystack (not the very start)
+    bounds = [m.end() for m in re.finditer(r"(?<=[.!?])\s+(?=[A-Z\"'(])|\n\n+", hay)]
+    if not bounds:
+        return None
+    t_s = d.tok_at(s)
+    tb = [d.tok_at(s + b) - t_s for b in bounds]          # document-token estimate; exact check below
+    j = min(range(len(bounds)), key=lambda i: abs(tb[i] / nh - depth))
+    if abs(tb[j] / nh - depth) > 0.04:
+        return None
+    while True:
+        k = str(rng.randint(10000, 99999))
+        if k not in hay:
+            break
+    b = bounds[j]
+    needle = NEEDLE.format(k=k)
+    parts = [[d.id, s, s + b], needle, [d.id, s + b, end], QUESTION]
+    context = hay[:b] + needle + hay[b:] + QUESTION
+    nt = ntok(tok, context)
+    if not L - length_tolerance(L) <= nt <= L:
+        return None
+    measured = ntok(tok, hay[:b]) / nt
+    if abs(measured - depth) > 0.05:
+        return None
+    keys = [k]
+    while len(keys) < 4:   # 3 distractor keys, absent from the haystack
+        x = str(rng.randint(10000, 99999))
+        if x not in keys and x not in hay:
+            keys.append(x)
+    rng.shuffle(keys)
+    return {"context_parts": parts, "endings": keys, "label": keys.index(k), "target": " " + k,
+            "depth": depth, "depth_measured": round(measured, 4),
+            "n_context_tokens": nt, "source": d.source, "doc_id": d.id}
+
+
+def build_longppl(tdocs, tok, L: int, seed: int, n: int = N_LONG, scored: int = PPL_SCORED, cap: int = 20) -> list[dict]:
+    """Windows of L + 64 tokens of one document: context = first L tokens, continuation (scored, protected)
+    = last 64, split so that re-tokenising context and context + continuation reproduces L and L + 64
+    tokens exactly. Tails do not overlap (window ends >= 256 tokens apart)."""
+    rng = random.Random(f"{seed}-longppl-{L}")
+    W = L + scored
+    per_doc = []
+    for d in tdocs:
+        T = len(d.ids)
+        if T < W + 16:
+            per_doc.append([])
+            continue
+        stride = max(256, (T - W - 16) // cap)
+        slots = list(range(0, T - W - 16, stride))
+        rng.shuffle(slots)
+        items = []
+        for s0 in slots[:cap]:
+            for s in range(s0, s0 + 16):
+                a, b, c = d.starts[s], d.starts[s + L], d.starts[s + W] if s + W < T else len(d.text)
+                ctx, cont = d.text[a:b], d.text[b:c]
+                if not ctx or ctx[0].isspace() or ctx[-1].isspace() or "\ufffd" in ctx + cont:
+                    continue
+                if tok.encode(ctx).ids != d.ids[s:s + L] or tok.encode(ctx + cont).ids != d.ids[s:s + W]:
+                    continue
+                items.append({"context_parts": [[d.id, a, b]], "continuation_parts": [[d.id, b, c]],
+                              "n_context_tokens": L, "n_continuation_tokens": scored,
+                              "source": d.source, "doc_id": d.id})
+                break
+        per_doc.append(items)
+    out = round_robin(per_doc, n, rng)
+    return [{"id": f"longppl_{L}-{i:04d}", **it} for i, it in enumerate(out)]
+
+
+# -- io ------------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_jsonl(path: Path, items: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for it in items:
+            f.write(json.dumps(it, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def load_test_docs(corpus: Path) -> list[dict]:
+    if not corpus.is_file():
+        raise FileNotFoundError(f"{corpus} not found: build corpus v2 first (`make corpus-v2`, data/corpus/README.md)")
+    if corpus.name != "test.jsonl":
+        raise ValueError(f"the v2 suite is built from the TEST split only; got {corpus}")
+    docs = v1.load_docs(corpus)
+    bad = sorted({d["source"] for d in docs if d["source"].startswith("fortune")})
+    if bad:
+        raise ValueError(f"Debian fortunes are reserved and must not be used: {bad}")
+    return docs
+
+
+def task_entry(path: Path, items: list[dict], **extra) -> dict:
+    return {"file": path.name, "count": len(items), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            "sources": dict(sorted(collections.Counter(it["source"] for it in items).items())),
+            "documents": len({it["doc_id"] for it in items}), **extra}
+
+
+def chance(name: str) -> float:
+    return {"choice4_v2": 0.25, "choice2_v2": 0.5}.get(name, 0.0)
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+def short_accuracy(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> float:
+    """Dense accuracy of one short task's items, scored as utrc_lib.eval.scorer does (cloze: greedy
+    match of all target tokens; choice4: acc_norm, the accuracy the paired analysis uses; choice2: acc)."""
+    from utrc_lib.eval.scorer import loglikelihood
+
+    if name == "cloze_v2":
+        res = loglikelihood(model, tokenizer, [(it["context"], it["target"]) for it in items], batch_size=batch_size)
+        return sum(g for _, g in res) / len(items)
+    key = "endings" if name == "choice4_v2" else "options"
+    reqs = [(it["context"], " " + e) for it in items for e in it[key]]
+    res = loglikelihood(model, tokenizer, reqs, batch_size=batch_size)
+    correct, j = 0, 0
+    for it in items:
+        k = len(it[key])
+        lls = [res[j + c][0] / (len(it[key][c]) if name == "choice4_v2" else 1) for c in range(k)]
+        j += k
+        correct += max(range(k), key=lambda c: lls[c]) == it["label"]
+    return correct / len(items)
+
+
+def calibrate(models: list[str], docs, tok, seed: int, sample: int) -> dict:
+    """For each short task, measure every level's dense accuracy of every model on `sample` items and pick
+    the level whose accuracies are all in ACC_RANGE, closest (max |acc - ACC_TARGET| over models) to
+    ACC_TARGET; when none is in range, the closest level is kept and `in_range` is False."""
+    from utrc_lib.hosts.models import load_model
+
+    loaded = [(m, *load_model(m)) for m in models]
+    out = {}
+    for name in LEVELS:
+        per_level = {}
+        for level in LEVELS[name]:
+            items = build_short(name, docs, tok, level, seed)
+            rng = random.Random(f"{seed}-calibrate-{name}-{level}")
+            sub = rng.sample(items, min(sample, len(items)))
+            accs = {}
+            for mname, model, mtok in loaded:
+                t0 = time.perf_counter()
+                accs[mname] = short_accuracy(model, mtok, name, sub)
+                print(f"calibrate {name} {level:14s} {mname}: acc {accs[mname]:.3f} "
+                      f"({len(sub)} items, {time.perf_counter() - t0:.0f} s)", flush=True)
+            per_level[level] = {"items": len(items), "sample": len(sub), "accuracy": accs}
+        def badness(level):
+            a = list(per_level[level]["accuracy"].values())
+            out_of = sum(max(0.0, ACC_RANGE[0] - x, x - ACC_RANGE[1]) for x in a)
+            return (out_of > 0, out_of, max(abs(x - ACC_TARGET) for x in a))
+        ok = [lv for lv in per_level if per_level[lv]["items"] >= N_SHORT]
+        best = min(ok or list(per_level), key=badness)
+        out[name] = {"levels": per_level, "chosen": best, "in_range": not badness(best)[0]}
+        print(f"calibrate {name}: chosen {best} (in range: {out[name]['in_range']})", flush=True)
+    return out
+
+
+def model_fingerprint(path: str) -> dict:
+    p = Path(path)
+    st = p / "model.safetensors"
+    return {"path": str(p.relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p),
+            "model_safetensors_sha256": sha256_file(st) if st.is_file() else None}
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", type=Path, default=ROOT / "data/corpus/work_v2/test.jsonl")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / "data/tokenizer_v2/tokenizer.json")
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--only", choices=("short", "long"), help="rebuild only these tasks (others kept)")
+    ap.add_argument("--level", action="append", default=[], metavar="TASK=LEVEL",
+                    help="difficulty level of a short task (default: " +
+                         ", ".join(f"{k}={v}" for k, v in DEFAULT_LEVEL.items()) + ")")
+    ap.add_argument("--calibrate", nargs="+", metavar="MODEL",
+                    help="models (paths or embedded names) whose dense accuracy picks the short tasks' levels")
+    ap.add_argument("--sample", type=int, default=200, help="items per level for --calibrate (default 200)")
+    ap.add_argument("--dry-run", action="store_true", help="with --calibrate: print and save the estimates only")
+    args = ap.parse_args(argv)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(args.tokenizer))
+    docs = load_test_docs(args.corpus)
+    args.out.mkdir(parents=True, exist_ok=True)
+    mpath = args.out / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    manifest.update({
+        "version": VERSION, "seed": args.seed,
+        "corpus": str(args.corpus.relative_to(ROOT)) if args.corpus.resolve().is_relative_to(ROOT) else str(args.corpus),
+        "corpus_sha256": sha256_file(args.corpus),
+        "tokenizer": str(args.tokenizer.relative_to(ROOT)) if args.tokenizer.resolve().is_relative_to(ROOT) else str(args.tokenizer),
+        "tokenizer_sha256": sha256_file(args.tokenizer),
+        "lengths_note": "n_*_tokens and task lengths are v2-tokenizer tokens of the item text; items are text, "
+                        "so a model with another tokenizer scores the same text at its own token count",
+    })
+    manifest.setdefault("tasks", {})
+
+    levels = dict(DEFAULT_LEVEL)
+    levels.update({k: v for k, v in (manifest.get("levels") or {}).items() if k in LEVELS})
+    for spec in args.level:
+        k, _, v = spec.partition("=")
+        if k not in LEVELS or v not in LEVELS[k]:
+            raise SystemExit(f"bad --level {spec!r}; valid: " +
+                             "; ".join(f"{t}={'|'.join(lv)}" for t, lv in LEVELS.items()))
+        levels[k] = v
+    if args.calibrate:
+        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample)
+        record = {"models": [model_fingerprint(m) if Path(m).exists() else {"name": m} for m in args.calibrate],
+                  "sample": args.sample, "range": list(ACC_RANGE), "target": ACC_TARGET, "tasks": cal,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if args.dry_run:
+            (args.out / "calibration_dry_run.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"dry run: estimates in {args.out / 'calibration_dry_run.json'}; nothing rebuilt")
+            return 0
+        manifest["calibration"] = record
+        levels.update({k: v["chosen"] for k, v in cal.items()})
+        args.only = "short"
+    manifest["levels"] = levels
+    manifest["level_descriptions"] = LEVELS
+    manifest.setdefault("calibration", None)
+
+    if args.only in (None, "short"):
+        for name in LEVELS:
+            items = build_short(name, docs, tok, levels[name], args.seed)
+            if len(items) < N_SHORT:
+                raise SystemExit(f"{name} at level {levels[name]}: only {len(items)} items (< {N_SHORT})")
+            path = args.out / f"{name}.jsonl"
+            write_jsonl(path, items)
+            manifest["tasks"][name] = task_entry(path, items, kind={"cloze_v2": "cloze"}.get(name, name[:-3]),
+                                                 level=levels[name], chance=chance(name),
+                                                 calibrated=manifest["calibration"] is not None)
+            print(f"{name} [{levels[name]}]: {len(items)} items, {path.stat().st_size / 1e6:.2f} MB", flush=True)
+    if args.only in (None, "long"):
+        t0 = time.perf_counter()
+        encs = tok.encode_batch([d["text"] for d in docs])
+        tdocs = [TokDoc(d, e) for d, e in zip(docs, encs)]
+        used_docs = set()
+        long_tasks = {}
+        for L in LENGTHS:
+            long_tasks[f"lr_cloze_{L}"] = ("cloze", build_lr_cloze(tdocs, tok, L, args.seed))
+            print(f"lr_cloze_{L} built ({time.perf_counter() - t0:.0f} s)", flush=True)
+            long_tasks[f"passkey_{L}"] = ("choice4", build_passkey(tdocs, tok, L, args.seed))
+            print(f"passkey_{L} built ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for L in PPL_LENGTHS:
+            long_tasks[f"longppl_{L}"] = ("ppl", build_longppl(tdocs, tok, L, args.seed))
+        for name, (kind, items) in long_tasks.items():
+            if len(items) < N_LONG:
+                raise SystemExit(f"{name}: only {len(items)} items (< {N_LONG})")
+            used_docs.update(it["doc_id"] for it in items)
+            path = args.out / f"{name}.jsonl"
+            write_jsonl(path, items)
+            extra = {"kind": kind, "length": int(name.rsplit("_", 1)[1]), "chance": 0.25 if kind == "choice4" else 0.0,
+                     "length_tolerance": length_tolerance(int(name.rsplit("_", 1)[1]))}
+            if name.startswith("passkey"):
+                extra["depths"] = dict(sorted(collections.Counter(str(it["depth"]) for it in items).items()))
+            manifest["tasks"][name] = task_entry(path, items, **extra)
+            print(f"{name}: {len(items)} items, {path.stat().st_size / 1e6:.2f} MB", flush=True)
+        dpath = args.out / "docs.jsonl"
+        write_jsonl(dpath, [{"id": d["id"], "source": d["source"], "text": d["text"]} for d in docs if d["id"] in used_docs])
+        manifest["docs"] = {"file": dpath.name, "documents": len(used_docs), "bytes": dpath.stat().st_size,
+                            "sha256": sha256_file(dpath),
+                            "note": "test documents referenced by the long tasks' [doc_id, start, end] spans, verbatim"}
+        print(f"long tasks: {time.perf_counter() - t0:.0f} s; docs.jsonl {dpath.stat().st_size / 1e6:.2f} MB")
+    manifest["tasks"] = dict(sorted(manifest["tasks"].items()))
+    mpath.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if args.calibrate:
+        missed = [k for k, v in manifest["calibration"]["tasks"].items() if not v["in_range"]]
+        if missed:
+            print(f"WARNING: no level puts every model in {ACC_RANGE} for {missed}; the closest was kept")
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

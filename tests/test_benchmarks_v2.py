@@ -1,0 +1,191 @@
+"""Benchmark suite v2 (data/benchmarks_v2): files, item constraints, held-out documents, scoring."""
+import collections
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from utrc_lib.eval import suite
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "data" / "benchmarks_v2"
+CORPUS = ROOT / "data" / "corpus" / "work_v2"
+TOKENIZER = ROOT / "data" / "tokenizer_v2" / "tokenizer.json"
+LONG = [t for t in suite.TASKS_V2 if t.rsplit("_", 1)[-1].isdigit()]
+SHORT = ["cloze_v2", "choice4_v2", "choice2_v2"]
+
+pytestmark = pytest.mark.skipif(not (BENCH / "manifest.json").is_file(), reason="suite v2 not built")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((BENCH / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TOKENIZER))
+
+
+def ntok(tok, text):
+    return len(tok.encode(text).ids)
+
+
+def test_registry_keeps_v1():
+    assert suite.available_tasks() == ["cloze", "choice4", "choice2", "ppl"]
+    assert suite.available_tasks("all")[:4] == ["cloze", "choice4", "choice2", "ppl"]
+    assert set(suite.available_tasks("v2")) == set(SHORT) | set(LONG)
+    assert {suite.task_kind(t) for t in suite.available_tasks("v2")} <= set(suite.TASKS)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        suite.task_kind("nope")
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite.available_tasks("v3")
+
+
+def test_manifest_files_and_size(manifest):
+    total = 0
+    for name in SHORT + LONG:
+        e = manifest["tasks"][name]
+        p = BENCH / e["file"]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == e["sha256"], name
+        assert e["count"] >= (1000 if name in SHORT else 500), name
+        total += p.stat().st_size
+    docs = BENCH / manifest["docs"]["file"]
+    assert hashlib.sha256(docs.read_bytes()).hexdigest() == manifest["docs"]["sha256"]
+    total += docs.stat().st_size
+    assert total < 12_500_000
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(TOKENIZER.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", SHORT + LONG)
+def test_items_load(name, manifest):
+    items = suite.load_task(name)
+    assert len(items) == manifest["tasks"][name]["count"]
+    assert len({it["id"] for it in items}) == len(items)
+    assert suite.load_task(name, limit=3) == items[:3]
+    for it in items[:50]:
+        assert "context_parts" not in it and it["context"]
+
+
+@pytest.mark.parametrize("L", [512, 1024, 2048])
+def test_lr_cloze_constraints(L, tok):
+    items = suite.load_task(f"lr_cloze_{L}")
+    tol = L // 64
+    for it in items[:: max(1, len(items) // 40)]:   # ~40 items checked exactly
+        ctx, word = it["context"], it["target"][1:]
+        assert it["target"] == " " + word and re.fullmatch(r"[A-Za-z]{4,}", word)
+        assert L - tol <= ntok(tok, ctx) <= L, it["id"]
+        back = [ntok(tok, ctx[m.start():]) for m in re.finditer(r"\b" + word + r"\b", ctx)]
+        assert back and max(back) >= 256, it["id"]           # occurs >= 256 tokens before the blank
+        near = [ntok(tok, ctx[m.start():]) for m in re.finditer(r"(?i)\b" + word + r"\b", ctx)]
+        assert min(near) > 64, it["id"]                       # nowhere in the last 64 tokens
+        assert not re.search(r"(?i)\b" + word + r"\b", tok.decode(tok.encode(ctx).ids[-64:]))
+
+
+@pytest.mark.parametrize("L", [512, 1024, 2048])
+def test_passkey_constraints(L, tok):
+    items = suite.load_task(f"passkey_{L}")
+    depths = collections.Counter(it["depth"] for it in items)
+    assert set(depths) == {0.1, 0.3, 0.5, 0.7, 0.9} and min(depths.values()) >= 100
+    assert {it["depth"] for it in items[:10]} == set(depths)   # interleaved: any prefix covers the depths
+    for it in items[:: max(1, len(items) // 40)]:
+        key = it["target"].strip()
+        assert re.fullmatch(r"\d{5}", key) and it["target"] == " " + key
+        ctx = it["context"]
+        assert len(set(it["endings"])) == 4 and it["endings"][it["label"]] == key
+        assert all(re.fullmatch(r"\d{5}", e) and e not in ctx for e in it["endings"] if e != key)
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+        assert ctx.count(needle) == 1 and ctx.count(key) == 2    # the key appears only in the needle
+        assert ctx.endswith("\n\nWhat is the pass key? The pass key is")
+        n = ntok(tok, ctx)
+        assert L - L // 64 <= n <= L
+        depth = ntok(tok, ctx[:ctx.index(needle)]) / n
+        assert abs(depth - it["depth"]) <= 0.05, (it["id"], depth)
+        assert abs(depth - it["depth_measured"]) < 1e-3
+
+
+@pytest.mark.parametrize("L", [1024, 2048])
+def test_longppl_split(L, tok):
+    items = suite.load_task(f"longppl_{L}")
+    for it in items[:: max(1, len(items) // 30)]:
+        ids = tok.encode(it["context"]).ids
+        assert len(ids) == L
+        assert tok.encode(it["context"] + it["continuation"]).ids[:L] == ids
+        assert ntok(tok, it["context"] + it["continuation"]) == L + 64
+
+
+def test_short_tasks(manifest):
+    for name in SHORT:
+        items = suite.load_task(name)
+        assert {it["level"] for it in items} == {manifest["levels"][name]}
+    for it in suite.load_task("choice4_v2"):
+        assert len(it["endings"]) == 4 and 0 <= it["label"] < 4 and len(set(it["endings"])) == 4
+    for it in suite.load_task("choice2_v2"):
+        assert it["options"][it["label"]].startswith(it["word"]) and it["word"] != it["substitute"]
+    for it in suite.load_task("cloze_v2")[:200]:
+        assert it["target"].startswith(" ") and len(it["target"]) >= 5
+
+
+def test_held_out_documents(manifest):
+    """Every item's document is a v2 TEST document, never train / validation, never Debian fortunes;
+    docs.jsonl holds them verbatim."""
+    docs = {d["id"]: d for d in map(json.loads, (BENCH / "docs.jsonl").read_text().splitlines())}
+    used = {it["doc_id"] for name in SHORT + LONG for it in suite.load_task(name)}
+    assert not any(d["source"].startswith("fortune") for d in docs.values())
+    if not (CORPUS / "test.jsonl").is_file():
+        pytest.skip("corpus v2 not built here (data/corpus/work_v2): split membership not checked")
+    split = {}
+    for s in ("train", "validation", "test"):
+        for line in (CORPUS / f"{s}.jsonl").open(encoding="utf-8"):
+            d = json.loads(line)
+            split.setdefault(d["id"], set()).add(s)
+            if s == "test" and d["id"] in docs:
+                assert docs[d["id"]]["text"] == d["text"], d["id"]
+    assert used <= {i for i, s in split.items() if s == {"test"}}
+    assert set(docs) <= used
+    assert hashlib.sha256((CORPUS / "test.jsonl").read_bytes()).hexdigest() == manifest["corpus_sha256"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from utrc_lib.hosts.models import load_model
+
+    try:
+        return load_model("tiny-mamba2")
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"tiny-mamba2 not available: {e}")
+
+
+def test_evaluator_scores_v2_tasks(tiny):
+    from utrc_lib.eval.scorer import evaluate
+
+    model, tk = tiny
+    tasks = SHORT + ["lr_cloze_512", "passkey_512", "longppl_1024"]
+    res = evaluate(model, tk, tasks=tasks, limit=5, batch_size=5, progress=False, max_length=4096)
+    for t in tasks:
+        assert res[t]["n"] == 5
+    for t in ("cloze_v2", "lr_cloze_512"):
+        assert 0.0 <= res[t]["acc"] <= 1.0 and res[t]["ppl"] > 1.0
+    assert 0.0 <= res["passkey_512"]["acc"] <= 1.0
+    assert set(res["passkey_512"]["acc_by_depth"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert 0.0 <= res["choice4_v2"]["acc_norm"] <= 1.0
+    assert 0.3 < res["longppl_1024"]["bits_per_byte"] < 8.0 and math.isfinite(res["longppl_1024"]["ppl"])
+    # the long-context guard: a context longer than max_length is an error, not a silent cut
+    with pytest.raises(ValueError, match="max_length"):
+        evaluate(model, tk, tasks=["longppl_1024"], limit=1, progress=False, max_length=512)
+
+
+def test_reduced_scoring_runs_on_long_task(tiny):
+    from utrc_lib import ReductionConfig
+    from utrc_lib.eval.scorer import evaluate
+
+    model, tk = tiny
+    cfg = ReductionConfig(method="utrc", keep_ratio=0.8)
+    res = evaluate(model, tk, tasks=["passkey_512"], config=cfg, limit=2, batch_size=2, progress=False,
+                   max_length=4096)
+    assert res["passkey_512"]["n"] == 2 and res["passkey_512"]["achieved_token_layer_cut"] > 0
