@@ -4,7 +4,7 @@
     .venv/bin/python scripts/browser_check.py --only 05_algorithm_step_by_step --full
 
 Starts `jupyter lab` from this environment on 127.0.0.1 (random port, a fresh token, its own settings
-and workspace folders) over a temporary copy of notebooks/ (with `quick=True` injected as papermill
+and workspace folders) over a temporary copy of notebooks/ (beside a link to data/) (with `quick=True` injected as papermill
 would, unless --full), opens each notebook in Debian's `chromium` through `chromedriver` and
 selenium, runs all cells with JupyterLab's own command `notebook:run-all-cells`, waits for the kernel,
 and checks: no cell has an error output or a Traceback on stderr; every widget output renders as
@@ -92,6 +92,8 @@ def prepare(root: Path, names: list[str], quick: bool) -> None:
     import nbformat
     from papermill.parameterize import parameterize_notebook
 
+    (root / "notebooks").mkdir()
+    (root / "data").symlink_to(REPO / "data")  # the notebooks read ../data/... as they do from notebooks/
     for name in names:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         if quick:
@@ -99,7 +101,7 @@ def prepare(root: Path, names: list[str], quick: bool) -> None:
                 cell.metadata.setdefault("tags", [])
             nb.metadata.setdefault("papermill", {})
             nb = parameterize_notebook(nb, {"quick": True})
-        nbformat.write(nb, root / f"{name}.ipynb")
+        nbformat.write(nb, root / "notebooks" / f"{name}.ipynb")
     for rel, value in SETTINGS.items():
         p = root / ".settings" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,7 @@ def run_notebook(driver, base: str, token: str, name: str, shots: Path, timeout:
     """Open, run all, check, screenshot one notebook. Returns its report (failures listed, not raised)."""
     t0 = time.time()
     report = {"notebook": name, "failures": [], "widgets": 0, "screenshot": None}
-    driver.get(f"{base}/lab/tree/{name}.ipynb?token={token}")
+    driver.get(f"{base}/lab/tree/notebooks/{name}.ipynb?token={token}")
     wait_for(driver, lambda s: s.get("ready") and s.get("kernel") == "idle", 180, f"{name}: kernel start")
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
     code = None
