@@ -189,3 +189,18 @@ def test_reduced_scoring_runs_on_long_task(tiny):
     res = evaluate(model, tk, tasks=["passkey_512"], config=cfg, limit=2, batch_size=2, progress=False,
                    max_length=4096)
     assert res["passkey_512"]["n"] == 2 and res["passkey_512"]["achieved_token_layer_cut"] > 0
+
+
+def test_calibration_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bv2", BENCH / "build_benchmarks_v2.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    lv = lambda n, *a: {"items": n, "accuracy": {f"m{i}": x for i, x in enumerate(a)}}  # noqa: E731
+    assert b.choose_level({"easy": lv(1000, 0.9, 0.8), "mid": lv(1000, 0.6, 0.4), "hard": lv(1000, 0.3, 0.2)}) == ("mid", True)
+    assert b.choose_level({"a": lv(1000, 0.31, 0.84), "b": lv(1000, 0.5, 0.7)}) == ("b", True)
+    assert b.choose_level({"a": lv(1000, 0.95), "b": lv(1000, 0.9)}) == ("b", False)
+    assert b.choose_level({"a": lv(999, 0.55), "b": lv(1000, 0.2)}) == ("b", False)   # too few items
+    with pytest.raises(ValueError, match="no level"):
+        b.choose_level({"a": lv(10, 0.5)})

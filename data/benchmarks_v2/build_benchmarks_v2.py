@@ -69,10 +69,12 @@ def length_tolerance(L: int) -> int:
 # Levels are listed easiest first (by design; calibration measures them, it does not assume the order).
 LEVELS = {
     "cloze_v2": {
+        "repeat_bigram": "the word before the blank followed by the target occurs earlier in a 60-150 token passage",
+        "repeat2_recent": "target occurs >= 2 times earlier in a 60-150 token passage, once in its last 200 characters",
         "repeat2_short": "target occurs >= 2 times earlier in a 60-150 token passage",
         "repeat_short": "target occurs earlier in a 60-150 token passage (v1 rule)",
-        "repeat_long": "target occurs earlier in a 150-300 token passage",
         "any_short": "any content word before punctuation, 60-150 token passage (no repetition required)",
+        "repeat_long": "target occurs earlier in a 150-300 token passage",
     },
     "choice4_v2": {
         "other_source": "distractors: sentences of other sources (length +-20 %)",
@@ -83,6 +85,8 @@ LEVELS = {
         "any_word": "substitute: a random frequent content word of another suffix class",
         "suffix_freq": "substitute: same suffix class, test-split frequency within x2 (v1 rule)",
         "suffix_doc": "substitute: same suffix class, a word of the same document",
+        "word_only_context": "options are the words alone; substitute: same suffix class, a word of the context",
+        "word_only_doc": "as suffix_doc, but the options are the two words alone (rest of the sentence dropped)",
     },
 }
 DEFAULT_LEVEL = {"cloze_v2": "repeat_short", "choice4_v2": "same_source", "choice2_v2": "suffix_freq"}
@@ -90,7 +94,7 @@ DEFAULT_LEVEL = {"cloze_v2": "repeat_short", "choice4_v2": "same_source", "choic
 
 def build_cloze_v2(docs, tok, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
     lo_tok, hi_tok = (150, 300) if level == "repeat_long" else (60, 150)
-    need = {"repeat2_short": 2, "repeat_short": 1, "repeat_long": 1, "any_short": 0}[level]
+    need = {"repeat_bigram": 1, "repeat2_recent": 2, "repeat2_short": 2, "repeat_short": 1, "repeat_long": 1, "any_short": 0}[level]
     rng = random.Random(f"{seed}-cloze_v2-{level}")
     per_doc = []
     for d in docs:
@@ -113,6 +117,13 @@ def build_cloze_v2(docs, tok, level: str, seed: int, n: int = N_SHORT, cap: int 
                 context = text[s:p - 1]
                 if len(re.findall(r"\b" + word + r"\b", context)) < need:
                     continue
+                if level == "repeat2_recent" and not re.search(r"\b" + word + r"\b", context[-200:]):
+                    continue
+                if level == "repeat_bigram":
+                    prev = re.search(r"(\S+)$", context)
+                    if not prev or not re.search(r"(?<!\S)" + re.escape(prev.group(1)) + r" " + word + r"\b",
+                                                 context[:prev.start()]):
+                        continue
                 ntok = len(tok.encode(context).ids)
                 if not lo_tok <= ntok <= hi_tok:
                     continue
@@ -214,9 +225,13 @@ def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 2
                 if ok(w):
                     return w
             return None
-        if level == "suffix_doc":
+        if level in ("suffix_doc", "word_only_doc"):
             opts = [w for w in doc_words if suffix_class(w) == suffix_class(word) and ok(w)]
             return rng.choice(opts) if len(opts) >= 3 else None
+        if level == "word_only_context":   # a word the context itself uses (so copying does not decide)
+            opts = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", avoid) if w != word and w not in STOPWORDS
+                           and suffix_class(w) == suffix_class(word)})
+            return rng.choice(opts) if opts else None
         cls = by_class[suffix_class(word)]
         f = freq[word]
         counts = [c for c, _ in cls]
@@ -253,8 +268,8 @@ def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 2
             m = rng.choice(words)
             word = m.group(1)
             prefix = text[rng.choice(opts):s0 + m.start() - 1]
-            rest = s[m.end():]
-            sub = substitute(word, prefix + " " + s, doc_words)
+            rest = "" if level.startswith("word_only") else s[m.end():]
+            sub = substitute(word, prefix if level == "word_only_context" else prefix + " " + s, doc_words)
             if sub is None:
                 continue
             options = [word + rest, sub + rest]
@@ -556,17 +571,36 @@ def short_accuracy(model, tokenizer, name: str, items: list[dict], batch_size: i
     return correct / len(items)
 
 
-def calibrate(models: list[str], docs, tok, seed: int, sample: int) -> dict:
-    """For each short task, measure every level's dense accuracy of every model on `sample` items and pick
-    the level whose accuracies are all in ACC_RANGE, closest (max |acc - ACC_TARGET| over models) to
-    ACC_TARGET; when none is in range, the closest level is kept and `in_range` is False."""
+def choose_level(per_level: dict) -> tuple[str, bool]:
+    """(level, in range) from {level: {"items": n, "accuracy": {model: acc}}}: among levels with at least
+    N_SHORT items, those whose accuracies are all in ACC_RANGE come first, ordered by the largest
+    |acc - ACC_TARGET|; otherwise the level with the smallest total distance outside the range."""
+    def badness(level):
+        a = list(per_level[level]["accuracy"].values())
+        out_of = sum(max(0.0, ACC_RANGE[0] - x, x - ACC_RANGE[1]) for x in a)
+        return (out_of > 0, out_of, max(abs(x - ACC_TARGET) for x in a))
+    ok = [lv for lv in per_level if per_level[lv]["items"] >= N_SHORT]
+    if not ok:
+        raise ValueError(f"no level has {N_SHORT} items: {sorted(per_level)}")
+    best = min(ok, key=badness)
+    return best, not badness(best)[0]
+
+
+def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict, all_levels: bool = False) -> dict:
+    """For each short task, measure the dense accuracy of every model on `sample` items of a level and
+    pick a level with `choose_level`. Levels are listed easiest first: the search starts at `start`
+    (the current level) and steps to the next harder (easier) level while every model is above (below)
+    ACC_RANGE, so usually 1-3 levels are scored; `all_levels` scores every level."""
     from utrc_lib.hosts.models import load_model
 
     loaded = [(m, *load_model(m)) for m in models]
     out = {}
     for name in LEVELS:
+        order = list(LEVELS[name])
         per_level = {}
-        for level in LEVELS[name]:
+        todo = list(order) if all_levels else [start[name]]
+        while todo:
+            level = todo.pop(0)
             items = build_short(name, docs, tok, level, seed)
             rng = random.Random(f"{seed}-calibrate-{name}-{level}")
             sub = rng.sample(items, min(sample, len(items)))
@@ -574,17 +608,19 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int) -> dict:
             for mname, model, mtok in loaded:
                 t0 = time.perf_counter()
                 accs[mname] = short_accuracy(model, mtok, name, sub)
-                print(f"calibrate {name} {level:14s} {mname}: acc {accs[mname]:.3f} "
+                print(f"calibrate {name} {level:18s} {mname}: acc {accs[mname]:.3f} "
                       f"({len(sub)} items, {time.perf_counter() - t0:.0f} s)", flush=True)
             per_level[level] = {"items": len(items), "sample": len(sub), "accuracy": accs}
-        def badness(level):
-            a = list(per_level[level]["accuracy"].values())
-            out_of = sum(max(0.0, ACC_RANGE[0] - x, x - ACC_RANGE[1]) for x in a)
-            return (out_of > 0, out_of, max(abs(x - ACC_TARGET) for x in a))
-        ok = [lv for lv in per_level if per_level[lv]["items"] >= N_SHORT]
-        best = min(ok or list(per_level), key=badness)
-        out[name] = {"levels": per_level, "chosen": best, "in_range": not badness(best)[0]}
-        print(f"calibrate {name}: chosen {best} (in range: {out[name]['in_range']})", flush=True)
+            if all_levels:
+                continue
+            a = list(accs.values())
+            k = order.index(level)
+            step = 1 if min(a) > ACC_RANGE[1] else -1 if max(a) < ACC_RANGE[0] else 0
+            if step and 0 <= k + step < len(order) and order[k + step] not in per_level:
+                todo.append(order[k + step])
+        best, in_range = choose_level(per_level)
+        out[name] = {"levels": per_level, "chosen": best, "in_range": in_range}
+        print(f"calibrate {name}: chosen {best} (in range: {in_range})", flush=True)
     return out
 
 
@@ -610,6 +646,7 @@ def main(argv=None) -> int:
                     help="models (paths or embedded names) whose dense accuracy picks the short tasks' levels")
     ap.add_argument("--sample", type=int, default=200, help="items per level for --calibrate (default 200)")
     ap.add_argument("--dry-run", action="store_true", help="with --calibrate: print and save the estimates only")
+    ap.add_argument("--all-levels", action="store_true", help="with --calibrate: score every level (slower)")
     args = ap.parse_args(argv)
     from tokenizers import Tokenizer
 
@@ -638,7 +675,7 @@ def main(argv=None) -> int:
                              "; ".join(f"{t}={'|'.join(lv)}" for t, lv in LEVELS.items()))
         levels[k] = v
     if args.calibrate:
-        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample)
+        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample, levels, args.all_levels)
         record = {"models": [model_fingerprint(m) if Path(m).exists() else {"name": m} for m in args.calibrate],
                   "sample": args.sample, "range": list(ACC_RANGE), "target": ACC_TARGET, "tasks": cal,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
