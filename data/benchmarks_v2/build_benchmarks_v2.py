@@ -217,7 +217,7 @@ def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 2
 
     def substitute(word: str, avoid: str, doc_words: list):
         present = set(re.findall(r"[a-z]+", avoid.lower()))   # the substitute must not occur in the item
-        ok = lambda w: w != word and w not in present  # noqa: E731
+        ok = lambda w: w != word and w not in present
         if level == "any_word":
             opts = other_class[suffix_class(word)]
             for _ in range(50):
@@ -595,8 +595,8 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict,
 
     loaded = [(m, *load_model(m)) for m in models]
     out = {}
-    for name in LEVELS:
-        order = list(LEVELS[name])
+    for name, descriptions in LEVELS.items():
+        order = list(descriptions)
         per_level = {}
         todo = list(order) if all_levels else [start[name]]
         while todo:
