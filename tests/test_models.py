@@ -58,7 +58,7 @@ def test_load_local_directory(tmp_path):
 def test_default_data_dir_is_repo_data(monkeypatch):
     monkeypatch.delenv("UTRC_DATA_DIR", raising=False)
     assert models.embedded_path("tiny-mamba2") == REPO / "data" / "models" / "tiny-mamba2"
-    assert set(available_models()) == {"tiny-mamba", "tiny-mamba2"}
+    assert set(available_models()) == {"tiny-mamba", "tiny-mamba2", "small-mamba", "small-mamba2"}
 
 
 def test_unknown_embedded_name_lists_valid(data_dir):

@@ -21,7 +21,7 @@ if [ "$arch" = mamba2 ]; then
   [ -d .train/mamba_ssm_py/mamba_ssm ] || { say "no .train/mamba_ssm_py: run scripts/train/prepare_kernels.py and carry it"; exit 2; }
   export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD${PYTHONPATH:+:$PYTHONPATH}
 elif [ "$arch" = mamba ]; then
-  if ! python3 -c 'import selective_scan_cuda' 2>/dev/null; then
+  if ! python3 -c 'import torch, selective_scan_cuda' 2>/dev/null; then
     say "building mamba-ssm (selective_scan_cuda) from the sdist for sm_90"
     [ -f .train/mamba_ssm-2.3.2.post1.tar.gz ] || { say "no .train/mamba_ssm-2.3.2.post1.tar.gz: run prepare_kernels.py and carry it"; exit 2; }
     build=$(mktemp -d)
@@ -34,7 +34,7 @@ open(f, 'w').write(s)
 PY
     (cd "$build"/mamba_ssm-2.3.2.post1 && MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 MAMBA_FORCE_BUILD=TRUE \
       python3 -m pip install -q --no-deps --no-build-isolation . ) 2>&1 | tail -5 | tee -a "$LOG"
-    python3 -c 'import selective_scan_cuda, mamba_ssm' 2>&1 | tee -a "$LOG" || { say "mamba-ssm build failed"; exit 3; }
+    python3 -c 'import torch, selective_scan_cuda, mamba_ssm' 2>&1 | tee -a "$LOG" || { say "mamba-ssm build failed"; exit 3; }
     say "mamba-ssm built"
   fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

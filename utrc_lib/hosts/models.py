@@ -16,11 +16,15 @@ import torch
 EMBEDDED = {
     "tiny-mamba2": "Mamba-2, 12 layers, d_model 256, d_state 64, trained on the offline corpus",
     "tiny-mamba": "Mamba-1, 12 layers, d_model 256, d_state 16, trained on the offline corpus",
+    "small-mamba2": "Mamba-2, 24 layers, d_model 384, d_state 64, trained on corpus v2 (tokenizer v2)",
+    "small-mamba": "Mamba-1, 24 layers, d_model 384, d_state 16, trained on corpus v2 (tokenizer v2)",
 }
 SUPPORTED_CLASSES = ("MambaForCausalLM", "Mamba2ForCausalLM")
-_TRAIN_HINT = {
-    "tiny-mamba": "--arch mamba --d-state 16",
-    "tiny-mamba2": "--arch mamba2 --d-state 64",
+_TRAIN_HINT = {  # how each embedded model is made (a GPU machine with mamba-ssm)
+    "tiny-mamba": "`make models`, or `python3 scripts/train_lm.py --backend mamba_ssm --arch mamba --d-state 16 --out {path}`",
+    "tiny-mamba2": "`make models`, or `python3 scripts/train_lm.py --backend mamba_ssm --arch mamba2 --d-state 64 --out {path}`",
+    "small-mamba": "`bash scripts/train/device.sh mamba` then `scripts/train/join.py` (scripts/train/README.md)",
+    "small-mamba2": "`bash scripts/train/device.sh mamba2` then `scripts/train/join.py` (scripts/train/README.md)",
 }
 
 
@@ -89,8 +93,7 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
         if missing:
             raise ModelLoadError(
                 f"embedded model {name!r} is not available: {path} lacks {', '.join(missing)}. "
-                f"Make it with `make models` on a GPU machine, or directly with "
-                f"`python3 scripts/train_lm.py --backend mamba_ssm {_TRAIN_HINT[name]} --out {path}` "
+                f"Make it on a GPU machine with {_TRAIN_HINT[name].format(path=path)} "
                 f"(see data/corpus/README.md for the corpus and tokenizer).")
         source = str(path)
     elif name.lower().startswith("tiny-") and not Path(name).exists() and "/" not in name:
