@@ -32,7 +32,7 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoin
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
 cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 200                             # items per task (None: all 1000 / 200 windows): 200 on 2 CPU cores; the committed figures: None on one GPU
+limit: int = 20                              # items per task (None: all 1000 / 200 windows); sized for `make figures` on 2 CPU cores (the full run: scripts/gpu_full_run.sh)
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)

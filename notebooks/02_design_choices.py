@@ -32,7 +32,7 @@ starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors st
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 200                             # items per task (None: all); 200 on 2 CPU cores, the committed figures: None on one GPU
+limit: int = 15                              # items per task (None: all); sized for `make figures` on 2 CPU cores (the full run: scripts/gpu_full_run.sh)
 batch_size: int = 16
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)
