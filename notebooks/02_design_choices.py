@@ -130,16 +130,11 @@ choice_tests = []
 for g, x, lab, title, hl in SWEEPS:
     if hl is None:
         continue
-    r = results[g]
-    for row in r.rows:
-        row["params"] = dict(row["params"], method=f"{row['params'].get(x)}")   # label rows by the swept value
     for metric in (paired.AVG, "kl:ppl"):
-        cmp = paired.comparison_table(r, reference=str(hl), baselines=[str(v) for v in frames[g][x] if v != hl],
-                                      metrics=[metric], resamples=resamples, seed=seed)
+        cmp = paired.comparison_table(results[g], reference=str(hl), baselines=[str(v) for v in frames[g][x] if v != hl],
+                                      metrics=[metric], by=x, resamples=resamples, seed=seed)
         for rec in cmp.to_dict("records"):
             choice_tests.append({"sweep": g, **rec})
-    for row in r.rows:   # restore
-        row["params"] = dict(row["params"], method="utrc")
 choice_tests = pd.DataFrame(choice_tests)
 if len(choice_tests):
     display(choice_tests[["sweep", "metric", "reference", "baseline", "delta", "low", "high", "p_holm", "verdict"]])

@@ -35,19 +35,22 @@ __all__ = ["TASK_ACC", "AVG", "BASELINES", "row_label", "items_by_row", "stratif
            "verdicts"]
 
 
-def row_label(params: dict, extra: Sequence[str] = ()) -> tuple:
-    """(model, method, cut, *extra params) of a sweep row: the key of the tables."""
+def row_label(params: dict, extra: Sequence[str] = (), by: str = "method") -> tuple:
+    """(model, setting, cut, *extra params) of a sweep row: the key of the tables. The setting is the
+    method ("none" for dense rows), or with `by` the value of that parameter (e.g. "metric" to
+    compare the rows of a metric sweep with each other)."""
     method = params.get("method")
-    cut = 0.0 if method in DENSE_METHODS else float(params.get("cut", 0.0))
-    return (params.get("model"), "none" if method in DENSE_METHODS else method, cut) + tuple(
-        _hashable(params.get(k)) for k in extra)
+    dense = method in DENSE_METHODS
+    cut = 0.0 if dense else float(params.get("cut", 0.0))
+    setting = "none" if dense else (method if by == "method" else str(params.get(by)))
+    return (params.get("model"), setting, cut) + tuple(_hashable(params.get(k)) for k in extra)
 
 
 def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def items_by_row(result, extra: Sequence[str] = ()) -> dict:
+def items_by_row(result, extra: Sequence[str] = (), by: str = "method") -> dict:
     """{row_label: row["items"]} of the ok rows (the first row of a label wins; a row without items
     raises: the sweep must run with items=True)."""
     out = {}
@@ -56,7 +59,7 @@ def items_by_row(result, extra: Sequence[str] = ()) -> dict:
             continue
         if "items" not in r:
             raise ValueError(f"row {r['params']} has no item arrays: run the sweep with items=True")
-        out.setdefault(row_label(r["params"], extra), r["items"])
+        out.setdefault(row_label(r["params"], extra, by), r["items"])
     return out
 
 
@@ -70,6 +73,11 @@ def _dense_of(rows: dict, label: tuple) -> Optional[dict]:
         if k[0] == model and k[1] == "none":
             return v
     return None
+
+
+def _ratio(x, n):
+    """sum x / sum n over items (token-weighted KL, top-1 share): a bootstrap statistic."""
+    return x.sum(-1) / n.sum(-1)
 
 
 def _acc(items: dict, task: str) -> np.ndarray:
@@ -103,12 +111,8 @@ def stratified_bootstrap(groups_a: Sequence, groups_b: Optional[Sequence] = None
             if gb is not None:
                 d = d - gb[i][idx].mean(axis=1)
             draws[start:start + k] += d / len(ga)
-    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    p = None
-    if gb is not None:
-        p = float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
-        if np.all(draws == 0):
-            p = 1.0
+    lo, hi = stats._percentiles(draws, level)
+    p = stats._boot_p(draws) if gb is not None else None
     return stats.Interval(float(est), float(lo), float(hi), level, int(sum(len(g) for g in ga)), resamples, seed, p)
 
 
@@ -161,9 +165,8 @@ def fidelity_table(result, tasks: Sequence[str] = ("cloze", "choice4", "choice2"
             kl, tok = np.asarray(it["kl"], float), np.asarray(it["tokens"], float)
             top1 = np.asarray(it["top1"], float) * tok
             base = dict(zip(("model", "method", "cut") + tuple(extra), label), task=t)
-            ratio = lambda x, n: x.sum(-1) / n.sum(-1)  # noqa: E731
             for measure, arrays in (("kl_per_token", (kl, tok)), ("top1", (top1, tok))):
-                ci = stats.bootstrap(list(arrays), ratio, resamples=resamples, seed=seed)
+                ci = stats.bootstrap(list(arrays), _ratio, resamples=resamples, seed=seed)
                 recs.append({**base, "measure": measure, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
                              "n": ci.n})
             if dense is not None and t in dense:
@@ -221,15 +224,16 @@ def _metric_arrays(items: dict, metric: str, tasks: Sequence[str]):
 
 def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] = BASELINES,
                      metrics: Sequence[str] = (AVG, "cloze", "choice4", "choice2", "kl:ppl", "ll:ppl"),
-                     extra: Sequence[str] = (), *, alpha: float = 0.05,
+                     extra: Sequence[str] = (), *, by: str = "method", alpha: float = 0.05,
                      resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
     """DataFrame per (model, cut, [extra], metric, baseline): delta = reference minus baseline (for kl:
     lower is better, so a negative delta favours the reference), its 95% CI, p, Holm-adjusted p over
     the baselines of that (model, cut, metric), and verdict "beats" / "beaten" / "unresolved"
-    (adjusted p < alpha in the favourable / unfavourable direction)."""
+    (adjusted p < alpha in the favourable / unfavourable direction). `by`: the parameter whose values
+    `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep)."""
     import pandas as pd
 
-    rows = items_by_row(result, extra)
+    rows = items_by_row(result, extra, by)
     baselines = list(baselines)
     recs = []
     groups = sorted({(k[0], k[2]) + k[3:] for k in rows if k[1] == reference}, key=str)
@@ -324,7 +328,6 @@ def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFA
     import pandas as pd
 
     recs = []
-    ratio = lambda x, n: x.sum(-1) / n.sum(-1)  # noqa: E731
     for r in result.rows:
         if r.get("status") != "ok" and not errors:
             continue
@@ -344,7 +347,7 @@ def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFA
                 ci = stats.bootstrap_ppl(it["ll"], it["gold_tokens"], resamples=resamples, seed=seed)
                 rec.update({"ppl/ppl_low": ci.low, "ppl/ppl_high": ci.high})
                 if not any(v is None for v in it["kl"]):
-                    ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], ratio,
+                    ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], _ratio,
                                          resamples=resamples, seed=seed)
                     rec.update({"kl/ppl": ci.estimate, "kl/ppl_low": ci.low, "kl/ppl_high": ci.high})
         recs.append(rec)

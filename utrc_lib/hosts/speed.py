@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
 import threading
 from typing import Iterator
 
@@ -230,11 +229,3 @@ def resolve_device(device: str = "auto") -> str:
         raise RuntimeError(f"device {device!r} was asked for, but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use device='auto' or 'cpu'")
     return device
-
-
-def default_threads() -> int:
-    """Threads for CPU inference: the cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
