@@ -161,6 +161,31 @@ def test_dense_fallback_returned_with_the_results(m2, tok):
     assert getattr(m2, "_utrc_handle", None) is None
 
 
+def test_dense_fallback_splits_the_batch(m2, tok, monkeypatch):
+    """One refused request in a batch of 8 costs O(log B) extra forwards (halving), not B; every
+    other request is still reduced and every result equals the batch-of-one result."""
+    reqs = _requests()[:7] + [("a", " b c")]          # the last is refused as too short
+    toks = [ev.encode_pair(tok, c, x) for c, x in reqs]
+    cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
+    real, calls = ev._score_rows, []
+
+    def counting(model, handle, batch, *a, **kw):
+        calls.append((handle is not None, len(batch)))
+        return real(model, handle, batch, *a, **kw)
+
+    monkeypatch.setattr(ev, "_score_rows", counting)
+    eight = ev.score_tokens(m2, toks, cfg, 8, pad_token_id=ev.pad_id(tok))
+    assert eight.dense_fallback == 1
+    assert len(calls) <= 1 + 2 * 3 + 1, calls        # full batch, two halves per level, one dense
+    assert calls.count((False, 1)) == 1              # only the refused request ran dense
+    monkeypatch.setattr(ev, "_score_rows", real)
+    one = ev.score_tokens(m2, toks, cfg, 1, pad_token_id=ev.pad_id(tok))
+    assert one.dense_fallback == 1
+    for a, b in zip(eight.results, one.results):
+        assert a[1] == b[1] and a[0] == pytest.approx(b[0], abs=1e-4)
+    assert eight.achieved_cut == pytest.approx(one.achieved_cut, abs=1e-6)
+
+
 def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
     """SequenceTooShort means "score dense"; any other ValueError, whatever its text, propagates."""
     from utrc_lib.core.reduce import SequenceTooShort

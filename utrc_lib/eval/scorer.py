@@ -219,6 +219,7 @@ class _Patch:
         self.config = None if config is None else (config.replace(protect_last=0, protect_from=None)
                                                    if protect else config)
         self._handle = None
+        self.dense: set = set()   # request indices scored dense (too short to reduce)
 
     def handle(self):
         if self.config is not None and self._handle is None:
@@ -356,6 +357,23 @@ def _score_rows_simple(logits: torch.Tensor, batch, ref=None) -> list[tuple[floa
     return out
 
 
+def _score_split(model, patch: "_Patch", batch, pad_token_id: int, protect: bool, cuts: dict, extra: dict) -> list:
+    """Score `batch` reduced; when the engine refuses a sample as too short (`SequenceTooShort`),
+    split the batch in halves and retry each (a refused single request is scored dense, its index
+    added to `patch.dense`). Every row's result is its own (batch independence), so splitting changes
+    no number; it costs O(k log B) extra forwards for k short requests instead of B."""
+    try:
+        return _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts, **extra)
+    except SequenceTooShort:
+        if len(batch) == 1:
+            patch.remove()  # dense: nothing of this context can be reduced
+            patch.dense.add(batch[0][0])
+            return _score_rows(model, None, batch, pad_token_id, protect, cuts, **extra)
+        half = len(batch) // 2
+        return (_score_split(model, patch, batch[:half], pad_token_id, protect, cuts, extra)
+                + _score_split(model, patch, batch[half:], pad_token_id, protect, cuts, extra))
+
+
 def request_signature(token_requests, batch_size: int, max_length: int, pad_token_id: int) -> tuple:
     """What a DenseReference is valid for: the requests (hashed), batch size, max_length, pad id."""
     h = hash(tuple((tuple(c), tuple(x)) for c, x in token_requests))
@@ -415,8 +433,9 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     with left padding; each row's reduction protects exactly its own scored tail (per-sample
     protect_last), and results return in input order. `protect=False` applies `config` unchanged
     (no tail protection; for measuring what an unprotected reduction does). A batch in which the
-    engine refuses a sample as too short to reduce (`SequenceTooShort`) is rescored one request
-    at a time, and the refused requests dense; their number is `TokenScores.dense_fallback`.
+    engine refuses a sample as too short to reduce (`SequenceTooShort`) is split in halves and
+    rescored (recursively; `_score_split`), a refused single request dense; their number is
+    `TokenScores.dense_fallback`.
     The model is unpatched again when this returns (or raises).
 
     Item level (opt-in; `results` are the same numbers either way):
@@ -479,19 +498,8 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
                     patch.remove()
                     ref = {}
                     _score_rows(model, None, batch, pad_token_id, protect, keep=ref)
-                try:
-                    scored = _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts, **extra(ref))
-                except SequenceTooShort:
-                    # the condition is per sample: rescoring one by one keeps results batch independent
-                    scored = []
-                    for p in batch:
-                        try:
-                            scored += _score_rows(model, patch.handle(), [p], pad_token_id, protect, cuts,
-                                                  **extra(ref))
-                        except SequenceTooShort:
-                            patch.remove()  # dense: nothing of this context can be reduced
-                            scored += _score_rows(model, None, [p], pad_token_id, protect, cuts, **extra(ref))
-                            n_dense += 1
+                scored = _score_split(model, patch, batch, pad_token_id, protect, cuts, extra(ref))
+                n_dense += sum(1 for p in batch if p[0] in patch.dense)
                 for p, r in zip(batch, scored):
                     results[p[0]] = r
                 if kept is not None:
