@@ -368,3 +368,23 @@ def markdown(dense, long, margin=None) -> dict:
                          f"{_fmt(r.delta, r.low, r.high, sc, dg)} | {r.p:.3g} | {r.n} | {r.tasks} |")
     out["long_context_table.md"] = "\n".join(lines) + "\n"
     return out
+
+
+def main(argv=None) -> int:
+    """python -m utrc_lib.report.scale_length slim SRC DST: the committed, slimmed copy of a GPU cache."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("command", choices=["slim"])
+    ap.add_argument("src")
+    ap.add_argument("dst", nargs="?", default="figures/07_scale_and_length/cache.jsonl")
+    a = ap.parse_args(argv)
+    info = slim_cache(a.src, a.dst)
+    print(f"{info['rows']} rows -> {a.dst} ({info['bytes'] / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
