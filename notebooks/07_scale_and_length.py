@@ -33,7 +33,7 @@ cpu_tasks: list = ["cloze_v2", "passkey_512", "longppl_1024"]
 cpu_limit: int = 8                           # items per task of the CPU fallback
 figure_cuts: list = [0.3]                    # cuts drawn in the margin figure
 seed: int = 0
-resamples: int = 2000                        # bootstrap resamples of every interval (seed = `seed`)
+resamples: int = 2000                        # bootstrap resamples of every interval (seeded by seed)
 out_dir: str = ""                            # empty: scratch .cache/notebooks/<name>; `make figures` passes figures/<name>
 
 # %%
