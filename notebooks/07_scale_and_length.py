@@ -37,13 +37,11 @@ resamples: int = 2000                        # bootstrap resamples of every inte
 out_dir: str = ""                            # empty: scratch .cache/notebooks/<name>; `make figures` passes figures/<name>
 
 # %%
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 from IPython.display import Markdown, display
 
 from utrc_lib.report import scale_length as sl

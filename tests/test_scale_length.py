@@ -1,6 +1,5 @@
 """scripts/scale_length_eval.py (cached scale x length sweep) and its renderer utrc_lib.report.scale_length."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
