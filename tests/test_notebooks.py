@@ -88,7 +88,7 @@ def test_sources_and_notebooks_in_sync():
     """Each notebooks/0X_*.py (jupytext percent source) and its paired .ipynb hold the same cells."""
     from utrc_lib.report import notebooks
 
-    assert len(notebooks.sources(NB)) == 7  # 00-04 + the teaching notebooks 05, 06
+    assert len(notebooks.sources(NB)) == 8  # 00-04 + the teaching notebooks 05, 06 + 07 scale and length
     problems = notebooks.out_of_sync(NB)
     assert not problems, "\n".join(problems)
     for src in notebooks.sources(NB):
@@ -284,3 +284,16 @@ def test_04_failure(tmp_path, model_names, cache_dir):
         final = {e["method"]: e["rel_error"][-1] for e in errs if e["model"] == name}
         assert rank["largest_final_error"] == max(final, key=final.get)
         assert rank["smallest_final_error"] == min(final, key=final.get)
+
+
+def test_07_scale_and_length(tmp_path, model_names):
+    res = run("07_scale_and_length", tmp_path, cpu_models=model_names[:1])
+    out = tmp_path / "07_scale_and_length"
+    for name in ("dense_accuracy.md", "long_context_table.md", "utrc_margin_scale_length.png",
+                 "utrc_margin_scale_length.pdf"):
+        assert (out / name).is_file()
+    data = res["data"]
+    assert data["rows"] == len(res["parameters"]["cpu_tasks"]) * 5   # dense + 4 methods at 30%
+    assert {r["task"] for r in data["dense"]} == set(res["parameters"]["cpu_tasks"])
+    assert all("target_token_layer_cut" in r and "analytic_flops_cut" in r for r in data["long_context"])
+    assert {r["baseline"] for r in data["margins"]} == {"evit", "pumer", "tome"}

@@ -579,21 +579,32 @@ def choose_level(per_level: dict) -> tuple[str, bool]:
         a = list(per_level[level]["accuracy"].values())
         out_of = sum(max(0.0, ACC_RANGE[0] - x, x - ACC_RANGE[1]) for x in a)
         return (out_of > 0, out_of, max(abs(x - ACC_TARGET) for x in a))
-    ok = [lv for lv in per_level if per_level[lv]["items"] >= N_SHORT]
+    # items None: a level reused from a record that did not count them (the rebuild checks the count)
+    ok = [lv for lv in per_level if (per_level[lv]["items"] if per_level[lv]["items"] is not None else N_SHORT) >= N_SHORT]
     if not ok:
         raise ValueError(f"no level has {N_SHORT} items: {sorted(per_level)}")
     best = min(ok, key=badness)
     return best, not badness(best)[0]
 
 
-def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict, all_levels: bool = False) -> dict:
+def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict, all_levels: bool = False,
+              known: dict | None = None) -> dict:
     """For each short task, measure the dense accuracy of every model on `sample` items of a level and
     pick a level with `choose_level`. Levels are listed easiest first: the search starts at `start`
-    (the current level) and steps to the next harder (easier) level while every model is above (below)
-    ACC_RANGE, so usually 1-3 levels are scored; `all_levels` scores every level."""
+    (the current level) and steps to the next harder (easier) level while some model is above (below) and none below (above)
+    ACC_RANGE, so usually 1-3 levels are scored; `all_levels` scores every level. `known`: a previous
+    record's "tasks" ({task: {"levels": {level: {"items", "sample", "accuracy": {model: acc}}}}}, e.g. of
+    a --dry-run): a level measured there on the same models and sample is reused, not scored again
+    (the items and the sampled subset are deterministic in the seed)."""
     from utrc_lib.hosts.models import load_model
 
-    loaded = [(m, *load_model(m)) for m in models]
+    cache: list = []
+
+    def loaded():   # the models, loaded on first use (not at all when every level is reused)
+        if not cache:
+            cache.extend((m, *load_model(m)) for m in models)
+        return cache
+
     out = {}
     for name, descriptions in LEVELS.items():
         order = list(descriptions)
@@ -601,21 +612,32 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict,
         todo = list(order) if all_levels else [start[name]]
         while todo:
             level = todo.pop(0)
-            items = build_short(name, docs, tok, level, seed)
-            rng = random.Random(f"{seed}-calibrate-{name}-{level}")
-            sub = rng.sample(items, min(sample, len(items)))
-            accs = {}
-            for mname, model, mtok in loaded:
-                t0 = time.perf_counter()
-                accs[mname] = short_accuracy(model, mtok, name, sub)
-                print(f"calibrate {name} {level:18s} {mname}: acc {accs[mname]:.3f} "
-                      f"({len(sub)} items, {time.perf_counter() - t0:.0f} s)", flush=True)
-            per_level[level] = {"items": len(items), "sample": len(sub), "accuracy": accs}
+            prev = ((known or {}).get(name) or {}).get("levels", {}).get(level)
+            if prev and prev.get("sample") == sample and set(prev.get("accuracy", {})) == set(models):
+                per_level[level] = {**prev, "reused": True}
+                accs = prev["accuracy"]
+                print(f"calibrate {name} {level:18s} reused: " +
+                      ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
+            else:
+                accs = None
+            if accs is None:
+                items = build_short(name, docs, tok, level, seed)
+                rng = random.Random(f"{seed}-calibrate-{name}-{level}")
+                sub = rng.sample(items, min(sample, len(items)))
+                accs = {}
+                for mname, model, mtok in loaded():
+                    t0 = time.perf_counter()
+                    accs[mname] = short_accuracy(model, mtok, name, sub)
+                    print(f"calibrate {name} {level:18s} {mname}: acc {accs[mname]:.3f} "
+                          f"({len(sub)} items, {time.perf_counter() - t0:.0f} s)", flush=True)
+                per_level[level] = {"items": len(items), "sample": len(sub), "accuracy": accs}
             if all_levels:
                 continue
             a = list(accs.values())
             k = order.index(level)
-            step = 1 if min(a) > ACC_RANGE[1] else -1 if max(a) < ACC_RANGE[0] else 0
+            # harder while some model is above the range and none below it; easier in the mirror case
+            step = 1 if max(a) > ACC_RANGE[1] and min(a) >= ACC_RANGE[0] else \
+                -1 if min(a) < ACC_RANGE[0] and max(a) <= ACC_RANGE[1] else 0
             if step and 0 <= k + step < len(order) and order[k + step] not in per_level:
                 todo.append(order[k + step])
         best, in_range = choose_level(per_level)
@@ -625,7 +647,7 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict,
 
 
 def model_fingerprint(path: str) -> dict:
-    p = Path(path)
+    p = Path(path).resolve()
     st = p / "model.safetensors"
     return {"path": str(p.relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p),
             "model_safetensors_sha256": sha256_file(st) if st.is_file() else None}
@@ -647,6 +669,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=200, help="items per level for --calibrate (default 200)")
     ap.add_argument("--dry-run", action="store_true", help="with --calibrate: print and save the estimates only")
     ap.add_argument("--all-levels", action="store_true", help="with --calibrate: score every level (slower)")
+    ap.add_argument("--estimates", type=Path, metavar="JSON",
+                    help="with --calibrate: reuse the levels measured in this record (a --dry-run's "
+                         "calibration_dry_run.json) on the same models and sample instead of scoring them again")
     args = ap.parse_args(argv)
     from tokenizers import Tokenizer
 
@@ -675,9 +700,15 @@ def main(argv=None) -> int:
                              "; ".join(f"{t}={'|'.join(lv)}" for t, lv in LEVELS.items()))
         levels[k] = v
     if args.calibrate:
-        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample, levels, args.all_levels)
+        known = json.loads(args.estimates.read_text())["tasks"] if args.estimates else None
+        if known is not None:   # keyed by the model names as given in that record
+            names = [m.get("path") or m.get("name") for m in json.loads(args.estimates.read_text())["models"]]
+            if sorted(names) != sorted(args.calibrate):
+                raise SystemExit(f"--estimates {args.estimates} was measured on {names}, not {args.calibrate}")
+        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample, levels, args.all_levels, known)
         record = {"models": [model_fingerprint(m) if Path(m).exists() else {"name": m} for m in args.calibrate],
                   "sample": args.sample, "range": list(ACC_RANGE), "target": ACC_TARGET, "tasks": cal,
+                  "estimates_reused_from": str(args.estimates.name) if args.estimates else None,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if args.dry_run:
             (args.out / "calibration_dry_run.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -489,13 +489,17 @@ def make_config(method: str, cut: float, **kwargs):
     return config_from_args(method, flops_reduction=float(cut), **kwargs)
 
 
-def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False):
+DEFAULT_MAX_LENGTH = 1024   # utrc_lib.eval.scorer.evaluate's default input length
+
+
+def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False,
+              max_length: int = DEFAULT_MAX_LENGTH):
     """utrc_lib.eval.scorer.evaluate, with protection of the scored continuation on or off."""
     from ..eval import scorer as ev
 
     kw = {"items": True} if items else {}
     return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
-                       progress=False, protect=protect, **kw)
+                       progress=False, protect=protect, max_length=max_length, **kw)
 
 
 def flatten_scores(res: dict) -> dict:
@@ -514,7 +518,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
                     limit: Optional[int] = 100, seed: int = 0, batch_size: int = 16, protect: bool = True,
                     flops_seq_len: int = 128, fingerprint: str = "",
                     model_loader: Optional[Callable[[str], tuple]] = None, items: bool = False,
-                    **config_kwargs) -> dict:
+                    max_length: int = DEFAULT_MAX_LENGTH, **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
 
     Returns the flattened task metrics ("cloze/acc", ...), the keep ratio and layers used, the
@@ -526,6 +530,9 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     parameter of the row (rows are keyed without it; the row's "meta/device" says where it ran), nor is `items`:
     items=True adds "items" ({task: per-item arrays}, see the module doc), which `compute` moves to
     the row; the other entries are the same numbers as without it.
+    `max_length`: the scorer's input length (default 1024, as before; the v2 long tasks need 4096). A
+    row's key holds only the parameters its configuration lists, so pass max_length in a configuration
+    only where it differs from the default: rows without it keep their keys and numbers.
     """
     import torch
 
@@ -535,7 +542,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     torch.manual_seed(seed)
     mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
-    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items)
+    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items, max_length=int(max_length))
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():
