@@ -17,7 +17,8 @@
 # (long-range cloze, pass key retrieval by 4-way choice, held-out perplexity). Rows come from
 # `scripts/scale_length_eval.py` (one cached sweep row per model, method, cut and task, with item arrays;
 # the GPU run is `scripts/gpu_scale_length.sh`). By default this notebook renders the committed,
-# slimmed cache `figures/07_scale_and_length/cache.jsonl`; without it, it runs a small CPU sweep first.
+# slimmed cache `figures/07_scale_and_length/cache.jsonl` (its rows say where and at which sizes they
+# were computed; `results.json` lists them); without it, it runs a small CPU sweep first.
 #
 # Outputs: `dense_accuracy.md` (every v2 task x model, 95% CI, chance), `long_context_table.md` (every
 # reduced row: value with CI, paired change vs dense, token-layer cut beside the analytic FLOPs cut at the
