@@ -484,7 +484,6 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
 
     results: list = [None] * len(prepared)
     cuts: dict = {}
-    n_dense = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -499,7 +498,6 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
                     ref = {}
                     _score_rows(model, None, batch, pad_token_id, protect, keep=ref)
                 scored = _score_split(model, patch, batch, pad_token_id, protect, cuts, extra(ref))
-                n_dense += sum(1 for p in batch if p[0] in patch.dense)
                 for p, r in zip(batch, scored):
                     results[p[0]] = r
                 if kept is not None:
@@ -515,7 +513,7 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     if keep_reference:
         dense_ref = (DenseReference(sig, [kept[i] for i in range(len(prepared))], kept_bytes)
                      if kept is not None else DenseReference(sig))
-    return TokenScores(results=results, dense_fallback=n_dense,
+    return TokenScores(results=results, dense_fallback=len(patch.dense),
                        achieved_cut=[cuts.get(i, 0.0) for i in range(len(prepared))],
                        details=None if not details else [detail[i] for i in range(len(prepared))],
                        reference=dense_ref)

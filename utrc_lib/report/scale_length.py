@@ -84,10 +84,7 @@ def load_rows(cache) -> list[dict]:
     for r in RowCache(cache).load().values():
         if r.get("status") != "ok" or not isinstance(r.get("items"), dict):
             continue
-        p = r["params"]
-        dense = p["method"] in paired.DENSE_METHODS
-        key = (p["model"], "none" if dense else p["method"], 0.0 if dense else round(float(p["cut"]), 6),
-               p["tasks"][0])
+        key = _row_key(r["params"])
         prev = out.get(key)
         if prev is None or r.get("finished", "") >= prev.get("finished", ""):
             out[key] = r
@@ -98,14 +95,14 @@ def _model_rank(m: str):
     return (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m)
 
 
+def _row_key(p: dict) -> tuple:
+    """(model, method, cut, task) of a row's params; every dense method is ("none", 0.0)."""
+    dense = p["method"] in paired.DENSE_METHODS
+    return (p["model"], "none" if dense else p["method"], 0.0 if dense else round(float(p["cut"]), 6), p["tasks"][0])
+
+
 def _index(rows) -> dict:
-    idx = {}
-    for r in rows:
-        p = r["params"]
-        dense = p["method"] in paired.DENSE_METHODS
-        idx[(p["model"], "none" if dense else p["method"], 0.0 if dense else round(float(p["cut"]), 6),
-             p["tasks"][0])] = r
-    return idx
+    return {_row_key(r["params"]): r for r in rows}
 
 
 def _pair(a: dict, b: dict):
@@ -122,9 +119,9 @@ def _arr(items: dict, field: str, n: Optional[int] = None) -> np.ndarray:
 
 
 def _manifest(path=None) -> dict:
-    from ..environment import REPO
+    from ..eval.suite import data_dir_v2
 
-    p = Path(path) if path else REPO / "data/benchmarks_v2/manifest.json"
+    p = Path(path) if path else data_dir_v2() / "manifest.json"
     return json.loads(p.read_text()) if p.is_file() else {"tasks": {}}
 
 
@@ -256,6 +253,8 @@ def plot_margins(margin, cuts: Sequence[float] = (0.3,), measures: Sequence[str]
     per baseline (UTRC minus it, 95% CI bars), linestyle per cut; a dashed zero line."""
     import matplotlib.pyplot as plt
 
+    from . import plotting
+
     if margin is None or not len(margin):
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.text(0.5, 0.5, "no UTRC / baseline pairs in the cache", ha="center", va="center")
@@ -266,8 +265,6 @@ def plot_margins(margin, cuts: Sequence[float] = (0.3,), measures: Sequence[str]
     fig, axes = plt.subplots(len(measures), len(models), figsize=(max(6.0, 3.6 * len(models)), 2.9 * len(measures)),
                              squeeze=False, sharex=True)
     styles = ["-", "--", ":"]
-    colours = {"evit": "tab:orange", "pumer": "tab:green", "tome": "tab:red", "prune_only": "tab:purple",
-               "merge_only": "tab:brown", "random": "tab:gray"}
     for i, meas in enumerate(measures):
         for j, model in enumerate(models):
             ax = axes[i][j]
@@ -281,7 +278,7 @@ def plot_margins(margin, cuts: Sequence[float] = (0.3,), measures: Sequence[str]
                     err = np.vstack([(s["delta"] - s["low"]) * scale, (s["high"] - s["delta"]) * scale])
                     off = 1 + 0.03 * (sorted(sub["baseline"].unique()).index(b) - 1)
                     ax.errorbar(s["length"] * off, y, yerr=err, marker="o", ms=3.5, capsize=2,
-                                ls=styles[k % len(styles)], color=colours.get(b),
+                                ls=styles[k % len(styles)], color=plotting.style(b)["color"],
                                 label=f"vs {b}" + (f" @ {cut:.0%}" if len(cuts) > 1 else ""))
             ax.set_xscale("log", base=2)
             ax.set_xticks([128, 512, 1024, 2048])
