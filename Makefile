@@ -76,3 +76,15 @@ test-browser: venv
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver)
 	$(PY) -c "import selenium" 2>/dev/null || $(PIP) install -q -e ".[browser]"
 	UTRC_BROWSER=1 $(PY) -m pytest -q -m browser tests/test_browser.py
+
+# Scale x length study on CPU at the committed sizes (~70 min on 2 cores; figures/07_scale_and_length),
+# resumable: dense for the four models, then the 30% rows of the Mamba-2 models and of tiny-mamba.
+SL_CPU = --device cpu --batch-short 16 --batch-long 4 --limit-dense-short 300 --limit-short 100 --limit-long 20 \
+	--limit-mamba1-short 300 --limit-mamba1-long 20
+.PHONY: scale-length-cpu
+scale-length-cpu: venv
+	$(PY) scripts/scale_length_eval.py $(SL_CPU) --cuts
+	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba2 small-mamba2 --cuts 0.3
+	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba --mamba1-methods utrc evit pumer tome --cuts 0.3
+	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length.jsonl figures/07_scale_and_length/cache.jsonl
+	$(PY) -m utrc_lib.figures --only 07_scale_and_length
