@@ -376,8 +376,14 @@ def plot_curve(log, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     tok = [r["tokens"] / 1e6 for r in log]
-    ax.plot(tok, [r["train_loss"] for r in log], "o-", label="train")
+    tr = [(t, r["train_loss"]) for t, r in zip(tok, log) if r.get("train_loss") is not None]
+    ax.plot([t for t, _ in tr], [v for _, v in tr], "o-", label="train")
     ax.plot(tok, [r["val_loss"] for r in log], "s-", label="validation")
+    for r in log:      # a continued run (train_small.py --init-from): where each later stage starts
+        if r.get("stage") and r.get("call_tokens") == 0:
+            ax.axvline(r["tokens"] / 1e6, color="0.6", ls="--", lw=1)
+            ax.annotate(f"stage {r['stage'] + 1}", (r["tokens"] / 1e6, r["val_loss"]), textcoords="offset points",
+                        xytext=(4, 8), fontsize=8, color="0.4")
     ax.set_xlabel("tokens seen (M)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

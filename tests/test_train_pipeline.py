@@ -101,6 +101,25 @@ def test_train_join_load(packed, arch, tmp_path):
     model, tok = load_model(str(dest))
     assert type(model).__name__ == ("Mamba2ForCausalLM" if arch == "mamba2" else "MambaForCausalLM")
     assert model.config.num_hidden_layers == 2 and model.config.tie_word_embeddings
+    # a second stage continues from the installed model: same starting loss, counts add up, curve joined
+    out2 = tmp_path / "out2"
+    res2 = train_small.main(["--arch", arch, "--smoke", "--data", str(root / ".train/tokens"),
+                             "--tokenizer", str(root / "tok"), "--out", str(out2), "--init-from", str(dest),
+                             "--max-tokens", str(4 * 4 * 64), "--part-mib", "0.05"])
+    assert res2["steps"] == 4 and res2["tokens_this_call"] == 4 * 4 * 64
+    assert res2["tokens_seen"] == res["tokens_seen"] + res2["tokens_this_call"]
+    assert [st["tokens_seen"] for st in res2["stages"]] == [res["tokens_seen"], 4 * 4 * 64]
+    assert res2["init"]["weights_sha256"] == j["model_safetensors_sha256"]["model.safetensors"]
+    first = res2["log"][len(res["log"])]
+    assert first["call_tokens"] == 0 and first["tokens"] == res["tokens_seen"]
+    # the stage starts where the joined weights are (fp16 weights, fp32 compute on both sides)
+    assert abs(first["val_loss"] - res["log"][-1]["val_loss"]) < 2e-3, (first, res["log"][-1])
+    dest2 = tmp_path / "models" / f"small-{arch}-2"
+    j2 = join.main([str(out2), "--name", f"small-{arch}", "--dest", str(dest2), "--tokenizer", str(root / "tok"),
+                    "--sample-tokens", "5"])
+    assert j2["verify"]["ok"]
+    card = (dest2 / "README.md").read_text()
+    assert "| 2 | stage 1 weights (fresh AdamW) | 4 |" in card, card
     # a damaged weight part makes join fail, and leaves no model behind
     part = out / res["weights"]["parts"][0]["file"]
     part.write_bytes(b"\0" + part.read_bytes()[1:])

@@ -66,6 +66,12 @@ def fmt(x, nd=2):
 def model_card(name: str, log: dict, join: dict) -> str:
     cfg = log["mamba_ssm_config"]
     ssm = cfg["ssm_cfg"]
+    stages = log.get("stages") or [{   # a log written before train_small.py had stages: one stage
+        "steps": log["steps"], "tokens_seen": log["tokens_seen"], "train_seconds": log["train_seconds"],
+        "tokens_per_second": log["tokens_per_second"], "kernel_warmup_seconds": log["kernel_warmup_seconds"],
+        "lr": log["args"]["lr"], "warmup": log["args"]["warmup"], "min_lr_frac": log["args"]["min_lr_frac"],
+        "best_step": log["best_step"], "best_val_loss_in_training": log["best_val_loss_in_training"],
+        "init_from": None}]
     lines = [
         f"# {name}",
         "",
@@ -76,13 +82,24 @@ def model_card(name: str, log: dict, join: dict) -> str:
           f"({join['model_bytes'] / 2**20:.1f} MiB), vocabulary {log['vocab_size']} (byte-level BPE v2).",
         "",
         f"Trained by `scripts/train/train_small.py` on corpus v2 (data/corpus/manifest_v2.json) on "
-        f"{log['hardware']} with mamba-ssm {log['versions'].get('mamba_ssm', '-')}: {log['steps']} steps of "
-        f"{log['args']['batch']} x {log['args']['seq']} tokens = {log['tokens_seen'] / 1e6:.1f}M tokens in "
-        f"{log['train_seconds']:.0f} s ({log['tokens_per_second']:,} tokens/s; kernel warm-up "
-        f"{log['kernel_warmup_seconds']:.0f} s untimed), AdamW lr {log['args']['lr']} (warm-up "
-        f"{log['args']['warmup']} steps, cosine to {log['args']['min_lr_frac']} of the peak), weight decay "
-        f"{log['args']['wd']}, bf16 autocast. Best in-training validation at step {log['best_step']}; "
-        f"these weights are that checkpoint.",
+        f"{log['hardware']} with mamba-ssm {log['versions'].get('mamba_ssm', '-')}, "
+        f"{log['args']['batch']} x {log['args']['seq']} tokens per step, {log['tokens_seen'] / 1e6:.1f}M tokens "
+        f"in all, AdamW (betas 0.9 / 0.95), weight decay {log['args']['wd']}, bf16 autocast"
+        + ":",
+        "",
+        "| stage | starts from | steps | tokens | seconds | tokens/s | kernel warm-up (s, untimed) | peak lr "
+        "(warm-up steps, cosine to x peak) | best step (validation loss) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, st in enumerate(stages, 1):
+        lines.append(
+            f"| {i} | {'random init' if not st.get('init_from') else 'stage ' + str(i - 1) + ' weights (fresh AdamW)'} "
+            f"| {st['steps']} | {st['tokens_seen'] / 1e6:.1f}M | {st['train_seconds']:.0f} | "
+            f"{st['tokens_per_second']:,} | {st['kernel_warmup_seconds']:.0f} | {st['lr']} ({st['warmup']}, "
+            f"{st['min_lr_frac']}) | {st['best_step']} ({st['best_val_loss_in_training']:.4f}) |")
+    lines += [
+        "",
+        "Each stage keeps its best in-training validation checkpoint; these weights are the last stage's.",
         "",
         "## Perplexity (fp16-rounded weights, fp32 compute, non-overlapping "
         f"{log['args']['seq']}-token windows per source)",

@@ -17,9 +17,13 @@ Writes to --out ($OUT on the device): weights.safetensors.NN (the fp16 mamba-ssm
 tied lm_head, cut into parts of at most --part-mib MiB), training_log.json (curve, evaluations,
 reference, sha256 of the weights). The device command tees stdout into train.log.
 
-Resume: not supported on purpose. The AdamW state of a 26M-parameter model is ~200 MB in fp32, far
-over what one call can bring back (8 files of 16 MiB), so each model is sized to one 10-minute call
-(~100M tokens at 220-280k tokens/s on an H200).
+Continuing from a checkpoint (--init-from DIR, a model directory installed by join.py): the weights
+(fp16, transformers format) are converted back to the training backend's state dict and training goes
+on with a fresh AdamW (its fp32 state, ~200 MB, is too big to bring back from a call), a short warm-up
+and a new cosine (--lr / --warmup / --min-lr-frac; --max-tokens ends it at a token count, and the cosine
+then follows the larger of the time and step fractions). The log's "tokens" count every token the
+weights have seen (the earlier stages' included); "stages" lists each call's settings and speed;
+"log" joins the earlier curve and this one.
 
 --smoke: CPU, transformers torch path (--backend hf), 2 layers, width 64, a few seconds; the same
 outputs, so that pack -> train -> parts -> join -> load_model is testable without a GPU.
@@ -74,6 +78,11 @@ def parse_args(argv=None):
     ap.add_argument("--reserve", type=float, default=25.0,
                     help="seconds kept before --end-by for the final evaluation and saving")
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-tokens", type=float, default=None,
+                    help="end after this many tokens in this call (sets --max-steps; e.g. 4e7)")
+    ap.add_argument("--init-from", default=None,
+                    help="continue from this model directory (join.py's output: model.safetensors, config.json, "
+                         "training_log.json)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-tokens", type=int, default=524288, help="tokens of the in-training validation")
     ap.add_argument("--eval-max-tokens", type=int, default=0,
@@ -96,6 +105,10 @@ def parse_args(argv=None):
             a.max_steps = 30
     if a.d_state is None:
         a.d_state = 16 if a.arch == "mamba" else (16 if a.smoke else 64)
+    if a.max_tokens is not None:
+        if a.max_tokens <= 0:
+            ap.error("--max-tokens must be positive")
+        a.max_steps = math.ceil(a.max_tokens / (a.batch * a.seq))
     return a
 
 
@@ -198,6 +211,37 @@ def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, d
             "per_source": res}
 
 
+def load_init(a, model, cfg: dict) -> dict:
+    """Load --init-from's weights into `model` (strict: every tensor, same shapes; the tied lm_head
+    follows the embedding) and return what the log keeps of the earlier training."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    src = Path(a.init_from)
+    hf_cfg = AutoConfig.from_pretrained(src)
+    hf_sd = {k: v.float() for k, v in load_file(src / "model.safetensors").items()}
+    if a.backend == "mamba_ssm":
+        from utrc_lib.hosts.convert import hf_to_mamba_ssm_state_dict
+        arch, init_cfg, sd = hf_to_mamba_ssm_state_dict(hf_sd, hf_cfg)
+        if arch != a.arch:
+            sys.exit(f"train_small: --init-from {src} is a {arch} model, not {a.arch}")
+        for k in ("d_model", "n_layer", "vocab_size"):
+            if init_cfg[k] != cfg[k]:
+                sys.exit(f"train_small: --init-from {src} has {k}={init_cfg[k]}, this run {cfg[k]}")
+    else:
+        sd = dict(hf_sd)
+        sd.setdefault("lm_head.weight", sd["backbone.embeddings.weight"])
+    model.load_state_dict(sd, strict=True)
+    prev = json.loads((src / "training_log.json").read_text()) if (src / "training_log.json").exists() else {}
+    stages = prev.get("stages") or ([{
+        k: prev.get(k) for k in ("steps", "tokens_seen", "train_seconds", "tokens_per_second",
+                                 "kernel_warmup_seconds", "hardware", "best_step", "best_val_loss_in_training")
+    } | {"lr": prev["args"]["lr"], "warmup": prev["args"]["warmup"], "min_lr_frac": prev["args"]["min_lr_frac"],
+         "init_from": None}] if prev else [])
+    return {"from": str(src), "weights_sha256": file_sha256(src / "model.safetensors"),
+            "tokens_seen": int(prev.get("tokens_seen", 0)), "log": prev.get("log", []), "stages": stages,
+            "eval_overall": {s: e.get("overall") for s, e in prev.get("eval", {}).items()}}
+
+
 def to_mamba_ssm_sd(a, model, state: dict) -> dict:
     if a.backend == "mamba_ssm":
         return state
@@ -241,6 +285,11 @@ def main(argv=None) -> dict:
     cfg = base.ssm_config_dict(a, vocab)
     model = base.build_model(a, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
+    init = load_init(a, model, cfg) if a.init_from else None
+    tok0 = init["tokens_seen"] if init else 0
+    if init:
+        print(f"continuing from {a.init_from} ({tok0 / 1e6:.1f}M tokens seen, {len(init['stages'])} stage(s))",
+              flush=True)
     print(f"{a.backend}/{a.arch} {a.layers}x{a.d_model}: {n_params / 1e6:.2f}M params, vocab {vocab}; train "
           f"{train.size:,} tokens, validation {vfull.numel():,} in-training tokens; data {time.time() - t_start:.0f}s",
           flush=True)
@@ -279,6 +328,17 @@ def main(argv=None) -> dict:
 
     log, best = [], {"val_loss": float("inf"), "step": -1, "state": None}
     tok_step = a.batch * a.seq
+    if init:    # where the earlier weights start: the curve's first point of this stage
+        vl0 = val_loss()
+        print(f"initial validation loss {vl0:.4f} (ppl {math.exp(vl0):.2f})", flush=True)
+        log.append({"step": 0, "tokens": tok0, "call_tokens": 0, "elapsed_s": 0.0, "train_loss": None,
+                    "val_loss": vl0, "val_ppl": math.exp(vl0), "lr": 0.0, "stage": len(init["stages"])})
+        best.update(val_loss=vl0, step=0,   # kept if this stage never improves on the earlier weights
+                    state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+    def frac_done(step: int, el: float) -> float:
+        f = el / budget
+        return f if a.max_steps is None else max(f, step / a.max_steps)
     t0 = time.time()
     step, run_loss, run_n = 0, torch.zeros((), device=device), 0
     while True:
@@ -286,9 +346,11 @@ def main(argv=None) -> dict:
         stop = el >= budget or (a.max_steps is not None and step >= a.max_steps)
         if step > 0 and (step % a.eval_every == 0 or stop):
             vl = val_loss()
-            rec = {"step": step, "tokens": step * tok_step, "elapsed_s": round(time.time() - t0, 2),
+            rec = {"step": step, "tokens": tok0 + step * tok_step, "elapsed_s": round(time.time() - t0, 2),
                    "train_loss": (run_loss / max(run_n, 1)).item(), "val_loss": vl, "val_ppl": math.exp(vl),
-                   "lr": base.lr_at(a, step, el / budget)}
+                   "lr": base.lr_at(a, step, frac_done(step, el))}
+            if init:
+                rec.update(call_tokens=step * tok_step, stage=len(init["stages"]))
             log.append(rec)
             run_loss, run_n = torch.zeros((), device=device), 0
             improved = vl < best["val_loss"]
@@ -300,7 +362,7 @@ def main(argv=None) -> dict:
                   flush=True)
         if stop:
             break
-        lr = base.lr_at(a, step, el / budget)
+        lr = base.lr_at(a, step, frac_done(step, el))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = base.lm_loss(model, batcher.next(), ctx)
@@ -364,14 +426,16 @@ def main(argv=None) -> dict:
         "arch": a.arch, "backend": a.backend, "params": n_params, "vocab_size": vocab,
         "mamba_ssm_config": cfg, "args": vars(a), "versions": versions,
         "hardware": base.hardware(device),
-        "steps": step, "tokens_seen": step * tok_step, "train_seconds": round(train_s, 1),
+        "steps": step, "tokens_seen": tok0 + step * tok_step, "tokens_this_call": step * tok_step,
+        "train_seconds": round(train_s, 1),
         "kernel_warmup_seconds": round(warm_s, 1), "final_eval_seconds": round(final_s, 1),
         "tokens_per_second": round(step * tok_step / max(train_s, 1e-9)),
         "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
         "data": {"train_tokens": int(train.size), "in_training_validation_tokens": int(vfull.numel()),
                  "tokenizer_sha256": man["tokenizer_sha256"],
                  "splits": {s: {k: v for k, v in r.items() if k != "parts"} for s, r in man["splits"].items()}},
-        "log": log, "eval": evals,
+        "log": (init["log"] if init else []) + log, "eval": evals,
+        "init": None if init is None else {k: v for k, v in init.items() if k not in ("log", "stages")},
         "reference": {"tokens": ref_b.tolist(), "nll": ref_nll.tolist(),
                       "compute": "fp32" if fp32_ref else "bf16-autocast",
                       "note": "per-token NLL of the fp16-rounded best weights on the training backend"},
@@ -381,6 +445,11 @@ def main(argv=None) -> dict:
                     "naming": "mamba-ssm MambaLMHeadModel state dict, lm_head.weight omitted (tied)"},
         "wall_seconds": round(time.time() - t_start, 1),
     }
+    result["stages"] = (init["stages"] if init else []) + [{
+        "steps": step, "tokens_seen": step * tok_step, "train_seconds": result["train_seconds"],
+        "tokens_per_second": result["tokens_per_second"], "kernel_warmup_seconds": result["kernel_warmup_seconds"],
+        "hardware": result["hardware"], "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
+        "lr": a.lr, "warmup": a.warmup, "min_lr_frac": a.min_lr_frac, "init_from": a.init_from}]
     (out / "training_log.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {len(parts)} weight part(s) ({len(blob) / 2**20:.2f} MiB) + training_log.json to {out} "
           f"in {time.time() - t_start:.0f}s wall", flush=True)
