@@ -774,7 +774,8 @@ def main(argv=None) -> int:
                   "estimates_reused_from": str(args.estimates.name) if args.estimates else None,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         old = manifest.get("calibration") or {}
-        kept = {t: {**v, "record": {k: old.get(k) for k in ("models", "sample", "subset", "range", "date")}}
+        kept = {t: {**v, "record": {**{k: old.get(k) for k in ("models", "sample", "range", "date")},
+                                     "subset": old.get("subset", "random")}}
                 for t, v in (old.get("tasks") or {}).items() if t not in cal}
         kept.update({t: v for t, v in (old.get("kept_from_previous") or {}).items() if t not in cal})
         if kept:   # tasks not calibrated in this run keep their earlier record (and level, and file)
