@@ -204,3 +204,64 @@ def test_calibration_rule():
     assert b.choose_level({"a": lv(999, 0.55), "b": lv(1000, 0.2)}) == ("b", False)   # too few items
     with pytest.raises(ValueError, match="no level"):
         b.choose_level({"a": lv(10, 0.5)})
+
+
+def _builder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bv2", BENCH / "build_benchmarks_v2.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    return b
+
+
+def test_calibration_interval_rule():
+    b = _builder()
+    lo, hi = b.wilson(35, 100)
+    assert 0.26 < lo < 0.27 and 0.44 < hi < 0.45
+    iv = lambda n, **m: {"items": n, "accuracy": {k: v[0] for k, v in m.items()},
+                         "interval95": {k: list(v[1:]) for k, v in m.items()}}
+    # estimate in range but the interval reaches below 0.30: not in range; a level whose interval is inside wins
+    assert b.choose_level({"a": iv(1000, m=(0.35, 0.26, 0.45)), "b": iv(1000, m=(0.40, 0.37, 0.43))}) == ("b", True)
+    assert b.choose_level({"a": iv(1000, m=(0.35, 0.26, 0.45))}) == ("a", False)
+    assert b.step_direction(iv(1000, m=(0.35, 0.26, 0.45))) == -1
+    assert b.step_direction(iv(1000, m=(0.80, 0.77, 0.86), m2=(0.5, 0.45, 0.55))) == 1
+    assert b.step_direction(iv(1000, m=(0.50, 0.45, 0.55))) == 0
+
+
+def test_calibration_scores_the_file_prefix(monkeypatch):
+    """calibrate() scores the first `sample` items of each level's build (what the evaluator reads with
+    limit=sample), steps to easier levels until the 95% interval clears 0.30, and picks that level."""
+    b = _builder()
+    # per level: accuracy of the first 300 items, of the rest (a random sample would see mostly the rest)
+    acc = {"repeat_bigram": (0.45, 0.6), "repeat2_recent": (0.32, 0.6), "repeat2_short": (0.22, 0.6)}
+    scored = []
+
+    def build_short(name, docs, tok, level, seed):
+        head, rest = acc.get(level, (0.1, 0.1))
+        return [{"id": i, "ok": int(i < 300 and i % 100 < head * 100 or i >= 300 and i % 100 < rest * 100)}
+                for i in range(1000)]
+
+    def short_correct(model, tokenizer, name, items, batch_size=16):
+        scored.append([it["id"] for it in items])
+        return [it["ok"] for it in items]
+
+    monkeypatch.setattr(b, "build_short", build_short)
+    monkeypatch.setattr(b, "short_correct", short_correct)
+    monkeypatch.setattr("utrc_lib.hosts.models.load_model", lambda m: (None, None))
+    out = b.calibrate(["m1", "m2"], [], None, 1234, 300, {"cloze_v2": "repeat2_short"}, tasks=["cloze_v2"])
+    assert list(out) == ["cloze_v2"]
+    assert all(ids == list(range(300)) for ids in scored)
+    lv = out["cloze_v2"]["levels"]
+    assert list(lv) == ["repeat2_short", "repeat2_recent", "repeat_bigram"]
+    assert lv["repeat2_recent"]["accuracy"]["m1"] == pytest.approx(0.32)
+    assert lv["repeat2_recent"]["interval95"]["m1"][0] < 0.30           # in range by estimate, not by interval
+    assert out["cloze_v2"]["chosen"] == "repeat_bigram" and out["cloze_v2"]["in_range"]
+    # a record of the same subset / models / sample is reused; an old random-sample record is not
+    scored.clear()
+    again = b.calibrate(["m1", "m2"], [], None, 1234, 300, {"cloze_v2": "repeat2_short"}, tasks=["cloze_v2"],
+                        known={"cloze_v2": out["cloze_v2"]})
+    assert scored == [] and again["cloze_v2"]["chosen"] == "repeat_bigram"
+    old = {"cloze_v2": {"levels": {"repeat2_short": {"items": None, "sample": 300, "accuracy": {"m1": 0.5, "m2": 0.5}}}}}
+    b.calibrate(["m1", "m2"], [], None, 1234, 300, {"cloze_v2": "repeat2_short"}, tasks=["cloze_v2"], known=old)
+    assert scored and scored[0] == list(range(300))

@@ -9,7 +9,8 @@ with another tokenizer (the tiny v1 models) scores the same text; its token coun
 Tasks (README.md in this folder):
     cloze_v2, choice4_v2, choice2_v2     short, in v1's formats, with a difficulty level each;
                                          `--calibrate MODEL [MODEL ...]` picks the level whose dense
-                                         accuracy (200 sampled items) is in [0.30, 0.85]
+                                         accuracy on the file's first `--sample` items (default: all
+                                         1000) is in [0.30, 0.85] with its 95% interval
     lr_cloze_{512,1024,2048}             long-range cloze (target >= 256 tokens back, not in the last 64)
     passkey_{512,1024,2048}              pass key at depth 10/30/50/70/90 % of natural text, 4 candidate keys
     longppl_{1024,2048}                  64 scored tokens after 1024 / 2048 tokens of context
@@ -21,7 +22,7 @@ Long items do not repeat the text: `context_parts` / `continuation_parts` list l
 Usage:
     .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py                 # build (default levels)
     .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py --calibrate data/models/small-mamba2 \
-        data/models/small-mamba [--sample 200] [--dry-run]
+        data/models/small-mamba [--tasks cloze_v2] [--sample 1000] [--dry-run]
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 LR_MIN_BACK, LR_CLEAR_LAST = 256, 64      # lr_cloze: an occurrence >= 256 tokens back, none in the last 64
 ACC_RANGE = (0.30, 0.85)
 ACC_TARGET = 0.55                         # calibration picks the in-range level closest to this
+CAL_Z = 1.96                              # a level is in range when each model's 95% Wilson interval is
+                                          # inside ACC_RANGE (not only the point estimate)
+SUBSET = "first"                          # what calibration scores: the first --sample items of the file
 
 
 def length_tolerance(L: int) -> int:
@@ -551,33 +555,61 @@ def chance(name: str) -> float:
 
 
 # -- calibration ---------------------------------------------------------------------------------------------
-def short_accuracy(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> float:
-    """Dense accuracy of one short task's items, scored as utrc_lib.eval.scorer does (cloze: greedy
-    match of all target tokens; choice4: acc_norm, the accuracy the paired analysis uses; choice2: acc)."""
+def short_correct(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> list[int]:
+    """Per item 0/1: dense correctness of one short task's items, scored with the evaluator's own
+    requests and scorer (the requests of `utrc_lib.eval.scorer._task_requests`, through
+    `utrc_lib.eval.scorer.loglikelihood`, max_length 1024: cloze greedy match of all target tokens;
+    choice4 acc_norm, the accuracy the paired analysis uses; choice2 acc)."""
     from utrc_lib.eval.scorer import loglikelihood
 
     if name == "cloze_v2":
         res = loglikelihood(model, tokenizer, [(it["context"], it["target"]) for it in items], batch_size=batch_size)
-        return sum(g for _, g in res) / len(items)
+        return [int(g) for _, g in res]
     key = "endings" if name == "choice4_v2" else "options"
     reqs = [(it["context"], " " + e) for it in items for e in it[key]]
     res = loglikelihood(model, tokenizer, reqs, batch_size=batch_size)
-    correct, j = 0, 0
+    correct, j = [], 0
     for it in items:
         k = len(it[key])
         lls = [res[j + c][0] / (len(it[key][c]) if name == "choice4_v2" else 1) for c in range(k)]
         j += k
-        correct += max(range(k), key=lambda c: lls[c]) == it["label"]
-    return correct / len(items)
+        correct.append(int(max(range(k), key=lambda c: lls[c]) == it["label"]))
+    return correct
+
+
+def short_accuracy(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> float:
+    """Mean of `short_correct`."""
+    c = short_correct(model, tokenizer, name, items, batch_size)
+    return sum(c) / len(c)
+
+
+def wilson(k: int, n: int, z: float = CAL_Z) -> tuple[float, float]:
+    """Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def _bounds(entry: dict) -> list[tuple[float, float]]:
+    """Per model (lo, hi): the 95% interval when recorded, else the point estimate (old records)."""
+    iv = entry.get("interval95")
+    if iv:
+        return [tuple(iv[m]) for m in entry["accuracy"]]
+    return [(x, x) for x in entry["accuracy"].values()]
 
 
 def choose_level(per_level: dict) -> tuple[str, bool]:
-    """(level, in range) from {level: {"items": n, "accuracy": {model: acc}}}: among levels with at least
-    N_SHORT items, those whose accuracies are all in ACC_RANGE come first, ordered by the largest
-    |acc - ACC_TARGET|; otherwise the level with the smallest total distance outside the range."""
+    """(level, in range) from {level: {"items": n, "accuracy": {model: acc}, "interval95": {model:
+    [lo, hi]}}}: among levels with at least N_SHORT items, those where every model's interval (the
+    point estimate when no interval is recorded) lies inside ACC_RANGE come first, ordered by the
+    largest |acc - ACC_TARGET|; otherwise the level whose intervals stick out of the range least."""
     def badness(level):
         a = list(per_level[level]["accuracy"].values())
-        out_of = sum(max(0.0, ACC_RANGE[0] - x, x - ACC_RANGE[1]) for x in a)
+        out_of = sum(max(0.0, ACC_RANGE[0] - lo, hi - ACC_RANGE[1]) for lo, hi in _bounds(per_level[level]))
         return (out_of > 0, out_of, max(abs(x - ACC_TARGET) for x in a))
     # items None: a level reused from a record that did not count them (the rebuild checks the count)
     ok = [lv for lv in per_level if (per_level[lv]["items"] if per_level[lv]["items"] is not None else N_SHORT) >= N_SHORT]
@@ -587,15 +619,28 @@ def choose_level(per_level: dict) -> tuple[str, bool]:
     return best, not badness(best)[0]
 
 
+def step_direction(entry: dict) -> int:
+    """+1: try the next harder level (some model's interval reaches above ACC_RANGE, none below it);
+    -1: the next easier level (the mirror case); 0: stay."""
+    b = _bounds(entry)
+    above = any(hi > ACC_RANGE[1] for _, hi in b)
+    below = any(lo < ACC_RANGE[0] for lo, _ in b)
+    return 1 if above and not below else -1 if below and not above else 0
+
+
 def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict, all_levels: bool = False,
-              known: dict | None = None) -> dict:
-    """For each short task, measure the dense accuracy of every model on `sample` items of a level and
-    pick a level with `choose_level`. Levels are listed easiest first: the search starts at `start`
-    (the current level) and steps to the next harder (easier) level while some model is above (below) and none below (above)
-    ACC_RANGE, so usually 1-3 levels are scored; `all_levels` scores every level. `known`: a previous
-    record's "tasks" ({task: {"levels": {level: {"items", "sample", "accuracy": {model: acc}}}}}, e.g. of
-    a --dry-run): a level measured there on the same models and sample is reused, not scored again
-    (the items and the sampled subset are deterministic in the seed)."""
+              known: dict | None = None, tasks: list[str] | None = None) -> dict:
+    """For each short task (`tasks`, default all), measure the dense accuracy of every model on the
+    first `sample` items of a level's build (exactly the items, in the order, that the level's file
+    will hold: what the evaluator reads with `limit=sample`; `sample` >= N_SHORT scores the whole
+    file), scored with the evaluator's scorer (`short_correct`), and pick a level with
+    `choose_level`, which asks each model's 95% Wilson interval, not only its estimate, to be inside
+    ACC_RANGE. Levels are listed easiest first: the search starts at `start` (the current level) and
+    steps to the next harder (easier) level while `step_direction` says so, so usually 1-3 levels are
+    scored; `all_levels` scores every level. `known`: a previous record's "tasks" ({task: {"levels":
+    {level: {...}}}}, e.g. of a --dry-run): a level measured there on the same models, the same
+    subset ("subset": "first") and the same sample is reused, not scored again (the items are
+    deterministic in the seed)."""
     from utrc_lib.hosts.models import load_model
 
     cache: list = []
@@ -607,37 +652,40 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict,
 
     out = {}
     for name, descriptions in LEVELS.items():
+        if tasks is not None and name not in tasks:
+            continue
         order = list(descriptions)
         per_level = {}
         todo = list(order) if all_levels else [start[name]]
         while todo:
             level = todo.pop(0)
             prev = ((known or {}).get(name) or {}).get("levels", {}).get(level)
-            if prev and prev.get("sample") == sample and set(prev.get("accuracy", {})) == set(models):
+            if (prev and prev.get("subset") == SUBSET and prev.get("sample") == min(sample, prev.get("items") or 0)
+                    and set(prev.get("accuracy", {})) == set(models)):
                 per_level[level] = {**prev, "reused": True}
-                accs = prev["accuracy"]
                 print(f"calibrate {name} {level:18s} reused: " +
-                      ", ".join(f"{m} {a:.3f}" for m, a in accs.items()), flush=True)
+                      ", ".join(f"{m} {a:.3f}" for m, a in prev["accuracy"].items()), flush=True)
             else:
-                accs = None
-            if accs is None:
+                t0 = time.perf_counter()
                 items = build_short(name, docs, tok, level, seed)
-                rng = random.Random(f"{seed}-calibrate-{name}-{level}")
-                sub = rng.sample(items, min(sample, len(items)))
-                accs = {}
+                sub = items[:sample]          # the file's first `sample` items (load_task(name, limit=sample))
+                print(f"calibrate {name} {level:18s} built {len(items)} items ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+                accs, ks, ivs = {}, {}, {}
                 for mname, model, mtok in loaded():
                     t0 = time.perf_counter()
-                    accs[mname] = short_accuracy(model, mtok, name, sub)
+                    c = short_correct(model, mtok, name, sub)
+                    ks[mname], accs[mname] = sum(c), sum(c) / len(c)
+                    ivs[mname] = [round(x, 4) for x in wilson(ks[mname], len(c))]
                     print(f"calibrate {name} {level:18s} {mname}: acc {accs[mname]:.3f} "
-                          f"({len(sub)} items, {time.perf_counter() - t0:.0f} s)", flush=True)
-                per_level[level] = {"items": len(items), "sample": len(sub), "accuracy": accs}
+                          f"[{ivs[mname][0]:.3f}, {ivs[mname][1]:.3f}] ({len(sub)} items, "
+                          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+                per_level[level] = {"items": len(items), "subset": SUBSET, "sample": len(sub), "correct": ks,
+                                    "accuracy": accs, "interval95": ivs}
             if all_levels:
                 continue
-            a = list(accs.values())
+            step = step_direction(per_level[level])
             k = order.index(level)
-            # harder while some model is above the range and none below it; easier in the mirror case
-            step = 1 if max(a) > ACC_RANGE[1] and min(a) >= ACC_RANGE[0] else \
-                -1 if min(a) < ACC_RANGE[0] and max(a) <= ACC_RANGE[1] else 0
             if step and 0 <= k + step < len(order) and order[k + step] not in per_level:
                 todo.append(order[k + step])
         best, in_range = choose_level(per_level)
@@ -666,13 +714,23 @@ def main(argv=None) -> int:
                          ", ".join(f"{k}={v}" for k, v in DEFAULT_LEVEL.items()) + ")")
     ap.add_argument("--calibrate", nargs="+", metavar="MODEL",
                     help="models (paths or embedded names) whose dense accuracy picks the short tasks' levels")
-    ap.add_argument("--sample", type=int, default=200, help="items per level for --calibrate (default 200)")
+    ap.add_argument("--sample", type=int, default=N_SHORT,
+                    help=f"with --calibrate: score the first SAMPLE items of each level's file, the items the "
+                         f"evaluator reads with limit=SAMPLE (default {N_SHORT}: the whole file)")
+    ap.add_argument("--tasks", nargs="+", choices=list(LEVELS), metavar="TASK",
+                    help="short tasks to calibrate / rebuild (default: all three; the others' files, levels and "
+                         "calibration records are kept); implies --only short unless --only is given")
     ap.add_argument("--dry-run", action="store_true", help="with --calibrate: print and save the estimates only")
     ap.add_argument("--all-levels", action="store_true", help="with --calibrate: score every level (slower)")
     ap.add_argument("--estimates", type=Path, metavar="JSON",
                     help="with --calibrate: reuse the levels measured in this record (a --dry-run's "
                          "calibration_dry_run.json) on the same models and sample instead of scoring them again")
     args = ap.parse_args(argv)
+    if args.sample < 1:
+        ap.error("--sample must be >= 1")
+    short_tasks = [t for t in LEVELS if args.tasks is None or t in args.tasks]
+    if args.tasks is not None and args.only is None:
+        args.only = "short"
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(args.tokenizer))
@@ -705,11 +763,23 @@ def main(argv=None) -> int:
             names = [m.get("path") or m.get("name") for m in json.loads(args.estimates.read_text())["models"]]
             if sorted(names) != sorted(args.calibrate):
                 raise SystemExit(f"--estimates {args.estimates} was measured on {names}, not {args.calibrate}")
-        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample, levels, args.all_levels, known)
+        cal = calibrate(args.calibrate, docs, tok, args.seed, args.sample, levels, args.all_levels, known,
+                        short_tasks)
         record = {"models": [model_fingerprint(m) if Path(m).exists() else {"name": m} for m in args.calibrate],
-                  "sample": args.sample, "range": list(ACC_RANGE), "target": ACC_TARGET, "tasks": cal,
+                  "sample": args.sample, "subset": SUBSET,
+                  "subset_note": "each level is scored on the first `sample` items of the file it builds (what "
+                                 "the evaluator reads with limit=sample), with the evaluator's scorer; a level "
+                                 "is in range when every model's 95% Wilson interval is inside `range`",
+                  "range": list(ACC_RANGE), "target": ACC_TARGET, "interval_z": CAL_Z, "tasks": cal,
                   "estimates_reused_from": str(args.estimates.name) if args.estimates else None,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        old = manifest.get("calibration") or {}
+        kept = {t: {**v, "record": {**{k: old.get(k) for k in ("models", "sample", "range", "date")},
+                                     "subset": old.get("subset", "random")}}
+                for t, v in (old.get("tasks") or {}).items() if t not in cal}
+        kept.update({t: v for t, v in (old.get("kept_from_previous") or {}).items() if t not in cal})
+        if kept:   # tasks not calibrated in this run keep their earlier record (and level, and file)
+            record["kept_from_previous"] = dict(sorted(kept.items()))
         if args.dry_run:
             (args.out / "calibration_dry_run.json").write_text(json.dumps(record, indent=2) + "\n")
             print(f"dry run: estimates in {args.out / 'calibration_dry_run.json'}; nothing rebuilt")
@@ -722,7 +792,7 @@ def main(argv=None) -> int:
     manifest.setdefault("calibration", None)
 
     if args.only in (None, "short"):
-        for name in LEVELS:
+        for name in short_tasks:
             items = build_short(name, docs, tok, levels[name], args.seed)
             if len(items) < N_SHORT:
                 raise SystemExit(f"{name} at level {levels[name]}: only {len(items)} items (< {N_SHORT})")
