@@ -77,14 +77,26 @@ test-browser: venv
 	$(PY) -c "import selenium" 2>/dev/null || $(PIP) install -q -e ".[browser]"
 	UTRC_BROWSER=1 $(PY) -m pytest -q -m browser tests/test_browser.py
 
-# Scale x length study on CPU at the committed sizes (~70 min on 2 cores; figures/07_scale_and_length),
-# resumable: dense for the four models, then the 30% rows of the Mamba-2 models and of tiny-mamba.
-SL_CPU = --device cpu --batch-short 16 --batch-long 4 --limit-dense-short 300 --limit-short 100 --limit-long 20 \
-	--limit-mamba1-short 300 --limit-mamba1-long 20
-.PHONY: scale-length-cpu
+# Scale x length study (figures/07_scale_and_length/cache.jsonl is the committed run), in two parts that
+# share the cache .cache/sweeps/scale_length.jsonl:
+#  1. GPU, every v2 task but cloze_v2: scripts/gpu_scale_length.sh, one model per device call (README,
+#     "Scale x length"); unpack each call's scale_length.tar.gz here (tar xzf) before part 2.
+#  2. CPU, cloze_v2 for the four models at the study's sizes (dense 1000 / reduced 500 items, Mamba-1
+#     500), all cuts and methods, then slim the cache into figures/ and render notebook 07:
+SL_CLOZE = --device cpu --batch-short 16 --tasks cloze_v2 --limit-mamba1-short 500 --mamba1-methods utrc evit pumer tome
+.PHONY: scale-length-cloze-cpu scale-length-cpu
+scale-length-cloze-cpu: venv
+	$(PY) scripts/scale_length_eval.py $(SL_CLOZE)
+	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length.jsonl figures/07_scale_and_length/cache.jsonl
+	$(PY) -m utrc_lib.figures --only 07_scale_and_length
+
+# The whole study on CPU alone at small sizes (the first, CPU-only run of issue 13: ~70 min on 2 cores),
+# into its own cache; render it with: python -m utrc_lib.figures --only 07_scale_and_length
+#   --param cache=../.cache/sweeps/scale_length_cpu_slim.jsonl (the committed figures stay as they are).
+SL_CPU = --device cpu --cache .cache/sweeps/scale_length_cpu.jsonl --batch-short 16 --batch-long 4 \
+	--limit-dense-short 300 --limit-short 100 --limit-long 20 --limit-mamba1-short 300 --limit-mamba1-long 20
 scale-length-cpu: venv
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --cuts
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba2 small-mamba2 --cuts 0.3
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba --mamba1-methods utrc evit pumer tome --cuts 0.3
-	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length.jsonl figures/07_scale_and_length/cache.jsonl
-	$(PY) -m utrc_lib.figures --only 07_scale_and_length
+	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length_cpu.jsonl .cache/sweeps/scale_length_cpu_slim.jsonl

@@ -23,7 +23,7 @@
 # Outputs: `dense_accuracy.md` (every v2 task x model, 95% CI, chance), `long_context_table.md` (every
 # reduced row: value with CI, paired change vs dense, token-layer cut beside the analytic FLOPs cut at the
 # task's length), `utrc_margin_scale_length.png/.pdf` (UTRC minus each baseline, paired 95% CI, against
-# input length, one panel per model) and `results.json`.
+# input length, one panel per model, at the 30% cut; `_20` / `_10` at the 20% / 10% cuts) and `results.json`.
 
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
@@ -32,7 +32,7 @@ cache: str = "../figures/07_scale_and_length/cache.jsonl"   # the slimmed cache 
 cpu_models: list = ["tiny-mamba2"]           # the CPU fallback sweep when `cache` is missing
 cpu_tasks: list = ["cloze_v2", "passkey_512", "longppl_1024"]
 cpu_limit: int = 8                           # items per task of the CPU fallback
-figure_cuts: list = [0.3]                    # cuts drawn in the margin figure
+figure_cuts: list = [0.3, 0.2, 0.1]          # one margin figure per cut (0.3: utrc_margin_scale_length.png)
 seed: int = 0
 resamples: int = 2000                        # bootstrap resamples of every interval (seeded by seed)
 out_dir: str = ""                            # empty: scratch .cache/notebooks/<name>; `make figures` passes figures/<name>
@@ -68,6 +68,11 @@ if not source.is_file():   # no committed GPU cache: a small CPU sweep (resumabl
         raise RuntimeError(run.stderr[-4000:])
 rows = sl.load_rows(source)
 print(f"{len(rows)} rows from {source}")
+stale = sl.stale_rows(rows)   # measured on other weights / another task file than the ones here now
+if stale:
+    print(f"WARNING: {len(stale)} row(s) are stale (recompute them with scripts/scale_length_eval.py):")
+    for st in stale[:10]:
+        print("   ", st)
 
 # %% [markdown]
 # ## Dense accuracy of every v2 task, every model (95% CI, chance level)
@@ -96,15 +101,19 @@ display(Markdown(md["long_context_table.md"]))
 # ## UTRC's margin over each baseline as a function of input length, per model scale
 
 # %%
-fig = sl.plot_margins(margin, cuts=figure_cuts)
-save(fig, "utrc_margin_scale_length")
+cuts_here = sorted({float(c) for c in margin["cut"]}, reverse=True) if len(margin) else []
+for c in figure_cuts:
+    if not any(abs(c - x) < 1e-9 for x in cuts_here):
+        continue
+    fig = sl.plot_margins(margin, cuts=[c])
+    save(fig, "utrc_margin_scale_length" + ("" if abs(c - 0.3) < 1e-9 else f"_{round(c * 100)}"))
 
 # %%
 devices = sorted({str(r["result"].get("meta/device")) for r in rows})
 items = {f"{r['params']['model']}/{r['params']['method']}/{r['params']['cut']}/{r['params']['tasks'][0]}":
          int(r["result"].get(f"{r['params']['tasks'][0]}/n", 0)) for r in rows}
 ctx.write_results(data={"source": os.path.relpath(source, REPO) if source.resolve().is_relative_to(REPO) else source.name,
-                        "rows": len(rows), "devices": devices, "items_per_row": items,
+                        "rows": len(rows), "stale_rows": stale, "devices": devices, "items_per_row": items,
                         "row_seeds": sorted({r["params"].get("seed") for r in rows}),
                         "dense": dense, "long_context": long, "margins": margin,
                         "intervals": {"level": 0.95, "resamples": resamples, "seed": seed, "method":

@@ -107,3 +107,19 @@ def test_renderer(cache, tmp_path):
     fig = sl.plot_margins(margin)
     fig.savefig(tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_stale_rows(cache):
+    """Rows of other weights or another task file are named; current rows are not."""
+    import copy
+
+    from utrc_lib.report import scale_length as sl
+
+    rows = sl.load_rows(cache)
+    assert sl.stale_rows(rows) == []
+    old_w, old_t = copy.deepcopy(rows[0]), copy.deepcopy(rows[1])
+    old_w["params"]["fingerprint"] = "0" * 16
+    old_t["params"]["task_sha"] = "f" * 16
+    stale = sl.stale_rows([old_w, old_t, rows[2]])
+    assert [s["why"].split(" ")[0] for s in stale] == ["weights", "task"]
+    assert stale[0]["model"] == "tiny-mamba2" and stale[1]["task"] == old_t["params"]["tasks"][0]

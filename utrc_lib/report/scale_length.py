@@ -31,7 +31,7 @@ BASELINES = ("evit", "pumer", "tome")
 MODEL_ORDER = ("tiny-mamba2", "small-mamba2", "tiny-mamba", "small-mamba")
 SHORT_LENGTH = 128
 
-__all__ = ["slim_cache", "load_rows", "task_length", "acc_field", "dense_table", "long_context_table", "margin_table",
+__all__ = ["slim_cache", "load_rows", "stale_rows", "task_length", "acc_field", "dense_table", "long_context_table", "margin_table",
            "plot_margins", "markdown"]
 
 
@@ -89,6 +89,30 @@ def load_rows(cache) -> list[dict]:
         if prev is None or r.get("finished", "") >= prev.get("finished", ""):
             out[key] = r
     return [out[k] for k in sorted(out, key=lambda k: (_model_rank(k[0]), k[1], k[2], k[3]))]
+
+
+def stale_rows(rows, manifest: Optional[dict] = None) -> list[dict]:
+    """Rows measured on other weights or another task file than the ones here now: the row's
+    `fingerprint` differs from `sweep.model_fingerprint(model)` or its `task_sha` from the v2 manifest's
+    sha256 (16 hex). [] when every row is current; rows without those parameters are not judged."""
+    from ..experiments.sweep import model_fingerprint
+
+    man = (manifest or _manifest())["tasks"]
+    fps: dict = {}
+    out = []
+    for r in rows:
+        p = r["params"]
+        t = p["tasks"][0]
+        why = []
+        if "fingerprint" in p:
+            fp = fps.setdefault(p["model"], model_fingerprint(p["model"]))
+            if fp != p["fingerprint"]:
+                why.append(f"weights {p['fingerprint']} -> {fp}")
+        if "task_sha" in p and t in man and man[t]["sha256"][:16] != p["task_sha"]:
+            why.append(f"task file {p['task_sha']} -> {man[t]['sha256'][:16]}")
+        if why:
+            out.append({"model": p["model"], "method": p["method"], "cut": p["cut"], "task": t, "why": "; ".join(why)})
+    return out
 
 
 def _model_rank(m: str):
