@@ -123,3 +123,31 @@ def test_stale_rows(cache):
     stale = sl.stale_rows([old_w, old_t, rows[2]])
     assert [s["why"].split(" ")[0] for s in stale] == ["weights", "task"]
     assert stale[0]["model"] == "tiny-mamba2" and stale[1]["task"] == old_t["params"]["tasks"][0]
+
+
+def test_adopt_device_rows(cache, tmp_path):
+    """Device rows of the same weights (sha256 checked) get the local fingerprint and key; a wrong
+    sha256 changes nothing."""
+    import hashlib
+    import json
+
+    from utrc_lib.experiments import sweep
+
+    spec = importlib.util.spec_from_file_location("adopt", REPO / "scripts/adopt_device_rows.py")
+    adopt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(adopt)
+    rows = list(sweep.RowCache(cache).load().values())
+    dev = tmp_path / "dev.jsonl"
+    with dev.open("w") as f:
+        for r in rows:
+            p = dict(r["params"], fingerprint="d" * 16)
+            f.write(json.dumps(dict(r, params=p, key=sweep.row_key(p, r["version"]))) + "\n")
+    sha = hashlib.sha256((REPO / "data/models/tiny-mamba2/model.safetensors").read_bytes()).hexdigest()
+    args = [str(dev), "--model", "tiny-mamba2", "--device-fingerprint", "d" * 16]
+    with pytest.raises(SystemExit):
+        adopt.main(args + ["--weights-sha256", "0" * 64])
+    assert all(r["params"]["fingerprint"] == "d" * 16 for r in sweep.RowCache(dev).load().values())
+    assert adopt.main(args + ["--weights-sha256", sha]) == 0
+    got = sweep.RowCache(dev).load()
+    assert set(got) == {r["key"] for r in rows}          # the keys the local plan looks for
+    assert all(r["result"]["meta/fingerprint_device"] == "d" * 16 for r in got.values())
