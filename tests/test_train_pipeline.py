@@ -95,6 +95,10 @@ def test_train_join_load(packed, arch, tmp_path):
                    "--sample-tokens", "5"])
     assert len(j["samples"]) == len(join.PROMPTS) and all(s["text"].startswith(s["prompt"]) for s in j["samples"])
     assert j["verify"]["ok"] and j["verify"]["max_abs_diff"] < 5e-2
+    # --quick (device side: no checks) writes the same weights
+    jq = join.main([str(out), "--name", f"small-{arch}", "--dest", str(tmp_path / "quick"), "--tokenizer",
+                    str(root / "tok"), "--quick"])
+    assert jq["model_safetensors_sha256"] == j["model_safetensors_sha256"]
     for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "training_log.json",
               "training_curve.png"):
         assert (dest / f).exists(), f
