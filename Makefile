@@ -79,8 +79,9 @@ test-browser: venv
 
 # Scale x length study (figures/07_scale_and_length/cache.jsonl is the committed run), in two parts that
 # share the cache .cache/sweeps/scale_length.jsonl:
-#  1. GPU, every v2 task but cloze_v2: scripts/gpu_scale_length.sh, one model per device call (README,
-#     "Scale x length"); unpack each call's scale_length.tar.gz here (tar xzf) before part 2.
+#  1. GPU, every v2 task but cloze_v2: scripts/gpu_scale_length.sh, one model per device call (its header
+#     and figures/07_scale_and_length/gpu_run.log); unpack the last call's scale_length.tar.gz here
+#     (tar xzf), then scripts/adopt_device_rows.py for models installed on the device from training parts.
 #  2. CPU, cloze_v2 for the four models at the study's sizes (dense 1000 / reduced 500 items, Mamba-1
 #     500), all cuts and methods, then slim the cache into figures/ and render notebook 07:
 SL_CLOZE = --device cpu --batch-short 16 --tasks cloze_v2 --limit-mamba1-short 500 --mamba1-methods utrc evit pumer tome

@@ -5,6 +5,11 @@
 # ToMe at 30 %, then 20 / 10 % on every v2 task for the Mamba-2 models; Mamba-1 dense last) until
 # DEADLINE seconds (default 400: no configuration starts later; one running then may take up to ~1 min).
 # Extra arguments go to the script (e.g. --limit-long 200 --mamba1-methods utrc evit pumer tome).
+# The device tool carries at most 64 MiB: with figures/ and the other checkpoints moved out of the tree,
+# one small model (~50 MiB) fits per call, so the committed run went one model per call, carrying each
+# call's scale_length.tar.gz into the next as .carry/scale_length.tar.gz (figures/07_scale_and_length/gpu_run.log
+# lists the four calls; Mamba-1 reduced rows need mamba-ssm's selective-scan kernel on the machine:
+# scripts/train/device.sh builds it). cloze_v2 was then scored on CPU: make scale-length-cloze-cpu.
 # Resumable: a cache tarball found at $OUT/../scale_length.tar.gz or .carry/scale_length.tar.gz is
 # unpacked first, so a rerun computes only what is missing. Writes $OUT/scale_length.tar.gz (the cache
 # .cache/sweeps/scale_length.jsonl with item arrays, its .log.jsonl and scale_length_run.log).
