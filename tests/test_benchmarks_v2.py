@@ -265,3 +265,17 @@ def test_calibration_scores_the_file_prefix(monkeypatch):
     old = {"cloze_v2": {"levels": {"repeat2_short": {"items": None, "sample": 300, "accuracy": {"m1": 0.5, "m2": 0.5}}}}}
     b.calibrate(["m1", "m2"], [], None, 1234, 300, {"cloze_v2": "repeat2_short"}, tasks=["cloze_v2"], known=old)
     assert scored and scored[0] == list(range(300))
+
+
+def test_calibration_scores_as_the_evaluator(tiny):
+    """The builder's short_correct and the evaluator agree item by item on the built short files
+    (cloze greedy match, choice4 acc_norm, choice2 acc)."""
+    from utrc_lib.eval.scorer import evaluate
+    from utrc_lib.eval.suite import load_task
+
+    b = _builder()
+    model, tk = tiny
+    res = evaluate(model, tk, tasks=SHORT, limit=6, batch_size=6, progress=False, items=True)
+    for t in SHORT:
+        field = "correct_norm" if t == "choice4_v2" else "correct"
+        assert b.short_correct(model, tk, t, load_task(t, 6)) == [int(x) for x in res["items"][t][field]], t

@@ -556,10 +556,10 @@ def chance(name: str) -> float:
 
 # -- calibration ---------------------------------------------------------------------------------------------
 def short_correct(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> list[int]:
-    """Per item 0/1: dense correctness of one short task's items, scored with the evaluator's own
-    requests and scorer (the requests of `utrc_lib.eval.scorer._task_requests`, through
-    `utrc_lib.eval.scorer.loglikelihood`, max_length 1024: cloze greedy match of all target tokens;
-    choice4 acc_norm, the accuracy the paired analysis uses; choice2 acc)."""
+    """Per item 0/1: dense correctness of one short task's items, with requests built as
+    `utrc_lib.eval.scorer._task_requests` builds them and scored by `utrc_lib.eval.scorer.loglikelihood`
+    (max_length 1024): cloze greedy match of all target tokens; choice4 acc_norm, the accuracy the paired
+    analysis uses; choice2 acc. tests/test_benchmarks_v2.py checks it against `evaluate` item by item."""
     from utrc_lib.eval.scorer import loglikelihood
 
     if name == "cloze_v2":
