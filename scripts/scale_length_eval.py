@@ -63,12 +63,6 @@ def is_mamba1(model: str) -> bool:
     return model in MAMBA1 or Path(model).name in MAMBA1
 
 
-def task_fingerprints() -> dict:
-    """sha256 (16 hex) of each v2 task file, from the v2 manifest: it enters each row's parameters, so
-    a rebuilt (recalibrated) task gets new rows (the code version hashes only the v1 manifest)."""
-    m = json.loads((REPO / "data/benchmarks_v2/manifest.json").read_text())
-    return {k: v["sha256"][:16] for k, v in m["tasks"].items()}
-
 
 def config(model: str, method: str, cut: float, task: str, *, limit, batch_size: int, seed: int,
            fingerprint: str, task_sha: str) -> dict:
@@ -93,6 +87,8 @@ def plan(args) -> list[dict]:
     from utrc_lib.experiments import sweep
 
     fps = {m: sweep.model_fingerprint(m) for m in args.models}
+    from utrc_lib.report.scale_length import task_fingerprints
+
     tsha = task_fingerprints()
     tasks = [t for t in ALL_TASKS if t in args.tasks]
     m2 = [m for m in args.models if not is_mamba1(m)]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from packing import file_sha256, join_parts  # noqa: E402
+from packing import file_sha256, join_parts, stages_of  # noqa: E402
 
 MAX_MODEL_BYTES = 64 * 2**20
 PROMPTS = ["The", "It was a dark and stormy night, and", "In the beginning", "Dear friends,",
@@ -70,12 +70,7 @@ def fmt(x, nd=2):
 def model_card(name: str, log: dict, join: dict) -> str:
     cfg = log["mamba_ssm_config"]
     ssm = cfg["ssm_cfg"]
-    stages = log.get("stages") or [{   # a log written before train_small.py had stages: one stage
-        "steps": log["steps"], "tokens_seen": log["tokens_seen"], "train_seconds": log["train_seconds"],
-        "tokens_per_second": log["tokens_per_second"], "kernel_warmup_seconds": log["kernel_warmup_seconds"],
-        "lr": log["args"]["lr"], "warmup": log["args"]["warmup"], "min_lr_frac": log["args"]["min_lr_frac"],
-        "best_step": log["best_step"], "best_val_loss_in_training": log["best_val_loss_in_training"],
-        "init_from": None}]
+    stages = stages_of(log)
     lines = [
         f"# {name}",
         "",

@@ -85,3 +85,18 @@ def source_streams(split: dict, sources: list[str]) -> dict[str, np.ndarray]:
         if idx.size:
             out[name] = np.concatenate([toks[starts[j]: ends[j]] for j in idx] + [eot])
     return out
+
+
+STAGE_KEYS = ("steps", "tokens_seen", "train_seconds", "tokens_per_second", "kernel_warmup_seconds", "hardware",
+              "best_step", "best_val_loss_in_training")
+
+
+def stages_of(log: dict) -> list[dict]:
+    """The training stages of a train_small.py log: its "stages", or for a log written before stages
+    existed (one call from random init) that call's record built from the log's top level."""
+    if log.get("stages"):
+        return log["stages"]
+    if not log:
+        return []
+    return [{**{k: log.get(k) for k in STAGE_KEYS}, "lr": log["args"]["lr"], "warmup": log["args"]["warmup"],
+             "min_lr_frac": log["args"]["min_lr_frac"], "init_from": None}]

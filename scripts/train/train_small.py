@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from packing import file_sha256, load_packed, source_streams, write_parts  # noqa: E402
+from packing import STAGE_KEYS, file_sha256, load_packed, source_streams, stages_of, write_parts  # noqa: E402
 
 
 
@@ -232,13 +232,8 @@ def load_init(a, model, cfg: dict) -> dict:
         sd.setdefault("lm_head.weight", sd["backbone.embeddings.weight"])
     model.load_state_dict(sd, strict=True)
     prev = json.loads((src / "training_log.json").read_text()) if (src / "training_log.json").exists() else {}
-    stages = prev.get("stages") or ([{
-        k: prev.get(k) for k in ("steps", "tokens_seen", "train_seconds", "tokens_per_second",
-                                 "kernel_warmup_seconds", "hardware", "best_step", "best_val_loss_in_training")
-    } | {"lr": prev["args"]["lr"], "warmup": prev["args"]["warmup"], "min_lr_frac": prev["args"]["min_lr_frac"],
-         "init_from": None}] if prev else [])
     return {"from": str(src), "weights_sha256": file_sha256(src / "model.safetensors"),
-            "tokens_seen": int(prev.get("tokens_seen", 0)), "log": prev.get("log", []), "stages": stages,
+            "tokens_seen": int(prev.get("tokens_seen", 0)), "log": prev.get("log", []), "stages": stages_of(prev),
             "eval_overall": {s: e.get("overall") for s, e in prev.get("eval", {}).items()}}
 
 
@@ -445,10 +440,8 @@ def main(argv=None) -> dict:
                     "naming": "mamba-ssm MambaLMHeadModel state dict, lm_head.weight omitted (tied)"},
         "wall_seconds": round(time.time() - t_start, 1),
     }
-    result["stages"] = (init["stages"] if init else []) + [{
-        "steps": step, "tokens_seen": step * tok_step, "train_seconds": result["train_seconds"],
-        "tokens_per_second": result["tokens_per_second"], "kernel_warmup_seconds": result["kernel_warmup_seconds"],
-        "hardware": result["hardware"], "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
+    result["stages"] = (init["stages"] if init else []) + [{   # this call: its own steps and tokens
+        **{k: result[k] for k in STAGE_KEYS}, "tokens_seen": step * tok_step,
         "lr": a.lr, "warmup": a.warmup, "min_lr_frac": a.min_lr_frac, "init_from": a.init_from}]
     (out / "training_log.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {len(parts)} weight part(s) ({len(blob) / 2**20:.2f} MiB) + training_log.json to {out} "

@@ -31,7 +31,7 @@ BASELINES = ("evit", "pumer", "tome")
 MODEL_ORDER = ("tiny-mamba2", "small-mamba2", "tiny-mamba", "small-mamba")
 SHORT_LENGTH = 128
 
-__all__ = ["slim_cache", "load_rows", "stale_rows", "task_length", "acc_field", "dense_table", "long_context_table", "margin_table",
+__all__ = ["slim_cache", "load_rows", "stale_rows", "task_fingerprints", "task_length", "acc_field", "dense_table", "long_context_table", "margin_table",
            "plot_margins", "markdown"]
 
 
@@ -97,7 +97,7 @@ def stale_rows(rows, manifest: Optional[dict] = None) -> list[dict]:
     sha256 (16 hex). [] when every row is current; rows without those parameters are not judged."""
     from ..experiments.sweep import model_fingerprint
 
-    man = (manifest or _manifest())["tasks"]
+    tsha = task_fingerprints(manifest)
     fps: dict = {}
     out = []
     for r in rows:
@@ -108,8 +108,8 @@ def stale_rows(rows, manifest: Optional[dict] = None) -> list[dict]:
             fp = fps.setdefault(p["model"], model_fingerprint(p["model"]))
             if fp != p["fingerprint"]:
                 why.append(f"weights {p['fingerprint']} -> {fp}")
-        if "task_sha" in p and t in man and man[t]["sha256"][:16] != p["task_sha"]:
-            why.append(f"task file {p['task_sha']} -> {man[t]['sha256'][:16]}")
+        if "task_sha" in p and t in tsha and tsha[t] != p["task_sha"]:
+            why.append(f"task file {p['task_sha']} -> {tsha[t]}")
         if why:
             out.append({"model": p["model"], "method": p["method"], "cut": p["cut"], "task": t, "why": "; ".join(why)})
     return out
@@ -140,6 +140,13 @@ def _pair(a: dict, b: dict):
 def _arr(items: dict, field: str, n: Optional[int] = None) -> np.ndarray:
     v = np.asarray(items[field], dtype=float)
     return v if n is None else v[:n]
+
+
+def task_fingerprints(manifest: Optional[dict] = None) -> dict:
+    """sha256 (16 hex) of each v2 task file, from the v2 manifest (`suite.data_dir_v2()`, the folder the
+    evaluator reads): the `task_sha` of scripts/scale_length_eval.py's rows, so a rebuilt (recalibrated)
+    task gets new rows (the code version hashes only the v1 manifest)."""
+    return {k: v["sha256"][:16] for k, v in (manifest or _manifest())["tasks"].items()}
 
 
 def _manifest(path=None) -> dict:
