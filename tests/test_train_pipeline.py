@@ -142,3 +142,71 @@ def test_join_rejects_other_tokenizer(packed, tmp_path):
     with pytest.raises(SystemExit):
         join.main([str(out), "--name", "y", "--dest", str(tmp_path / "y"),
                    "--tokenizer", str(REPO / "data/tokenizer")])       # v1 tokenizer: not the one trained with
+
+
+def test_doc_subset_nested_and_equal_to_simple_twin(packed):
+    import numpy as np
+    from packing import doc_subset, load_packed
+    root, _ = packed
+    tr = load_packed(root / ".train/tokens", splits=("train",))["train"]
+    toks, starts = tr["tokens"], tr["doc_start"]
+    kept = {}
+    for frac in (0.3, 0.6, 1.0):
+        idx, stream = doc_subset(tr, frac, seed=5)
+        kept[frac] = set(idx.tolist())
+        # simple twin: walk the documents one by one with the same draw
+        u = np.random.default_rng(5).random(starts.size)
+        pieces = []
+        for j in range(starts.size):
+            end = starts[j + 1] if j + 1 < starts.size else toks.size - 1
+            if u[j] < frac:
+                pieces.extend(toks[starts[j]:end].tolist())
+        assert stream.tolist() == pieces + [int(toks[-1])]
+    assert kept[0.3] <= kept[0.6] <= kept[1.0] and len(kept[1.0]) == starts.size
+    assert 0 < len(kept[0.3]) < len(kept[0.6])
+    _, full = doc_subset(tr, 1.0)
+    assert full.tolist() == toks.tolist()      # frac 1 is the whole stream
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="frac"):
+            doc_subset(tr, bad)
+
+
+def test_train_docs_frac_and_no_weights(packed, tmp_path):
+    import train_small
+    root, _ = packed
+    out = tmp_path / "probe"
+    res = train_small.main(["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"),
+                            "--tokenizer", str(root / "tok"), "--out", str(out), "--max-steps", "3",
+                            "--train-docs-frac", "0.5", "--no-weights"])
+    assert sorted(p.name for p in out.iterdir()) == ["training_log.json"]
+    d = res["data"]
+    assert d["train_docs_frac"] == 0.5 and 0 < d["train_docs"] < d["train_docs_all"]
+    assert res["weights"]["parts"] == [] and res["steps"] == 3
+    with pytest.raises(SystemExit):
+        train_small.main(["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"),
+                          "--out", str(out), "--train-docs-frac", "0"])
+
+
+def test_repetition_report_from_smoke_runs(packed, tmp_path):
+    import repetition_report
+    import train_small
+    root, _ = packed
+    runs = tmp_path / "runs"
+    for frac, steps in ((0.5, 3), (1.0, 3), (0.25, 2)):      # the last one "cut short": rejected
+        train_small.main(["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"),
+                          "--tokenizer", str(root / "tok"), "--out", str(runs / f"f{frac}"),
+                          "--max-steps", str(steps), "--train-docs-frac", str(frac), "--no-weights"])
+    log = json.loads((runs / "f0.25/training_log.json").read_text())
+    log["args"]["max_steps"] = 3                               # asked for 3, trained 2
+    (runs / "f0.25/training_log.json").write_text(json.dumps(log))
+    out = tmp_path / "report"
+    res = repetition_report.main([str(runs), "--out", str(out)])
+    assert set(res["runs"]) == {"f0.5", "f1.0"} and [r["run"] for r in res["rejected"]] == ["f0.25"]
+    pr = res["pairs"]["f0.5_vs_f1.0"]
+    r5, r1 = res["runs"]["f0.5"], res["runs"]["f1.0"]
+    assert pr["overall_test_bpb"] == r5["final"]["test"]["bits_per_byte"] - r1["final"]["test"]["bits_per_byte"]
+    assert set(pr["per_source"]) == {"prose", "technical"}
+    m = pr["mean_over_sources"]
+    assert m["lo"] <= m["mean"] <= m["hi"] and m["n"] == 2
+    assert r5["unique_train_tokens"] < r1["unique_train_tokens"] and r5["epochs"] > r1["epochs"]
+    assert (out / "repetition.png").stat().st_size > 0 and (out / "runs/f0.5/training_log.json").exists()

@@ -87,6 +87,24 @@ def source_streams(split: dict, sources: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def doc_subset(split: dict, frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The documents of ``split`` kept at fraction ``frac`` and their token stream.
+
+    Document j is kept when u_j < frac, u_j drawn uniform in [0, 1) per document from ``seed``, so the
+    subsets are nested (a smaller fraction keeps a subset of a larger one's documents) and every source
+    keeps about ``frac`` of its documents. Returns (kept document indices, tokens: each kept document
+    with its leading <|endoftext|>, in file order, the stream closed by one <|endoftext|>).
+    """
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"doc_subset: frac must be in (0, 1], got {frac}")
+    toks, starts = split["tokens"], split["doc_start"]
+    keep = np.nonzero(np.random.default_rng(seed).random(starts.size) < frac)[0]
+    if keep.size == 0:
+        raise ValueError(f"doc_subset: frac {frac} keeps none of the {starts.size} documents")
+    ends = np.append(starts[1:], toks.size - 1)
+    return keep, np.concatenate([toks[starts[j]: ends[j]] for j in keep] + [toks[-1:]])
+
+
 STAGE_KEYS = ("steps", "tokens_seen", "train_seconds", "tokens_per_second", "kernel_warmup_seconds", "hardware",
               "best_step", "best_val_loss_in_training")
 

@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from packing import STAGE_KEYS, file_sha256, load_packed, source_streams, stages_of, write_parts  # noqa: E402
+from packing import STAGE_KEYS, doc_subset, file_sha256, load_packed, source_streams, stages_of, write_parts  # noqa: E402
 
 
 
@@ -83,6 +83,12 @@ def parse_args(argv=None):
     ap.add_argument("--init-from", default=None,
                     help="continue from this model directory (join.py's output: model.safetensors, config.json, "
                          "training_log.json)")
+    ap.add_argument("--train-docs-frac", type=float, default=1.0,
+                    help="train on this fraction of the training documents (nested subsets, packing.doc_subset): "
+                         "the data-repetition probe, scripts/train/repetition_probe.sh")
+    ap.add_argument("--doc-seed", type=int, default=0, help="seed of --train-docs-frac's document draw")
+    ap.add_argument("--no-weights", action="store_true",
+                    help="write training_log.json and no weight parts (probes that keep no model)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-tokens", type=int, default=524288, help="tokens of the in-training validation")
     ap.add_argument("--eval-max-tokens", type=int, default=0,
@@ -105,6 +111,8 @@ def parse_args(argv=None):
             a.max_steps = 30
     if a.d_state is None:
         a.d_state = 16 if a.arch == "mamba" else (16 if a.smoke else 64)
+    if not 0.0 < a.train_docs_frac <= 1.0:
+        ap.error("--train-docs-frac must be in (0, 1]")
     if a.max_tokens is not None:
         if a.max_tokens <= 0:
             ap.error("--max-tokens must be positive")
@@ -273,6 +281,12 @@ def main(argv=None) -> dict:
     from utrc_lib.hosts.convert import padded_vocab
     vocab = padded_vocab(len(tokenizer), a.pad_vocab_multiple)
     train = packed["train"]["tokens"]
+    docs_all, docs_kept = int(packed["train"]["doc_start"].size), None
+    if a.train_docs_frac < 1.0:
+        kept, train = doc_subset(packed["train"], a.train_docs_frac, a.doc_seed)
+        docs_kept = int(kept.size)
+        print(f"--train-docs-frac {a.train_docs_frac}: {docs_kept} of {docs_all} training documents, "
+              f"{train.size:,} tokens", flush=True)
     if int(train.max()) >= len(tokenizer):
         sys.exit("train_small: token ids exceed the tokenizer size (packed with another tokenizer?)")
     val_stream = packed["validation"]["tokens"]
@@ -415,7 +429,7 @@ def main(argv=None) -> dict:
     blob = st_save(ssm_sd, metadata={"format": "mamba_ssm", "arch": a.arch})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = write_parts(blob, out, "weights.safetensors", int(a.part_mib * 2**20))
+    parts = [] if a.no_weights else write_parts(blob, out, "weights.safetensors", int(a.part_mib * 2**20))
     import hashlib
     result = {
         "arch": a.arch, "backend": a.backend, "params": n_params, "vocab_size": vocab,
@@ -426,7 +440,8 @@ def main(argv=None) -> dict:
         "kernel_warmup_seconds": round(warm_s, 1), "final_eval_seconds": round(final_s, 1),
         "tokens_per_second": round(step * tok_step / max(train_s, 1e-9)),
         "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
-        "data": {"train_tokens": int(train.size), "in_training_validation_tokens": int(vfull.numel()),
+        "data": {"train_tokens": int(train.size), "train_docs_frac": a.train_docs_frac, "doc_seed": a.doc_seed,
+                 "train_docs": docs_all if docs_kept is None else docs_kept, "train_docs_all": docs_all, "in_training_validation_tokens": int(vfull.numel()),
                  "tokenizer_sha256": man["tokenizer_sha256"],
                  "splits": {s: {k: v for k, v in r.items() if k != "parts"} for s, r in man["splits"].items()}},
         "log": (init["log"] if init else []) + log, "eval": evals,
