@@ -33,6 +33,7 @@ test-notebooks: venv
 # Main job: regenerate every figure and its JSON from the embedded default.
 figures: venv
 	$(PY) -m utrc_lib.figures
+	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out figures/train_repetition
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv

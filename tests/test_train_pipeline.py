@@ -210,3 +210,18 @@ def test_repetition_report_from_smoke_runs(packed, tmp_path):
     assert m["lo"] <= m["mean"] <= m["hi"] and m["n"] == 2
     assert r5["unique_train_tokens"] < r1["unique_train_tokens"] and r5["epochs"] > r1["epochs"]
     assert (out / "repetition.png").stat().st_size > 0 and (out / "runs/f0.5/training_log.json").exists()
+
+
+def test_committed_repetition_figure_is_rendered_from_its_logs(tmp_path):
+    import repetition_report
+    fig = REPO / "figures/train_repetition"
+    committed = json.loads((fig / "repetition.json").read_text())
+    res = repetition_report.main([str(fig / "runs"), "--out", str(tmp_path)])
+    again = json.loads((tmp_path / "repetition.json").read_text())
+    assert again["runs"] == committed["runs"] and again["pairs"] == committed["pairs"]
+    assert set(res["runs"]) == {"f0.2", "f0.35", "f0.5", "f1.0", "f1.0_s1"} and not res["rejected"]
+    assert {r["steps"] for r in res["runs"].values()} == {640}
+    # fewer documents, more passes: the test bits per byte rise in order; the seed pair is far smaller
+    bpb = {k: r["final"]["test"]["bits_per_byte"] for k, r in res["runs"].items()}
+    assert bpb["f0.2"] > bpb["f0.35"] > bpb["f0.5"] > bpb["f1.0"]
+    assert abs(res["pairs"]["f1.0_s1_vs_f1.0"]["overall_test_bpb"]) < 0.1 * res["pairs"]["f0.2_vs_f1.0"]["overall_test_bpb"]

@@ -13,6 +13,7 @@ Writes OUT/runs/<run>/training_log.json   the logs, copied (the figure's data st
        OUT/repetition.png                 validation curves; per-source test differences with intervals
 
 Usage: .venv/bin/python scripts/train/repetition_report.py RUNS [RUNS ...] [--out figures/train_repetition]
+(`make figures` re-renders the committed figure from its own logs: RUNS = figures/train_repetition/runs)
 A run is used only if it trained the steps it was asked for (a run cut short by the call's deadline
 has another learning-rate schedule); the others are listed under "rejected".
 """
@@ -44,7 +45,7 @@ def load_runs(folders: list[Path]) -> tuple[dict, list]:
                                  "why": "stopped before its steps (deadline): another schedule"})
                 continue
             runs[name] = {"path": p, "log": log}
-    return runs, rejected
+    return dict(sorted(runs.items())), sorted(rejected, key=lambda r: r["run"])
 
 
 def run_record(log: dict) -> dict:
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
         if r["train_docs_frac"] < 1.0 and refs:
             pairs[f"{name}_vs_{refs[0]}"] = compare(r, recs[refs[0]])
     seeds = sorted({r["seed"] for r in recs.values() if r["train_docs_frac"] == 1.0})
-    full = [n for n, r in recs.items() if r["train_docs_frac"] == 1.0]
+    full = sorted((n for n, r in recs.items() if r["train_docs_frac"] == 1.0), key=lambda n: (recs[n]["seed"], n))
     if len(full) > 1:     # same data, another seed: how large differences are with no data effect at all
         pairs[f"{full[1]}_vs_{full[0]}"] = compare(recs[full[1]], recs[full[0]])
     result = {"what": "data-repetition probe: small Mamba-2 trained from scratch for the same steps on nested "
@@ -169,7 +170,8 @@ def main(argv=None) -> dict:
     for name, r in runs.items():
         dst = a.out / "runs" / name
         dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy(r["path"], dst / "training_log.json")
+        if Path(r["path"]).resolve() != (dst / "training_log.json").resolve():    # not when re-run on out/runs
+            shutil.copy(r["path"], dst / "training_log.json")
     (a.out / "repetition.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot(result, a.out / "repetition.png")
     for pname, pr in pairs.items():
