@@ -9,7 +9,8 @@ Writes OUT/runs/<run>/training_log.json   the logs, copied (the figure's data st
                                           (each run against the full-data run of the same seed): the
                                           per-source test bits-per-byte difference, its mean with a
                                           t interval over sources, the overall difference; and where
-                                          the shipped small models stand (epochs from their logs)
+                                          the shipped small models stand (epochs from their logs); small vs
+                                          tiny on the same test text, v1 and new sources apart
        OUT/repetition.png                 validation curves; per-source test differences with intervals
 
 Usage: .venv/bin/python scripts/train/repetition_report.py RUNS [RUNS ...] [--out figures/train_repetition]
@@ -26,11 +27,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-V1_SOURCES = ("linux-doc", "python-doc", "perl-doc", "django-doc", "debian-handbook", "austen", "bible-kjv",
-              "shakespeare-milton")
+# the corpus v1 sources (the tiny models' training text), from the v2 manifest's new_in_v2 flags
+V1_SOURCES = tuple(s["source"] for s in json.loads((REPO / "data/corpus/manifest_v2.json").read_text())["sources"]
+                   if not s["new_in_v2"])
 
 
 def load_runs(folders: list[Path]) -> tuple[dict, list]:
@@ -68,11 +72,9 @@ def run_record(log: dict) -> dict:
 
 def t_interval(xs: list[float], level: float = 0.95) -> dict:
     from scipy import stats
-    n = len(xs)
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    h = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": m, "lo": m - h, "hi": m + h, "n": n, "level": level}
+    m = float(np.mean(xs))
+    lo, hi = stats.t.interval(level, len(xs) - 1, loc=m, scale=stats.sem(xs))
+    return {"mean": m, "lo": float(lo), "hi": float(hi), "n": len(xs), "level": level}
 
 
 def compare(rec: dict, ref: dict) -> dict:
@@ -100,6 +102,26 @@ def shipped() -> dict:
                          "epochs": log["tokens_seen"] / log["data"]["train_tokens"],
                          "test_bits_per_byte": log["eval"]["test"]["overall"]["bits_per_byte"]}
     return res
+
+
+def same_text_gap() -> dict:
+    """Small vs tiny on the same test text (data/benchmarks_v2/v2_test_bpb_*.json, scripts/eval_v2_test.py):
+    bits per byte and the per-byte perplexity cut 1 - 2^(small - tiny), overall and for the v1 / new sources."""
+    out = {}
+    for tiny, small in (("tiny-mamba2", "small-mamba2"), ("tiny-mamba", "small-mamba")):
+        paths = [REPO / f"data/benchmarks_v2/v2_test_bpb_{m}.json" for m in (tiny, small)]
+        if not all(p.exists() for p in paths):
+            continue
+        t, sm = (json.loads(p.read_text())["per_source"] for p in paths)
+        rec = {}
+        for group, names in (("all_sources", sorted(t)), ("v1_sources", [n for n in sorted(t) if n in V1_SOURCES]),
+                             ("new_sources", [n for n in sorted(t) if n not in V1_SOURCES])):
+            nbytes = sum(t[n]["bytes"] for n in names)
+            bt, bs = (sum(d[n]["nll_nats"] for n in names) / nbytes / math.log(2) for d in (t, sm))
+            rec[group] = {"sources": len(names), "bytes": nbytes, "tiny_bits_per_byte": bt, "small_bits_per_byte": bs,
+                          "per_byte_ppl_cut": 1 - 2 ** (bs - bt)}
+        out[f"{small}_vs_{tiny}"] = rec
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -163,7 +185,7 @@ def main(argv=None) -> dict:
     result = {"what": "data-repetition probe: small Mamba-2 trained from scratch for the same steps on nested "
                       "fractions of the corpus v2 training documents (scripts/train/repetition_probe.sh)",
               "runs": recs, "pairs": pairs, "rejected": rejected, "full_data_seeds": seeds,
-              "shipped_models": shipped(),
+              "shipped_models": shipped(), "same_text_gap": same_text_gap(),
               "interval": "95% t interval of the per-source test bits-per-byte differences, sources as units "
                           "(one training run per arm: seed variation is in it only through a same-data pair)"}
     a.out.mkdir(parents=True, exist_ok=True)
