@@ -225,3 +225,34 @@ def test_committed_repetition_figure_is_rendered_from_its_logs(tmp_path):
     bpb = {k: r["final"]["test"]["bits_per_byte"] for k, r in res["runs"].items()}
     assert bpb["f0.2"] > bpb["f0.35"] > bpb["f0.5"] > bpb["f1.0"]
     assert abs(res["pairs"]["f1.0_s1_vs_f1.0"]["overall_test_bpb"]) < 0.1 * res["pairs"]["f0.2_vs_f1.0"]["overall_test_bpb"]
+
+
+def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
+    """The depth family's recipe: a run suspended part-way (exit 75, full state in --ckpt-dir) and resumed
+    with the same arguments ends with the same weights, curve and evaluation as one uninterrupted run."""
+    import train_small
+    root, _ = packed
+    common = ["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"), "--tokenizer",
+              str(root / "tok"), "--total-tokens", str(9 * 4 * 64)]     # --smoke: evaluation every 5 steps
+    whole = train_small.main(common + ["--out", str(tmp_path / "whole")])
+    assert whole["steps"] == 9 and whole["recipe"] == "fixed-tokens" and whole["weights_kind"] == "final"
+    assert [r["step"] for r in whole["log"]] == [5, 9]
+    ck = ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "split")]
+    with pytest.raises(SystemExit) as e:
+        train_small.main(common + ck + ["--call-steps", "4"])
+    assert e.value.code == 75
+    sus = json.loads((tmp_path / "split/suspended.json").read_text())
+    assert sus["step"] == 4 and sus["of_steps"] == 9 and len(sus["calls"]) == 1
+    with pytest.raises(SystemExit):            # another recipe must not resume this state
+        train_small.main(common + ["--seed", "1"] + ck)
+    split = train_small.main(common + ck)
+    assert split["weights"]["sha256"] == whole["weights"]["sha256"]
+    assert [(r["step"], r["val_loss"]) for r in split["log"]] == [(r["step"], r["val_loss"]) for r in whole["log"]]
+    assert [c["steps"] for c in split["calls"]] == [4, 5]
+    assert split["eval"]["test"]["overall"]["loss"] == whole["eval"]["test"]["overall"]["loss"]
+    # per-window NLL is kept for the card's interval and adds up to the source's total
+    for name, r in split["eval"]["test"]["per_source"].items():
+        assert sum(k for _, k in r["windows"]) == r["tokens_scored"]
+        assert abs(sum(v for v, _ in r["windows"]) / r["tokens_scored"] - r["loss"]) < 1e-3
+    with pytest.raises(SystemExit):
+        train_small.main(common + ["--max-tokens", "100"])

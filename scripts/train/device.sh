@@ -1,6 +1,6 @@
 #!/bin/bash
 # One training call on the GPU machine: install the mamba-ssm pieces, train, write $OUT.
-#   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba [train_small.py options]
+#   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba|build-mamba1 [train_small.py options]
 #   (continuing a model: ... --init-from DIR --max-tokens N --lr ... ; BUILD_MAMBA1=1 with mamba2 builds
 #   Mamba-1's kernel in the background for a following mamba call on the same warm machine)
 # carry: .train/tokens (pack.py) and .train/mamba_ssm_py (mamba2) or .train/mamba_ssm-2.3.2.post1.tar.gz (mamba),
@@ -41,7 +41,9 @@ PY
     say "mamba-ssm built"
   fi
 }
-if [ "$arch" = mamba ]; then
+if [ "$arch" = build-mamba1 ]; then    # only the kernel (scripts/train/depth_family.sh before a Mamba-1 model)
+  build_mamba1; exit $?
+elif [ "$arch" = mamba ]; then
   build_mamba1 || exit $?
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 elif [ "$arch" = mamba2 ] && [ "${BUILD_MAMBA1:-0}" = 1 ]; then

@@ -25,6 +25,15 @@ then follows the larger of the time and step fractions). The log's "tokens" coun
 weights have seen (the earlier stages' included); "stages" lists each call's settings and speed;
 "log" joins the earlier curve and this one.
 
+Fixed-token recipe (--total-tokens N, the depth family of scripts/train/depth_family.sh): the warm-up and
+cosine follow the step count alone (N / (batch * seq) steps, the same schedule whatever the device or
+the call), the final weights are the model (no best-of selection), and a deadline does not shorten the
+schedule: it suspends. With --ckpt-dir the full training state (fp32 weights, AdamW moments, step,
+data-order generator, curve, per-call records) is saved there every --ckpt-every seconds and at the
+deadline (exit code 75, "suspended"), and a later run with the same arguments resumes from it exactly
+(a warm device machine keeps /tmp between calls). Per-window NLL of the final evaluation is kept in the
+log, so the model card can put an interval on the test perplexity.
+
 --smoke: CPU, transformers torch path (--backend hf), 2 layers, width 64, a few seconds; the same
 outputs, so that pack -> train -> parts -> join -> load_model is testable without a GPU.
 """
@@ -80,6 +89,18 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-tokens", type=float, default=None,
                     help="end after this many tokens in this call (sets --max-steps; e.g. 4e7)")
+    ap.add_argument("--total-tokens", type=float, default=None,
+                    help="fixed-token recipe: train exactly this many tokens, schedule by steps alone, final "
+                         "weights; a deadline suspends instead of shortening (resume with --ckpt-dir)")
+    ap.add_argument("--ckpt-dir", default=None,
+                    help="save the full training state here (every --ckpt-every s and at the deadline) and resume "
+                         "from it when present (fixed-token recipe only)")
+    ap.add_argument("--ckpt-every", type=float, default=150.0)
+    ap.add_argument("--call-steps", type=int, default=None,
+                    help="fixed-token recipe: suspend after this many steps in this call (tests, manual splitting)")
+    ap.add_argument("--final-reserve", type=float, default=None,
+                    help="seconds kept before --end-by for the final evaluation and saving in the fixed-token "
+                         "recipe (default: --reserve)")
     ap.add_argument("--init-from", default=None,
                     help="continue from this model directory (join.py's output: model.safetensors, config.json, "
                          "training_log.json)")
@@ -113,6 +134,12 @@ def parse_args(argv=None):
         a.d_state = 16 if a.arch == "mamba" else (16 if a.smoke else 64)
     if not 0.0 < a.train_docs_frac <= 1.0:
         ap.error("--train-docs-frac must be in (0, 1]")
+    if a.total_tokens is not None:
+        if a.total_tokens <= 0 or a.max_tokens is not None or a.init_from:
+            ap.error("--total-tokens must be positive and excludes --max-tokens / --init-from")
+        a.max_steps = math.ceil(a.total_tokens / (a.batch * a.seq))
+    elif a.ckpt_dir:
+        ap.error("--ckpt-dir needs the fixed-token recipe (--total-tokens)")
     if a.max_tokens is not None:
         if a.max_tokens <= 0:
             ap.error("--max-tokens must be positive")
@@ -185,8 +212,10 @@ def windows(stream: np.ndarray, seq: int, cap: int = 0) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def nll_sum(model, x: torch.Tensor, mask: torch.Tensor, batch: int, device, ctx) -> tuple[float, int]:
-    """Summed NLL of the masked targets; every forward pass is ``batch`` rows (padded with row 0, unscored)."""
+def nll_sum(model, x: torch.Tensor, mask: torch.Tensor, batch: int, device, ctx,
+            rows: list | None = None) -> tuple[float, int]:
+    """Summed NLL of the masked targets; every forward pass is ``batch`` rows (padded with row 0, unscored).
+    ``rows``, when given, receives (NLL sum, targets) of every window in order."""
     tot, n = 0.0, 0
     for i in range(0, x.size(0), batch):
         b, m = x[i: i + batch], mask[i: i + batch]
@@ -200,18 +229,28 @@ def nll_sum(model, x: torch.Tensor, mask: torch.Tensor, batch: int, device, ctx)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1), reduction="none")
         tot += (nll * m.reshape(-1)).sum().item()
         n += int(m.sum().item())
+        if rows is not None:
+            real = min(batch, x.size(0) - i)         # the padding rows are not windows
+            per, cnt = (nll.view(m.shape) * m).sum(1)[:real].tolist(), m.sum(1)[:real].tolist()
+            rows.extend((round(v, 4), int(c)) for v, c in zip(per, cnt))
     return tot, n
 
 
-def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, device, ctx) -> dict:
+def evaluate_split(model, split: dict, sources: list[str], man_split: dict, a, device, ctx,
+                   keep_windows: bool = False) -> dict:
+    """Loss, perplexity and bits per byte per source and overall; with ``keep_windows`` also each
+    window's (NLL sum, targets), the units an interval on the perplexity resamples."""
     res, tot, n, nbytes, capped_any = {}, 0.0, 0, 0, False
     for name, stream in source_streams(split, sources).items():
         capped = bool(a.eval_max_tokens and stream.size - 1 > a.eval_max_tokens)
         x, m = windows(stream, a.seq, a.eval_max_tokens if capped else 0)
-        s, k = nll_sum(model, x, m, a.batch, device, ctx)
+        rows = [] if keep_windows else None
+        s, k = nll_sum(model, x, m, a.batch, device, ctx, rows)
         b = man_split["sources"][name]["bytes"]
         res[name] = {"tokens_scored": k, "loss": s / k, "ppl": math.exp(s / k),
                      "bits_per_byte": None if capped else s / math.log(2) / b, "bytes": b, "capped": capped}
+        if keep_windows:
+            res[name]["windows"] = rows
         tot, n, nbytes, capped_any = tot + s, n + k, nbytes + b, capped_any or capped
     return {"overall": {"tokens_scored": n, "loss": tot / n, "ppl": math.exp(tot / n),
                         "bits_per_byte": None if capped_any else tot / math.log(2) / nbytes,
@@ -250,6 +289,15 @@ def to_mamba_ssm_sd(a, model, state: dict) -> dict:
         return state
     from utrc_lib.hosts.convert import hf_to_mamba_ssm_state_dict
     return hf_to_mamba_ssm_state_dict(state, model.config)[2]
+
+
+RECIPE_KEYS = ("arch", "layers", "d_model", "d_state", "headdim", "expand", "chunk_size", "batch", "seq", "lr",
+               "min_lr_frac", "warmup", "wd", "grad_clip", "total_tokens", "seed", "train_docs_frac", "doc_seed")
+
+
+def recipe_of(a) -> dict:
+    """What a resumed run must share with the state it resumes (shape, data, schedule, seed)."""
+    return {k: getattr(a, k) for k in RECIPE_KEYS}
 
 
 # --------------------------------------------------------------------------- main
@@ -330,13 +378,29 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize()
     warm_s = time.time() - t
     batcher = GpuBatcher(train, a.batch, a.seq, a.seed, device)
-    budget = min(a.max_seconds, end_by - time.time() - a.reserve)
+    fixed = a.total_tokens is not None
+    log, best = [], {"val_loss": float("inf"), "step": -1, "state": None}
+    tok_step = a.batch * a.seq
+    step0, calls, train_s_before = 0, [], 0.0
+    ckpt = Path(a.ckpt_dir) / "state.pt" if a.ckpt_dir else None
+    if ckpt is not None and ckpt.exists():     # resume the fixed-token run exactly where it stopped
+        st = torch.load(ckpt, map_location=device, weights_only=False)
+        mismatch = {k: (st["recipe"].get(k), v) for k, v in recipe_of(a).items() if st["recipe"].get(k) != v}
+        if mismatch:
+            sys.exit(f"train_small: {ckpt} is another run's state (differs in {mismatch}); remove it to start over")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        batcher.g.set_state(st["generator"])
+        step0, log, calls, train_s_before = st["step"], st["log"], st["calls"], st["train_seconds"]
+        print(f"resumed from {ckpt} at step {step0} ({step0 * tok_step / 1e6:.1f}M tokens, {len(calls)} earlier "
+              f"call(s))", flush=True)
+        del st
+    reserve = a.reserve if a.final_reserve is None or not fixed else a.final_reserve
+    budget = end_by - time.time() - reserve if fixed else min(a.max_seconds, end_by - time.time() - a.reserve)
     print(f"kernel warm-up {warm_s:.1f}s; training budget {budget:.0f}s", flush=True)
     if budget <= 0:
         sys.exit("train_small: no time left for training")
 
-    log, best = [], {"val_loss": float("inf"), "step": -1, "state": None}
-    tok_step = a.batch * a.seq
     if init:    # where the earlier weights start: the curve's first point of this stage
         vl0 = val_loss()
         print(f"initial validation loss {vl0:.4f} (ppl {math.exp(vl0):.2f})", flush=True)
@@ -346,20 +410,42 @@ def main(argv=None) -> dict:
                     state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
     def frac_done(step: int, el: float) -> float:
+        if fixed:                   # the schedule follows the steps alone
+            return step / a.max_steps
         f = el / budget
         return f if a.max_steps is None else max(f, step / a.max_steps)
-    t0 = time.time()
-    step, run_loss, run_n = 0, torch.zeros((), device=device), 0
+
+    def call_record(steps_here: int, secs: float) -> dict:
+        return {"steps": steps_here, "tokens_seen": steps_here * tok_step, "train_seconds": round(secs, 1),
+                "tokens_per_second": round(steps_here * tok_step / max(secs, 1e-9)),
+                "kernel_warmup_seconds": round(warm_s, 1), "hardware": base.hardware(device),
+                "best_step": None, "best_val_loss_in_training": None}
+
+    def save_state(step: int, secs: float, suspended: bool) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"recipe": recipe_of(a), "model": model.state_dict(), "opt": opt.state_dict(),
+                    "generator": batcher.g.get_state(), "step": step, "log": log,
+                    "calls": calls + ([call_record(step - step0, secs)] if suspended else []),
+                    "train_seconds": train_s_before + secs}, tmp)
+        os.replace(tmp, ckpt)
+
+    t0 = last_ckpt = time.time()
+    step, run_loss, run_n, suspended = step0, torch.zeros((), device=device), 0, False
     while True:
         el = time.time() - t0
-        stop = el >= budget or (a.max_steps is not None and step >= a.max_steps)
-        if step > 0 and (step % a.eval_every == 0 or stop):
+        done = a.max_steps is not None and step >= a.max_steps
+        suspend = fixed and not done and (el >= budget or (a.call_steps and step - step0 >= a.call_steps))
+        stop = done or (not fixed and el >= budget)
+        if step > 0 and (step % a.eval_every == 0 or stop) and not (log and log[-1]["step"] == step):
             vl = val_loss()
             rec = {"step": step, "tokens": tok0 + step * tok_step, "elapsed_s": round(time.time() - t0, 2),
                    "train_loss": (run_loss / max(run_n, 1)).item(), "val_loss": vl, "val_ppl": math.exp(vl),
                    "lr": base.lr_at(a, step, frac_done(step, el))}
             if init:
                 rec.update(call_tokens=step * tok_step, stage=len(init["stages"]))
+            if fixed:
+                rec.update(call=len(calls), elapsed_s=round(train_s_before + time.time() - t0, 2))
             log.append(rec)
             run_loss, run_n = torch.zeros((), device=device), 0
             improved = vl < best["val_loss"]
@@ -369,8 +455,14 @@ def main(argv=None) -> dict:
             print(f"step {step:6d}  tok {rec['tokens'] / 1e6:7.1f}M  {rec['elapsed_s']:6.0f}s  "
                   f"train {rec['train_loss']:.3f}  val {vl:.3f}  ppl {rec['val_ppl']:.1f}{'  *' if improved else ''}",
                   flush=True)
+        if suspend:
+            suspended = True
+            break
         if stop:
             break
+        if ckpt is not None and time.time() - last_ckpt >= a.ckpt_every:
+            save_state(step, time.time() - t0, suspended=True)   # a kill after this resumes from here
+            last_ckpt = time.time()
         lr = base.lr_at(a, step, frac_done(step, el))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -383,9 +475,26 @@ def main(argv=None) -> dict:
         run_loss += loss.detach()
         run_n += 1
         step += 1
+    if suspended:
+        secs = time.time() - t0
+        if ckpt is not None:
+            save_state(step, secs, suspended=True)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suspended.json").write_text(json.dumps({
+            "step": step, "of_steps": a.max_steps, "tokens": step * tok_step, "ckpt": str(ckpt),
+            "calls": calls + [call_record(step - step0, secs)], "recipe": recipe_of(a)}, indent=1) + "\n")
+        print(f"suspended at step {step} of {a.max_steps} ({step * tok_step / 1e6:.1f}M tokens; this call "
+              f"{(step - step0) * tok_step / secs:,.0f} tokens/s); state in {ckpt}", flush=True)
+        sys.exit(75)
+    if fixed:                       # the fixed-token recipe's model is its final weights
+        calls = calls + [call_record(step - step0, time.time() - t0)]
+        best.update(step=step, val_loss=log[-1]["val_loss"] if log else float("nan"),
+                    state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     train_s = time.time() - t0
-    print(f"trained {step} steps ({step * tok_step / 1e6:.1f}M tokens) in {train_s:.0f}s = "
-          f"{step * tok_step / train_s:,.0f} tokens/s; best val loss {best['val_loss']:.4f} at step {best['step']}",
+    step_here = step - step0
+    print(f"trained {step_here} steps ({step_here * tok_step / 1e6:.1f}M tokens) in {train_s:.0f}s = "
+          f"{step_here * tok_step / train_s:,.0f} tokens/s; best val loss {best['val_loss']:.4f} at step {best['step']}",
           flush=True)
 
     # ------------------------------------------------ final: fp16-rounded best weights
@@ -394,7 +503,7 @@ def main(argv=None) -> dict:
     model.load_state_dict({k: v.to(torch.float16).float() if v.is_floating_point() else v
                            for k, v in best["state"].items()})
     model.eval()
-    evals = {s: evaluate_split(model, packed[s], sources, man["splits"][s], a, device, ctx)
+    evals = {s: evaluate_split(model, packed[s], sources, man["splits"][s], a, device, ctx, keep_windows=fixed)
              for s in ("validation", "test") if s in packed}
     for s, e in evals.items():
         o = e["overall"]
@@ -435,10 +544,11 @@ def main(argv=None) -> dict:
         "arch": a.arch, "backend": a.backend, "params": n_params, "vocab_size": vocab,
         "mamba_ssm_config": cfg, "args": vars(a), "versions": versions,
         "hardware": base.hardware(device),
-        "steps": step, "tokens_seen": tok0 + step * tok_step, "tokens_this_call": step * tok_step,
-        "train_seconds": round(train_s, 1),
+        "steps": step, "tokens_seen": tok0 + step * tok_step, "tokens_this_call": step_here * tok_step,
+        "train_seconds": round(train_s_before + train_s, 1),
         "kernel_warmup_seconds": round(warm_s, 1), "final_eval_seconds": round(final_s, 1),
-        "tokens_per_second": round(step * tok_step / max(train_s, 1e-9)),
+        "tokens_per_second": round(step * tok_step / max(train_s_before + train_s, 1e-9)),
+        "recipe": "fixed-tokens" if fixed else "time-budget", "weights_kind": "final" if fixed else "best-validation",
         "best_step": best["step"], "best_val_loss_in_training": best["val_loss"],
         "data": {"train_tokens": int(train.size), "train_docs_frac": a.train_docs_frac, "doc_seed": a.doc_seed,
                  "train_docs": docs_all if docs_kept is None else docs_kept, "train_docs_all": docs_all,
@@ -456,6 +566,7 @@ def main(argv=None) -> dict:
                     "naming": "mamba-ssm MambaLMHeadModel state dict, lm_head.weight omitted (tied)"},
         "wall_seconds": round(time.time() - t_start, 1),
     }
+    result["calls"] = calls if fixed else None
     result["stages"] = (init["stages"] if init else []) + [{   # this call: its own steps and tokens
         **{k: result[k] for k in STAGE_KEYS}, "tokens_seen": step * tok_step,
         "lr": a.lr, "warmup": a.warmup, "min_lr_frac": a.min_lr_frac, "init_from": a.init_from}]
