@@ -534,7 +534,7 @@ def main(argv=None) -> dict:
     from safetensors.torch import save as st_save
     ssm_sd = to_mamba_ssm_sd(a, model, {k: v.to(torch.float16) if v.is_floating_point() else v
                                         for k, v in best["state"].items()})
-    ssm_sd = {k: v.contiguous() for k, v in ssm_sd.items() if k != "lm_head.weight"}
+    ssm_sd = {k: ssm_sd[k].contiguous() for k in sorted(ssm_sd) if k != "lm_head.weight"}   # byte-stable file
     blob = st_save(ssm_sd, metadata={"format": "mamba_ssm", "arch": a.arch})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
