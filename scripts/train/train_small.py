@@ -390,7 +390,7 @@ def main(argv=None) -> dict:
             sys.exit(f"train_small: {ckpt} is another run's state (differs in {mismatch}); remove it to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        batcher.g.set_state(st["generator"])
+        batcher.g.set_state(st["generator"].cpu())    # map_location moved it to the device
         step0, log, calls, train_s_before = st["step"], st["log"], st["calls"], st["train_seconds"]
         print(f"resumed from {ckpt} at step {step0} ({step0 * tok_step / 1e6:.1f}M tokens, {len(calls)} earlier "
               f"call(s))", flush=True)
