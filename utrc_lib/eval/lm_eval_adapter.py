@@ -108,6 +108,9 @@ class UTRCLM(LM):
         else:  # a model instance (programmatic use); needs tokenizer=
             if tokenizer is None:
                 raise ValueError("pass tokenizer= together with a model instance")
+            from ..hosts.handle import ensure_unpatched
+
+            ensure_unpatched(pretrained, "--model utrc (UTRCLM)")
             self.model, self.model_name = pretrained, type(pretrained).__name__
             if self.accelerator is not None:
                 self.model.to(device)

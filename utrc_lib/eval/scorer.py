@@ -411,6 +411,9 @@ def dense_reference(model, token_requests, batch_size: int = 16, *, max_length: 
     """The DenseReference of `token_requests` for `score_tokens(..., reference=...)`: stored (one
     dense scoring pass, its log-softmax at the scored positions kept) when it fits `budget_bytes`
     (default REFERENCE_BUDGET_BYTES), else the recompute form (no forward now)."""
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.dense_reference")
     budget = REFERENCE_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
     sig = request_signature(token_requests, batch_size, max_length, pad_token_id)
     V = _vocab_size(model)
@@ -452,6 +455,9 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     length, Mamba-1 parallel scan): the same numbers up to float rounding, several times faster on
     CPU. A reference and the calls compared with it must use the same setting.
     """
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.score_tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if keep_reference and config is not None:
@@ -779,6 +785,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(available_tasks('all'))}")
     if config is not None and not isinstance(config, ReductionConfig):
         raise TypeError(f"config must be a utrc_lib.ReductionConfig or None, got {type(config).__name__}")
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.evaluate")
     was_training = model.training
     model.eval()
     results: dict = {}

@@ -217,6 +217,24 @@ class Handle:
         return f"<utrc Handle {type(self.model).__name__} {self.config.method} ({state})>"
 
 
+def active_handle(model) -> Optional[Handle]:
+    """The live utrc patch on `model` (a Handle from `apply` not yet removed), or None."""
+    h = getattr(model, "__dict__", {}).get("_utrc_handle")
+    return h if h is not None and h.active else None
+
+
+def ensure_unpatched(model, what: str = "scoring") -> None:
+    """Raise RuntimeError when `model` carries a live utrc patch: an evaluator would score with that
+    patch active, unprotected, and record the row as whatever config it was given."""
+    h = active_handle(model)
+    if h is not None:
+        raise RuntimeError(
+            f"utrc: {what} needs an unpatched model, but this model is patched ({h!r}, from "
+            f"utrc_lib.apply). Leave the `with utrc_lib.apply(model, cfg):` block (or call handle.remove()) "
+            f"first, and pass the reduction as config= instead: the evaluator applies it itself, with the "
+            f"scored continuation protected")
+
+
 def apply(model, config: ReductionConfig) -> Handle:
     """Install token reduction on `model` (transformers Mamba/Mamba-2 CausalLM or mamba-ssm LM).
 
