@@ -55,3 +55,84 @@ def test_item1_lm_eval_adapter_refuses_a_patched_model(tiny):
     with utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", flops_reduction=0.3)):
         with pytest.raises(RuntimeError, match="patched"):
             UTRCLM(pretrained=model, tokenizer=tok)
+
+
+# -- items 3 and 4: the suite loaders are keyed by file content; items are validated on load ----------
+def _copy_suite(dst: Path) -> Path:
+    bench = dst / "benchmarks"
+    bench.mkdir(parents=True)
+    for name in ("cloze", "choice4", "choice2", "ppl"):
+        lines = (ROOT / "data" / "benchmarks" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+        (bench / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return bench
+
+
+def _rewrite(path: Path, edit) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    items = [json.loads(l) for l in lines]
+    edit(items)
+    path.write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
+
+
+def test_item3_changed_files_and_data_dir_are_read_again(tmp_path, monkeypatch, tiny):
+    from utrc_lib.eval import scorer, suite
+
+    _, tok = tiny
+    a, b = _copy_suite(tmp_path / "a"), _copy_suite(tmp_path / "b")
+    _rewrite(b / "cloze.jsonl", lambda its: its[0].update(context="Another context entirely."))
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "a"))
+    first = suite.load_task("cloze")[0]["context"]
+    toks_a, _ = scorer._task_requests(tok, "cloze", None)
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "b"))   # another data directory
+    assert suite.load_task("cloze")[0]["context"] == "Another context entirely."
+    assert scorer._task_requests(tok, "cloze", None)[0][0] != toks_a[0]
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "a"))
+    assert suite.load_task("cloze")[0]["context"] == first
+    # the same file edited in place (same size: only the content differs)
+    _rewrite(a / "cloze.jsonl", lambda its: its[0].update(context=its[0]["context"][::-1]))
+    assert suite.load_task("cloze")[0]["context"] == first[::-1]
+    assert scorer._task_requests(tok, "cloze", None)[0][0] != toks_a[0]
+
+
+@pytest.mark.parametrize("task, edit, field", [
+    ("choice4", lambda its: its[1].update(label=7), "label"),
+    ("choice2", lambda its: its[1].update(label="1"), "label"),
+    ("choice4", lambda its: its[1]["endings"].__setitem__(2, ""), "endings[2]"),
+    ("cloze", lambda its: its[1].update(target=""), "target"),
+    ("ppl", lambda its: its[1].update(context=None), "context"),
+    ("choice2", lambda its: its[1].update(options=["only one"]), "options"),
+])
+def test_item4_bad_items_fail_on_load_naming_file_line_field(tmp_path, monkeypatch, task, edit, field):
+    from utrc_lib.eval import suite
+
+    bench = _copy_suite(tmp_path)
+    _rewrite(bench / f"{task}.jsonl", edit)
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path))
+    with pytest.raises(suite.BenchmarkItemError) as exc:
+        suite.load_task(task)
+    msg = str(exc.value)
+    assert f"{task}.jsonl:2" in msg and repr(field) in msg and "expected" in msg
+
+
+def test_item4_malformed_json_names_file_and_line(tmp_path, monkeypatch, tiny):
+    from utrc_lib.eval import scorer, suite
+
+    bench = _copy_suite(tmp_path)
+    with (bench / "choice2.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"id": "x", "context": "broken\n')
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path))
+    with pytest.raises(suite.BenchmarkItemError, match=r"choice2\.jsonl:4: not valid JSON"):
+        suite.load_task("choice2")
+    model, tok = tiny
+    calls = []
+    monkeypatch.setattr(scorer, "score_tokens", lambda *a, **k: calls.append(1))
+    with pytest.raises(suite.BenchmarkItemError):   # before any task is scored, even the good ones first
+        scorer.evaluate(model, tok, tasks=("cloze", "choice2"), progress=False)
+    assert calls == []
+
+
+def test_item4_committed_suites_validate():
+    from utrc_lib.eval import suite
+
+    for task in suite.available_tasks("all"):
+        assert suite.load_task(task, limit=5)
