@@ -136,3 +136,53 @@ def test_item4_committed_suites_validate():
 
     for task in suite.available_tasks("all"):
         assert suite.load_task(task, limit=5)
+
+
+# -- item 2: sweep rows are keyed by what they depend on ------------------------------------------------
+def test_item2_sweep_rows_recompute_when_their_data_changes(tmp_path, monkeypatch):
+    from utrc_lib.experiments import sweep
+
+    calls = []
+
+    def fn(model, tasks, **kw):   # stands for evaluate_config: counts the computations
+        calls.append(tasks)
+        return {"x": len(calls)}
+
+    a, b = _copy_suite(tmp_path / "a"), _copy_suite(tmp_path / "b")
+    _rewrite(b / "cloze.jsonl", lambda its: its[0].update(target=" other"))
+    cache = tmp_path / "rows.jsonl"
+    configs = [{"model": "tiny-mamba2", "tasks": ["cloze"]}]
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "a"))
+    assert sweep.run(fn, configs, cache, version="v", progress=False).computed == 1
+    assert sweep.run(fn, configs, cache, version="v", progress=False).computed == 0      # fresh: served
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "b"))                           # other data
+    assert sweep.run(fn, configs, cache, version="v", progress=False).computed == 1
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path / "a"))
+    assert sweep.run(fn, configs, cache, version="v", progress=False).computed == 1    # a's rows again
+    _rewrite(a / "cloze.jsonl", lambda its: its[1].update(context=its[1]["context"] + " Edited."))
+    res = sweep.run(fn, configs, cache, version="v", progress=False)                   # edited JSONL
+    assert res.computed == 1 and res.rows[0]["result"]["x"] == len(calls) == 4
+    # v1 -> v2 suite: other task files enter the key of a row that names them
+    assert sweep.dependencies({"model": "tiny-mamba2", "tasks": ["cloze"]})["data"] != \
+        sweep.dependencies({"model": "tiny-mamba2", "tasks": ["cloze_v2"]})["data"]
+    # a row cached without deps (written before them) is not served
+    row = json.loads(cache.read_text().splitlines()[-1])
+    row.pop("deps")
+    cache.write_text(json.dumps(row) + "\n")
+    assert sweep.run(fn, configs, cache, version="v", progress=False).computed == 1
+
+
+def test_item2_model_weights_and_tokenizer_enter_the_key(tmp_path):
+    from utrc_lib.experiments import sweep
+
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights-1")
+    (ckpt / "tokenizer.json").write_text("{}")
+    k1 = sweep.dependency_key({"model": str(ckpt), "tasks": ["cloze"]})
+    time.sleep(0.01)
+    (ckpt / "model.safetensors").write_bytes(b"weights-2")
+    k2 = sweep.dependency_key({"model": str(ckpt), "tasks": ["cloze"]})
+    (ckpt / "tokenizer.json").write_text('{"v": 2}')
+    k3 = sweep.dependency_key({"model": str(ckpt), "tasks": ["cloze"]})
+    assert len({k1, k2, k3}) == 3
