@@ -186,3 +186,41 @@ def test_item2_model_weights_and_tokenizer_enter_the_key(tmp_path):
     (ckpt / "tokenizer.json").write_text('{"v": 2}')
     k3 = sweep.dependency_key({"model": str(ckpt), "tasks": ["cloze"]})
     assert len({k1, k2, k3}) == 3
+
+
+# -- item 5: full-length logits: a row is the model's own prediction there, or NaN --------------------
+@torch.no_grad()
+def test_item5_full_length_rows_are_own_or_nan(tiny):
+    model, tok = tiny
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 16, return_tensors="pt").input_ids
+    with utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", flops_reduction=0.3)) as h:
+        full = model(ids).logits
+        mask, pos = h.kept_mask, h.kept_positions
+        with h.options(kept_only=True):
+            kept = model(ids).logits
+    assert mask.shape == ids.shape and 0 < int(mask.sum()) < ids.shape[1]
+    assert torch.equal(mask[0].nonzero()[:, 0], pos[0])
+    assert bool(torch.isnan(full[~mask]).all()) and bool(torch.isfinite(full[mask]).all())
+    assert torch.equal(full[0, pos[0]], kept[0])          # the kept rows are the model's own rows
+    # no row is a copy of another position's row
+    rows = full[0][mask[0]]
+    assert len({tuple(r[:8].tolist()) for r in rows}) == rows.shape[0]
+
+
+def test_item5_training_mode_inside_apply_warns_once(tiny):
+    from utrc_lib.hosts.handle import ReductionDisabled
+
+    model, tok = tiny
+    ids = tok("a b c d e f g h i j k l m n o p", return_tensors="pt").input_ids
+    with utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", keep_ratio=0.5)):
+        model.train()
+        try:
+            with warnings.catch_warnings(record=True) as got:
+                warnings.simplefilter("always")
+                with torch.no_grad():
+                    model(ids)
+                    model(ids)
+        finally:
+            model.eval()
+    hits = [w for w in got if issubclass(w.category, ReductionDisabled)]
+    assert len(hits) == 1 and "model.eval()" in str(hits[0].message)

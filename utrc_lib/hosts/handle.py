@@ -56,6 +56,10 @@ def num_layers(model) -> int:
     return len(model.backbone.layers)
 
 
+class ReductionDisabled(UserWarning):
+    """A forward of a patched model ran dense (the model is in training mode)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Per-forward options (see `Handle.options`)."""
@@ -83,6 +87,7 @@ class Handle:
         self._options = contextvars.ContextVar(f"utrc_options_{id(self)}", default=Options())
         self._last = contextvars.ContextVar(f"utrc_last_{id(self)}", default=None)
         self._last_only = contextvars.ContextVar(f"utrc_last_only_{id(self)}", default=False)
+        self._warned_training = False
 
     # -- the one seam for per-forward options ---------------------------------------------------
     @contextlib.contextmanager
@@ -147,10 +152,26 @@ class Handle:
 
     def output(self, reducer: ForwardReducer, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, N', D) -> what the LM head sees: the last row (last-token mode), the
-        kept rows (kept_only), or rows aligned to the N input positions."""
+        kept rows (kept_only), or rows aligned to the N input positions (zero rows at the positions
+        without a row of their own; `mark_absent` sets their logits to NaN; `kept_mask` lists them)."""
         if self._last_only.get():
             return reducer.last(hidden)
         return hidden if self._options.get().kept_only else reducer.expand(hidden)
+
+    def mark_absent(self, out, before: Optional[ForwardReducer]):
+        """After an LM forward: when it ran a reduced prefill with full-length logits, set the logits
+        rows of the positions without a row of their own (removed positions, padding) to NaN, in
+        place (no extra copy of the logits; autograd records it). Other forwards pass unchanged."""
+        r = self._last.get()
+        if r is None or r is before or not r.reduced or self._options.get().kept_only or self._last_only.get():
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out:
+            logits = out[0]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != r.num_input:
+            return out
+        logits.masked_fill_(~r.kept_mask()[..., None].to(logits.device), float("nan"))
+        return out
 
     def set_attr(self, obj, name: str, value) -> None:
         """Set an instance attribute and remember how to undo it."""
@@ -191,6 +212,31 @@ class Handle:
         was reduced (rows are then the N input positions)."""
         r = self._last.get()
         return r.state.positions if r is not None and r.reduced else None
+
+    @property
+    def kept_positions(self) -> Optional[torch.Tensor]:
+        """(B, N') original positions whose full-length output row is the model's own prediction
+        there, for the latest prefill of this thread (-1 on padding; the same as `output_positions`);
+        None before any prefill or when nothing was reduced (then every row is its own)."""
+        return self.output_positions
+
+    @property
+    def kept_mask(self) -> Optional[torch.Tensor]:
+        """(B, N) bool over the input positions of this thread's latest prefill: True where the
+        full-length logits row is the model's own prediction at that position, False where the row
+        is NaN (a removed position, or padding). None before any prefill."""
+        r = self._last.get()
+        return r.kept_mask() if r is not None else None
+
+    def warn_training(self) -> None:
+        """A training-mode forward runs dense (reduction is for inference): say so once per handle."""
+        if not self._warned_training:
+            self._warned_training = True
+            import warnings
+
+            warnings.warn("utrc: the model is in training mode, so this forward runs DENSE (reduction applies "
+                          "to eval-mode prefills only); call model.eval() inside utrc_lib.apply to reduce",
+                          ReductionDisabled, stacklevel=4)
 
     def remove(self) -> None:
         if self._removed:
