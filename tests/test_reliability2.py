@@ -224,3 +224,63 @@ def test_item5_training_mode_inside_apply_warns_once(tiny):
             model.eval()
     hits = [w for w in got if issubclass(w.category, ReductionDisabled)]
     assert len(hits) == 1 and "model.eval()" in str(hits[0].message)
+
+
+# -- item 6: an unreachable cut warns once; rows carry the achieved cut beside the requested one -----
+@torch.no_grad()
+def test_item6_unreachable_cut_warns_once_per_configuration(tiny):
+    from utrc_lib.core.reduce import ReductionShortfall
+
+    model, tok = tiny
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids  # ~40 tokens
+    cfg = utrc_lib.ReductionConfig("utrc", flops_reduction=0.2, align=64, seed=11)   # align > kept tokens
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with utrc_lib.apply(model, cfg) as h:
+            model(ids)
+            model(ids)
+            achieved = float(h.last_reducer.achieved_cut()[0])
+    hits = [w for w in got if issubclass(w.category, ReductionShortfall)]
+    assert achieved < 0.19 and len(hits) == 1
+    assert "below the requested 0.200" in str(hits[0].message)
+    # a reachable configuration does not warn
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 20, return_tensors="pt").input_ids
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", flops_reduction=0.2, seed=12)):
+            model(ids)
+    assert not [w for w in got if issubclass(w.category, ReductionShortfall)]
+
+
+def test_item6_rows_carry_the_achieved_cut(tiny):
+    from utrc_lib.experiments import sweep
+
+    model, tok = tiny
+    row = sweep.evaluate_config("tiny-mamba2", "utrc", 0.3, tasks=("choice2",), limit=3,
+                                model_loader=lambda name: (model, tok))
+    assert row["token_layer_cut"] == pytest.approx(0.3, abs=1e-6)
+    assert 0 < row["achieved_token_layer_cut"] <= 0.3
+    dense = sweep.evaluate_config("tiny-mamba2", "none", 0.0, tasks=("choice2",), limit=2,
+                                  model_loader=lambda name: (model, tok))
+    assert dense["achieved_token_layer_cut"] == 0.0 and dense["token_layer_cut"] == 0.0
+    pytest.importorskip("lm_eval")
+    from utrc_lib.eval import scorer
+    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+
+    lm = UTRCLM(pretrained=model, tokenizer=tok, method="utrc", flops_reduction="0.3")
+    lm._score([scorer.encode_pair(tok, "The quick brown fox jumps over the lazy dog. " * 6, " again")], True, "t")
+    meta = lm.reduction_metadata
+    assert meta["flops_reduction_token_layer"] == pytest.approx(0.3, abs=1e-6)
+    assert 0 < meta["achieved_token_layer_cut"] < 0.3
+
+
+def test_item6_depth_dependent_checks_raise_in_apply(tiny):
+    model, _ = tiny
+    cfg = utrc_lib.ReductionConfig("utrc", flops_reduction=0.999)   # fine without a model
+    with pytest.raises(ValueError, match="flops_reduction=0.999 is not reachable"):
+        utrc_lib.apply(model, cfg)
+    with pytest.raises(ValueError, match="out of range for a 12-layer model"):
+        utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", keep_ratio=0.5, layers=(40,)))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "every invalid config field raises at construction" not in readme
+    assert "raise in `utrc_lib.apply`" in readme

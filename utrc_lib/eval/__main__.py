@@ -207,7 +207,8 @@ def _print_results(results: dict) -> None:
         print(f"(no results table: {e!r})", file=sys.stderr)
     meta = results.get("utrc", {})
     print(f"utrc: method={meta.get('method')} keep_ratio={meta.get('keep_ratio')} layers={meta.get('layers')} "
-          f"token-layer FLOPs cut={meta.get('flops_reduction_token_layer')}")
+          f"token-layer FLOPs cut={meta.get('flops_reduction_token_layer')} "
+          f"(achieved {meta.get('achieved_token_layer_cut')})")
 
 
 def main(argv=None) -> int:

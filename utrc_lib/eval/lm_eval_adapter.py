@@ -129,6 +129,7 @@ class UTRCLM(LM):
         self.calls = 0
         self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
         self.dense_fallback = 0  # the same, summed over every call of this instance
+        self.achieved_cuts: list = []  # token-layer cut each scored request reached (every call)
 
     # -- data parallel (accelerate launch) ------------------------------------------------------
     def _setup_data_parallel(self, device: str) -> str:
@@ -192,6 +193,7 @@ class UTRCLM(LM):
                                  progress=not disable_tqdm, protect=self.protect, desc=desc)
         self.dense_fallback_last_call = scores.dense_fallback
         self.dense_fallback += scores.dense_fallback
+        self.achieved_cuts.extend(scores.achieved_cut)
         return scores.results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -236,6 +238,10 @@ class UTRCLM(LM):
         meta["model"] = self.model_name
         meta["dense_fallback_last_call"] = self.dense_fallback_last_call
         meta["dense_fallback"] = self.dense_fallback  # this process's calls (rank 0 under data parallel)
+        cuts = self.achieved_cuts if self.config is not None else []
+        # requested ("flops_reduction_token_layer") and achieved token-layer cut side by side
+        meta["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
+        meta["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
         if self.world_size > 1:
             meta["data_parallel"] = {"world_size": self.world_size, "device_rank0": str(self._device),
                                      "backend": str(self.accelerator.distributed_type)}

@@ -606,6 +606,11 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
         rho = cfg.resolve_keep_ratio(L)
         out.update(keep_ratio=rho, layers=list(layers),
                    token_layer_cut=1.0 - token_layer_fraction(L, layers, rho))
+    # the achieved token-layer cut beside the requested one: mean over the tasks' requests
+    achieved = [(m.get("achieved_token_layer_cut", 0.0), m.get("n", 0)) for t, m in res.items()
+                if t not in ("meta", "items") and isinstance(m, dict)]
+    n_all = sum(n for _, n in achieved)
+    out["achieved_token_layer_cut"] = sum(a * n for a, n in achieved) / n_all if n_all else 0.0
     out["analytic_flops_cut"] = rep.flops_cut
     out["analytic_flops_seq_len"] = flops_seq_len
     if items:

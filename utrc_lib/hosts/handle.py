@@ -70,6 +70,56 @@ class Options:
     reducer: type = ForwardReducer
 
 
+SHORTFALL_TOLERANCE = 0.01   # a prefill's token-layer cut this far below the requested one warns
+_SHORT_WARNED: set = set()   # configurations already warned about (once per configuration per process)
+
+
+def requested_cut(schedule: Schedule) -> float:
+    """The token-layer cut a schedule asks for (the paper's continuous definition)."""
+    from ..core.schedule import token_layer_fraction
+
+    if not schedule.layers:
+        return 0.0
+    return 1.0 - token_layer_fraction(schedule.num_layers, schedule.layers, schedule.keep_ratio)
+
+
+def check_cut(reducer: ForwardReducer) -> None:
+    """Warn (ReductionShortfall, once per configuration) when a prefill's achieved token-layer cut is
+    more than SHORTFALL_TOLERANCE below the requested one: a short sequence for the schedule, `align`
+    above what an anchor keeps, a long protected tail or a method's cap skipped reductions."""
+    cfg = reducer.config
+    if not cfg.active:
+        return
+    key = (cfg, reducer.schedule.num_layers)
+    if key in _SHORT_WARNED:
+        return
+    req = requested_cut(reducer.schedule)
+    if req <= SHORTFALL_TOLERANCE:
+        return
+    if reducer.uniform:   # host counts: no device sync
+        L, N = reducer.schedule.num_layers, max(reducer.num_input, 1)
+        total, cur, prev = 0, N, -1
+        for layer, count in reducer.counts:
+            total += cur * (layer - prev)
+            cur, prev = int(count), layer
+        total += cur * (L - 1 - prev)
+        got = 1.0 - total / (L * N)
+    else:
+        got = float(reducer.achieved_cut().mean())
+    if req - got > SHORTFALL_TOLERANCE:
+        import warnings
+
+        from ..core.reduce import ReductionShortfall
+
+        _SHORT_WARNED.add(key)
+        warnings.warn(
+            f"utrc {cfg.method}: a prefill of {reducer.num_input} tokens reached a token-layer cut of {got:.3f}, "
+            f"{req - got:.3f} below the requested {req:.3f} (a sequence too short for the schedule, align={cfg.align} "
+            f"above what an anchor keeps, the protected tail, or the method's cap). Warned once per configuration; "
+            f"result rows carry the achieved cut beside the requested one (ForwardReducer.achieved_cut(), "
+            f"'achieved_token_layer_cut')", ReductionShortfall, stacklevel=5)
+
+
 class Handle:
     """A live patch of one model.
 
@@ -154,6 +204,7 @@ class Handle:
         """Final hidden states (B, N', D) -> what the LM head sees: the last row (last-token mode), the
         kept rows (kept_only), or rows aligned to the N input positions (zero rows at the positions
         without a row of their own; `mark_absent` sets their logits to NaN; `kept_mask` lists them)."""
+        check_cut(reducer)
         if self._last_only.get():
             return reducer.last(hidden)
         return hidden if self._options.get().kept_only else reducer.expand(hidden)
