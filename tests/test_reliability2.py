@@ -284,3 +284,45 @@ def test_item6_depth_dependent_checks_raise_in_apply(tiny):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "every invalid config field raises at construction" not in readme
     assert "raise in `utrc_lib.apply`" in readme
+
+
+# -- item 7: lm-eval as installed: entry point, `python -m utrc_lib.eval.lm_eval`, device auto ---------
+def test_item7_entry_point_declared():
+    import importlib
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    target = meta["entry-points"]["lm_eval.models"]["utrc"]
+    assert meta["scripts"]["utrc-lm-eval"] == "utrc_lib.eval.lm_eval:main"
+    pytest.importorskip("lm_eval")
+    module, attr = target.split(":")
+    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+
+    assert getattr(importlib.import_module(module), attr) is UTRCLM
+
+
+def test_item7_lm_eval_cli_offline_on_a_local_task(tmp_path):
+    pytest.importorskip("lm_eval")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [PY, "-m", "utrc_lib.eval.lm_eval", "--model", "utrc",
+           "--model_args", "pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2",
+           "--tasks", "utrc_choice2", "--include_path", str(ROOT / "utrc_lib/eval/lm_eval_tasks"),
+           "--limit", "1", "--batch_size", "4", "--output_path", str(tmp_path / "out")]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]   # no --device: lm-eval's cuda:0 default works on CPU
+    (out,) = list((tmp_path / "out").rglob("results_*.json"))
+    assert "acc,none" in json.loads(out.read_text())["results"]["utrc_choice2"]
+
+
+def test_item7_adapter_device_defaults_to_auto():
+    pytest.importorskip("lm_eval")
+    from utrc_lib.eval.lm_eval_adapter import resolve_lm_device
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_lm_device(None) == resolve_lm_device("auto") == here
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="using cpu"):
+            assert resolve_lm_device("cuda:0") == "cpu"
+        with pytest.raises(ValueError, match="--device auto"):
+            resolve_lm_device("cuda:1")

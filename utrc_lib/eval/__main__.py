@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16, help="requests per forward (default: 16)")
     ap.add_argument("--max-length", type=int, default=1024,
                     help="longest model input in tokens; longer contexts keep their end (default: 1024)")
-    ap.add_argument("--device", default="cpu",
-                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu; one GPU per rank under accelerate)")
+    ap.add_argument("--device", default="auto",
+                    help="torch device: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda, cuda:1 "
+                         "(default: auto; one GPU per rank under accelerate)")
     ap.add_argument("--dtype", default=None,
                     help="model dtype: float32 | bfloat16 | float16 | auto = the checkpoint's (default: float32)")
     ap.add_argument("--bootstrap-iters", type=int, default=1000,

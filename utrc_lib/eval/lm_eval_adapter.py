@@ -3,12 +3,14 @@
 model_args: pretrained=<tiny-mamba2 | tiny-mamba | checkpoint dir | hub id> plus the reduction:
 method (none/absent = dense), flops_reduction | keep_ratio, metric, layers ("12;17;22"), q,
 hidden_rule, residual_rule, causal (default: the method's own, False only for utrc_reference),
-seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device,
-batch_size. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
+seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device
+(default "auto": CUDA when torch sees a GPU, else CPU; `resolve_lm_device`), batch_size, progress. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
 builder every entry point uses (strict parsing; errors name the field). Example:
 
-    lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 ...
-    (with `import utrc_lib.eval.lm_eval_adapter` done first; `python -m utrc_lib.eval` does it)
+    python -m utrc_lib.eval.lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 \
+        --tasks utrc_choice2 --include_path utrc_lib/eval/lm_eval_tasks
+    (lm-eval's own CLI after the import that registers "utrc"; the console script `utrc-lm-eval` is
+    the same; the package also declares the `lm_eval.models` entry point)
 
 Scoring (`utrc_lib.eval.scorer.score_tokens`): lm-eval's tokenisation of (context, continuation);
 requests sorted by length and batched with LEFT padding and an attention mask; each row's
@@ -54,6 +56,30 @@ def launched_world_size() -> int:
         return 1
 
 
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"   # what lm-eval's CLI passes when --device is not given
+
+
+def resolve_lm_device(device: Optional[str]) -> str:
+    """The adapter's device: None / "auto" -> CUDA when torch sees a GPU, else CPU. lm-eval's CLI
+    passes "cuda:0" when --device is not given: without CUDA that default becomes "cpu" (with a
+    warning); any other CUDA device asked for without CUDA is a ValueError naming the fix."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    d = str(device)
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        if d == LM_EVAL_DEFAULT_DEVICE:
+            import warnings
+
+            warnings.warn("--model utrc: lm-eval's default device cuda:0 is not available (torch sees no CUDA "
+                          "device): using cpu; pass --device cpu (or auto) to say so")
+            return "cpu"
+        raise ValueError(f"--model utrc: device {d!r} was asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); pass --device auto or --device cpu")
+    return d
+
+
 def build_config(**kw) -> Optional[ReductionConfig]:
     """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense.
     Same as `config_from_args(**kw)`."""
@@ -95,7 +121,7 @@ class UTRCLM(LM):
         if kwargs:
             raise TypeError(f"unknown model_args for --model utrc: {sorted(kwargs)}")
         self.config = config_from_args(**cfg_kwargs)
-        device = device or "cpu"
+        device = resolve_lm_device(device)
         self.accelerator = None
         if launched_world_size() > 1:
             device = self._setup_data_parallel(device)
