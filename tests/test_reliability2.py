@@ -326,3 +326,70 @@ def test_item7_adapter_device_defaults_to_auto():
             assert resolve_lm_device("cuda:0") == "cpu"
         with pytest.raises(ValueError, match="--device auto"):
             resolve_lm_device("cuda:1")
+
+
+# -- item 8: dead flags and misleading messages -------------------------------------------------------
+def test_item8_no_progress_reaches_the_scorer(tiny, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from utrc_lib.eval import __main__ as cli
+    from utrc_lib.eval import scorer
+    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+
+    assert cli.model_args_from(cli.parse_args(["--no-progress"]))["progress"] is False
+    model, tok = tiny
+    seen = []
+    real = scorer.score_tokens
+    monkeypatch.setattr(scorer, "score_tokens", lambda *a, **k: seen.append(k["progress"]) or real(*a, **k))
+    lm = UTRCLM(pretrained=model, tokenizer=tok, progress=False)
+    lm._score([([1, 2, 3], [4])], False, "t")   # lm-eval asks for bars; --no-progress wins
+    assert seen == [False]
+
+
+def test_item8_eval_help_lists_every_model_and_the_v2_tasks():
+    from utrc_lib.eval import __main__ as cli
+
+    text = cli.build_parser().format_help()
+    for name in ("small-mamba2", "small-mamba", "tiny-mamba", "utrc_v2_cloze", "utrc_v2_passkey_2048"):
+        assert name in text
+
+
+def test_item8_state_batch_and_architecture_messages(tiny):
+    model, tok = tiny
+    ctx = torch.tensor([tok("one two three four five six").input_ids[:5], tok("seven eight nine ten eleven").input_ids[:5]])
+    state = utrc_lib.prefill(model, ctx)
+    q = tok(" who", return_tensors="pt", add_special_tokens=False).input_ids
+    with pytest.raises(ValueError) as exc:
+        utrc_lib.generate_from(model, state, q, max_new_tokens=2)
+    assert "serves 1 or 2" not in str(exc.value) and "exactly 2 question rows" in str(exc.value)
+    m1, _ = utrc_lib.load_model("tiny-mamba")
+    with pytest.raises(ValueError, match="comes from a Mamba-2 model.*is a Mamba-1 one"):
+        utrc_lib.generate_from(m1, utrc_lib.prefill(model, ctx[:1]), q, max_new_tokens=2)
+
+
+def test_item8_missing_tokenizer_and_corrupt_weights_are_named(tmp_path):
+    import shutil
+
+    from utrc_lib.hosts.models import ModelLoadError
+
+    src = ROOT / "data" / "models" / "tiny-mamba2"
+    ck = tmp_path / "ck"
+    shutil.copytree(src, ck)
+    (ck / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError) as exc:
+        utrc_lib.load_model(str(ck))
+    assert "sentencepiece" not in str(exc.value) and "tokenizer.json" in str(exc.value) \
+        and "save_pretrained" in str(exc.value)
+    shutil.copy(src / "tokenizer.json", ck / "tokenizer.json")
+    w = next(ck.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])   # truncated copy
+    with pytest.raises(ModelLoadError) as exc:
+        utrc_lib.load_model(str(ck))
+    assert str(w) in str(exc.value)
+
+
+def test_item8_numpy_ratios_are_accepted():
+    np = pytest.importorskip("numpy")
+    cfg = utrc_lib.ReductionConfig("utrc", keep_ratio=np.float32(0.5))
+    assert cfg.keep_ratio == 0.5 and type(cfg.keep_ratio) is float
+    assert utrc_lib.ReductionConfig("utrc", flops_reduction=np.float32(0.25)).flops_reduction == 0.25
+    assert utrc_lib.ReductionConfig("utrc", keep_ratio=0.5, q=np.float16(0.5)).q == 0.5

@@ -30,6 +30,7 @@ REDUCTION_FLAGS = {"--flops-reduction": "flops_reduction", "--keep-ratio": "keep
                    "--layers": "layers", "--q": "q", "--hidden-rule": "hidden_rule",
                    "--residual-rule": "residual_rule", "--metric-source": "metric_source", "--seed": "seed"}
 DENSE_METHODS = (None, "", "none", "dense")
+V2_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("utrc_v2_*.yaml")))
 
 
 def _offline() -> bool:
@@ -42,8 +43,10 @@ def default_tasks() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m utrc_lib.eval", description=__doc__.splitlines()[0])
+    from ..hosts.models import EMBEDDED
+
     ap.add_argument("--model-name", default="tiny-mamba2",
-                    help="tiny-mamba2 | tiny-mamba | checkpoint directory | hub id (default: tiny-mamba2)")
+                    help=" | ".join(EMBEDDED) + " | checkpoint directory | hub id (default: tiny-mamba2)")
     ap.add_argument("--method", default=None,
                     help="reduction method, e.g. utrc, utrc_reference, evit, pumer, tome (default: none = dense)")
     g = ap.add_mutually_exclusive_group()
@@ -69,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-protect", action="store_true",
                     help="do not protect the scored continuation (measures the unprotected reduction)")
     ap.add_argument("--tasks", default=None,
-                    help="comma-separated lm-eval task names (default: " + ", ".join(LOCAL_TASKS)
+                    help="comma-separated lm-eval task names; local suite v1: " + ", ".join(LOCAL_TASKS)
+                         + "; local suite v2 (--max-length 4096 for the 2048-token tasks): " + ", ".join(V2_TASKS)
+                         + " (default: " + ", ".join(LOCAL_TASKS)
                          + " when HF_HUB_OFFLINE is set, else the paper's six: " + ", ".join(PAPER_TASKS) + ")")
     ap.add_argument("--limit", type=float, default=None,
                     help="documents per task: a count (>= 1) or a fraction (< 1) of each task (default: all)")
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bootstrap iterations for lm-eval's stderr estimates; 0 skips them (default: 1000)")
     ap.add_argument("--output", default=None,
                     help="write the results JSON to this file, creating its folder (default: print only)")
-    ap.add_argument("--no-progress", action="store_true", help="hide the per-call progress bars")
+    ap.add_argument("--no-progress", action="store_true", help="hide the scoring progress bars")
     return ap
 
 
@@ -121,6 +126,8 @@ def model_args_from(ns: argparse.Namespace) -> dict:
             args["layers"] = list(config.layers)  # parsed and sorted; no commas in the model_args string
     if ns.no_protect:
         args["protect"] = False
+    if ns.no_progress:
+        args["progress"] = False
     return args
 
 

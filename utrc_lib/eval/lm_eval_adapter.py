@@ -115,7 +115,7 @@ class UTRCLM(LM):
 
     def __init__(self, pretrained: Any = "tiny-mamba2", tokenizer: Any = None, batch_size: Any = 16,
                  max_length: int = 1024, device: Optional[str] = None, dtype: Optional[str] = None,
-                 protect: Any = True, max_batch_size: Any = None, **kwargs) -> None:
+                 protect: Any = True, max_batch_size: Any = None, progress: Any = True, **kwargs) -> None:
         super().__init__()
         cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in REDUCTION_ARGS}
         if kwargs:
@@ -152,6 +152,7 @@ class UTRCLM(LM):
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = int(max_length)
         self.protect = parse_bool("protect", protect)
+        self.progress = parse_bool("progress", progress)   # False: no progress bars (--no-progress)
         self.calls = 0
         self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
         self.dense_fallback = 0  # the same, summed over every call of this instance
@@ -216,7 +217,7 @@ class UTRCLM(LM):
         self.calls += 1
         scores = ev.score_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
                                  max_length=self.max_length, pad_token_id=ev.pad_id(self.tokenizer),
-                                 progress=not disable_tqdm, protect=self.protect, desc=desc)
+                                 progress=self.progress and not disable_tqdm, protect=self.protect, desc=desc)
         self.dense_fallback_last_call = scores.dense_fallback
         self.dense_fallback += scores.dense_fallback
         self.achieved_cuts.extend(scores.achieved_cut)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -59,6 +60,26 @@ def _missing_files(path: Path) -> list[str]:
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         missing.append("tokenizer.json")
     return missing
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a readable safetensors file (header check only, no tensor read), or None."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _resolve_dtype(dtype):
@@ -127,20 +148,35 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
             f"{name!r} is a {archs[0] if archs else config.model_type} model; only "
             f"{' and '.join(SUPPORTED_CLASSES)} are supported")
 
+    local = Path(source).is_dir()
+    if local and not _has_tokenizer_files(Path(source)):
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {name!r}: {Path(source)} has no tokenizer.json (nor a vocabulary "
+            f"file). Save the tokenizer into the checkpoint directory with tokenizer.save_pretrained({str(source)!r}) "
+            f"(the project tokenizer is data/tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {e}") from e
+    except (OSError, ValueError, ImportError) as e:
+        hint = (f" ({Path(source) / 'tokenizer.json'} is the file transformers reads; check that it is a "
+                f"complete tokenizer.save_pretrained output)" if local else "")
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {e}{hint}") from e
     if len(tokenizer) > config.vocab_size:
         raise ModelLoadError(
             f"tokenizer/model mismatch for {name!r}: the tokenizer has {len(tokenizer)} entries but the "
             f"model's vocab_size is {config.vocab_size}")
 
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {"dtype": "float32"}
+    weights = _weight_files(Path(source)) if local else []
+    for w in weights:   # a truncated / corrupt file: name it before transformers fails on it
+        problem = _safetensors_problem(w)
+        if problem:
+            raise ModelLoadError(f"cannot load the weights of {name!r}: {w} is not a readable safetensors file "
+                                 f"({problem}); copy or save the checkpoint again (model.save_pretrained)")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+    except Exception as e:
+        files = f" ({', '.join(str(w) for w in weights)})" if weights else ""
+        raise ModelLoadError(f"cannot load the weights of {name!r}{files}: {type(e).__name__}: {e}") from e
     if type(model).__name__ not in SUPPORTED_CLASSES:
         raise ModelLoadError(f"{name!r} loaded as {type(model).__name__}; only "
                              f"{' and '.join(SUPPORTED_CLASSES)} are supported")
