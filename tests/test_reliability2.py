@@ -393,3 +393,48 @@ def test_item8_numpy_ratios_are_accepted():
     assert cfg.keep_ratio == 0.5 and type(cfg.keep_ratio) is float
     assert utrc_lib.ReductionConfig("utrc", flops_reduction=np.float32(0.25)).flops_reduction == 0.25
     assert utrc_lib.ReductionConfig("utrc", keep_ratio=0.5, q=np.float16(0.5)).q == 0.5
+
+
+# -- item 9: validate before the expensive part ---------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
+    (["--method", "utrc", "--flops-reduction", "0.95"], "not reachable"),
+    (["--method", "utrc", "--keep-ratio", "0.5", "--layers", "30"], "out of range"),
+    (["--model-name", "small-mamab2"], "Did you mean 'small-mamba2'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
+def test_item9_eval_cli_fails_before_loading(argv, needle, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from utrc_lib.eval import __main__ as cli
+    from utrc_lib.eval import lm_eval_adapter
+    from utrc_lib.hosts import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*a, **k):
+        raise AssertionError("loaded a model although the arguments are invalid")
+
+    monkeypatch.setattr(lm_eval_adapter.UTRCLM, "__init__", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and time.perf_counter() - t < 1.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1]
+
+
+def test_item9_unknown_model_fails_at_once_offline_and_says_hub_online(monkeypatch, capsys):
+    from transformers import AutoConfig
+
+    from utrc_lib.hosts.models import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="Did you mean 'small-mamba2'"):
+        utrc_lib.load_model("small-mamab2")
+    assert time.perf_counter() - t < 1.0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(OSError("no network"))))
+    with pytest.raises(ModelLoadError):
+        utrc_lib.load_model("someorg/some-model")
+    assert "reaching the Hugging Face hub" in capsys.readouterr().err

@@ -149,6 +149,47 @@ def output_problem(path: str) -> Optional[str]:
     return None
 
 
+def run_problem(ns: argparse.Namespace) -> Optional[str]:
+    """What makes the run fail, found before anything is loaded (one line, or None): --limit and
+    --batch-size out of range, a CUDA device torch cannot see, a cut the model's schedule cannot reach
+    (depth read from its config.json), a model name that is neither local nor embedded while offline."""
+    if ns.limit is not None and not ns.limit > 0:
+        return f"--limit {ns.limit:g}: give a count >= 1 or a fraction in (0, 1) (or leave it out for all documents)"
+    if ns.limit is not None and ns.limit >= 1 and ns.limit != int(ns.limit):
+        return f"--limit {ns.limit:g}: a count must be a whole number (a fraction must be < 1)"
+    if ns.batch_size < 1:
+        return f"--batch-size {ns.batch_size}: must be >= 1"
+    if ns.max_length < 2:
+        return f"--max-length {ns.max_length}: must be >= 2"
+    if str(ns.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"--device {ns.device}: torch sees no CUDA device (torch {torch.__version__}); "
+                    f"use --device auto or --device cpu")
+    from ..hosts.models import EMBEDDED, hub_problem, model_depth
+
+    name = ns.model_name
+    is_local = name in EMBEDDED or Path(name).expanduser().exists()
+    if not is_local and not name.startswith((".", "/", "~")):
+        problem = hub_problem(name)
+        if problem:
+            return f"--model-name {name}: {problem}"
+    if ns.method not in DENSE_METHODS and is_local:
+        depth = model_depth(name)
+        if depth is not None:
+            from ..core.config import config_from_args
+
+            cfg = config_from_args(ns.method, **{f: getattr(ns, f) for f in REDUCTION_FLAGS.values()
+                                                 if getattr(ns, f) is not None})
+            try:
+                if cfg is not None:
+                    cfg.resolve(depth)
+            except ValueError as e:
+                return f"{name} ({depth} layers): {e}"
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the flags; usage errors (exit code 2) for a reduction flag without
     --method, an invalid reduction and an unwritable --output."""
@@ -158,6 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         model_args_from(ns)
     except ValueError as e:
         ap.error(str(e))
+    problem = run_problem(ns)
+    if problem:
+        ap.error(problem)
     if ns.output:
         problem = output_problem(ns.output)
         if problem:

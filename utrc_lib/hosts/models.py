@@ -36,6 +36,54 @@ class ModelLoadError(RuntimeError):
 from ..environment import data_dir  # noqa: E402  (models/ lives under it)
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def hub_problem(name: str) -> Optional[str]:
+    """For a name that is neither an embedded model nor a local path: why it cannot load now (None
+    when it may). Offline (HF_HUB_OFFLINE), a hub id not in the local Hugging Face cache fails at
+    once, with the closest embedded name; online, a line on stderr says the hub is being reached
+    (which can take half a minute to fail without a network)."""
+    import difflib
+    import sys
+
+    close = difflib.get_close_matches(name, list(EMBEDDED), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    known = f"embedded models: {', '.join(EMBEDDED)}"
+    if _offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except Exception:   # not a valid repo id, or no huggingface_hub
+            cached = False
+        if not cached:
+            return (f"model {name!r} is not an embedded model, not a local directory, and not in the local "
+                    f"Hugging Face cache (HF_HUB_OFFLINE is set, so the hub is not asked).{hint} Valid: {known}, "
+                    f"or a checkpoint directory")
+        return None
+    print(f"utrc: {name!r} is not an embedded model or a local directory; reaching the Hugging Face hub for it "
+          f"(set HF_HUB_OFFLINE=1 to fail at once).{hint}", file=sys.stderr, flush=True)
+    return None
+
+
+def model_depth(name: str) -> Optional[int]:
+    """num_hidden_layers from the config.json of an embedded model or a local checkpoint directory,
+    without loading weights; None when there is no local config."""
+    import json
+
+    path = embedded_path(name) if name in EMBEDDED else Path(str(name)).expanduser()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        v = json.loads(cfg.read_text(encoding="utf-8")).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return None
+    return v if isinstance(v, int) else None
+
+
 def embedded_path(name: str) -> Path:
     if name not in EMBEDDED:
         raise ModelLoadError(f"unknown embedded model {name!r}; valid names: {', '.join(sorted(EMBEDDED))}")
@@ -132,6 +180,9 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:   # a path, not an "org/name" hub id
             raise ModelLoadError(f"checkpoint directory {name!r} does not exist")
         else:
+            problem = hub_problem(name)
+            if problem:
+                raise ModelLoadError(problem)
             source = name   # hub id
 
     try:
