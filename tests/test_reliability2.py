@@ -438,3 +438,74 @@ def test_item9_unknown_model_fails_at_once_offline_and_says_hub_online(monkeypat
     with pytest.raises(ModelLoadError):
         utrc_lib.load_model("someorg/some-model")
     assert "reaching the Hugging Face hub" in capsys.readouterr().err
+
+
+# -- item 10: Ctrl-C keeps the finished tasks; the same command resumes ---------------------------------
+def test_item10_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    import lm_eval
+
+    from utrc_lib.eval import __main__ as cli
+    from utrc_lib.eval import lm_eval_adapter
+
+    class FakeLM:
+        def __init__(self, **kw):
+            pass
+
+        reduction_metadata = {"method": "utrc", "achieved_token_layer_cut": 0.1}
+
+    ran = []
+
+    def fake_simple_evaluate(model, tasks, **kw):
+        (task,) = tasks
+        if task == "utrc_ppl" and stop["on"]:
+            raise KeyboardInterrupt
+        ran.append(task)
+        return {"results": {task: {"acc,none": 0.5}}, "versions": {task: 1}, "config": {}}
+
+    stop = {"on": True}
+    monkeypatch.setattr(lm_eval_adapter, "UTRCLM", FakeLM)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    out = tmp_path / "res.json"
+    argv = ["--method", "utrc", "--flops-reduction", "0.2", "--output", str(out),
+            "--tasks", "utrc_cloze,utrc_choice2,utrc_ppl"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "kept 2 of 3 task(s)" in err and "same command" in err
+    assert not out.exists() and ran == ["utrc_cloze", "utrc_choice2"]
+    stop["on"] = False
+    assert cli.main(argv) == 0
+    assert ran == ["utrc_cloze", "utrc_choice2", "utrc_ppl"]     # only the missing task ran again
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"utrc_cloze", "utrc_choice2", "utrc_ppl"}
+    assert not Path(str(out) + ".partial.json").exists()
+    # another configuration does not reuse the kept tasks
+    stop["on"] = True
+    assert cli.main(argv[:3] + ["0.3"] + argv[4:]) == 130
+    assert ran[3:] == ["utrc_cloze", "utrc_choice2"]
+
+
+def test_item10_bench_checks_the_device_first(capsys, tmp_path, monkeypatch):
+    from utrc_lib.experiments import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-machine path")
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: pytest.fail("ran configurations"))
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--out", str(tmp_path / "b.json")])   # default backend mamba_ssm on a CPU machine
+    assert exc.value.code == 2 and time.perf_counter() - t < 2
+    assert "--backend hf" in capsys.readouterr().err
+
+
+def test_item10_bench_ctrl_c_exits_130_saying_what_was_kept(capsys, tmp_path, monkeypatch):
+    from utrc_lib.experiments import bench
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", interrupted)
+    out = tmp_path / "b.json"
+    out.write_text(json.dumps([{"kind": "prefill"}]))
+    assert bench.main(["--backend", "hf", "--device", "cpu", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err

@@ -213,36 +213,123 @@ def _tasks(ns: argparse.Namespace) -> list[str]:
     return [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else default_tasks()
 
 
+def partial_path(ns: argparse.Namespace) -> Optional[Path]:
+    """Where finished tasks are kept while a run is under way (`--output` + ".partial.json"), None
+    without --output."""
+    return Path(ns.output + ".partial.json") if ns.output else None
+
+
+def _run_signature(ns: argparse.Namespace, margs: dict) -> dict:
+    """What a kept task's result depends on besides its name: a resumed run reuses it only when the
+    signature is the same."""
+    from ..environment import code_version
+
+    return {"model_args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in margs.items() if k != "progress"},
+            "limit": ns.limit, "num_fewshot": ns.num_fewshot, "bootstrap_iters": ns.bootstrap_iters,
+            "code_version": code_version()}
+
+
+def _load_partial(path: Optional[Path], signature: dict) -> dict:
+    """{task: lm-eval results of that task} kept by an earlier run of the same command, else {}."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("tasks", {}) if data.get("signature") == signature else {}
+
+
+def _save_partial(path: Optional[Path], signature: dict, done: dict) -> None:
+    if path is None:
+        return
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"signature": signature, "tasks": done}, default=handle_non_serializable,
+                              ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _merge(parts: list) -> dict:
+    """lm-eval results of several single-task runs -> one results dict (dict-valued entries merged)."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
+
+
+class Interrupted(Exception):
+    """Ctrl-C during `evaluate`: the finished tasks (`done`) are kept in `path` (None without --output)."""
+
+    def __init__(self, done: dict, total: list, path: Optional[Path]):
+        super().__init__("interrupted")
+        self.done, self.total, self.path = done, total, path
+
+
 def evaluate(ns: argparse.Namespace, lm=None) -> dict:
-    """Run lm-eval for parsed flags `ns`; returns its results dict with "utrc" metadata added
-    ({} on ranks other than 0 under accelerate launch)."""
+    """Run lm-eval for parsed flags `ns`, one task at a time; returns its results dict with "utrc"
+    metadata added ({} on ranks other than 0 under accelerate launch).
+
+    Each finished task is kept in `--output`.partial.json (with a signature of the run); the same
+    command run again reuses the kept tasks and computes only the rest. Ctrl-C raises `Interrupted`
+    after the finished tasks are on disk."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from .lm_eval_adapter import UTRCLM
 
     tasks = _tasks(ns)
-    only_local = all(t in LOCAL_TASKS or t == "utrc" for t in tasks)
+    only_local = all(t in LOCAL_TASKS or t in V2_TASKS or t == "utrc" for t in tasks)
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not only_local)
     margs = model_args_from(ns)
-    if lm is None:
-        lm = UTRCLM(**margs)
     limit = ns.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=ns.num_fewshot, limit=limit,
-                                      batch_size=ns.batch_size, task_manager=tm, log_samples=False,
-                                      bootstrap_iters=ns.bootstrap_iters, verbosity="ERROR")
-    if results is None:  # non-zero rank
+    signature = _run_signature(ns, margs)
+    path = partial_path(ns)
+    done = {t: r for t, r in _load_partial(path, signature).items() if t in tasks}
+    if done:
+        print(f"resuming: {len(done)} of {len(tasks)} task(s) kept in {path} ({', '.join(done)})", file=sys.stderr)
+    try:
+        for task in tasks:
+            if task in done:
+                continue
+            if lm is None:
+                lm = UTRCLM(**margs)
+            res = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=ns.num_fewshot, limit=limit,
+                                          batch_size=ns.batch_size, task_manager=tm, log_samples=False,
+                                          bootstrap_iters=ns.bootstrap_iters, verbosity="ERROR")
+            if res is None:  # non-zero rank
+                continue
+            res.pop("samples", None)
+            res["utrc"] = lm.reduction_metadata
+            done[task] = json.loads(json.dumps(res, default=_jsonable))
+            _save_partial(path, signature, done)
+    except KeyboardInterrupt:
+        raise Interrupted(done, tasks, path) from None
+    if not done:  # non-zero rank
         return {}
+    results = _merge([done[t] for t in tasks])
     results.setdefault("config", {})
     results["config"]["model"] = "utrc"
     results["config"]["model_args"] = ",".join(
         f"{k}={';'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in margs.items())
-    results["utrc"] = lm.reduction_metadata
+    results["utrc"] = lm.reduction_metadata if lm is not None else results.get("utrc", {})
     results["utrc"]["tasks"] = tasks
     results["utrc"]["limit"] = limit
     return results
+
+
+def _jsonable(obj):
+    from lm_eval.utils import handle_non_serializable
+
+    return handle_non_serializable(obj)
 
 
 def run(argv=None, lm=None) -> dict:
@@ -265,7 +352,18 @@ def _print_results(results: dict) -> None:
 
 def main(argv=None) -> int:
     ns = parse_args(argv)  # exits with code 2 on bad flags or an unwritable --output, before loading anything
-    results = evaluate(ns)
+    try:
+        results = evaluate(ns)
+    except Interrupted as e:
+        kept = ", ".join(e.done) or "none"
+        if e.path is not None and e.done:
+            print(f"interrupted: kept {len(e.done)} of {len(e.total)} task(s) ({kept}) in {e.path}; "
+                  f"run the same command again to compute only the rest", file=sys.stderr, flush=True)
+        else:
+            print(f"interrupted: {len(e.done)} of {len(e.total)} task(s) finished ({kept}); "
+                  + ("nothing is kept without --output" if e.path is None else "nothing to keep yet"),
+                  file=sys.stderr, flush=True)
+        return 130
     if not results:  # ranks other than 0 under accelerate launch: rank 0 writes the output
         return 0
     from lm_eval.utils import handle_non_serializable
@@ -277,6 +375,8 @@ def main(argv=None) -> int:
     try:
         Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.output).write_text(text + "\n", encoding="utf-8")
+        if partial_path(ns).is_file():
+            partial_path(ns).unlink()
     except OSError as e:  # checked before the run, but the disk can still change under us
         print(f"could not write --output {ns.output}: {e}; the results JSON follows on stdout", file=sys.stderr)
         print(text)
