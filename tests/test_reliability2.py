@@ -509,3 +509,23 @@ def test_item10_bench_ctrl_c_exits_130_saying_what_was_kept(capsys, tmp_path, mo
     out.write_text(json.dumps([{"kind": "prefill"}]))
     assert bench.main(["--backend", "hf", "--device", "cpu", "--out", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+# -- README: the sentence under the first snippet agrees with what the snippet prints ---------------------
+def test_readme_analytic_cut_sentence_matches_the_first_snippet(capsys):
+    import re
+
+    from test_readme import snippets
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "the second is far smaller than the first" not in text
+    exec(compile(snippets()[0], "README.md snippet 1", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    token, analytic = map(float, re.search(r"token-layer cut: ([0-9.]+) analytic FLOPs cut: ([0-9.]+)", out).groups())
+    assert f"the analytic cut ({analytic:.3f}) comes out slightly\nabove the token-layer cut ({token:.3f})" in text
+    assert analytic > token
+    model, tok = utrc_lib.load_model("tiny-mamba2")
+    cfg = utrc_lib.ReductionConfig("utrc", flops_reduction=0.2, protect_last=1)
+    for n in (128, 512):
+        rep = utrc_lib.flops(model, n, cfg)
+        assert f"{rep.analytic_cut:.3f} against {rep.token_layer_cut:.3f} at {n} tokens" in text
