@@ -251,7 +251,7 @@ def test_bad_inputs_are_refused_clearly():
         G.prefill(model, ids, "utrc")
     with pytest.raises(ValueError, match="protect_last needs a reduction"):
         G.prefill(model, ids, protect_last=2)
-    with pytest.raises(ValueError, match="serves 1 or 2 questions"):
+    with pytest.raises(ValueError, match="exactly 2 question rows"):
         G.generate_from(model, st, torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         G.generate_from(model, st, max_new_tokens=0)

@@ -69,7 +69,8 @@ def test_batched_equals_single(model, method):
         out = model(batch, attention_mask=mask).logits
         for i, s in enumerate(seqs):
             single = model(s[None]).logits[0]
-            torch.testing.assert_close(out[i, N - len(s):], single, rtol=1e-4, atol=1e-4)
+            # removed positions are NaN rows in both (equal_nan: the same positions are absent)
+            torch.testing.assert_close(out[i, N - len(s):], single, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def test_causality_after_protected_boundary(model, method, protect):
             changed = ids.clone()
             changed[:, c:] = (changed[:, c:] + 1 + torch.arange(N - c)) % 64
             out = model(changed).logits
-            torch.testing.assert_close(out[:, :c], base[:, :c], rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[:, :c], base[:, :c], rtol=0, atol=1e-6, equal_nan=True)
             assert not torch.allclose(out[:, c:], base[:, c:])  # the change is visible after c
 
 
@@ -101,7 +102,7 @@ def test_leak_without_protection_is_detected():
         base = model(ids).logits
         changed = ids.clone()
         changed[:, 20:] = (changed[:, 20:] + 7) % 64
-        leaked = not torch.allclose(model(changed).logits[:, :20], base[:, :20], atol=1e-6)
+        leaked = not torch.allclose(model(changed).logits[:, :20], base[:, :20], atol=1e-6, equal_nan=True)
     assert leaked
 
 
@@ -115,11 +116,11 @@ def test_logits_aligned_and_last_token_mode(model):
         torch.testing.assert_close(last[:, 0], full[:, -1])
         red = h.last_reducer
         assert red.reduced and red.state.positions.shape[1] < 30
-        # a removed position repeats the logits of the nearest kept position before it
+        # a kept position has its own row, a removed one is NaN (never a neighbour's row)
         kept = red.state.positions[0].tolist()
         for t in range(30):
-            prev = max(p for p in kept if p <= t) if t >= kept[0] else kept[0]
-            assert torch.equal(full[0, t], full[0, prev])
+            assert bool(torch.isnan(full[0, t]).all()) == (t not in kept)
+        assert torch.equal(h.kept_mask, ~torch.isnan(full).all(-1))
 
 
 def test_forward_with_autograd(model):
@@ -146,7 +147,7 @@ def test_kept_only_logits_are_the_kept_rows(model):
             pos = h.output_positions
         assert kept.shape[1] == pos.shape[1] < 30
         assert torch.equal(kept, full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1])))
-        assert torch.equal(model(ids).logits, full)
+        torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0, equal_nan=True)
     assert h.output_positions is not None  # the last forward's positions stay readable
 
 
@@ -216,4 +217,4 @@ def test_per_sample_protection_equals_per_request_config(model):
     for i, s in enumerate(seqs):
         with u.apply(model, u.ReductionConfig("utrc", keep_ratio=0.6, protect_last=tails[i])):
             single = model(s[None]).logits[0]
-        torch.testing.assert_close(out[i, N - len(s):], single, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[i, N - len(s):], single, rtol=1e-4, atol=1e-4, equal_nan=True)

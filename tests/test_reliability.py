@@ -40,7 +40,7 @@ def test_two_threads_on_one_patched_model_equal_sequential(model):
             start.wait()
             for _ in range(15):
                 out = model(xs[i]).logits
-                if not torch.equal(out, expected[i]):
+                if not torch.equal(out.nan_to_num(), expected[i].nan_to_num()):   # removed rows: NaN
                     bad[i] += 1
                 # this thread's last reducer is this thread's own forward
                 assert h.last_reducer.num_input == xs[i].shape[1]

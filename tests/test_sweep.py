@@ -203,7 +203,7 @@ def test_model_fingerprint_follows_the_data_folder(tmp_path, monkeypatch):
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text('{"model_type": "mamba2"}')
     monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path))
-    fp = sweep.model_fingerprint.__wrapped__
+    fp = sweep.model_fingerprint   # memoised by file size and mtime, not by name
     import hashlib
 
     expected = hashlib.sha256(b"config.json" + b'{"model_type": "mamba2"}').hexdigest()[:16]

@@ -84,6 +84,10 @@ class ReductionConfig:
     align: int = 1
 
     def __post_init__(self):
+        for name in ("keep_ratio", "flops_reduction", "q"):   # numpy / torch scalars become plain floats
+            v = getattr(self, name)
+            if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)) and hasattr(v, "item"):
+                object.__setattr__(self, name, float(v))
         method = get_method(self.method)
         get_metric(self.metric)
         if self.keep_ratio is not None and self.flops_reduction is not None:

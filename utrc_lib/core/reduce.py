@@ -18,7 +18,7 @@ import torch
 from .config import ReductionConfig
 from .methods import Context
 from .kernels import feature_stats
-from .plan import Plan, TokenState, gather_rows
+from .plan import Plan, TokenState
 from .schedule import Schedule, tokens_to_remove
 
 Tensor = torch.Tensor
@@ -282,27 +282,44 @@ class ForwardReducer:
     def expand(self, x: Tensor) -> Tensor:
         """(B, N', D) -> (B, N, D) aligned by original position.
 
-        A removed position gets the row of the nearest kept position before it; positions before the
-        first kept token get the first kept token's row (unscored positions only, since protected
-        tokens are never removed).
+        The row of a kept position (a kept token, or the latest member of a merged group) is the
+        model's own output there; every other row (a removed position, or left padding) is zero,
+        never another position's row (`kept_mask()` says which rows are real; the host sets the
+        logits of the others to NaN, `Handle.mark_absent`).
         """
         if not self.reduced:
             return x
-        return expand_to_positions(x, self.state.positions, self.num_input)
+        return scatter_to_positions(x, self.state.positions, self.num_input)
+
+    def kept_mask(self) -> Tensor:
+        """(B, N) bool: True where `expand` returns the model's own row (kept positions), False where
+        it returns a zero row (removed positions and padding; NaN in the logits). All valid positions when nothing was reduced."""
+        if not self.reduced:
+            return self.state.valid.clone()
+        return positions_mask(self.state.positions, self.num_input)
 
     def last(self, x: Tensor) -> Tensor:
         """(B, N', D) -> (B, 1, D): the row of the last position (no scatter)."""
         return x[:, -1:]
 
 
-def expand_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Tensor:
-    """Map rows at original `positions` (B, N', ascending, -1 = padding) to (B, num_positions, D)."""
-    B = x.shape[0]
-    grid = torch.arange(num_positions, device=x.device).expand(B, num_positions).contiguous()
-    slot = torch.searchsorted(positions.contiguous(), grid, right=True) - 1  # last slot with pos <= t
-    first_valid = (positions < 0).sum(1, keepdim=True)  # index of the first real slot
-    slot = torch.maximum(slot, first_valid).clamp_max(x.shape[1] - 1)
-    return gather_rows(x, slot)
+def positions_mask(positions: Tensor, num_positions: int) -> Tensor:
+    """(B, N') original positions (-1 = padding) -> (B, num_positions) bool, True at those positions."""
+    B = positions.shape[0]
+    idx = torch.where(positions >= 0, positions, torch.full_like(positions, num_positions))
+    mask = torch.zeros(B, num_positions + 1, dtype=torch.bool, device=positions.device)
+    mask.scatter_(1, idx, True)
+    return mask[:, :num_positions]
+
+
+def scatter_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Tensor:
+    """Rows at original `positions` (B, N', -1 = padding) -> (B, num_positions, D), zero where no row
+    is (removed positions, padding)."""
+    B, _, D = x.shape
+    idx = torch.where(positions >= 0, positions, torch.full_like(positions, num_positions))
+    out = x.new_zeros((B, num_positions + 1, D))
+    out = out.scatter(1, idx[..., None].expand(-1, -1, D), x)
+    return out[:, :num_positions]
 
 
 @dataclass

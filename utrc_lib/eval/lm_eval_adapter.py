@@ -3,12 +3,14 @@
 model_args: pretrained=<tiny-mamba2 | tiny-mamba | checkpoint dir | hub id> plus the reduction:
 method (none/absent = dense), flops_reduction | keep_ratio, metric, layers ("12;17;22"), q,
 hidden_rule, residual_rule, causal (default: the method's own, False only for utrc_reference),
-seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device,
-batch_size. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
+seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device
+(default "auto": CUDA when torch sees a GPU, else CPU; `resolve_lm_device`), batch_size, progress. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
 builder every entry point uses (strict parsing; errors name the field). Example:
 
-    lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 ...
-    (with `import utrc_lib.eval.lm_eval_adapter` done first; `python -m utrc_lib.eval` does it)
+    python -m utrc_lib.eval.lm_eval --model utrc --model_args pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2 \
+        --tasks utrc_choice2 --include_path utrc_lib/eval/lm_eval_tasks
+    (lm-eval's own CLI after the import that registers "utrc"; the console script `utrc-lm-eval` is
+    the same; the package also declares the `lm_eval.models` entry point)
 
 Scoring (`utrc_lib.eval.scorer.score_tokens`): lm-eval's tokenisation of (context, continuation);
 requests sorted by length and batched with LEFT padding and an attention mask; each row's
@@ -54,6 +56,30 @@ def launched_world_size() -> int:
         return 1
 
 
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"   # what lm-eval's CLI passes when --device is not given
+
+
+def resolve_lm_device(device: Optional[str]) -> str:
+    """The adapter's device: None / "auto" -> CUDA when torch sees a GPU, else CPU. lm-eval's CLI
+    passes "cuda:0" when --device is not given: without CUDA that default becomes "cpu" (with a
+    warning); any other CUDA device asked for without CUDA is a ValueError naming the fix."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    d = str(device)
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        if d == LM_EVAL_DEFAULT_DEVICE:
+            import warnings
+
+            warnings.warn("--model utrc: lm-eval's default device cuda:0 is not available (torch sees no CUDA "
+                          "device): using cpu; pass --device cpu (or auto) to say so")
+            return "cpu"
+        raise ValueError(f"--model utrc: device {d!r} was asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); pass --device auto or --device cpu")
+    return d
+
+
 def build_config(**kw) -> Optional[ReductionConfig]:
     """ReductionConfig from lm-eval-style model_args (strings or parsed values); None = dense.
     Same as `config_from_args(**kw)`."""
@@ -89,13 +115,13 @@ class UTRCLM(LM):
 
     def __init__(self, pretrained: Any = "tiny-mamba2", tokenizer: Any = None, batch_size: Any = 16,
                  max_length: int = 1024, device: Optional[str] = None, dtype: Optional[str] = None,
-                 protect: Any = True, max_batch_size: Any = None, **kwargs) -> None:
+                 protect: Any = True, max_batch_size: Any = None, progress: Any = True, **kwargs) -> None:
         super().__init__()
         cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in REDUCTION_ARGS}
         if kwargs:
             raise TypeError(f"unknown model_args for --model utrc: {sorted(kwargs)}")
         self.config = config_from_args(**cfg_kwargs)
-        device = device or "cpu"
+        device = resolve_lm_device(device)
         self.accelerator = None
         if launched_world_size() > 1:
             device = self._setup_data_parallel(device)
@@ -108,6 +134,9 @@ class UTRCLM(LM):
         else:  # a model instance (programmatic use); needs tokenizer=
             if tokenizer is None:
                 raise ValueError("pass tokenizer= together with a model instance")
+            from ..hosts.handle import ensure_unpatched
+
+            ensure_unpatched(pretrained, "--model utrc (UTRCLM)")
             self.model, self.model_name = pretrained, type(pretrained).__name__
             if self.accelerator is not None:
                 self.model.to(device)
@@ -123,9 +152,11 @@ class UTRCLM(LM):
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = int(max_length)
         self.protect = parse_bool("protect", protect)
+        self.progress = parse_bool("progress", progress)   # False: no progress bars (--no-progress)
         self.calls = 0
         self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
         self.dense_fallback = 0  # the same, summed over every call of this instance
+        self.achieved_cuts: list = []  # token-layer cut each scored request reached (every call)
 
     # -- data parallel (accelerate launch) ------------------------------------------------------
     def _setup_data_parallel(self, device: str) -> str:
@@ -186,9 +217,10 @@ class UTRCLM(LM):
         self.calls += 1
         scores = ev.score_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
                                  max_length=self.max_length, pad_token_id=ev.pad_id(self.tokenizer),
-                                 progress=not disable_tqdm, protect=self.protect, desc=desc)
+                                 progress=self.progress and not disable_tqdm, protect=self.protect, desc=desc)
         self.dense_fallback_last_call = scores.dense_fallback
         self.dense_fallback += scores.dense_fallback
+        self.achieved_cuts.extend(scores.achieved_cut)
         return scores.results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -233,6 +265,10 @@ class UTRCLM(LM):
         meta["model"] = self.model_name
         meta["dense_fallback_last_call"] = self.dense_fallback_last_call
         meta["dense_fallback"] = self.dense_fallback  # this process's calls (rank 0 under data parallel)
+        cuts = self.achieved_cuts if self.config is not None else []
+        # requested ("flops_reduction_token_layer") and achieved token-layer cut side by side
+        meta["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
+        meta["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
         if self.world_size > 1:
             meta["data_parallel"] = {"world_size": self.world_size, "device_rank0": str(self._device),
                                      "backend": str(self.accelerator.distributed_type)}

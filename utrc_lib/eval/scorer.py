@@ -411,6 +411,9 @@ def dense_reference(model, token_requests, batch_size: int = 16, *, max_length: 
     """The DenseReference of `token_requests` for `score_tokens(..., reference=...)`: stored (one
     dense scoring pass, its log-softmax at the scored positions kept) when it fits `budget_bytes`
     (default REFERENCE_BUDGET_BYTES), else the recompute form (no forward now)."""
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.dense_reference")
     budget = REFERENCE_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
     sig = request_signature(token_requests, batch_size, max_length, pad_token_id)
     V = _vocab_size(model)
@@ -452,6 +455,9 @@ def score_tokens(model, token_requests: Sequence[tuple[Sequence[int], Sequence[i
     length, Mamba-1 parallel scan): the same numbers up to float rounding, several times faster on
     CPU. A reference and the calls compared with it must use the same setting.
     """
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.score_tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if keep_reference and config is not None:
@@ -539,12 +545,15 @@ def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], config:
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
-_TOKEN_CACHE: dict = {}  # (id(tokenizer), task, limit) -> (tokenizer, token requests, extra)
+_TOKEN_CACHE: dict = {}  # (id(tokenizer), task, limit, task files) -> (tokenizer, token requests, extra)
 
 
 def _task_requests(tokenizer, task: str, limit: Optional[int]):
-    """Token requests of a task, cached per (tokenizer, task, limit) for repeated calls (sweeps)."""
-    key = (id(tokenizer), task, limit)
+    """Token requests of a task, cached per (tokenizer, task, limit, the task files' paths and
+    content hashes: `suite.task_signature`) for repeated calls (sweeps)."""
+    from .suite import task_signature
+
+    key = (id(tokenizer), task, limit, task_signature(task))
     hit = _TOKEN_CACHE.get(key)
     if hit is not None and hit[0] is tokenizer:
         return hit[1], hit[2]
@@ -779,17 +788,27 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(available_tasks('all'))}")
     if config is not None and not isinstance(config, ReductionConfig):
         raise TypeError(f"config must be a utrc_lib.ReductionConfig or None, got {type(config).__name__}")
+    from ..hosts.handle import ensure_unpatched
+
+    ensure_unpatched(model, "utrc_lib.eval.scorer.evaluate")
     was_training = model.training
     model.eval()
     results: dict = {}
+    # every task is loaded (items validated on load) and length-checked before any scoring starts
+    prepared = {}
+    for task in tasks:
+        toks, extra = _task_requests(tokenizer, task, limit)
+        longest = max((len(c) + len(x) - 1 for c, x in toks), default=0)
+        if longest > max_length:  # the context would be cut on the left (e.g. v2 long tasks, passkey)
+            from .suite import task_path
+
+            raise ValueError(f"task {task!r} ({task_path(task)}): a request has {longest} input tokens > "
+                             f"max_length={max_length}; pass max_length >= {longest}")
+        prepared[task] = (toks, extra)
     try:
         for task in tasks:
             t0 = time.perf_counter()
-            toks, extra = _task_requests(tokenizer, task, limit)
-            longest = max((len(c) + len(x) - 1 for c, x in toks), default=0)
-            if longest > max_length:  # the context would be cut on the left (e.g. v2 long tasks, passkey)
-                raise ValueError(f"task {task!r}: a request has {longest} input tokens > max_length={max_length}; "
-                                 f"pass max_length >= {longest}")
+            toks, extra = prepared[task]
             kw = {}
             if items:
                 ref_key, ref = _cached_reference(model, tokenizer, task, limit, batch_size, max_length, toks)

@@ -24,8 +24,10 @@ DENSE = ReductionConfig(method="none")
 def run(model, input_ids: Tensor, config: Optional[ReductionConfig] = None, *, record: bool = False) -> dict:
     """One prefill through the patched layer loop.
 
-    Returns {"logits": (B, N, V) by original position, "states": [L x (B, N_l', D)] residual stream after
-    each layer, "history": per-anchor history (plans when record=True)}.
+    Returns {"logits": (B, N, V) by original position (NaN rows at removed positions), "last": (B, V)
+    the final output row (the last kept token's: the next-token prediction generation continues
+    from), "states": [L x (B, N_l', D)] residual stream after each layer, "history": per-anchor
+    history (plans when record=True)}.
     """
     from ..hosts.handle import apply
 
@@ -34,7 +36,15 @@ def run(model, input_ids: Tensor, config: Optional[ReductionConfig] = None, *, r
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
         reducer = handle.last_reducer
     L = len(model.backbone.layers)
-    return {"logits": out.logits.float(), "states": list(out.hidden_states[:L]),
+    # "last": the final output row, the next-token prediction generation continues from: the last
+    # position's own row, or, where the method removed the last token (its row is NaN in "logits"),
+    # the row of the last kept position
+    logits = out.logits.float()
+    last = logits[:, -1]
+    if reducer is not None and reducer.reduced:
+        p_last = reducer.state.positions[:, -1].clamp_min(0)
+        last = logits[torch.arange(logits.shape[0]), p_last]
+    return {"logits": logits, "last": last, "states": list(out.hidden_states[:L]),
             "history": list(reducer.history) if reducer is not None else []}
 
 
@@ -73,7 +83,7 @@ def layer_errors(model, input_ids: Tensor, config: ReductionConfig, dense: Optio
         ntok.append(float(ok.sum(1).float().mean()))
     return {"layer": list(range(L)), "rel_error": errs, "tokens": ntok,
             "anchors": [h["layer"] for h in red["history"]],
-            "kl_last": next_token_kl(dense["logits"][:, -1], red["logits"][:, -1])}
+            "kl_last": next_token_kl(dense["last"], red["last"])}
 
 
 def next_token_kl(dense_logits: Tensor, reduced_logits: Tensor) -> float:
@@ -131,8 +141,8 @@ def trace(model, tokenizer, text: str, config: ReductionConfig, *, max_tokens: i
     return {"tokens": tokens, "ids": ids[0].tolist(), "fates": token_fates(red["history"], N, protect),
             "tokens_per_layer": [int(s.shape[1]) for s in red["states"]], "num_layers": L,
             "anchors": [h["layer"] for h in red["history"]],
-            "kl_last": next_token_kl(dense["logits"][:, -1], red["logits"][:, -1]),
-            "top_dense": top(dense["logits"][0, -1]), "top_reduced": top(red["logits"][0, -1]),
+            "kl_last": next_token_kl(dense["last"], red["last"]),
+            "top_dense": top(dense["last"][0]), "top_reduced": top(red["last"][0]),
             "logits_dense": dense["logits"][0], "logits_reduced": red["logits"][0]}
 
 

@@ -999,6 +999,23 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def device_problem(backend: str, device=None) -> Optional[str]:
+    """Why this machine cannot run the request (one line), found before any configuration runs: a
+    CUDA device torch cannot see, or the mamba_ssm backend (CUDA kernels) without CUDA or mamba-ssm."""
+    cuda = torch.cuda.is_available()
+    if device and str(device).startswith("cuda") and not cuda:
+        return f"--device {device}: torch sees no CUDA device; use --device cpu (with --backend hf)"
+    if backend == "mamba_ssm":
+        if not cuda or (device and torch.device(device).type != "cuda"):
+            return ("--backend mamba_ssm (the default) runs mamba-ssm's CUDA kernels and needs a CUDA GPU; on this "
+                    "machine use --backend hf --device cpu")
+        import importlib.util
+
+        if importlib.util.find_spec("mamba_ssm") is None:
+            return "--backend mamba_ssm needs mamba-ssm (pip install -e '.[gpu]'), or use --backend hf"
+    return None
+
+
 def main(argv=None) -> int:
     ap = parser()
     a = ap.parse_args(argv)
@@ -1006,6 +1023,9 @@ def main(argv=None) -> int:
         ensure_writable(a.out, "--out", replace=True)
     except OSError as exc:
         ap.error(str(exc))
+    problem = device_problem(a.backend, a.device)
+    if problem:
+        ap.error(problem)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -1025,6 +1045,11 @@ def main(argv=None) -> int:
                             log=lambda s: print(s, flush=True), **request)
     except ValueError as exc:
         ap.error(str(exc))
+    except KeyboardInterrupt:   # every finished configuration is already in --out (saved as it completes)
+        kept = load_records(a.out)
+        print(f"[bench] interrupted: {len(kept)} record(s) kept in {a.out}; run the same command again to compute "
+              f"only the missing configurations", file=sys.stderr, flush=True)
+        return 130
     wanted = {record_key(k) for k in plan_keys(**request)}
     mine = [r for r in records if record_key(r) in wanted]
     errors = [r for r in mine if "error" in r]

@@ -5,8 +5,12 @@
     df = rows.frame()
 
 Every finished configuration is appended to the cache file (flushed and fsynced) under a key that
-hashes its parameters and the code version (a hash of the library sources that change the numbers,
-the benchmark manifest and the model weights). Re-running a sweep computes only the configurations
+hashes its parameters and the code version (a hash of the library sources that change the numbers
+and the benchmark manifest). Each row also stores "deps" (`dependency_key`): the model's files
+(weights, config, tokenizer) and the content hash of every benchmark file its tasks read, under the
+current UTRC_DATA_DIR. A cached row whose deps differ from today's (an edited JSONL, another data
+folder, the v1 / v2 suite, retrained weights), or that has none, is computed again, never served.
+Re-running a sweep computes only the configurations
 whose key is not in the cache, so an interrupted sweep (Ctrl-C, a killed kernel) resumes without
 recomputing or losing rows (a row torn by a kill mid-write is cut off before the next append and
 computed again). A configuration that raises is recorded as an "error" row with its message and
@@ -52,7 +56,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_CACHE_DIR = CACHE / "sweeps"
 
 __all__ = ["run", "grid", "row_key", "code_version", "RowCache", "SweepResult", "Pending", "pending", "compute",
-           "record", "get_model", "model_fingerprint", "make_config", "evaluate_config", "flatten_scores",
+           "record", "get_model", "model_fingerprint", "dependencies", "dependency_key", "make_config", "evaluate_config", "flatten_scores",
            "with_fingerprints", "is_environment_error", "DEFAULT_CACHE_DIR"]
 
 
@@ -221,8 +225,10 @@ def _environmental(row: dict) -> bool:
     return bool(row.get("transient")) or bool(_ENVIRONMENT_TEXT.search(str(row.get("error") or "")))
 
 
-def _needs_run(row: Optional[dict], retry_errors: bool, items: bool = False) -> bool:
+def _needs_run(row: Optional[dict], retry_errors: bool, items: bool = False, deps: Optional[str] = None) -> bool:
     if row is None:
+        return True
+    if deps is not None and row.get("deps") != deps:   # its data, model or tokenizer changed: recompute
         return True
     if row.get("status") == "ok":
         return bool(items) and not isinstance(row.get("items"), dict)
@@ -290,6 +296,7 @@ class Pending:
     done: dict
     store: RowCache
     version: str
+    deps: list = dataclasses.field(default_factory=list)   # dependency_key of each configuration
 
     @property
     def cached(self) -> int:
@@ -313,14 +320,15 @@ def pending(configs: Iterable[dict], cache, *, common: Optional[dict] = None, ve
     done = store.load()
     configs = [{**(common or {}), **c} for c in configs]
     keys = [row_key(c, version) for c in configs]
+    deps = [dependency_key(c) for c in configs]
     todo, seen = [], set()
     for i, k in enumerate(keys):
-        if k not in seen and _needs_run(done.get(k), retry_errors, items):
+        if k not in seen and _needs_run(done.get(k), retry_errors, items, deps[i]):
             todo.append(i)
         seen.add(k)
     if todo:   # fail now, not after the work
         ensure_writable(store.path, "sweep cache")
-    return Pending(configs, keys, todo, done, store, version)
+    return Pending(configs, keys, todo, done, store, version, deps)
 
 
 def compute(fn: Callable[..., dict], params: dict, **extra) -> dict:
@@ -348,7 +356,8 @@ def compute(fn: Callable[..., dict], params: dict, **extra) -> dict:
 def record(p: Pending, i: int, outcome: dict) -> dict:
     """The row of configuration `i` from its `compute` outcome: appended to the cache unless it is
     transient (a device / machine error), and entered in `p.done`."""
-    row = {"key": p.keys[i], "params": _canonical(p.configs[i]), "version": p.version, **outcome,
+    deps = {"deps": p.deps[i]} if p.deps else {}
+    row = {"key": p.keys[i], "params": _canonical(p.configs[i]), "version": p.version, **deps, **outcome,
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not row.get("transient"):
         p.store.append(row)
@@ -455,23 +464,62 @@ def _load_model(name: str, device: str):
     return model.eval(), tok
 
 
-@functools.lru_cache(maxsize=None)
-def model_fingerprint(name: str) -> str:
-    """Hash of a model's config and weight files (so retraining a model invalidates its rows).
+_FINGERPRINTS: dict = {}   # (folder, ((file, size, mtime_ns), ...)) -> fingerprint
 
-    The files of what `load_model(name)` loads: an embedded model's folder, else a local checkpoint
-    directory; "unknown" for anything else (a hub id)."""
+
+def model_fingerprint(name: str) -> str:
+    """Hash of a model's config, tokenizer and weight files (.json, .safetensors, .bin), so
+    retraining a model (or another tokenizer) invalidates its rows.
+
+    The files of what `load_model(name)` loads: an embedded model's folder (under the current
+    UTRC_DATA_DIR), else a local checkpoint directory; "unknown" for anything else (a hub id).
+    Memoised by the files' sizes and modification times, so a file changed in a running process is
+    hashed again."""
     from ..hosts.models import EMBEDDED, embedded_path
 
     path = embedded_path(name) if name in EMBEDDED else Path(name).expanduser()
     if not path.is_dir():
         return "unknown"
-    h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"):
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")]
+    stamp = (str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    hit = _FINGERPRINTS.get(stamp)
+    if hit is None:
+        h = hashlib.sha256()
+        for p in files:
             h.update(p.name.encode())
             h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+        hit = _FINGERPRINTS[stamp] = h.hexdigest()[:16]
+    return hit
+
+
+DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")   # evaluate_config's default tasks
+
+
+def dependencies(params: dict) -> dict:
+    """What a row's numbers depend on besides its parameters and the code version (which the key
+    holds): for a row with a "model", the model's files (`model_fingerprint`: weights, config,
+    tokenizer) and the content hash of every benchmark file its tasks read (`suite.task_signature`,
+    under the current UTRC_DATA_DIR). {} for rows without a model (other sweep functions)."""
+    model = params.get("model")
+    if not isinstance(model, str):
+        return {}
+    from ..eval import suite
+
+    tasks = params.get("tasks", DEFAULT_TASKS)
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks or ())
+    data = {}
+    for t in tasks:
+        try:
+            data[str(t)] = [digest for _, digest in suite.task_signature(str(t))]
+        except (ValueError, OSError):   # an unknown task: the row's own run reports it
+            data[str(t)] = ["unknown"]
+    return {"model": model_fingerprint(model), "data": data}
+
+
+def dependency_key(params: dict) -> str:
+    """Hash of `dependencies(params)`, stored in each row as "deps": a cached row whose "deps" differ
+    (or that has none) is computed again, never served."""
+    return _hash_bytes(json.dumps(dependencies(params), sort_keys=True).encode())[:20]
 
 
 def make_config(method: str, cut: float, **kwargs):
@@ -514,7 +562,7 @@ def flatten_scores(res: dict) -> dict:
     return out
 
 
-def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str] = ("cloze", "choice4", "choice2", "ppl"),
+def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str] = DEFAULT_TASKS,
                     limit: Optional[int] = 100, seed: int = 0, batch_size: int = 16, protect: bool = True,
                     flops_seq_len: int = 128, fingerprint: str = "",
                     model_loader: Optional[Callable[[str], tuple]] = None, items: bool = False,
@@ -558,6 +606,11 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
         rho = cfg.resolve_keep_ratio(L)
         out.update(keep_ratio=rho, layers=list(layers),
                    token_layer_cut=1.0 - token_layer_fraction(L, layers, rho))
+    # the achieved token-layer cut beside the requested one: mean over the tasks' requests
+    achieved = [(m.get("achieved_token_layer_cut", 0.0), m.get("n", 0)) for t, m in res.items()
+                if t not in ("meta", "items") and isinstance(m, dict)]
+    n_all = sum(n for _, n in achieved)
+    out["achieved_token_layer_cut"] = sum(a * n for a, n in achieved) / n_all if n_all else 0.0
     out["analytic_flops_cut"] = rep.flops_cut
     out["analytic_flops_seq_len"] = flops_seq_len
     if items:

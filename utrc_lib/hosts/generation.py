@@ -391,6 +391,23 @@ class _nullcontext:
 
 
 @torch.inference_mode()
+def _check_state_shapes(model, state: PrefillState) -> None:
+    """A state from another architecture or width (e.g. a Mamba-2 state given to a Mamba-1 model):
+    ValueError naming both, instead of a raw size mismatch when the cache is filled."""
+    mixer = model.backbone.layers[0].mixer
+    mamba2 = hasattr(mixer, "dt_bias") or hasattr(mixer, "num_heads") or hasattr(mixer, "nheads")
+    kind = "Mamba-2" if mamba2 else "Mamba-1"
+    got = "Mamba-2" if state.ssm and state.ssm[0].dim() == 4 else "Mamba-1"
+    conv = getattr(mixer, "conv1d", None)
+    width_ok = conv is None or not state.conv or state.conv[0].shape[1] == conv.weight.shape[0]
+    if got != kind or not width_ok:
+        shape = tuple(state.ssm[0].shape) if state.ssm else ()
+        raise ValueError(f"this state comes from a {got} model (SSM state {shape}, conv state "
+                         f"{tuple(state.conv[0].shape) if state.conv else ()}), but the model is a {kind} one "
+                         f"(conv width {conv.weight.shape[0] if conv is not None else '?'}): prefill the context "
+                         f"with this model (utrc_lib.prefill(model, ...)) and pass that state")
+
+
 def generate_from(model, state: PrefillState, question_ids=None, *, max_new_tokens: int = 32,
                   eos_token_id: Union[int, Sequence[int], None] = None, cg: Optional[bool] = None) -> Tensor:
     """Greedy continuation of a prefill's state (ask many): the question, then `max_new_tokens` tokens.
@@ -420,7 +437,10 @@ def generate_from(model, state: PrefillState, question_ids=None, *, max_new_toke
     q = _check_ids(question_ids, "question_ids", model) if question_ids is not None else None
     B = q.shape[0] if q is not None else state.batch
     if state.batch not in (1, B):
-        raise ValueError(f"a state of batch {state.batch} serves 1 or {state.batch} questions, got {B}")
+        raise ValueError(f"question_ids has {B} row(s), but this state holds {state.batch} contexts (batch "
+                         f"{state.batch}): pass exactly {state.batch} question rows, one per context, or prefill "
+                         f"a single context (batch 1), whose state serves any number of questions")
+    _check_state_shapes(model, state)
     eos = None
     if eos_token_id is not None:
         eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),

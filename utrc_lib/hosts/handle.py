@@ -56,6 +56,10 @@ def num_layers(model) -> int:
     return len(model.backbone.layers)
 
 
+class ReductionDisabled(UserWarning):
+    """A forward of a patched model ran dense (the model is in training mode)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Per-forward options (see `Handle.options`)."""
@@ -64,6 +68,56 @@ class Options:
     kept_only: bool = False
     record: bool = False
     reducer: type = ForwardReducer
+
+
+SHORTFALL_TOLERANCE = 0.01   # a prefill's token-layer cut this far below the requested one warns
+_SHORT_WARNED: set = set()   # configurations already warned about (once per configuration per process)
+
+
+def requested_cut(schedule: Schedule) -> float:
+    """The token-layer cut a schedule asks for (the paper's continuous definition)."""
+    from ..core.schedule import token_layer_fraction
+
+    if not schedule.layers:
+        return 0.0
+    return 1.0 - token_layer_fraction(schedule.num_layers, schedule.layers, schedule.keep_ratio)
+
+
+def check_cut(reducer: ForwardReducer) -> None:
+    """Warn (ReductionShortfall, once per configuration) when a prefill's achieved token-layer cut is
+    more than SHORTFALL_TOLERANCE below the requested one: a short sequence for the schedule, `align`
+    above what an anchor keeps, a long protected tail or a method's cap skipped reductions."""
+    cfg = reducer.config
+    if not cfg.active:
+        return
+    key = (cfg, reducer.schedule.num_layers)
+    if key in _SHORT_WARNED:
+        return
+    req = requested_cut(reducer.schedule)
+    if req <= SHORTFALL_TOLERANCE:
+        return
+    if reducer.uniform:   # host counts: no device sync
+        L, N = reducer.schedule.num_layers, max(reducer.num_input, 1)
+        total, cur, prev = 0, N, -1
+        for layer, count in reducer.counts:
+            total += cur * (layer - prev)
+            cur, prev = int(count), layer
+        total += cur * (L - 1 - prev)
+        got = 1.0 - total / (L * N)
+    else:
+        got = float(reducer.achieved_cut().mean())
+    if req - got > SHORTFALL_TOLERANCE:
+        import warnings
+
+        from ..core.reduce import ReductionShortfall
+
+        _SHORT_WARNED.add(key)
+        warnings.warn(
+            f"utrc {cfg.method}: a prefill of {reducer.num_input} tokens reached a token-layer cut of {got:.3f}, "
+            f"{req - got:.3f} below the requested {req:.3f} (a sequence too short for the schedule, align={cfg.align} "
+            f"above what an anchor keeps, the protected tail, or the method's cap). Warned once per configuration; "
+            f"result rows carry the achieved cut beside the requested one (ForwardReducer.achieved_cut(), "
+            f"'achieved_token_layer_cut')", ReductionShortfall, stacklevel=5)
 
 
 class Handle:
@@ -83,6 +137,7 @@ class Handle:
         self._options = contextvars.ContextVar(f"utrc_options_{id(self)}", default=Options())
         self._last = contextvars.ContextVar(f"utrc_last_{id(self)}", default=None)
         self._last_only = contextvars.ContextVar(f"utrc_last_only_{id(self)}", default=False)
+        self._warned_training = False
 
     # -- the one seam for per-forward options ---------------------------------------------------
     @contextlib.contextmanager
@@ -147,10 +202,27 @@ class Handle:
 
     def output(self, reducer: ForwardReducer, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, N', D) -> what the LM head sees: the last row (last-token mode), the
-        kept rows (kept_only), or rows aligned to the N input positions."""
+        kept rows (kept_only), or rows aligned to the N input positions (zero rows at the positions
+        without a row of their own; `mark_absent` sets their logits to NaN; `kept_mask` lists them)."""
+        check_cut(reducer)
         if self._last_only.get():
             return reducer.last(hidden)
         return hidden if self._options.get().kept_only else reducer.expand(hidden)
+
+    def mark_absent(self, out, before: Optional[ForwardReducer]):
+        """After an LM forward: when it ran a reduced prefill with full-length logits, set the logits
+        rows of the positions without a row of their own (removed positions, padding) to NaN, in
+        place (no extra copy of the logits; autograd records it). Other forwards pass unchanged."""
+        r = self._last.get()
+        if r is None or r is before or not r.reduced or self._options.get().kept_only or self._last_only.get():
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out:
+            logits = out[0]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] != r.num_input:
+            return out
+        logits.masked_fill_(~r.kept_mask()[..., None].to(logits.device), float("nan"))
+        return out
 
     def set_attr(self, obj, name: str, value) -> None:
         """Set an instance attribute and remember how to undo it."""
@@ -192,6 +264,31 @@ class Handle:
         r = self._last.get()
         return r.state.positions if r is not None and r.reduced else None
 
+    @property
+    def kept_positions(self) -> Optional[torch.Tensor]:
+        """(B, N') original positions whose full-length output row is the model's own prediction
+        there, for the latest prefill of this thread (-1 on padding; the same as `output_positions`);
+        None before any prefill or when nothing was reduced (then every row is its own)."""
+        return self.output_positions
+
+    @property
+    def kept_mask(self) -> Optional[torch.Tensor]:
+        """(B, N) bool over the input positions of this thread's latest prefill: True where the
+        full-length logits row is the model's own prediction at that position, False where the row
+        is NaN (a removed position, or padding). None before any prefill."""
+        r = self._last.get()
+        return r.kept_mask() if r is not None else None
+
+    def warn_training(self) -> None:
+        """A training-mode forward runs dense (reduction is for inference): say so once per handle."""
+        if not self._warned_training:
+            self._warned_training = True
+            import warnings
+
+            warnings.warn("utrc: the model is in training mode, so this forward runs DENSE (reduction applies "
+                          "to eval-mode prefills only); call model.eval() inside utrc_lib.apply to reduce",
+                          ReductionDisabled, stacklevel=4)
+
     def remove(self) -> None:
         if self._removed:
             return
@@ -215,6 +312,24 @@ class Handle:
     def __repr__(self) -> str:
         state = "removed" if self._removed else "active"
         return f"<utrc Handle {type(self.model).__name__} {self.config.method} ({state})>"
+
+
+def active_handle(model) -> Optional[Handle]:
+    """The live utrc patch on `model` (a Handle from `apply` not yet removed), or None."""
+    h = getattr(model, "__dict__", {}).get("_utrc_handle")
+    return h if h is not None and h.active else None
+
+
+def ensure_unpatched(model, what: str = "scoring") -> None:
+    """Raise RuntimeError when `model` carries a live utrc patch: an evaluator would score with that
+    patch active, unprotected, and record the row as whatever config it was given."""
+    h = active_handle(model)
+    if h is not None:
+        raise RuntimeError(
+            f"utrc: {what} needs an unpatched model, but this model is patched ({h!r}, from "
+            f"utrc_lib.apply). Leave the `with utrc_lib.apply(model, cfg):` block (or call handle.remove()) "
+            f"first, and pass the reduction as config= instead: the evaluator applies it itself, with the "
+            f"scored continuation protected")
 
 
 def apply(model, config: ReductionConfig) -> Handle:

@@ -70,14 +70,18 @@ def install(model, handle: Handle) -> None:
         if (ids is None) == (embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         n = (embeds if embeds is not None else ids).shape[1]
+        if backbone.training and n > 1:
+            handle.warn_training()
         if n <= 1 or backbone.training or _continues(bound.get("cache")):  # decoding step, continuation
             return backbone_forward(*args, **kwargs)                         # of a filled cache, training
         return _reduced_forward(backbone, handle, bound)
 
     @functools.wraps(lm_forward)
     def patched_lm_forward(*args, logits_to_keep=0, **kwargs):
+        before = handle.last_reducer
         with handle.last_token_mode(isinstance(logits_to_keep, int) and logits_to_keep == 1):
-            return lm_forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+            out = lm_forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+        return handle.mark_absent(out, before)
 
     handle.set_attr(backbone, "forward", patched_backbone_forward)
     handle.set_attr(model, "forward", patched_lm_forward)

@@ -69,6 +69,8 @@ def install(model, handle: Handle) -> None:
     @functools.wraps(backbone_forward)
     def patched_backbone_forward(input_ids, inference_params=None, **mixer_kwargs):
         decoding = inference_params is not None and inference_params.seqlen_offset > 0
+        if backbone.training and not decoding and input_ids.shape[1] > 1:
+            handle.warn_training()
         if decoding or input_ids.shape[1] <= 1 or backbone.training:
             return backbone_forward(input_ids, inference_params=inference_params, **mixer_kwargs)
         if mixer_kwargs:
@@ -79,9 +81,11 @@ def install(model, handle: Handle) -> None:
     @functools.wraps(lm_forward)
     def patched_lm_forward(input_ids, position_ids=None, inference_params=None, num_last_tokens=0,
                            **mixer_kwargs):
+        before = handle.last_reducer
         with handle.last_token_mode(num_last_tokens == 1):
-            return lm_forward(input_ids, position_ids=position_ids, inference_params=inference_params,
-                              num_last_tokens=num_last_tokens, **mixer_kwargs)
+            out = lm_forward(input_ids, position_ids=position_ids, inference_params=inference_params,
+                             num_last_tokens=num_last_tokens, **mixer_kwargs)
+        return handle.mark_absent(out, before)
 
     handle.set_attr(backbone, "forward", patched_backbone_forward)
     handle.set_attr(model, "forward", patched_lm_forward)

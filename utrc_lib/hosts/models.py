@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,54 @@ class ModelLoadError(RuntimeError):
 
 
 from ..environment import data_dir  # noqa: E402  (models/ lives under it)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def hub_problem(name: str) -> Optional[str]:
+    """For a name that is neither an embedded model nor a local path: why it cannot load now (None
+    when it may). Offline (HF_HUB_OFFLINE), a hub id not in the local Hugging Face cache fails at
+    once, with the closest embedded name; online, a line on stderr says the hub is being reached
+    (which can take half a minute to fail without a network)."""
+    import difflib
+    import sys
+
+    close = difflib.get_close_matches(name, list(EMBEDDED), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    known = f"embedded models: {', '.join(EMBEDDED)}"
+    if _offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except Exception:   # not a valid repo id, or no huggingface_hub
+            cached = False
+        if not cached:
+            return (f"model {name!r} is not an embedded model, not a local directory, and not in the local "
+                    f"Hugging Face cache (HF_HUB_OFFLINE is set, so the hub is not asked).{hint} Valid: {known}, "
+                    f"or a checkpoint directory")
+        return None
+    print(f"utrc: {name!r} is not an embedded model or a local directory; reaching the Hugging Face hub for it "
+          f"(set HF_HUB_OFFLINE=1 to fail at once).{hint}", file=sys.stderr, flush=True)
+    return None
+
+
+def model_depth(name: str) -> Optional[int]:
+    """num_hidden_layers from the config.json of an embedded model or a local checkpoint directory,
+    without loading weights; None when there is no local config."""
+    import json
+
+    path = embedded_path(name) if name in EMBEDDED else Path(str(name)).expanduser()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        v = json.loads(cfg.read_text(encoding="utf-8")).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return None
+    return v if isinstance(v, int) else None
 
 
 def embedded_path(name: str) -> Path:
@@ -59,6 +108,26 @@ def _missing_files(path: Path) -> list[str]:
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         missing.append("tokenizer.json")
     return missing
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a readable safetensors file (header check only, no tensor read), or None."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _resolve_dtype(dtype):
@@ -111,6 +180,9 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:   # a path, not an "org/name" hub id
             raise ModelLoadError(f"checkpoint directory {name!r} does not exist")
         else:
+            problem = hub_problem(name)
+            if problem:
+                raise ModelLoadError(problem)
             source = name   # hub id
 
     try:
@@ -127,20 +199,35 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
             f"{name!r} is a {archs[0] if archs else config.model_type} model; only "
             f"{' and '.join(SUPPORTED_CLASSES)} are supported")
 
+    local = Path(source).is_dir()
+    if local and not _has_tokenizer_files(Path(source)):
+        raise ModelLoadError(
+            f"cannot load the tokenizer of {name!r}: {Path(source)} has no tokenizer.json (nor a vocabulary "
+            f"file). Save the tokenizer into the checkpoint directory with tokenizer.save_pretrained({str(source)!r}) "
+            f"(the project tokenizer is data/tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {e}") from e
+    except (OSError, ValueError, ImportError) as e:
+        hint = (f" ({Path(source) / 'tokenizer.json'} is the file transformers reads; check that it is a "
+                f"complete tokenizer.save_pretrained output)" if local else "")
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {e}{hint}") from e
     if len(tokenizer) > config.vocab_size:
         raise ModelLoadError(
             f"tokenizer/model mismatch for {name!r}: the tokenizer has {len(tokenizer)} entries but the "
             f"model's vocab_size is {config.vocab_size}")
 
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {"dtype": "float32"}
+    weights = _weight_files(Path(source)) if local else []
+    for w in weights:   # a truncated / corrupt file: name it before transformers fails on it
+        problem = _safetensors_problem(w)
+        if problem:
+            raise ModelLoadError(f"cannot load the weights of {name!r}: {w} is not a readable safetensors file "
+                                 f"({problem}); copy or save the checkpoint again (model.save_pretrained)")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {e}") from e
+    except Exception as e:
+        files = f" ({', '.join(str(w) for w in weights)})" if weights else ""
+        raise ModelLoadError(f"cannot load the weights of {name!r}{files}: {type(e).__name__}: {e}") from e
     if type(model).__name__ not in SUPPORTED_CLASSES:
         raise ModelLoadError(f"{name!r} loaded as {type(model).__name__}; only "
                              f"{' and '.join(SUPPORTED_CLASSES)} are supported")

@@ -448,6 +448,16 @@ def two_token_example(model, tokenizer, first: str, seconds: Sequence[str]) -> d
     return {"first": first, "rows": rows}
 
 
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over the rows both have (a patched model's removed positions are NaN rows); inf
+    when the two leave different rows absent."""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(na, nb):
+        return float("inf")
+    d = (a - b).abs().masked_fill(na, 0.0)
+    return float(d.max()) if d.numel() else 0.0
+
+
 def leak_summary(example: dict) -> dict:
     """How much the prediction at position 0 moves when only the later token x1 changes (max |logit
     difference| between the first two x1), dense vs non-causal; and the positions each run keeps."""
@@ -742,7 +752,7 @@ def check_method(model, method: str, *, keep_ratio: float = 0.6, n: int = 28, pr
             changed = ids.clone()
             changed[:, n - protect:] = (changed[:, n - protect:] + 1) % model.config.vocab_size
             new = model(input_ids=changed, use_cache=False).logits
-        diff = float((new[:, :n - protect] - base[:, :n - protect]).abs().max())
+        diff = _max_abs_diff(new[:, :n - protect], base[:, :n - protect])
         return diff <= 1e-6, f"max |logit change| before the protected tail: {diff:.2e}"
 
     def batch():
@@ -757,7 +767,7 @@ def check_method(model, method: str, *, keep_ratio: float = 0.6, n: int = 28, pr
             both = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for i, s_ in enumerate(seqs):
                 single = model(input_ids=s_[None], use_cache=False).logits[0]
-                worst = max(worst, float((both[i, n - len(s_):] - single).abs().max()))
+                worst = max(worst, _max_abs_diff(both[i, n - len(s_):], single))
         return worst <= 1e-4, f"max |batched - single| over 3 left-padded lengths: {worst:.2e}"
 
     import warnings
