@@ -106,6 +106,7 @@ class ReductionConfig:
         object.__setattr__(self, "params", _params.normalise(self.params))
         resolved = _params.resolve([(f"method {self.method!r}", method.params),
                                     (f"metric {scoring!r}", get_metric(scoring).params)], dict(self.params))
+        object.__setattr__(self, "params", tuple((k, resolved[k]) for k, _ in self.params))  # parsed values
         if self.keep_ratio is not None and self.flops_reduction is not None:
             raise ValueError("give keep_ratio or flops_reduction, not both")
         if self.keep_ratio is not None:
