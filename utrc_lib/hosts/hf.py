@@ -133,7 +133,8 @@ def _anchor_forward(block, layer: int, read_delta, read_scan=None):
             mixed = block.mixer(normed, cache, attention_mask=attention_mask)
         delta = read_delta(got.delta) if read_delta is not None and got.delta is not None else None
         scan = read_scan(got.delta, attention_mask) if read_scan is not None and got.delta is not None else None
-        mixed, residual = reducer.step(layer, mixed, residual, features=got.ssm, delta=delta, scan=scan)  # (B, N', D)
+        extra = {} if scan is None else {"scan": scan}  # (reducer subclasses without `scan` keep working)
+        mixed, residual = reducer.step(layer, mixed, residual, features=got.ssm, delta=delta, **extra)  # (B, N', D)
         return residual + mixed
 
     return forward

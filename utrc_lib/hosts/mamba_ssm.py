@@ -129,7 +129,8 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, read
             delta = readers[i](delta, (B, hidden.shape[1]))
             if handle.config.needs_scan:
                 delta, scan = None, delta
-        hidden, residual = reducer.step(i, hidden, residual, features=ssm, delta=delta, scan=scan)  # (B, N', D) each
+        extra = {} if scan is None else {"scan": scan}  # (reducer subclasses without `scan` keep working)
+        hidden, residual = reducer.step(i, hidden, residual, features=ssm, delta=delta, **extra)  # (B, N', D) each
         del ssm, delta, scan
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
     return handle.output(reducer, hidden)
