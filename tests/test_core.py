@@ -25,6 +25,15 @@ def scan_inputs(B, N, seed=0, kind="mamba2", dtype=torch.float64):
     return {"delta": delta, "scan": scan}
 
 
+def slice_inputs(inputs, b):
+    """The scan_inputs of sample b alone (batch of one)."""
+    from utrc_lib.core.hattn import ScanParams
+
+    sc = inputs["scan"]
+    return {"delta": inputs["delta"][b:b + 1],
+            "scan": ScanParams(sc.delta[b:b + 1], sc.Bm[b:b + 1], sc.Cm[b:b + 1], sc.A, sc.scalar_a)}
+
+
 def _case(seed, B=3, N=17, D=6):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, N, D, generator=g, dtype=torch.float64)
