@@ -11,6 +11,29 @@ from utrc_lib.core.twins import loop_reduce
 TWIN_METHODS = ["utrc", "tome", "pumer", "evit", "prune_only", "merge_only", "random", "none"]
 
 
+def scan_inputs(B, N, seed=0, kind="mamba2", dtype=torch.float64):
+    """Random Delta and ScanParams for methods that score with the timescale or the hidden attention
+    (passed to every method: the others ignore them)."""
+    from utrc_lib.core.hattn import ScanParams
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    Ch, G, S = (4, 2, 3) if kind == "mamba2" else (6, 1, 3)
+    delta = torch.nn.functional.softplus(torch.randn(B, N, Ch, generator=g, dtype=dtype))
+    A = -torch.rand(Ch, 1 if kind == "mamba2" else S, generator=g, dtype=dtype).expand(Ch, S) - 0.1
+    scan = ScanParams(delta, torch.randn(B, N, G, S, generator=g, dtype=dtype),
+                      torch.randn(B, N, G, S, generator=g, dtype=dtype), A.contiguous(), kind == "mamba2")
+    return {"delta": delta, "scan": scan}
+
+
+def slice_inputs(inputs, b):
+    """The scan_inputs of sample b alone (batch of one)."""
+    from utrc_lib.core.hattn import ScanParams
+
+    sc = inputs["scan"]
+    return {"delta": inputs["delta"][b:b + 1],
+            "scan": ScanParams(sc.delta[b:b + 1], sc.Bm[b:b + 1], sc.Cm[b:b + 1], sc.A, sc.scalar_a)}
+
+
 def _case(seed, B=3, N=17, D=6):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, N, D, generator=g, dtype=torch.float64)
@@ -53,7 +76,8 @@ def test_vectorised_equals_loop_twin(method, causal, seed):
 def test_order_preserved_and_count(method):
     hidden, residual, lengths = _case(5, N=40)
     cfg = u.ReductionConfig(method, keep_ratio=0.7, causal=method != "utrc_reference")
-    out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=torch.ceil(lengths * 0.7).long(), lengths=lengths)
+    out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=torch.ceil(lengths * 0.7).long(), lengths=lengths,
+                          **scan_inputs(*hidden.shape[:2]))
     for b in range(hidden.shape[0]):
         pos = out.positions[b][out.valid[b]]
         assert bool((pos.diff() > 0).all()), "kept tokens must stay in ascending original order"
@@ -84,7 +108,8 @@ def test_keep_ratio_one_is_identity():
     hidden, residual, lengths = _case(3)
     for method in u.available_methods():
         cfg = u.ReductionConfig(method, keep_ratio=1.0, causal=method != "utrc_reference")
-        out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=lengths, lengths=lengths)
+        out = u.reduce_tokens(hidden, residual, config=cfg, n_keep=lengths, lengths=lengths,
+                              **scan_inputs(*hidden.shape[:2]))
         valid = out.valid
         ref_valid = torch.arange(hidden.shape[1])[None] >= (hidden.shape[1] - lengths)[:, None]
         assert torch.equal(valid, ref_valid)
@@ -97,7 +122,7 @@ def test_zero_vectors_never_nan():
     h[0, 3] = 1.0
     for method in u.available_methods():
         cfg = u.ReductionConfig(method, keep_ratio=0.5, causal=method != "utrc_reference")
-        out = u.reduce_tokens(h, h.clone(), config=cfg, n_keep=6)
+        out = u.reduce_tokens(h, h.clone(), config=cfg, n_keep=6, **scan_inputs(2, 12, dtype=torch.float32))
         assert not torch.isnan(out.hidden).any() and not torch.isnan(out.residual).any(), method
 
 

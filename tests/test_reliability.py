@@ -78,7 +78,10 @@ def test_reduce_tokens_reaches_n_keep_for_every_method():
     for method in CAUSAL_METHODS:
         if method == "none":
             continue
-        res = u.reduce_tokens(h, h.clone(), config=u.ReductionConfig(method, keep_ratio=0.5), n_keep=4)
+        from test_core import scan_inputs  # Delta / scan inputs for the methods that score with them
+
+        res = u.reduce_tokens(h, h.clone(), config=u.ReductionConfig(method, keep_ratio=0.5), n_keep=4,
+                              **scan_inputs(1, 10, dtype=torch.float32))
         assert res.hidden.shape[1] == 4 and int(res.removed) == int(res.requested) == 6, method
 
 
@@ -265,10 +268,13 @@ def test_reduce_tokens_properties(method, B, N, D, keep, pads, protect, seed):
     lengths = torch.tensor([max(2, N - p) for p in pads[:B]])
     n_keep = torch.clamp(torch.ceil(lengths * keep).long(), min=1)
     cfg = u.ReductionConfig(method, keep_ratio=1.0, protect_last=min(protect, 1), seed=seed)
+    from test_core import scan_inputs, slice_inputs  # Delta / scan inputs for the methods that score with them
+
+    extra = scan_inputs(B, N, seed, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ReductionShortfall)
         try:
-            res = u.reduce_tokens(hidden, residual, config=cfg, n_keep=n_keep, lengths=lengths)
+            res = u.reduce_tokens(hidden, residual, config=cfg, n_keep=n_keep, lengths=lengths, **extra)
         except ValueError as e:
             assert "too short" in str(e)
             return
@@ -281,7 +287,7 @@ def test_reduce_tokens_properties(method, B, N, D, keep, pads, protect, seed):
             pos = res.positions[b][res.valid[b]]
             assert bool((pos[1:] > pos[:-1]).all())  # ascending original order
             one = u.reduce_tokens(hidden[b:b + 1], residual[b:b + 1], config=cfg, n_keep=n_keep[b:b + 1],
-                                  lengths=lengths[b:b + 1])
+                                  lengths=lengths[b:b + 1], **slice_inputs(extra, b))
             k = int(kept[b])
             torch.testing.assert_close(res.hidden[b, -k:], one.hidden[0, -k:], rtol=1e-5, atol=1e-5)
             assert torch.equal(res.positions[b, -k:], one.positions[0, -k:])

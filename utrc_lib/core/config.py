@@ -9,6 +9,7 @@ import numbers
 import re
 from typing import Optional, Sequence
 
+from . import params as _params
 from . import schedule
 from .methods import get_method
 from .metrics import get_metric
@@ -66,6 +67,15 @@ class ReductionConfig:
             least `align`, at most n; 1 = off). GPU kernels run faster on lengths that are multiples
             of 8 / 16. The FLOPs accounting follows the rounding; the flops_reduction solver keeps
             the paper's continuous definition.
+        params: hyperparameters of the method and of its metric, {name: value} (or "name=value;..."),
+            validated against what they declare (e.g. decimamba's L_base / beta / min_seq_len,
+            mtr_style's keep_fraction, the hidden-attention metrics' window); `resolved_params` has
+            every default filled in. Stored as sorted (name, value) pairs (hashable).
+
+    A method that scores with its own metrics (`Method.metrics`, e.g. decimamba: delta_l2) uses the
+    config's metric when it is one of them and its first one otherwise; `scoring_metric` says which
+    ran. A method with an absolute budget (decimamba) may be given neither keep_ratio nor
+    flops_reduction: it then keeps its own count per anchor (`absolute_budget`).
     """
 
     method: str
@@ -82,6 +92,7 @@ class ReductionConfig:
     metric_source: str = "ssm"
     protect_from: Optional[int] = None
     align: int = 1
+    params: Optional[object] = None
 
     def __post_init__(self):
         for name in ("keep_ratio", "flops_reduction", "q"):   # numpy / torch scalars become plain floats
@@ -90,6 +101,16 @@ class ReductionConfig:
                 object.__setattr__(self, name, float(v))
         method = get_method(self.method)
         get_metric(self.metric)
+        scoring = self.metric
+        if method.metrics and self.metric not in method.metrics:
+            if self.metric != "clip":  # "clip" is the field's default: the method's own metric applies
+                raise ValueError(f"method {self.method!r} scores with {', '.join(method.metrics)}; "
+                                 f"metric={self.metric!r} is not used by it")
+            scoring = method.metrics[0]
+        object.__setattr__(self, "params", _params.normalise(self.params))
+        resolved = _params.resolve([(f"method {self.method!r}", method.params),
+                                    (f"metric {scoring!r}", get_metric(scoring).params)], dict(self.params))
+        object.__setattr__(self, "params", tuple((k, resolved[k]) for k, _ in self.params))  # parsed values
         if self.keep_ratio is not None and self.flops_reduction is not None:
             raise ValueError("give keep_ratio or flops_reduction, not both")
         if self.keep_ratio is not None:
@@ -100,7 +121,8 @@ class ReductionConfig:
             if isinstance(self.flops_reduction, bool) or not isinstance(self.flops_reduction, (int, float)) \
                     or not 0.0 <= float(self.flops_reduction) < 1.0:
                 raise ValueError(f"flops_reduction must be in [0, 1), got {self.flops_reduction!r}")
-        if self.keep_ratio is None and self.flops_reduction is None and self.method != "none":
+        if self.keep_ratio is None and self.flops_reduction is None and self.method != "none" \
+                and method.budget is None:
             raise ValueError(f"method {self.method!r} needs keep_ratio (0, 1] or flops_reduction [0, 1)")
         if isinstance(self.q, bool) or not isinstance(self.q, numbers.Real) or not 0.0 <= float(self.q) <= 1.0:
             raise ValueError(f"q must be a number in [0, 1], got {self.q!r}")
@@ -149,14 +171,22 @@ class ReductionConfig:
         # fields only): spec, branch rules, active, needs_ssm_output, needs_delta
         hidden = self.hidden_rule or method.hidden_rule
         residual = self.residual_rule or method.residual_rule
+        source = get_metric(scoring).source
         derived = {
             "spec": method,  # the method's registry record (utrc_lib.core.methods.Method)
             "_rules": {"hidden": parse_rule(hidden, self.q), "residual": parse_rule(residual, self.q)},
             "active": self.method != "none",  # False: the dense path through the same loop
             # whether the layer loops must read the SSM output y (metric / similarity source)
             "needs_ssm_output": (self.metric_source == "ssm" and method.needs_features
-                                 and self.metric not in ("delta", "random")),
-            "needs_delta": self.metric == "delta",
+                                 and (source == "features" or method.uses_similarity)),
+            "needs_delta": source == "delta",
+            "needs_scan": source == "scan",  # Delta, B, C, A of the anchor's scan (hidden attention)
+            "scoring_metric": scoring,  # the metric that scores (the method's own, or the config's)
+            "resolved_params": resolved,  # every declared hyperparameter, defaults filled in
+            # the method's own absolute count per anchor (no keep_ratio / flops_reduction given)
+            "absolute_budget": (method.budget is not None and self.keep_ratio is None
+                                and self.flops_reduction is None),
+            "form": method.form or "anchor",  # where the cut runs (every method here: at the anchor)
         }
         for k, v in derived.items():
             object.__setattr__(self, k, v)
@@ -244,6 +274,7 @@ _PARSERS = {
     "q": lambda v: _as_number("q", v), "seed": lambda v: _as_number("seed", v, int),
     "align": lambda v: _as_number("align", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
     "causal": lambda v: parse_bool("causal", v),
+    "params": _params.normalise,
 }
 BUILDER_FIELDS = ("method",) + tuple(_PARSERS)
 

@@ -77,7 +77,43 @@ _METHOD_PARTS = {
     "random": ("merge",),
     "evit": ("importance", "merge"),
     "tome": ("similarity", "merge"),
+    # SSM-native methods (docs/ssm_methods.md): pure pruning pays its score and the gather
+    "decimamba": ("importance", "merge"),
+    "hattn_prune": ("importance", "merge"),
+    "mtr_style": ("importance", "similarity", "merge"),
+    "adjacent_merge": ("importance", "similarity", "merge"),
 }
+# methods whose similarity is not the |A| x |B| bipartite matmul
+_SIMILARITY_KIND = {"mtr_style": "sources_x_targets", "adjacent_merge": "adjacent"}
+
+
+def scoring_flops(shape: "ModelShape", n: int, metric: str, window: int = 8) -> int:
+    """Approximate FLOPs of one anchor's importance score on n tokens for the Delta and hidden-attention
+    metrics (per sample); None for the feature metrics (2 N C + N, counted by reduction_flops).
+
+    Delta: softplus is the host's; the mean / L2 norm over Ch is 2 N Ch. Hidden attention (core/hattn.py),
+    Ch = H (Mamba-2, scalar A per head) or Di (Mamba-1, A per channel and state): window / last rows
+    (q = window or 1): Mamba-2 q N (2 G S + 5 H), Mamba-1 5 q N Di S; column sums (one reverse scan):
+    Mamba-2 N (5 H S + 2 H), Mamba-1 N (5 Di S + 2 Di); decay-free: q N (2 G S + 3 H) (Mamba-1: G = 1,
+    H -> Di). Mamba-2 also recomputes B and C through the conv: 2 GS (2 K + 4) N.
+    """
+    m2 = shape.kind == "mamba2"
+    Ch = shape.n_heads if m2 else shape.d_inner
+    G = shape.n_groups if m2 else 1
+    S = shape.d_state
+    if metric in ("delta", "delta_l2"):
+        return 2 * n * Ch
+    if not metric.startswith("hattn_"):
+        return None
+    q = 1 if metric == "hattn_last" else max(1, min(window, n))
+    if metric == "hattn_colsum":
+        core = n * (5 * Ch * S + 2 * Ch)
+    elif metric == "hattn_nodecay":
+        core = q * n * (2 * G * S + 3 * Ch)
+    else:
+        core = q * n * (2 * G * S + 5 * Ch) if m2 else 5 * q * n * Ch * S
+    conv = 2 * G * S * (2 * shape.d_conv + 4) * n if m2 else 0
+    return core + conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +296,8 @@ def layer_flops(shape: ModelShape, n: int, batch: int = 1) -> dict[str, int]:
 
 
 def reduction_flops(shape: ModelShape, n: int, r: int, *, batch: int = 1, method: str = "utrc",
-                    feature_width: Optional[int] = None) -> tuple[dict[str, int], int, int]:
+                    feature_width: Optional[int] = None, metric: str = "clip", window: int = 8,
+                    keep_fraction: float = 0.5) -> tuple[dict[str, int], int, int]:
     """Cost of one reduction that removes `r` of `n` tokens (per sample).
 
     Args:
@@ -269,9 +306,11 @@ def reduction_flops(shape: ModelShape, n: int, r: int, *, batch: int = 1, method
         batch: samples.
         method: reduction method name (selects the parts paid, see the module docstring).
         feature_width: C; default d_inner (metric_source="ssm").
+        metric: the scoring metric (ReductionConfig.scoring_metric); Delta and hidden-attention metrics
+            are counted by `scoring_flops` (window: their query rows). keep_fraction: mtr_style's.
     Returns:
-        ({reduction component: FLOPs}, comparisons, FLOPs of the similarity matmul 2 |A| |B| C, which
-        is part of reduction_similarity and the only matmul of the reduction).
+        ({reduction component: FLOPs}, comparisons, FLOPs of the similarity matmul (2 |A| |B| C for
+        the bipartite methods, 2 r |targets| C for mtr_style), part of reduction_similarity).
     """
     out = dict.fromkeys(REDUCTION_COMPONENTS, 0)
     if r <= 0 or n <= 0:
@@ -284,9 +323,19 @@ def reduction_flops(shape: ModelShape, n: int, r: int, *, batch: int = 1, method
     a, b = n // 2, n - n // 2
     cmp = matmul = 0
     if "importance" in parts:
-        out["reduction_importance"] = 2 * n * C + n
+        own = scoring_flops(shape, n, metric, window)
+        out["reduction_importance"] = 2 * n * C + n if own is None else own
         cmp += math.ceil(n * math.log2(n)) if n > 1 else 0
-    if "similarity" in parts:
+    kind = _SIMILARITY_KIND.get(method)
+    if "similarity" in parts and kind == "adjacent":  # cosine of N - 1 neighbouring pairs: no matmul
+        out["reduction_similarity"] = 2 * n * C + 2 * (n - 1) * C + 2 * (n - 1)
+        cmp += 2 * n
+    elif "similarity" in parts and kind == "sources_x_targets":
+        targets = max(1, (n - r) - math.ceil((n - r) * keep_fraction))
+        matmul = 2 * r * targets * C
+        out["reduction_similarity"] = 2 * n * C + r * targets + r + matmul
+        cmp += r * targets
+    elif "similarity" in parts:
         matmul = 2 * a * b * C
         # norms 2 N C (squares, sums) + scaling |A| |B| + |A|; the reference mode normalises (3 N C)
         out["reduction_similarity"] = (3 * n * C if method == "utrc_reference" else 2 * n * C + a * b + a) + matmul
@@ -306,7 +355,8 @@ def _check_int(name, value, minimum=1):
 
 def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *, batch: int = 1,
           logits: str = "all", method: str = "utrc", feature_width: Optional[int] = None,
-          model_name: str = "", align: int = 1) -> FlopsReport:
+          model_name: str = "", align: int = 1, metric: str = "clip", params: Optional[dict] = None,
+          counts: Optional[list] = None) -> FlopsReport:
     """FlopsReport for explicit reduction settings (no ReductionConfig needed).
 
     Args:
@@ -316,6 +366,8 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
         logits: "all" (head on every position) or "last" (one position).
         method: reduction method name; feature_width: C (default d_inner).
         align: kept counts rounded to multiples of `align` (ReductionConfig.align).
+        metric: the scoring metric; params: resolved method / metric params (window, keep_fraction).
+        counts: tokens per layer, given (an absolute budget); default from keep_ratio and align.
     Returns:
         FlopsReport.
     """
@@ -334,7 +386,9 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
         raise ValueError(f"reduction layer {bad[0]!r} out of range for a {L}-layer model (valid 0..{L - 2})")
     if method == "none":
         layers = ()
-    counts = [int(x) for x in tokens_per_layer(seq_len, L, layers, float(keep_ratio), exact=True, align=align)]
+    if counts is None or method == "none":
+        counts = [int(x) for x in tokens_per_layer(seq_len, L, layers, float(keep_ratio), exact=True, align=align)]
+    params = params or {}
 
     def model_parts(ns):
         total: dict[str, int] = {}
@@ -354,7 +408,9 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
         n_in = counts[l]
         n_out = counts[l + 1]
         parts, cmp, mm = reduction_flops(shape, n_in, n_in - n_out, batch=batch, method=method,
-                                     feature_width=feature_width)
+                                         feature_width=feature_width, metric=metric,
+                                         window=int(params.get("window", 8)),
+                                         keep_fraction=float(params.get("keep_fraction", 0.5)))
         for k, v in parts.items():
             overhead[k] += v
         comparisons += cmp
@@ -401,8 +457,17 @@ def flops(model_or_config: Any, seq_len: int, config=None, *, batch: int = 1, lo
     layers = config.resolve_layers(L)
     rho = config.resolve_keep_ratio(L)
     width = shape.d_model if config.metric_source == "mixer" else shape.d_inner
+    counts = None
+    if config.absolute_budget:  # the method's own count per anchor (decimamba without a ratio)
+        counts, n, anchors = [], seq_len, sorted(layers)
+        for layer in range(L):
+            counts.append(n)
+            if layer in anchors:
+                tail = min(config.protect_last, n)
+                n = tail + config.spec.budget(n - tail, anchors.index(layer), config.resolved_params)
     return count(shape, seq_len, layers, rho, batch=batch, logits=logits, method=config.method,
-                 feature_width=width, align=config.align)
+                 feature_width=width, align=config.align, metric=config.scoring_metric,
+                 params=config.resolved_params, counts=counts)
 
 
 # -- table ----------------------------------------------------------------------------------------

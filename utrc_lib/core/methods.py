@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -50,6 +50,7 @@ class Context:
     salt: int = 0
     static: Optional[dict] = None  # {"n", "n_red", "r"} host ints when no sample is padded
     inv_norm: Optional[Tensor] = None
+    params: dict = field(default_factory=dict)  # the method's / metric's hyperparameters, defaults filled in
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,19 @@ class Method:
     # reproduced authors' code does (its cap r <= N/2 is part of the behaviour); the shortfall is
     # reported and warned about.
     repeat_rounds: bool = True
+    # the metrics the method scores with (first = its default, used when the config's metric is not
+    # one of them); empty = the config's metric. (docs/ssm_methods.md: decimamba scores with delta_l2)
+    metrics: tuple = ()
+    # hyperparameters (utrc_lib.core.params.Param), passed as ReductionConfig(params={...})
+    params: tuple = ()
+    # an absolute budget used when the config gives neither keep_ratio nor flops_reduction:
+    # budget(n_reducible (int or (B,) tensor), anchor index s, params) -> tokens kept of them
+    budget: Optional[Callable] = None
+    # where the cut runs: None = at a utrc anchor (every method); "anchor" is said explicitly by ports
+    # whose source cuts elsewhere (decimamba: inside the mixer after the conv; here at the anchor)
+    form: Optional[str] = None
+    # the similarity source is needed even with a Delta / scan metric (cosine matching on features)
+    uses_similarity: bool = False
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -325,6 +339,10 @@ _METHODS: dict[str, Method] = {
     )
 }
 
+
+from .ssm_methods import SSM_METHODS  # noqa: E402 (they build on the blocks above)
+
+_METHODS.update({m.name: m for m in SSM_METHODS})
 
 BUILTIN_METHODS = tuple(_METHODS)  # shipped methods: never replaced or removed by register / unregister
 

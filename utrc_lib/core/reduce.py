@@ -18,7 +18,8 @@ import torch
 from .config import ReductionConfig
 from .methods import Context
 from .kernels import feature_stats
-from .plan import Plan, TokenState
+from .metrics import get_metric, importance
+from .plan import Plan, TokenState, gather_rows
 from .schedule import Schedule, tokens_to_remove
 
 Tensor = torch.Tensor
@@ -52,7 +53,7 @@ class Rounds:
 def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
                   residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None,
-                  n_protected: int = 0) -> Rounds:
+                  n_protected: int = 0, scan=None) -> Rounds:
     """Remove r[b] tokens of each sample: one plan, repeated on the reduced tokens while a sample
     still lacks removals and the method repeats rounds (bipartite matching removes at most half of
     the reducible tokens per round). Features and Delta follow the residual branch's rule between
@@ -60,7 +61,8 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
     short. Warns `ReductionShortfall` when the target is not reached.
 
     Args: as plan_reduction; `static` describes the first round (host sizes); n_protected: protected
-    tail length on the host for the static path.
+    tail length on the host for the static path; scan: `hattn.ScanParams` (hidden-attention metrics),
+    carried between rounds like Delta.
     """
     out = Rounds(hidden, residual, state, requested=r)
     feats_is_hidden = features is None or features is hidden
@@ -76,9 +78,11 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
                 features = plan0.apply(features, "residual", sizes0)
             if delta is not None:
                 delta = plan0.apply(delta, "residual", sizes0)
+            if scan is not None:
+                scan = scan.carry(plan0, sizes0)
         plan = plan_reduction(config, out.state, todo, hidden=out.hidden, residual=out.residual,
                               features=out.hidden if feats_is_hidden else features, delta=delta,
-                              salt=salt if k == 0 else salt + 104729 * k, static=static)
+                              salt=salt if k == 0 else salt + 104729 * k, static=static, scan=scan)
         sizes = out.state.sizes
         out.plans.append(plan)
         out.states_before.append(out.state)
@@ -129,7 +133,8 @@ def _warn_short(config: ReductionConfig, removed: int, asked: int, sample: int) 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
                    residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None) -> Plan:
+                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None,
+                   scan=None) -> Plan:
     """One reduction's plan.
 
     Args:
@@ -138,6 +143,7 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         r: (B,) tokens to remove per sample.
         static: {"n", "n_red", "r"} host integers when every sample has the same length and
             protection (no padding): the plan is then built without host syncs.
+        scan: `hattn.ScanParams` of the anchor's scan, needed by the hidden-attention metrics.
     """
     method = config.spec
     red = state.reducible
@@ -156,12 +162,19 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
             f"({int(state.valid[b].sum())} valid, protected tail excluded); need at least 2")
     feats = hidden if features is None else features
     scores = inv_norm = None
-    if method.needs_features:  # importance and norms in one pass over the features (utrc_lib.kernels)
-        scores, inv_norm = feature_stats(config.metric, feats, delta=delta, valid=state.valid, seed=config.seed,
+    metric = config.scoring_metric  # config.metric unless the method scores with its own
+    if get_metric(metric).source == "scan":  # hidden attention: scores from the scan, norms from the features
+        scores = importance(metric, None, scan=scan, reducible=red, params=config.resolved_params)
+        if method.needs_features:
+            _, inv_norm = feature_stats("l2", feats)
+    elif method.needs_features:  # importance and norms in one pass over the features (utrc_lib.kernels)
+        scores, inv_norm = feature_stats(metric, feats, delta=delta, valid=state.valid, seed=config.seed,
                                          salt=salt)
+    elif method.metrics:  # a scoring method without similarity features (decimamba)
+        scores = importance(metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
     ctx = Context(scores=scores, feats=feats, state=state, r=r, rules=config.branch_rules(),
                   causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt,
-                  static=static, inv_norm=inv_norm)
+                  static=static, inv_norm=inv_norm, params=config.resolved_params)
     return method.fn(ctx)
 
 
@@ -191,7 +204,9 @@ class ForwardReducer:
         self.schedule = schedule
         self.layers = schedule.anchors
         self.keep_ratio = schedule.keep_ratio
-        self.active = config.active and self.keep_ratio < 1.0 and bool(self.layers)
+        # absolute budget (decimamba without a ratio): the method's own count per anchor
+        self.absolute = bool(getattr(config, "absolute_budget", False))
+        self.active = config.active and (self.keep_ratio < 1.0 or self.absolute) and bool(self.layers)
         per_sample = protect_last is not None
         self.state = TokenState.initial(valid, protect_last=protect_last if per_sample else config.protect_last,
                                         protect_from=None if per_sample else config.protect_from)
@@ -212,15 +227,31 @@ class ForwardReducer:
     def wants(self, layer: int) -> bool:
         return self.active and layer in self.layers
 
+    def anchor_index(self, layer: int) -> int:
+        """s: the index of `layer` among the schedule's anchors (DeciMamba's budget decays with it)."""
+        return sorted(self.layers).index(layer)
+
+    def _absolute_r(self, layer: int) -> Tensor:
+        """(B,) tokens to remove under the method's absolute budget: reducible - budget(reducible, s)."""
+        n_red = self.state.reducible.sum(1)
+        kept = self.config.spec.budget(n_red, self.anchor_index(layer), self.config.resolved_params)
+        return (n_red - kept).clamp_min(0)
+
     def step(self, layer: int, hidden: Tensor, residual: Tensor, features: Optional[Tensor] = None,
-             delta: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """Reduce (hidden, residual) after `layer` if it is an anchor; returns them (B, N', D)."""
+             delta: Optional[Tensor] = None, scan=None) -> tuple[Tensor, Tensor]:
+        """Reduce (hidden, residual) after `layer` if it is an anchor; returns them (B, N', D).
+        scan: `hattn.ScanParams` of the anchor layer (hidden-attention metrics only)."""
         if not self.wants(layer):
             return hidden, residual
         static = None
         if self.uniform:
             n = self.n_current
-            r_host = n - self.schedule.kept(n, layer)
+            if self.absolute:
+                n_red = max(0, n - self.n_protected)
+                r_host = n_red - self.config.spec.budget(n_red, self.anchor_index(layer),
+                                                         self.config.resolved_params)
+            else:
+                r_host = n - self.schedule.kept(n, layer)
             if r_host == 0:
                 return hidden, residual
             if self.reduced and n - self.n_protected < 2:  # earlier anchors used up the reducible pool
@@ -229,7 +260,10 @@ class ForwardReducer:
             r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
             static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
         else:
-            r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
+            if self.absolute:
+                r = self._absolute_r(layer)
+            else:
+                r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
             if self.reduced:  # a sample whose pool earlier anchors used up is a shortfall, not an error
                 keep = self.state.reducible.sum(1) >= 2
                 if not bool(keep.all()) and bool((r > 0).any()):
@@ -239,10 +273,10 @@ class ForwardReducer:
                 return hidden, residual
         source = hidden if self.config.metric_source == "mixer" else features
         rounds = reduce_rounds(self.config, self.state, r, hidden=hidden, residual=residual, features=source,
-                               delta=delta, salt=layer, static=static, n_protected=self.n_protected)
+                               delta=delta, salt=layer, static=static, n_protected=self.n_protected, scan=scan)
         for plan, st in zip(rounds.plans, rounds.states_before):
             entry = {"layer": layer, "tokens_before": int(st.valid.shape[1]),
-                     "tokens_after": int(plan.num_out), "positions": None}
+                     "tokens_after": int(plan.num_out), "positions": None, "form": self.config.form}
             if self.record:  # the plan and the state it acted on (references, no copies): for reports
                 entry.update(plan=plan, positions_before=st.positions, sizes_before=st.sizes)
             self.history.append(entry)
@@ -341,7 +375,7 @@ class ReductionResult:
 
 def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: ReductionConfig,
                   n_keep, metric: Optional[Tensor] = None, lengths=None, delta: Optional[Tensor] = None,
-                  sizes: Optional[Tensor] = None) -> ReductionResult:
+                  sizes: Optional[Tensor] = None, scan=None) -> ReductionResult:
     """Reduce one layer's tokens (functional form of a single anchor).
 
     Args:
@@ -353,6 +387,7 @@ def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: 
         lengths: (B,) valid lengths, LEFT-padded (pads first, as the engine feeds Mamba); None = all valid.
         delta: (B, N, H) softplus timescale, for metric "delta".
         sizes: (B, N) token sizes from an earlier reduction (default 1).
+        scan: `hattn.ScanParams` (B, N, ...) of the layer's scan, for the hidden-attention metrics.
     Returns:
         ReductionResult with `.hidden`, `.residual`, `.positions` (original index, -1 = pad),
         `.sizes`, `.valid`, `.plan` (`.plans` when several rounds ran), `.requested`, `.removed`.
@@ -379,7 +414,8 @@ def reduce_tokens(hidden: Tensor, residual: Optional[Tensor] = None, *, config: 
     if config.method == "utrc_reference" and metric is None:
         metric = hidden
     source = metric if metric is not None else hidden
-    rounds = reduce_rounds(config, state, r, hidden=hidden, residual=residual, features=source, delta=delta)
+    rounds = reduce_rounds(config, state, r, hidden=hidden, residual=residual, features=source, delta=delta,
+                           scan=scan)
     nxt = rounds.state
     return ReductionResult(rounds.hidden, rounds.residual, nxt.positions, nxt.sizes, nxt.valid, rounds.plans[0],
                            rounds.plans, rounds.requested, rounds.removed)

@@ -97,7 +97,7 @@ class SliceReducer(ForwardReducer):
     Equal-length batches only (every token valid), as the timing runs use.
     """
 
-    def step(self, layer, hidden, residual, features=None, delta=None):
+    def step(self, layer, hidden, residual, features=None, delta=None, scan=None):
         if not self.wants(layer):
             return hidden, residual
         n = hidden.shape[1]
@@ -115,11 +115,11 @@ def timed_reducer(base: type, log: list) -> type:
     """Subclass of `base` whose step appends (start, end) timers to `log` (CUDA events or wall clock)."""
 
     class Timed(base):
-        def step(self, layer, hidden, residual, features=None, delta=None):
+        def step(self, layer, hidden, residual, features=None, delta=None, **kw):
             if not self.wants(layer):
                 return hidden, residual
             t = Stamp(hidden.device)
-            out = super().step(layer, hidden, residual, features=features, delta=delta)
+            out = super().step(layer, hidden, residual, features=features, delta=delta, **kw)
             t.stop()
             log.append((layer, hidden.shape[1], out[0].shape[1], t))
             return out
@@ -404,14 +404,41 @@ def generation_table(records: list[dict]) -> list[dict]:
 
 # -- one configuration ---------------------------------------------------------------------------
 
+# `--methods ssm`: the SSM-native methods of issue 31 (docs/ssm_methods.md) and the hidden-attention
+# metrics under UTRC and hattn_prune ("method@metric"), timed like every method (ms per anchor,
+# prefill speed-up); each runs at the bench's keep ratio (decimamba's ratio form)
+SSM_BENCH_METHODS = ("decimamba", "mtr_style", "adjacent_merge", "hattn_prune@hattn_window",
+                     "hattn_prune@hattn_last", "hattn_prune@hattn_colsum", "hattn_prune@hattn_nodecay",
+                     "utrc@hattn_last", "utrc@delta_l2")
+METHOD_GROUPS = {"ssm": SSM_BENCH_METHODS}
+
+
+def split_method(name: str) -> tuple[str, Optional[str]]:
+    """'method@metric' -> (method, metric); a plain name -> (name, None)."""
+    method, _, metric = name.partition("@")
+    return method, (metric or None)
+
+
+def bench_method_ok(name: str) -> bool:
+    """Whether `name` is a bench method: dense, slice, a registered method, or 'method@metric'."""
+    from ..core.methods import available_methods
+    from ..core.metrics import available_metrics
+
+    method, metric = split_method(name)
+    if name in ("dense", "slice"):
+        return True
+    return method in available_methods() and (metric is None or metric in available_metrics())
+
+
 def method_config(method: str, keep_ratio: float, layers, align: int = 1) -> Optional[ReductionConfig]:
     """The ReductionConfig a bench method patches with (None = dense), built by `config_from_args`
-    (causal: the method's own default)."""
+    (causal: the method's own default). 'method@metric' scores with that metric."""
     if method == "dense":
         return None
     if method == "slice":  # anchors and ratio only; the loop runs SliceReducer (no features captured)
         return config_from_args("random", keep_ratio=keep_ratio, layers=layers, align=align)
-    return config_from_args(method, keep_ratio=keep_ratio, layers=layers, align=align)
+    method, metric = split_method(method)
+    return config_from_args(method, keep_ratio=keep_ratio, layers=layers, align=align, metric=metric)
 
 
 @contextlib.contextmanager
@@ -462,6 +489,8 @@ def bench_prefill(model, backend: str, method: str, config, ids, device, repeats
     rec["reduction_ms_anchors"] = per_anchor
     rec["reduction_ms_anchors_runs"] = runs
     rec["tokens_per_anchor"] = [[n_in, n_out] for _, n_in, n_out, _ in log]
+    if config is not None:  # where the cut runs and what scored (docs/ssm_methods.md)
+        rec["form"], rec["scoring_metric"] = config.form, config.scoring_metric
     B, N = ids.shape
     rec["prefill_tokens_per_s"] = B * N / (rec["prefill_ms"] / 1e3)
     return rec
@@ -601,8 +630,9 @@ def validate(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, r
              ("ask_methods", g["ask_methods"], g["ask_many"])]
     for _, names, used in lists:
         for m in names if used else ():
-            if m not in valid_methods:
-                raise ValueError(f"unknown bench method {m!r}; valid: {', '.join(valid_methods)}")
+            if m not in valid_methods and not bench_method_ok(m):
+                raise ValueError(f"unknown bench method {m!r}; valid: {', '.join(valid_methods)} "
+                                 f"(or 'method@metric')")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     for shape in shapes:
@@ -908,10 +938,13 @@ def _cut_list(text: str) -> list[float]:
     return cuts
 
 
-def _names(valid, allow_empty: bool = False) -> Callable[[str], list[str]]:
+def _names(valid, allow_empty: bool = False, groups=None, extra_ok=None) -> Callable[[str], list[str]]:
+    """Comma list of names from `valid`; `groups` {alias: names} expand; extra_ok(name) admits more."""
     def parse(text: str) -> list[str]:
-        names = _csv(text)
-        bad = [n for n in names if n not in valid]
+        names = []
+        for n in _csv(text):
+            names += list(groups[n]) if groups and n in groups else [n]
+        bad = [n for n in names if n not in valid and not (extra_ok and extra_ok(n))]
         if bad or (not names and not allow_empty):
             raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}; valid: {', '.join(valid)}" if bad
                                              else "give at least one name")
@@ -929,8 +962,10 @@ def parser() -> argparse.ArgumentParser:
                     help="host library of the random-weight model (default mamba_ssm; hf = transformers)")
     ap.add_argument("--shapes", type=_names(list(SHAPES)), default="mamba2-2.7b,mamba-2.8b",
                     help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--methods", type=_names(methods), default="dense,slice,utrc,utrc_reference,evit,tome",
-                    help=f"comma list of {', '.join(methods)}")
+    ap.add_argument("--methods", type=_names(methods, groups=METHOD_GROUPS, extra_ok=bench_method_ok),
+                    default="dense,slice,utrc,utrc_reference,evit,tome",
+                    help=f"comma list of {', '.join(methods)}; 'method@metric' (e.g. utrc@hattn_last); "
+                         f"'ssm' = {','.join(SSM_BENCH_METHODS)}")
     ap.add_argument("--cuts", type=_cut_list, default="0.1,0.2,0.3", help="token-layer FLOPs cuts, each in [0, 1)")
     ap.add_argument("--batch", type=_positive_int, default=16,
                     help="prompts per prefill (default 16)")

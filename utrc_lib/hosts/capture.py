@@ -88,3 +88,20 @@ def delta_mamba1(x_dbl: Tensor, dt_proj: torch.nn.Linear, rank: int,
 
 
 DeltaReader = Callable[[Tensor, Optional[tuple[int, int]]], Tensor]
+
+
+# -- scan readers (hidden-attention metrics): the same hooked output -> core.hattn.ScanParams -------------
+def scan_mamba1(x_dbl: Tensor, mixer, rank: int, shape: Optional[tuple[int, int]] = None):
+    """Mamba-1 x_proj output -> ScanParams (Delta, B, C from x_proj; A = -exp(mixer.A_log))."""
+    from ..core import hattn
+
+    return hattn.from_mamba1(x_dbl, mixer.dt_proj.weight, mixer.dt_proj.bias, rank, mixer.A_log, shape)
+
+
+def scan_mamba2(zxbcdt: Tensor, mixer, *, heads: int, groups: int, state: int, limit, mask=None,
+                shape: Optional[tuple[int, int]] = None):
+    """Mamba-2 in_proj output -> ScanParams (B, C through the mixer's own conv filters and SiLU)."""
+    from ..core import hattn
+
+    return hattn.from_mamba2(zxbcdt, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log,
+                             heads=heads, groups=groups, state=state, limit=limit, mask=mask, shape=shape)

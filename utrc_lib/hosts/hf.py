@@ -16,8 +16,9 @@ What it changes, and nothing else:
     added to), reduces both with one plan, then adds them. Every block is still called through
     `nn.Module.__call__`, so hooks on `backbone.layers[i]` fire (at an anchor they see the reduced
     length);
-  * the anchor mixer's importance sources (out_proj input y, and the timescale for metric "delta")
-    are read with hooks inside `capture.tap()` around the mixer call and returned to the block.
+  * the anchor mixer's importance sources (out_proj input y, the timescale for the Delta metrics, and
+    Delta, B, C for the hidden-attention metrics, from the same in_proj / x_proj output) are read with
+    hooks inside `capture.tap()` around the mixer call and returned to the block.
 """
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def _delta_reader(mixer):
     return mixer.x_proj, lambda out: capture.delta_mamba1(out, mixer.dt_proj, mixer.time_step_rank)
 
 
+def _scan_reader(mixer):
+    """Function (hooked output of _delta_reader's module, attention mask or None) -> hattn.ScanParams."""
+    if hasattr(mixer, "dt_bias"):
+        return lambda out, mask: capture.scan_mamba2(out, mixer, heads=mixer.num_heads, groups=mixer.n_groups,
+                                                     state=mixer.ssm_state_size, limit=mixer.time_step_limit,
+                                                     mask=mask)
+    return lambda out, mask: capture.scan_mamba1(out, mixer, mixer.time_step_rank)
+
+
 def install(model, handle: Handle) -> None:
     """Patch `model` (instance attributes and hooks only, undone by handle.remove())."""
     backbone = model.backbone
@@ -50,13 +60,15 @@ def install(model, handle: Handle) -> None:
     for i in handle.schedule.layers:
         block = backbone.layers[i]
         mixer = block.mixer
-        read_delta = None
+        read_delta = read_scan = None
         if config.needs_ssm_output:
             handle.add_hook(capture.hook_ssm_output(mixer.out_proj))
-        if config.needs_delta:
+        if config.needs_delta or config.needs_scan:
             module, read_delta = _delta_reader(mixer)
             handle.add_hook(capture.hook_delta_source(module))
-        handle.set_attr(block, "forward", _anchor_forward(block, i, read_delta))
+            if config.needs_scan:
+                read_delta, read_scan = None, _scan_reader(mixer)
+        handle.set_attr(block, "forward", _anchor_forward(block, i, read_delta, read_scan))
 
     lm_forward = model.forward  # bound class method
     backbone_forward = backbone.forward
@@ -109,7 +121,7 @@ def _bind(signature, args, kwargs) -> dict:
     return bound
 
 
-def _anchor_forward(block, layer: int, read_delta):
+def _anchor_forward(block, layer: int, read_delta, read_scan=None):
     """The block's forward with the reduction after its mixer (see the module doc)."""
 
     def forward(hidden_states, cache=None, attention_mask=None, **kwargs):
@@ -124,7 +136,9 @@ def _anchor_forward(block, layer: int, read_delta):
         with capture.tap() as got:
             mixed = block.mixer(normed, cache, attention_mask=attention_mask)
         delta = read_delta(got.delta) if read_delta is not None and got.delta is not None else None
-        mixed, residual = reducer.step(layer, mixed, residual, features=got.ssm, delta=delta)  # (B, N', D)
+        scan = read_scan(got.delta, attention_mask) if read_scan is not None and got.delta is not None else None
+        extra = {} if scan is None else {"scan": scan}  # (reducer subclasses without `scan` keep working)
+        mixed, residual = reducer.step(layer, mixed, residual, features=got.ssm, delta=delta, **extra)  # (B, N', D)
         return residual + mixed
 
     return forward

@@ -45,6 +45,14 @@ def _delta_reader(mixer):
     return mixer.x_proj, lambda out, shape: capture.delta_mamba1(out, mixer.dt_proj, mixer.dt_rank, shape)
 
 
+def _scan_reader(mixer):
+    """Function (hooked output, (B, N)) -> hattn.ScanParams (hidden-attention metrics)."""
+    if _is_mamba2(mixer):
+        return lambda out, shape: capture.scan_mamba2(out, mixer, heads=mixer.nheads, groups=mixer.ngroups,
+                                                      state=mixer.d_state, limit=mixer.dt_limit, shape=shape)
+    return lambda out, shape: capture.scan_mamba1(out, mixer, mixer.dt_rank, shape)
+
+
 def install(model, handle: Handle) -> None:
     """Patch `model` (instance attributes and hooks only, undone by handle.remove())."""
     backbone = model.backbone
@@ -57,8 +65,10 @@ def install(model, handle: Handle) -> None:
             handle.add_hook(capture.hook_ssm_output(mixer.out_proj))
             # the fused kernels apply out_proj inside; the unfused path calls it as a module
             handle.set_attr(mixer, "use_mem_eff_path" if mamba2 else "use_fast_path", False)
-        if config.needs_delta:
+        if config.needs_delta or config.needs_scan:
             module, readers[i] = _delta_reader(mixer)
+            if config.needs_scan:
+                readers[i] = _scan_reader(mixer)
             handle.add_hook(capture.hook_delta_source(module))
             if not mamba2:
                 handle.set_attr(mixer, "use_fast_path", False)
@@ -117,11 +127,14 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, read
             continue
         with capture.tap() as got:
             hidden, residual = layer(hidden, residual, inference_params=inference_params)
-        ssm, delta = got.ssm, got.delta
+        ssm, delta, scan = got.ssm, got.delta, None
         del got  # y is (B, N, Di): hold it no longer than this anchor's step (peak memory)
         if delta is not None:
             delta = readers[i](delta, (B, hidden.shape[1]))
-        hidden, residual = reducer.step(i, hidden, residual, features=ssm, delta=delta)  # (B, N', D) each
-        del ssm, delta
+            if handle.config.needs_scan:
+                delta, scan = None, delta
+        extra = {} if scan is None else {"scan": scan}  # (reducer subclasses without `scan` keep working)
+        hidden, residual = reducer.step(i, hidden, residual, features=ssm, delta=delta, **extra)  # (B, N', D) each
+        del ssm, delta, scan
     hidden = _final_norm(backbone, hidden, residual)  # (B, N', D)
     return handle.output(reducer, hidden)
