@@ -34,6 +34,7 @@ test-notebooks: venv
 figures: venv
 	$(PY) -m utrc_lib.figures
 	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out figures/train_repetition
+	$(PY) scripts/train/depth_report.py --out figures/depth_family
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv

@@ -256,3 +256,15 @@ def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
         assert abs(sum(v for v, _ in r["windows"]) / r["tokens_scored"] - r["loss"]) < 1e-3
     with pytest.raises(SystemExit):
         train_small.main(common + ["--max-tokens", "100"])
+
+
+def test_depth_report_rerenders_the_committed_one(tmp_path):
+    """figures/depth_family is what scripts/train/depth_report.py makes of the committed training logs."""
+    import depth_report
+    committed = REPO / "figures/depth_family/depth_family.json"
+    if not committed.exists():
+        pytest.skip("no committed depth-family report")
+    rep = depth_report.main(["--out", str(tmp_path)])
+    assert (tmp_path / "depth_family.json").read_text() == committed.read_text()
+    # the deepest model is resolved better than the shallowest of its family (the recipe check)
+    assert all(p["delta_test_loss"] < 0 for p in rep["pairs"] if p["arch"] == "mamba2")

@@ -67,6 +67,33 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def fixed_recipe_lines(log: dict) -> list[str]:
+    """The card's training table for the fixed-token recipe: one row per device call, the schedule, and
+    the test perplexity's interval (bootstrap over the test windows, as scripts/train/depth_report.py)."""
+    import numpy as np
+    from depth_report import boot_ppl, test_windows
+    a = log["args"]
+    out = ["| device call | steps | tokens | seconds | tokens/s | kernel warm-up (s, untimed) | device |",
+           "|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(log["calls"], 1):
+        out.append(f"| {i} | {c['steps']} | {c['tokens_seen'] / 1e6:.1f}M | {c['train_seconds']:.0f} | "
+                   f"{c['tokens_per_second']:,} | {c['kernel_warmup_seconds']:.0f} | {c['hardware']} |")
+    lo, hi = boot_ppl(*test_windows(log), np.random.default_rng(0))
+    return out + [
+        "",
+        f"Fixed-token recipe: {a['total_tokens']:.3g} tokens requested, {log['steps']} steps; peak lr {a['lr']}, "
+        f"{a['warmup']} warm-up steps, cosine to {a['min_lr_frac']} x peak, all by step count (the same schedule "
+        "whatever the device or the calls); a call that reached its deadline saved the full state (weights, "
+        "AdamW moments, data order) and the next call resumed it exactly. These weights are the final ones "
+        "(no best-of selection).",
+        "",
+        f"Test perplexity {log['eval']['test']['overall']['ppl']:.2f}, 95% bootstrap interval over the "
+        f"{sum(len(r['windows']) for r in log['eval']['test']['per_source'].values())} test windows "
+        f"[{lo:.2f}, {hi:.2f}] (10,000 resamples, seed 0). No perplexity on Debian's fortunes: the project "
+        "reserves those packages as held-out text and keeps them out of everything here.",
+    ]
+
+
 def model_card(name: str, log: dict, join: dict) -> str:
     cfg = log["mamba_ssm_config"]
     ssm = cfg["ssm_cfg"]
@@ -96,9 +123,11 @@ def model_card(name: str, log: dict, join: dict) -> str:
             f"| {st['steps']} | {st['tokens_seen'] / 1e6:.1f}M | {st['train_seconds']:.0f} | "
             f"{st['tokens_per_second']:,} | {st['kernel_warmup_seconds']:.0f} | {st['lr']} ({st['warmup']}, "
             f"{st['min_lr_frac']}) | {st['best_step']} ({st['best_val_loss_in_training']:.4f}) |")
+    if log.get("recipe") == "fixed-tokens":     # the depth family (scripts/train/depth_family.sh)
+        lines[-len(stages) - 2:] = fixed_recipe_lines(log)
+    else:
+        lines += ["", "Each stage keeps its best in-training validation checkpoint; these weights are the last stage's."]
     lines += [
-        "",
-        "Each stage keeps its best in-training validation checkpoint; these weights are the last stage's.",
         "",
         "## Perplexity (fp16-rounded weights, fp32 compute, non-overlapping "
         f"{log['args']['seq']}-token windows per source)",
@@ -138,7 +167,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--tol-max", type=float, default=5e-2)
     ap.add_argument("--sample-tokens", type=int, default=80)
     ap.add_argument("--quick", action="store_true", help="join and convert only, no checks on CPU (device side)")
+    ap.add_argument("--card-only", action="store_true",
+                    help="rewrite the model card of the installed model SRC from its training_log.json (no join)")
     a = ap.parse_args(argv)
+    if a.card_only:
+        log = json.loads((Path(a.src) / "training_log.json").read_text())
+        (Path(a.src) / "README.md").write_text(model_card(a.name, log, log["join"]))
+        return log["join"]
     src = Path(a.src)
     dest = Path(a.dest) if a.dest else REPO / "data/models" / a.name
     log = json.loads((src / "training_log.json").read_text())

@@ -19,6 +19,11 @@ EMBEDDED = {
     "tiny-mamba": "Mamba-1, 12 layers, d_model 256, d_state 16, trained on the offline corpus",
     "small-mamba2": "Mamba-2, 24 layers, d_model 384, d_state 64, trained on corpus v2 (tokenizer v2)",
     "small-mamba": "Mamba-1, 24 layers, d_model 384, d_state 16, trained on corpus v2 (tokenizer v2)",
+    # the depth-controlled family (scripts/train/depth_family.sh): one recipe, 60M tokens of corpus v2,
+    # d_model 256; only the number of layers differs. The 64-layer weights are committed, the others
+    # are rebuilt from their card (data/models/depth-*/README.md) by the command in _TRAIN_HINT.
+    **{f"depth-mamba2-{n}": f"Mamba-2, {n} layers, d_model 256, d_state 64, depth family (60M tokens of corpus v2)"
+       for n in (12, 24, 48, 64)},
 }
 SUPPORTED_CLASSES = ("MambaForCausalLM", "Mamba2ForCausalLM")
 _TRAIN_HINT = {  # how each embedded model is made (a GPU machine with mamba-ssm)
@@ -26,6 +31,9 @@ _TRAIN_HINT = {  # how each embedded model is made (a GPU machine with mamba-ssm
     "tiny-mamba2": "`make models`, or `python3 scripts/train_lm.py --backend mamba_ssm --arch mamba2 --d-state 64 --out {path}`",
     "small-mamba": "`bash scripts/train/device.sh mamba` then `scripts/train/join.py` (scripts/train/README.md)",
     "small-mamba2": "`bash scripts/train/device.sh mamba2` then `scripts/train/join.py` (scripts/train/README.md)",
+    **{f"depth-mamba2-{n}": f"`QUEUE=depth-mamba2-{n} bash scripts/train/depth_family.sh` then "
+                            f"`scripts/train/join.py FILES_AT/depth-mamba2-{n} --name depth-mamba2-{n}` "
+                            "(scripts/train/README.md)" for n in (12, 24, 48, 64)},
 }
 
 
