@@ -67,6 +67,9 @@ class ReductionConfig:
             least `align`, at most n; 1 = off). GPU kernels run faster on lengths that are multiples
             of 8 / 16. The FLOPs accounting follows the rounding; the flops_reduction solver keeps
             the paper's continuous definition.
+        ratio_basis: "sample" (default): each sample removes r from its own valid length (docs/method.md
+            §3.3); "batch": every sample removes r computed from the padded batch length, as the
+            authors' code does (the `authors` evaluation protocol), capped by what the sample can lose.
         params: hyperparameters of the method and of its metric, {name: value} (or "name=value;..."),
             validated against what they declare (e.g. decimamba's L_base / beta / min_seq_len,
             mtr_style's keep_fraction, the hidden-attention metrics' window); `resolved_params` has
@@ -93,6 +96,7 @@ class ReductionConfig:
     protect_from: Optional[int] = None
     align: int = 1
     params: Optional[object] = None
+    ratio_basis: str = "sample"
 
     def __post_init__(self):
         for name in ("keep_ratio", "flops_reduction", "q"):   # numpy / torch scalars become plain floats
@@ -145,6 +149,8 @@ class ReductionConfig:
             raise ValueError("method and metric must be names (strings)")
         if self.protect_from is not None and self.protect_last:
             raise ValueError("give protect_last or protect_from, not both")
+        if self.ratio_basis not in RATIO_BASES:
+            raise ValueError(f"ratio_basis must be one of {', '.join(RATIO_BASES)}, got {self.ratio_basis!r}")
         if not _is_int(self.align) or self.align < 1:
             raise ValueError(f"align must be an integer >= 1, got {self.align!r}")
         if self.metric_source not in METRIC_SOURCES:
@@ -267,6 +273,8 @@ def _as_layers(v) -> Optional[tuple[int, ...]]:
     return (_as_number("layers", text, int),)
 
 
+RATIO_BASES = ("sample", "batch")   # r from each sample's length / from the padded batch length (authors)
+
 _PARSERS = {
     "metric": str, "hidden_rule": str, "residual_rule": str, "metric_source": str,
     "layers": _as_layers,
@@ -274,7 +282,7 @@ _PARSERS = {
     "q": lambda v: _as_number("q", v), "seed": lambda v: _as_number("seed", v, int),
     "align": lambda v: _as_number("align", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
     "causal": lambda v: parse_bool("causal", v),
-    "params": _params.normalise,
+    "params": _params.normalise, "ratio_basis": str,
 }
 BUILDER_FIELDS = ("method",) + tuple(_PARSERS)
 

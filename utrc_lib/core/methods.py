@@ -9,6 +9,8 @@ token's position within its sample, so a sample's plan never depends on the rest
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from dataclasses import dataclass, field
@@ -300,6 +302,13 @@ def _evit(ctx: Context) -> Plan:
     return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
 
 
+def _evit_reference(ctx: Context) -> Plan:
+    """EViT as the authors' code runs it (docs/method.md §2): the same clipped score, but the k
+    LOWEST-scoring tokens are kept and the rest fused into one token (their inversion). Reproduced
+    for the `authors` evaluation protocol only; `evit` is the method as published."""
+    return _evit(dataclasses.replace(ctx, scores=-ctx.scores))
+
+
 def _random(ctx: Context) -> Plan:
     """Drop r random reducible tokens (seeded, batch independent)."""
     red = ctx.state.reducible
@@ -328,6 +337,8 @@ _METHODS: dict[str, Method] = {
                hidden_rule="hybrid", residual_rule="merge", causal_capable=False, needs_features=False,
                repeat_rounds=False),
         Method("evit", _evit, "keep top-k by importance, fuse the rest into one token"),
+        Method("evit_reference", _evit_reference,
+               "EViT as the authors' code runs it: keeps the LOWEST-scoring tokens (their inversion)"),
         Method("pumer", _pumer, "prune the q least important, bipartite-merge the rest",
                hidden_rule="hybrid", residual_rule="hybrid"),
         Method("tome", _tome, "bipartite soft matching on alternate tokens, size-weighted merges"),

@@ -262,6 +262,9 @@ class ForwardReducer:
         else:
             if self.absolute:
                 r = self._absolute_r(layer)
+            elif self.config.ratio_basis == "batch":    # the authors' r: from the padded length, every row
+                r = torch.minimum(tokens_to_remove(torch.ones_like(self.state.valid), self.schedule.ratio(layer),
+                                                   self.schedule.align), self.state.reducible.sum(1))
             else:
                 r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
             if self.reduced:  # a sample whose pool earlier anchors used up is a shortfall, not an error

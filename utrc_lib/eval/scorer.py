@@ -70,7 +70,8 @@ from .suite import available_tasks, load_task, task_kind
 DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")
 # what run_metadata()["protect"] says for protect=True / False
 PROTECT_NOTE = {True: "continuation (protect_last = continuation tokens, per request)",
-                False: "none (unprotected: scored positions may be removed / merged)"}
+                False: "none (unprotected: the last n rows of the shortened sequence are scored, as the "
+                       "authors' code does; scored positions may be removed / merged)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +193,9 @@ def _model_device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def _forward(model, rows: list[list[int]], pad_token_id: int) -> torch.Tensor:
-    """Left-pad `rows`, run the model, return float32 logits (B, T, V)."""
+def _forward(model, rows: list[list[int]], pad_token_id: int, kept_only: bool = False) -> torch.Tensor:
+    """Left-pad `rows`, run the model, return float32 logits (B, T, V) ((B, T', V), T' <= T, the kept
+    rows left-padded, with `kept_only`: the handle's kept_only option is on)."""
     device = _model_device(model)
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
@@ -203,7 +205,7 @@ def _forward(model, rows: list[list[int]], pad_token_id: int) -> torch.Tensor:
         mask[i, T - len(r):] = 1
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.shape[1] != T:
+    if logits.shape[1] != T and not (kept_only and logits.shape[1] < T):
         raise RuntimeError(f"model returned {logits.shape[1]} logit positions for {T} input tokens; "
                            f"the patched model must return logits aligned by original position")
     return logits.float()
@@ -280,6 +282,11 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
     if handle is not None and protect:
         with handle.options(protect_last=[len(p[2]) for p in batch]):
             logits = _forward(model, rows, pad_token_id)
+    elif handle is not None:
+        # unprotected (the authors' alignment, docs/method.md §2): rows for the kept tokens only, left
+        # padded, and the last n of each row are scored, whichever positions they now stand for
+        with handle.options(kept_only=True):
+            logits = _forward(model, rows, pad_token_id, kept_only=True)
     else:
         logits = _forward(model, rows, pad_token_id)
     if cuts is not None:
@@ -762,8 +769,12 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
 
 def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Optional[ReductionConfig] = None, *,
              limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
-             max_length: int = 1024, protect: bool = True, items: bool = False) -> dict:
+             max_length: int = 1024, protect: bool = True, items: bool = False,
+             protocol: Optional[str] = None) -> dict:
     """Score `model` (patched with `config`, or dense when None) on the offline suite.
+
+    protocol: None (as `protect` says), "leak_free" (protected, the default behaviour) or "authors" (the
+    released code's protocol: `utrc_lib.eval.protocol`); "meta" records the protocol and the method run.
 
     Returns {task: {metric: value, ..., "n": items, "seconds": s}, "meta": run_metadata(...)}.
     Metrics: cloze acc/ppl, choice4 acc/acc_norm, choice2 acc, ppl ppl/nll/bits_per_byte/tokens
@@ -791,6 +802,13 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
     from ..hosts.handle import ensure_unpatched
 
     ensure_unpatched(model, "utrc_lib.eval.scorer.evaluate")
+    asked = config
+    if protocol is not None:
+        from .protocol import resolve_protocol
+
+        config, protect = resolve_protocol(config, protocol)
+    else:
+        protocol = "leak_free" if protect else "unprotected"
     was_training = model.training
     model.eval()
     results: dict = {}
@@ -840,4 +858,5 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
         model.train(was_training)
     results["meta"] = run_metadata(model, config, max_length=max_length, batch_size=batch_size, limit=limit,
                                    protect=protect)
+    results["meta"].update(protocol=protocol, method_asked="dense" if asked is None else asked.method)
     return results

@@ -1,0 +1,93 @@
+"""Evaluation protocols (issue 26): `leak_free` (ours) beside `authors` (the released code's scoring)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import utrc_lib as u
+from utrc_lib.eval.protocol import PROTOCOLS, resolve_protocol
+from utrc_lib.eval.scorer import score_tokens
+
+
+def test_resolve_protocol_maps_the_authors_choices():
+    cfg = u.ReductionConfig("evit", keep_ratio=0.7)
+    assert resolve_protocol(cfg, "leak_free") == (cfg, True)
+    run, protect = resolve_protocol(cfg, "authors")
+    assert (run.method, run.causal, run.ratio_basis, protect) == ("evit_reference", False, "batch", False)
+    assert resolve_protocol(u.ReductionConfig("pumer", keep_ratio=0.7), "authors")[0].method == "tome"
+    assert resolve_protocol(u.ReductionConfig("utrc", keep_ratio=0.7, protect_last=3), "authors")[0].protect_last == 0
+    assert resolve_protocol(None, "authors") == (None, False)
+    assert set(PROTOCOLS) == {"leak_free", "authors"}
+    with pytest.raises(ValueError, match="unknown protocol 'paper'; valid: leak_free, authors"):
+        resolve_protocol(cfg, "paper")
+    with pytest.raises(ValueError, match="ratio_basis must be one of sample, batch"):
+        u.ReductionConfig("utrc", keep_ratio=0.7, ratio_basis="padded")
+
+
+def _kept_and_fused(method, hidden, n_keep):
+    out = u.reduce_tokens(hidden, hidden.clone(), config=u.ReductionConfig(method, keep_ratio=0.5), n_keep=n_keep)
+    return set(out.positions[0].tolist())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_evit_reference_keeps_the_lowest_scoring_tokens(seed):
+    """Simple twin: the authors' EViT keeps the n_keep - 1 LOWEST clipped-mean tokens and fuses the rest
+    into one token at the latest fused position; our EViT keeps the highest."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, 14, 6, generator=g)
+    score = h.clamp_min(0).mean(-1)[0]
+    order = torch.argsort(score).tolist()                    # ascending; random floats: no ties
+    n_keep = 6
+    for method, kept in (("evit_reference", order[:n_keep - 1]), ("evit", order[::-1][:n_keep - 1])):
+        fused = [t for t in range(14) if t not in kept]
+        assert _kept_and_fused(method, h, n_keep) == set(kept) | {max(fused)}, method
+
+
+@torch.no_grad()
+def test_batch_ratio_basis_removes_the_padded_count_from_every_row(model):
+    """ratio_basis="batch": r from the padded length for every row (capped by what a row can lose);
+    "sample": from each row's own length."""
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0                                          # row 1 has 12 tokens, left-padded
+    removed = {}
+    for basis in ("sample", "batch"):
+        cfg = u.ReductionConfig("utrc", keep_ratio=0.75, layers=[1], ratio_basis=basis)
+        with u.apply(model, cfg) as handle:
+            model(ids, attention_mask=mask)
+            removed[basis] = handle.last_reducer.history[-1]["removed"].tolist()
+    assert removed["sample"] == [6, 3]                        # 24 - ceil(0.75 * 24), 12 - ceil(0.75 * 12)
+    assert removed["batch"] == [6, 6]
+
+
+@torch.no_grad()
+def test_unprotected_scoring_reads_the_last_rows_of_the_shortened_sequence(model):
+    """protect=False (the authors' alignment): the scored rows are the last n rows of the kept-only
+    output, never NaN rows of removed positions; protected scoring reads the model's own rows."""
+    g = torch.Generator().manual_seed(1)
+    reqs = [(torch.randint(1, 64, (n,), generator=g).tolist(), torch.randint(1, 64, (3,), generator=g).tolist())
+            for n in (30, 22)]
+    cfg = u.ReductionConfig("utrc", keep_ratio=0.6, layers=[1, 3])
+    unprot = score_tokens(model, reqs, cfg, batch_size=2, protect=False).results
+    prot = score_tokens(model, reqs, cfg, batch_size=2, protect=True).results
+    assert all(torch.isfinite(torch.tensor(ll)) for ll, _ in unprot + prot)
+    for (ctx, cont), (ll, _) in zip(reqs, unprot):        # twin: one request alone, kept-only rows
+        ids = torch.tensor([(ctx + cont)[:-1]])
+        with u.apply(model, cfg) as handle, handle.options(kept_only=True):
+            logp = torch.log_softmax(model(ids).logits[0, -len(cont):].float(), -1)
+        want = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+        assert abs(ll - want) < 1e-3
+    assert unprot != prot
+
+
+def test_evaluate_records_the_protocol(tmp_path):
+    from utrc_lib.eval.scorer import evaluate
+    model, tok = u.load_model("tiny-mamba2")
+    res = evaluate(model, tok, ["choice2"], u.ReductionConfig("pumer", flops_reduction=0.2), limit=4,
+                   batch_size=4, progress=False, protocol="authors")
+    assert res["meta"]["protocol"] == "authors" and res["meta"]["method_asked"] == "pumer"
+    assert res["meta"]["method"] == "tome" and res["meta"]["protect"].startswith("none")
+    dense = evaluate(model, tok, ["choice2"], None, limit=4, batch_size=4, progress=False)
+    assert dense["meta"]["protocol"] == "leak_free"
+    with pytest.raises(ValueError, match="unknown protocol"):
+        evaluate(model, tok, ["choice2"], None, limit=4, protocol="lenient")
