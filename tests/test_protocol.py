@@ -91,3 +91,12 @@ def test_evaluate_records_the_protocol(tmp_path):
     assert dense["meta"]["protocol"] == "leak_free"
     with pytest.raises(ValueError, match="unknown protocol"):
         evaluate(model, tok, ["choice2"], None, limit=4, protocol="lenient")
+
+
+def test_sweep_rows_record_their_protocol():
+    from utrc_lib.experiments.sweep import evaluate_config
+    kw = dict(tasks=["choice2"], limit=4, batch_size=4)
+    row = evaluate_config("tiny-mamba2", "evit", 0.2, protocol="authors", **kw)
+    assert row["protocol"] == "authors" and row["protect"] is False and row["meta/method"] == "evit_reference"
+    assert evaluate_config("tiny-mamba2", "evit", 0.2, **kw)["protocol"] == "leak_free"
+    assert evaluate_config("tiny-mamba2", "evit", 0.2, protect=False, **kw)["protocol"] == "unprotected"

@@ -541,11 +541,14 @@ DEFAULT_MAX_LENGTH = 1024   # utrc_lib.eval.scorer.evaluate's default input leng
 
 
 def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False,
-              max_length: int = DEFAULT_MAX_LENGTH):
-    """utrc_lib.eval.scorer.evaluate, with protection of the scored continuation on or off."""
+              max_length: int = DEFAULT_MAX_LENGTH, protocol: Optional[str] = None):
+    """utrc_lib.eval.scorer.evaluate, with protection of the scored continuation on or off, or under
+    an evaluation protocol (utrc_lib.eval.protocol)."""
     from ..eval import scorer as ev
 
     kw = {"items": True} if items else {}
+    if protocol is not None:
+        kw["protocol"] = protocol
     return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
                        progress=False, protect=protect, max_length=max_length, **kw)
 
@@ -566,8 +569,12 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
                     limit: Optional[int] = 100, seed: int = 0, batch_size: int = 16, protect: bool = True,
                     flops_seq_len: int = 128, fingerprint: str = "",
                     model_loader: Optional[Callable[[str], tuple]] = None, items: bool = False,
-                    max_length: int = DEFAULT_MAX_LENGTH, **config_kwargs) -> dict:
+                    max_length: int = DEFAULT_MAX_LENGTH, protocol: Optional[str] = None,
+                    **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
+
+    `protocol` ("leak_free" / "authors", utrc_lib.eval.protocol) overrides `protect`; the row's
+    "protocol" says how it was scored ("leak_free", "authors" or "unprotected").
 
     Returns the flattened task metrics ("cloze/acc", ...), the keep ratio and layers used, the
     token-layer FLOPs cut (the paper's definition) and the analytic FLOPs cut at `flops_seq_len`
@@ -590,13 +597,18 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     torch.manual_seed(seed)
     mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
-    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items, max_length=int(max_length))
+    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items, max_length=int(max_length),
+                    protocol=protocol)
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[f"meta/{k}"] = v
-    out["protect"] = bool(protect)
+    out["protect"] = meta.get("protocol", "leak_free") == "leak_free"
+    out["protocol"] = meta.get("protocol", "leak_free" if protect else "unprotected")
+    if protocol is not None and cfg is not None:   # the flops of what ran (the authors' methods)
+        from ..eval.protocol import resolve_protocol
+        cfg = resolve_protocol(cfg, protocol)[0]
     rep = flops(mdl, flops_seq_len, cfg, logits="last")
     L = rep.tokens_per_layer and len(rep.tokens_per_layer)
     if cfg is None:
