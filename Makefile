@@ -30,10 +30,14 @@ test-all: venv
 test-notebooks: venv
 	$(PY) -m pytest -q -m notebooks
 
-# Main job: regenerate every figure and its JSON from the embedded default.
+# Main job: re-derive every figure and its JSON from the committed evidence (01 / 02 / 04: per-item rows
+# in figures/<notebook>/evidence, statistics recomputed; a CPU verification subset checked against them),
+# computing only what is missing; never writes a smaller run over a committed one (those go to figures/fresh/).
+# FRESH=1: recompute everything at the sizes this device allows, into figures/fresh/ only.
+FRESH ?=
 figures: venv
-	$(PY) -m utrc_lib.figures
-	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out figures/train_repetition
+	$(PY) -m utrc_lib.figures $(if $(filter-out 0,$(FRESH)),--fresh,)
+	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out $(if $(filter-out 0,$(FRESH)),figures/fresh/train_repetition,figures/train_repetition)
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv

@@ -75,6 +75,7 @@ def worker(args) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False   # float32 as on the CPU (the verification compares them)
     torch.backends.cudnn.allow_tf32 = False
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.workers)))   # the workers share the cores
     work = Path(args.work)
     todo = json.loads((work / "todo.json").read_text())
     home = args.home_model
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
         procs = []
         for w in range(n_workers):   # worker output (warnings) to its own log; its tail is shown on failure
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(w), "--home-model",
-                                           models[w % len(models)], "--work", str(work)], cwd=REPO,
+                                           models[w % len(models)], "--work", str(work),
+                                           "--workers", str(n_workers)], cwd=REPO,
                                           env=dict(os.environ), stdout=open(work / f"worker{w}.log", "w"),
                                           stderr=subprocess.STDOUT, start_new_session=True))
         say(f"{n_workers} workers started (home models: {[models[w % len(models)] for w in range(n_workers)]})")
