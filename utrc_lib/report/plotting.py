@@ -85,7 +85,7 @@ class FigureSaver:
 
     def __call__(self, fig, name: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
         paths = []
-        stamp = fig.text(0.5, 0.999, self.label.upper(), ha="center", va="top", fontsize=9, color="#b00000",
+        stamp = fig.text(0.003, 0.999, self.label.upper(), ha="left", va="top", fontsize=9, color="#b00000",
                          fontweight="bold") if self.label else None
         try:
             for fmt in formats:
