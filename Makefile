@@ -8,6 +8,8 @@ export TRANSFORMERS_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
+# this checkout's code, also in notebook kernels (a shared or older .venv may have another checkout installed)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
 .PHONY: venv test test-all test-notebooks figures notebooks-sync corpus tokenizer models bench flops clean
 

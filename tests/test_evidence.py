@@ -174,3 +174,13 @@ def test_rendering_from_evidence_computes_nothing_and_restores_a_deleted_json(tm
     again = {p.name: p.read_bytes() for p in sorted((tmp_path / "fig").iterdir()) if p.name != "run_log.json"}
     assert again.keys() == first.keys()
     assert [k for k in first if first[k] != again[k]] == []
+    # the verification subset recomputes the first items here: it agrees with these rows, and fails loudly
+    # on rows that are not what this code computes (one gold log-likelihood moved by 0.1 nats)
+    stats = evidence.verify(tmp_path / "ev", items=1, ppl_items=1, cache=tmp_path / "verify.jsonl", log=lambda m: None)
+    assert stats["ok"] and stats["outcome_flips"] == 0 and stats["ll_outside"] == 0 and stats["ll_compared"] == 3 * 4
+    bad = evidence.load(tmp_path / "ev").rows
+    bad[1]["items"]["choice2"]["ll"][0] += 0.1
+    evidence.write(bad, tmp_path / "bad", command="test", machine={})
+    stats = evidence.verify(tmp_path / "bad", items=1, ppl_items=1, cache=tmp_path / "verify.jsonl", log=lambda m: None)
+    assert not stats["ok"] and stats["ll_outside"] == 1 and "choice2" in stats["outside"][0]
+    assert "VERIFICATION FAILED" in evidence.verify_report(stats, "bad")

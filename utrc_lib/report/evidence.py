@@ -56,7 +56,10 @@ FOLDERS = {"01_main_results": "figures/01_main_results/evidence",
 
 # tolerance of `verify` (the GPU-tier test's, tests/test_gpu_eval.py): |ll - committed| <= ATOL + RTOL |committed|
 LL_ATOL, LL_RTOL = 2e-3, 2e-4
-MAX_FLIP_SHARE = 0.005   # outcome flips (near ties resolved the other way) allowed, share of compared outcomes
+# outcome flips / lls outside the tolerance allowed, as a share of the compared ones: near ties (of two
+# options, or of two merge partners in a reduction's matching) resolved the other way by float rounding
+# on another device; every one is listed. A code or data change moves far more than this.
+MAX_FLIP_SHARE = 0.005
 
 
 def sig(x, digits: int = DIGITS):
@@ -453,7 +456,8 @@ def verify(folder, *, items: int = 20, ppl_items: Optional[int] = None, cache=No
         el = time.time() - t0
         log(f"verify {Path(folder).parent.name}: {k + 1}/{n_rows} configurations ({p.get('model')}, {p.get('method')}, "
             f"cut {p.get('cut')}), {sweep._fmt_s(el)} elapsed, ~{sweep._fmt_s(el / (k + 1) * (n_rows - k - 1))} left")
-    stats["ok"] = stats["ll_outside"] == 0 and stats["outcome_flips"] <= MAX_FLIP_SHARE * max(1, stats["outcomes"])
+    stats["ok"] = (stats["ll_outside"] <= MAX_FLIP_SHARE * stats["ll_compared"]
+                   and stats["outcome_flips"] <= MAX_FLIP_SHARE * stats["outcomes"])
     stats["tolerance"] = {"ll_atol": LL_ATOL, "ll_rtol": LL_RTOL, "max_flip_share": MAX_FLIP_SHARE}
     return stats
 
@@ -471,7 +475,8 @@ def verify_report(stats: dict, folder) -> str:
              f"  outcomes equal: {stats['outcomes'] - stats['outcome_flips']}/{stats['outcomes']} "
              f"(flips allowed: {MAX_FLIP_SHARE:.1%})",
              f"  gold log-likelihoods within {LL_ATOL} + {LL_RTOL}|ll| nats: {stats['ll_compared'] - stats['ll_outside']}"
-             f"/{stats['ll_compared']} (largest difference {stats['ll_max_abs_diff']:.2e} nats); largest KL difference "
+             f"/{stats['ll_compared']} (outside allowed: {MAX_FLIP_SHARE:.1%}; largest difference "
+             f"{stats['ll_max_abs_diff']:.2e} nats); largest KL difference "
              f"{stats['kl_max_abs_diff']:.2e} nats"]
     for w in stats["flips"][:20]:
         lines.append(f"  FLIP {w}")
