@@ -401,9 +401,10 @@ def size_label(rows: Sequence[dict]) -> dict:
 
 # -- verification ------------------------------------------------------------------------------------
 def verify(folder, *, items: int = 20, ppl_items: Optional[int] = None, cache=None, batch_size: int = 16,
-           notebooks: Optional[Sequence[str]] = None, log=print) -> dict:
+           cuts: Optional[Sequence[float]] = None, log=print) -> dict:
     """Recompute the first `items` items of every task (`ppl_items` perplexity windows, default
-    `items`) of every configuration of evidence `folder` here (CPU when no GPU), and compare item by
+    `items`) of every configuration of evidence `folder` (with `cuts`: the dense ones and those at
+    these cuts) here (CPU when no GPU), and compare item by
     item with the committed rows: the same outcome (correct / correct_norm) and the gold
     log-likelihood within LL_ATOL + LL_RTOL |ll|. Returns the agreement numbers; "ok" is False when
     an ll is outside the tolerance or more than MAX_FLIP_SHARE of the outcomes flip."""
@@ -414,8 +415,10 @@ def verify(folder, *, items: int = 20, ppl_items: Optional[int] = None, cache=No
     t0 = time.time()
     stats = {"configurations": 0, "outcomes": 0, "outcome_flips": 0, "ll_compared": 0, "ll_outside": 0,
              "ll_max_abs_diff": 0.0, "kl_max_abs_diff": 0.0, "flips": [], "outside": [], "items": items,
-             "ppl_items": ppl_items or items}
-    rows = ev.rows
+             "ppl_items": ppl_items or items, "cuts": "all" if cuts is None else list(cuts),
+             "of_configurations": len(ev.rows)}
+    rows = [r for r in ev.rows if cuts is None or r["params"].get("method") in ("none", "dense")
+            or any(abs(float(r["params"].get("cut", 0)) - float(c)) < 1e-9 for c in cuts)]
     n_rows = len(rows)
     for k, r in enumerate(rows):
         p = dict(r["params"])
@@ -470,8 +473,9 @@ def _where(p, task, iid, field, mine, theirs) -> str:
 
 
 def verify_report(stats: dict, folder) -> str:
-    lines = [f"verification of {folder}: {stats['configurations']} configurations, first {stats['items']} items per task "
-             f"({stats['ppl_items']} ppl windows) recomputed here",
+    lines = [f"verification of {folder}: {stats['configurations']} of its {stats['of_configurations']} configurations "
+             f"(dense and cuts {stats['cuts']}), first {stats['items']} items per task ({stats['ppl_items']} ppl windows) "
+             f"recomputed here",
              f"  outcomes equal: {stats['outcomes'] - stats['outcome_flips']}/{stats['outcomes']} "
              f"(flips allowed: {MAX_FLIP_SHARE:.1%})",
              f"  gold log-likelihoods within {LL_ATOL} + {LL_RTOL}|ll| nats: {stats['ll_compared'] - stats['ll_outside']}"
@@ -498,13 +502,15 @@ def main(argv=None) -> int:
     v.add_argument("folder")
     v.add_argument("--items", type=int, default=20)
     v.add_argument("--ppl-items", type=int, default=None)
+    v.add_argument("--cuts", default="all", help="comma list of cuts to verify besides dense (default all)")
     a = ap.parse_args(argv)
     if a.cmd == "show":
         ev = load(a.folder)
         print(json.dumps({k: v for k, v in ev.manifest.items() if k != "files"}, indent=1))
         print(f"{len(ev)} configurations")
         return 0
-    stats = verify(a.folder, items=a.items, ppl_items=a.ppl_items)
+    stats = verify(a.folder, items=a.items, ppl_items=a.ppl_items,
+                   cuts=None if a.cuts == "all" else [float(c) for c in a.cuts.split(",")])
     print(verify_report(stats, a.folder))
     return 0 if stats["ok"] else 1
 

@@ -45,7 +45,10 @@ QUICK = {"quick": True}
 FRESH = REPO / "figures" / "fresh"          # runs that are not the committed ones (git-ignored)
 LABEL_ENV = "UTRC_RUN_LABEL"                # a run's label, stamped on its figures and results.json
 PER_MACHINE = ("03_efficiency",)            # CPU timings: figures/<name> is rewritten only with --per-machine
-VERIFY_ITEMS, VERIFY_PPL = 10, 5            # default verification subset (items per task, ppl windows)
+# default verification subset: dense and every method at the 30% cut of both models (16 of 01's 44
+# configurations), 8 items per task and 8 ppl windows; about 2 minutes on 2 shared cores (a configuration
+# costs 5-9 s there whatever its item count: one forward per task); --verify-cuts all: every configuration
+VERIFY_ITEMS, VERIFY_PPL, VERIFY_CUTS = 8, 8, "0.3"
 # rough wall seconds of each notebook on 2 CPU cores in the default mode (for the remaining-time estimate)
 EXPECTED_S = {"00_walkthrough": 40, "01_main_results": 120, "02_design_choices": 60, "03_efficiency": 90,
               "04_failure_of_transformer_methods": 60, "05_algorithm_step_by_step": 40,
@@ -334,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verify-items", type=int, default=VERIFY_ITEMS,
                     help=f"items per task of the CPU verification of 01's evidence (default {VERIFY_ITEMS}; 0: skip)")
     ap.add_argument("--verify-ppl", type=int, default=VERIFY_PPL, help=f"ppl windows of the verification ({VERIFY_PPL})")
+    ap.add_argument("--verify-cuts", default=VERIFY_CUTS,
+                    help=f"cuts verified besides dense, comma list or 'all' (default {VERIFY_CUTS})")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     params = dict(QUICK) if a.quick else {}
@@ -382,7 +387,8 @@ def main(argv=None) -> int:
     verified = None
     if not a.quick and not a.fresh and a.verify_items > 0 and not cuda and \
             (not a.only or "01_main_results" in a.only):
-        verified = verify_evidence(a.verify_items, a.verify_ppl, t0)
+        verified = verify_evidence(a.verify_items, a.verify_ppl, t0,
+                                   None if a.verify_cuts == "all" else [float(c) for c in a.verify_cuts.split(",")])
     total = time.time() - t0
     if not a.quick and not a.only and not a.fresh:
         (REPO / "figures").mkdir(exist_ok=True)
@@ -400,7 +406,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def verify_evidence(items: int, ppl: int, t0: float, log=print) -> dict:
+def verify_evidence(items: int, ppl: int, t0: float, cuts=None, log=print) -> dict:
     """The CPU verification of 01's committed evidence (`evidence.verify`); {"skipped": why} without it."""
     from . import evidence
 
@@ -408,9 +414,10 @@ def verify_evidence(items: int, ppl: int, t0: float, log=print) -> dict:
     if not evidence.exists(folder):
         log(f"verification: skipped ({evidence.FOLDERS['01_main_results']} is not committed yet)")
         return {"skipped": "no evidence", "ok": True}
-    log(f"[figures] verification: first {items} items per task ({ppl} ppl windows) of every configuration of "
-        f"{evidence.FOLDERS['01_main_results']}, recomputed here, {_fmt(time.time() - t0)} elapsed")
-    stats = evidence.verify(folder, items=items, ppl_items=ppl, log=log)
+    log(f"[figures] verification: first {items} items per task ({ppl} ppl windows) of the dense configurations and "
+        f"those at cuts {'all' if cuts is None else cuts} of {evidence.FOLDERS['01_main_results']}, recomputed here, "
+        f"{_fmt(time.time() - t0)} elapsed")
+    stats = evidence.verify(folder, items=items, ppl_items=ppl, cuts=cuts, log=log)
     report = evidence.verify_report(stats, evidence.FOLDERS["01_main_results"])
     log(report if stats["ok"] else "!" * 100 + "\n" + report + "\n" + "!" * 100)
     return {k: v for k, v in stats.items() if k not in ("flips", "outside")} | {
