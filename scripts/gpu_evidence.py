@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Compute the committed evidence of notebooks 01 / 02 / 04 on one GPU: every item of every task, every
-configuration the notebooks define (01: dense + 7 methods x 3 cuts x 2 models = 44; 02: 25 on
-tiny-mamba2, its dense row shared with 01; 04: a subset of 01's), float32, leak-free scoring, TF32 off.
+configuration the notebooks define (01: dense + 7 methods x 3 cuts x 2 models = 44; 02: 24 on
+tiny-mamba2, its dense row shared with 01, so 67 to compute; 04: a subset of 01's), float32, leak-free
+scoring, TF32 off, batch 512.
 
 THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute limit per call):
 
     PYTHONPATH=$PWD python3 scripts/gpu_evidence.py --out $OUT --deadline 540
 
 Needs data/models/tiny-mamba2 and data/models/tiny-mamba (the small-* models are not used and need not
-travel), data/benchmarks/, data/tokenizer/ and utrc_lib/; no carry. It writes (7 files, ~2-6 MB in all):
+travel), data/benchmarks/, data/tokenizer/, notebooks/*.py and utrc_lib/; no carry. Expected: 67
+configurations at 4-9 s each in one process (the old run) is ~9 minutes of work; with 4 workers about 3-5
+minutes, so one call, two if the workers do not overlap on the GPU. It writes (7 files, ~4.5 MB in all):
 
     $OUT/figures/01_main_results/evidence/{configs.json,items.parquet,manifest.json}    (01 and 04)
     $OUT/figures/02_design_choices/evidence/{configs.json,items.parquet,manifest.json}  (02)
@@ -19,6 +22,7 @@ AFTERWARDS, on the development machine, from the repo root (FILES = the folder t
     cp -r FILES/figures/01_main_results/evidence figures/01_main_results/
     cp -r FILES/figures/02_design_choices/evidence figures/02_design_choices/
     cat FILES/gpu_evidence.log >> figures/gpu_evidence.log
+    python -m utrc_lib.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
 
 If the log's last line says "INCOMPLETE" (the deadline came first), run the same device command again
 with the copied folders in the working tree (they travel with it: untracked files git does not ignore):
