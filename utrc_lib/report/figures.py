@@ -46,9 +46,10 @@ FRESH = REPO / "figures" / "fresh"          # runs that are not the committed on
 LABEL_ENV = "UTRC_RUN_LABEL"                # a run's label, stamped on its figures and results.json
 PER_MACHINE = ("03_efficiency",)            # CPU timings: figures/<name> is rewritten only with --per-machine
 # default verification subset: dense and every method at the 30% cut of both models (16 of 01's 44
-# configurations), 8 items per task and 8 ppl windows; about 2 minutes on 2 shared cores (a configuration
-# costs 5-9 s there whatever its item count: one forward per task); --verify-cuts all: every configuration
-VERIFY_ITEMS, VERIFY_PPL, VERIFY_CUTS = 8, 8, "0.3"
+# configurations), 5 items per task and 5 ppl windows (its cost grows with the requests: measured on 2
+# cores shared with other jobs, load 4-5, ~20 s per configuration at 8 items, ~8 s at 4); --verify-cuts
+# all: every configuration
+VERIFY_ITEMS, VERIFY_PPL, VERIFY_CUTS = 5, 5, "0.3"
 # rough wall seconds of each notebook on 2 CPU cores in the default mode (for the remaining-time estimate)
 EXPECTED_S = {"00_walkthrough": 40, "01_main_results": 120, "02_design_choices": 60, "03_efficiency": 90,
               "04_failure_of_transformer_methods": 60, "05_algorithm_step_by_step": 40,
