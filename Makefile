@@ -8,6 +8,8 @@ export TRANSFORMERS_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
+# this checkout's code, also in notebook kernels (a shared or older .venv may have another checkout installed)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
 .PHONY: venv test test-all test-notebooks figures notebooks-sync corpus tokenizer models bench flops clean
 
@@ -30,11 +32,15 @@ test-all: venv
 test-notebooks: venv
 	$(PY) -m pytest -q -m notebooks
 
-# Main job: regenerate every figure and its JSON from the embedded default.
+# Main job: re-derive every figure and its JSON from the committed evidence (01 / 02 / 04: per-item rows
+# in figures/<notebook>/evidence, statistics recomputed; a CPU verification subset checked against them),
+# computing only what is missing; never writes a smaller run over a committed one (those go to figures/fresh/).
+# FRESH=1: recompute everything at the sizes this device allows, into figures/fresh/ only.
+FRESH ?=
 figures: venv
-	$(PY) -m utrc_lib.figures
-	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out figures/train_repetition
-	$(PY) scripts/train/depth_report.py --out figures/depth_family
+	$(PY) -m utrc_lib.figures $(if $(filter-out 0,$(FRESH)),--fresh,)
+	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out $(if $(filter-out 0,$(FRESH)),figures/fresh/train_repetition,figures/train_repetition)
+	$(PY) scripts/train/depth_report.py --out $(if $(filter-out 0,$(FRESH)),figures/fresh/depth_family,figures/depth_family)
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv

@@ -19,7 +19,10 @@
 # labelled as theirs: they come from their 1.3B-2.8B checkpoints on six lm-eval benchmarks, scored with
 # their (non-causal, unprotected) code, so only the ordering of methods is comparable, not the values.
 #
-# Every finished configuration is cached (`.cache/sweeps/`): rerunning after an interruption resumes.
+# The per-item rows are committed (`figures/01_main_results/evidence/`, computed on a GPU by
+# `scripts/gpu_evidence.py`): every configuration they hold is read from them, and only the others are
+# computed; every statistic below is recomputed from the rows. Computed rows are cached (`.cache/sweeps/`):
+# rerunning after an interruption resumes.
 # Each row keeps its per-item outcomes (correct, gold log-likelihood, KL to the dense model at the scored
 # positions), so every number below carries a paired 95% interval and every UTRC-vs-baseline difference a
 # test (`utrc_lib.experiments.paired`): exact McNemar per task, stratified paired bootstrap for the mean
@@ -32,8 +35,9 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoin
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
 cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 20                              # items per task (None: all 1000 / 200 windows); sized for `make figures` on 2 CPU cores (the full run: scripts/gpu_full_run.sh)
+limit: int = 20                              # items per task (None: all 1000 / 200 windows); `make figures` passes None when the committed evidence holds every item
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
+evidence: str = "../figures/01_main_results/evidence"   # committed per-item rows (the GPU run, scripts/gpu_evidence.py): configurations it holds at this `limit` are read, not recomputed ("": compute all)
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
@@ -48,7 +52,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import plotting
+from utrc_lib.report import evidence as rows, plotting
 from utrc_lib.report.notebooks import setup
 
 ctx = setup("01_main_results", globals())  # threads, seed, output folder, figure saver, style
@@ -56,13 +60,13 @@ out, save = ctx.out, ctx.save
 
 # %%
 if quick:
-    methods, cuts, limit, resamples = methods[:2], cuts[1:2], min(limit or 6, 6), min(resamples, 300)
+    methods, cuts, limit, resamples, evidence = methods[:2], cuts[1:2], min(limit or 6, 6), min(resamples, 300), ""
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = analysis.ACC_METRICS   # averaged into avg_acc (paper: mean of accuracies)
 configs = analysis.method_grid(model_names, methods, cuts)   # dense + every method at every cut
-res = sweep.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", desc="01 main results",
-                common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size), items=True)
+res = rows.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", evidence=evidence, desc="01 main results",
+               common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size))
 print(res.report())
 df = analysis.with_avg_acc(res.frame(), stderr=True)
 devices = sorted({str(v) for v in df.get("meta/device", pd.Series(["?"])).dropna()})

@@ -32,8 +32,9 @@ starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors st
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 15                              # items per task (None: all); sized for `make figures` on 2 CPU cores (the full run: scripts/gpu_full_run.sh)
+limit: int = 15                              # items per task (None: all); `make figures` passes None when the committed evidence holds every item
 batch_size: int = 16
+evidence: str = "../figures/02_design_choices/evidence"   # committed per-item rows (scripts/gpu_evidence.py); "": compute all
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of every interval (seed = `seed`)
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
@@ -47,7 +48,7 @@ from IPython.display import display
 import pandas as pd
 
 from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import plotting
+from utrc_lib.report import evidence as rows, plotting
 from utrc_lib.report.notebooks import setup
 
 ctx = setup("02_design_choices", globals())  # threads, seed, output folder, figure saver, style
@@ -58,26 +59,16 @@ if quick:
     metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 4, 4)
     resamples = min(resamples, 300)
     tasks = [t for t in tasks if t in ("cloze", "choice2")] or tasks  # the two cheapest tasks
+    evidence = ""
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 ACC = analysis.ACC_METRICS
 common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
-groups = {
-    "dense": sweep.grid(model=model_names, method=["none"], cut=[0.0]),
-    "metric": sweep.grid(model=model_names, method=["utrc"], cut=[cut], metric=metrics),
-    "location": sweep.grid(model=model_names, method=["utrc"], cut=[cut], layers=[analysis.anchor_schedule(s) for s in starts]),  # 4 anchors, every 2 layers
-    "hidden_q": sweep.grid(model=model_names, method=["utrc"], cut=[branch_cut],
-                           hidden_rule=[f"hybrid({q})" for q in qs], residual_rule=["merge"]),
-    "residual_rule": sweep.grid(model=model_names, method=["utrc"], cut=[branch_cut], hidden_rule=["hybrid(0.5)"],
-                                residual_rule=residual_rules),
-    "modes": sweep.grid(model=model_names, method=["utrc"], cut=[cut], causal=[True, False], protect=[True, False])
-             + sweep.grid(model=model_names, method=["utrc_reference"], cut=[cut], causal=[False], protect=[True, False])
-             + sweep.grid(model=model_names, method=["none"], cut=[0.0], protect=[False]),
-}
+groups = rows.design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules)  # with model fingerprints
 frames, results = {}, {}
 for g, cfgs in groups.items():
-    r = sweep.run(sweep.evaluate_config, sweep.with_fingerprints(cfgs), Path(cache_dir) / "eval.jsonl",
-                  desc=f"02 {g}", common=common, items=True)
+    r = rows.run(sweep.evaluate_config, cfgs, Path(cache_dir) / "eval.jsonl", evidence=evidence,
+                 desc=f"02 {g}", common=common)
     print(g, "-", r.report())
     f = analysis.with_avg_acc(r.frame(errors=True), stderr=True)
     # each bar's own 95% interval (bootstrap over items; mean accuracy stratified by task) and KL on the ppl task

@@ -33,8 +33,9 @@ model_names: list = ["tiny-mamba2", "tiny-mamba"]
 methods: list = ["utrc", "evit", "pumer", "tome"]
 cuts: list = [0.1, 0.2, 0.3]                 # shares the cached rows of 01_main_results
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]
-limit: int = 20                              # same as 01_main_results: its cached rows are reused
+limit: int = 20                              # same as 01_main_results: its cached rows are reused (None: all items)
 batch_size: int = 16
+evidence: str = "../figures/01_main_results/evidence"   # 01's committed per-item rows (04's configurations are 01's); "": compute
 error_layer: int = 2                         # the single reduction happens after this layer
 error_keep_ratio: float = 0.6                # tokens kept at that reduction
 error_texts: int = 8                         # passages (ppl task contexts, 192 tokens) for the error curves
@@ -50,7 +51,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import plotting
+from utrc_lib.report import evidence as rows, plotting
 from utrc_lib.report.notebooks import setup
 
 ctx = setup("04_failure_of_transformer_methods", globals())  # threads, seed, output folder, figure saver, style
@@ -59,11 +60,12 @@ out, save = ctx.out, ctx.save
 # %%
 if quick:
     methods, cuts, limit, error_texts, resamples = methods[:2], cuts[1:2], min(limit or 6, 6), 2, min(resamples, 300)
+    evidence = ""
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
 configs = analysis.method_grid(model_names, methods, cuts)   # dense + every method at every cut (01's rows)
-res = sweep.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", desc="04 accuracy",
-                common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size), items=True)
+res = rows.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", evidence=evidence, desc="04 accuracy",
+               common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size))
 print(res.report())
 df = analysis.with_avg_acc(res.frame())
 acc = paired.accuracy_table(res, resamples=resamples, seed=seed)

@@ -1,4 +1,6 @@
 #!/bin/bash
+# SUPERSEDED by scripts/gpu_evidence.py (issue 25), which writes the rows as committed evidence
+# (figures/<notebook>/evidence/) instead of a git-ignored sweep cache; kept as the record of issue 12's run.
 # The full evaluation run behind the committed figures of 01 / 02 / 04 (issue 12), on one GPU:
 # every item of every task, all methods, all cuts, both embedded models, float32 transformers path.
 #   bash scripts/gpu_full_run.sh            (on the GPU machine, from the repo root; OUT defaults to out/)

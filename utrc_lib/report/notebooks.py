@@ -41,6 +41,7 @@ NOTEBOOKS = REPO / "notebooks"
 FIGURES = REPO / "figures"
 SCRATCH = CACHE / "notebooks"
 SYNC_COMMAND = "python -m utrc_lib.report.notebooks sync"
+RUN_LABEL_ENV = "UTRC_RUN_LABEL"   # "fresh run, n=..." / "CPU subset, n=...": on every figure and in results.json
 PARAMETERS_TAG = "parameters"
 NOTEBOOK_METADATA = {
     "jupytext": {"formats": "ipynb,py:percent"},
@@ -226,6 +227,13 @@ class NotebookContext:
         level. Prints the path."""
         from .provenance import write_results
 
+        if self.save.label:
+            extra = {"run": {"label": self.save.label, "subset": "subset" in self.save.label}, **extra}
+        source = self.namespace.get("evidence")
+        if source:   # rendered from committed rows: say which, and what computed them
+            from .evidence import provenance
+
+            extra = {"evidence": provenance(source), **extra}
         path = write_results(self.out, self.name, parameters=self.parameters(), data=data,
                              seed=self.namespace["seed"], figures=self.save.names,
                              wall_s=time.perf_counter() - self.started, **extra)
@@ -270,7 +278,8 @@ def setup(name: str, namespace: dict, *, folder: Path = NOTEBOOKS,
     out = output_folder(name, namespace["out_dir"], bool(namespace["quick"]))
     out.mkdir(parents=True, exist_ok=True)
     namespace["out_dir"] = str(out)
-    save = plotting.FigureSaver(out)
+    label = os.environ.get(RUN_LABEL_ENV, "")   # set by the figures runner for runs that are not the committed ones
+    save = plotting.FigureSaver(out, label=label)
     plotting.setup()
     names = parameter_names(parameters_source if parameters_source is not None else parameters_cell(name, folder))
     where = "" if out.resolve().is_relative_to(FIGURES.resolve()) else \

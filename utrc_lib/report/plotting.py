@@ -77,18 +77,25 @@ def setup(font_size: float = 9.0) -> None:
 class FigureSaver:
     """save(fig, "name") -> writes out_dir/name.png and .pdf; .names lists what was written."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, label: str = ""):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.names: list[str] = []
+        self.label = label   # e.g. "fresh run, n=20 items per task (CPU)": stamped on every figure saved
 
     def __call__(self, fig, name: str, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
         paths = []
-        for fmt in formats:
-            p = self.out_dir / f"{name}.{fmt}"
-            fig.savefig(p, metadata=SAVE_METADATA.get(fmt))
-            paths.append(p)
-            self.names.append(p.name)
+        stamp = fig.text(0.003, 0.999, self.label.upper(), ha="left", va="top", fontsize=9, color="#b00000",
+                         fontweight="bold") if self.label else None
+        try:
+            for fmt in formats:
+                p = self.out_dir / f"{name}.{fmt}"
+                fig.savefig(p, metadata=SAVE_METADATA.get(fmt))
+                paths.append(p)
+                self.names.append(p.name)
+        finally:
+            if stamp is not None:
+                stamp.remove()
         return paths
 
 

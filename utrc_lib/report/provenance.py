@@ -49,8 +49,13 @@ CUT_FIELD_MEANING = {
     "analytic_flops_cut": "1 - reduced / dense FLOPs counted by utrc_lib.flops",
 }
 
-# Parameters that say where a run writes, not what it computes: recorded in the run log only.
-LOCATION_PARAMETERS = ("out_dir", "cache_dir")
+# Parameters that say where a run writes or reads, not what it computes: recorded in the run log only
+# (results.json names the evidence it was rendered from under "evidence", relative to the repository).
+LOCATION_PARAMETERS = ("out_dir", "cache_dir", "evidence")
+# versions that the install fixes (results.json); the machine's own (python build, platform, threads,
+# CUDA, optional kernels) go to the run log, so another machine regenerates the same bytes
+STABLE_VERSIONS = ("torch", "transformers", "tokenizers", "numpy", "utrc_lib", "utrc_code_version")
+DIGITS = 6   # significant digits of every float in results.json (what the computations resolve)
 TIMING_FIELD = "seconds"   # a record key equal to it or ending in "/seconds" is a duration
 
 EVALUATION = (
@@ -127,15 +132,31 @@ def results_document(notebook: str, *, parameters: dict, data: dict, seed: int,
                      figures: Sequence[str] = (), **extra) -> tuple[dict, dict]:
     """(results.json document, run-log fields) of one notebook run (see the module docstring)."""
     params = {k: v for k, v in parameters.items() if k not in LOCATION_PARAMETERS}
-    versions = environment.versions()
-    commit = versions.pop("git_commit", None)
+    every = environment.versions()
+    commit = every.pop("git_commit", None)
+    versions = {k: every[k] for k in STABLE_VERSIONS if k in every}
+    machine = {k: v for k, v in every.items() if k not in STABLE_VERSIONS}
     clean, timings = split_record_fields(jsonable(data))
     doc = {"notebook": notebook, "parameters": params, "seed": seed, "versions": versions,
            "flops_definition": FLOPS_DEFINITION, "cut_fields": CUT_FIELD_MEANING, "evaluation": EVALUATION,
            "figures": sorted(figures), **extra, "data": clean}
-    log = {"git_commit": commit, "locations": {k: parameters[k] for k in LOCATION_PARAMETERS if k in parameters},
-           "timings": timings}
-    return jsonable(doc), jsonable(log)
+    log = {"git_commit": commit, "machine": machine,
+           "locations": {k: parameters[k] for k in LOCATION_PARAMETERS if k in parameters}, "timings": timings}
+    return round_floats(jsonable(doc)), jsonable(log)
+
+
+def round_floats(obj, digits: int = DIGITS):
+    """Every float of a JSON structure to `digits` significant digits (integers and strings unchanged):
+    the last digits of a float differ between machines (BLAS, threads), the first six do not."""
+    if isinstance(obj, float):
+        if obj == 0.0 or not math.isfinite(obj):
+            return obj
+        return float(f"{obj:.{digits - 1}e}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, digits) for v in obj]
+    return obj
 
 
 def write_results(out_dir, notebook: str, *, parameters: dict, data: dict, seed: int,
