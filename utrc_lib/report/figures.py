@@ -236,7 +236,8 @@ def _cuda() -> bool:
 
 def plan(name: str, params: dict, *, fresh: bool, per_machine: bool, quick: bool, cuda: bool, log=print) -> tuple:
     """(parameters, label, note) of notebook `name` in this run (see the module docstring); the
-    parameters hold out_dir (figures/<name> or figures/fresh/<name>) unless quick."""
+    parameters hold out_dir (figures/<name> or figures/fresh/<name>) unless quick; None (the notebook is
+    not run) for an evidence notebook whose evidence is not committed, outside fresh mode."""
     from . import evidence
     from .notebooks import figures_folder
 
@@ -282,9 +283,10 @@ def plan(name: str, params: dict, *, fresh: bool, per_machine: bool, quick: bool
             params["evidence"] = ""
             lim = params.get("limit", evidence.notebook_defaults(name).get("limit"))
             log("!" * 100 + f"\n!!! {name}: NO COMMITTED EVIDENCE ({evidence.FOLDERS[name]} is missing): the committed "
-                f"figures/{name} (the full GPU run) are LEFT UNTOUCHED.\n!!! A CPU subset (n={lim} items per task) is "
-                f"written to {fresh_dir} instead. Compute the evidence with scripts/gpu_evidence.py.\n" + "!" * 100)
-            return {"out_dir": fresh_dir, **params}, f"CPU subset, n={lim} items per task", f"CPU subset into {fresh_dir}"
+                f"figures/{name} (the full GPU run) are LEFT UNTOUCHED and not re-derived.\n!!! Compute the evidence "
+                f"with scripts/gpu_evidence.py; `make figures FRESH=1` runs a CPU subset (n={lim} items per task) into "
+                f"{fresh_dir}.\n" + "!" * 100)
+            return None, "", f"SKIPPED: no committed evidence ({evidence.FOLDERS[name]}); figures/{name} left untouched"
     out = {"out_dir": str(figures_folder(name)), **params}
     old = committed_size(name)
     if old is not None and name in evidence.FOLDERS and out["out_dir"] == str(figures_folder(name)):
@@ -370,6 +372,8 @@ def main(argv=None) -> int:
         if note:
             print(f"{path.stem}: {note}", flush=True)
             notes[path.stem] = note
+        if nb_params is None:
+            continue
         old_label = os.environ.get(LABEL_ENV)
         os.environ[LABEL_ENV] = label
         try:
