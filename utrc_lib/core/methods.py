@@ -311,10 +311,19 @@ def _pumer(ctx: Context) -> Plan:
     n_prune = torch.minimum(torch.floor(ctx.r.float() * frac + 1e-9).long(), red.sum(1))
     pruned = lowest(ctx.scores, red, n_prune)
     is_a, is_b = alternate_halves(red & ~pruned)
-    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune, inv_norm=ctx.inv_norm,
+    sizes = counts = None
+    st = ctx.static
+    if st is not None:  # host sizes (no padding): the same counts, no host sync
+        p_host = min(math.floor(st["r"] * frac + 1e-9), st["n_red"])
+        m = st["n_red"] - p_host
+        sizes = (st["r"] - p_host, m - m // 2, m // 2)
+        if ctx.match_window is None:
+            n_match = max(0, min(sizes))
+            counts = (p_host + n_match, {branch: n_match > 0 for branch in ctx.rules})
+    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune, sizes, inv_norm=ctx.inv_norm,
                                    window=ctx.match_window)
     merged = {branch: matched for branch in ctx.rules}
-    return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal)
+    return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal, counts=counts)
 
 
 def _evit(ctx: Context) -> Plan:
@@ -333,7 +342,11 @@ def _evit(ctx: Context) -> Plan:
     is_src = fused & (ar != last[:, None])
     dst = last[:, None].expand(B, N)
     merged = {branch: is_src for branch in ctx.rules}
-    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
+    counts = None
+    if ctx.static is not None:  # host sizes (no padding): r sources in every sample, no host sync
+        r_host = max(0, min(ctx.static["r"], ctx.static["n_red"] - 1))
+        counts = (r_host, {branch: r_host > 0 for branch in ctx.rules})
+    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal, counts=counts)
 
 
 def _random(ctx: Context) -> Plan:
@@ -341,8 +354,11 @@ def _random(ctx: Context) -> Plan:
     red = ctx.state.reducible
     u = seeded_uniform(ctx.state.valid, ctx.seed, 7919 + ctx.salt)
     is_src = lowest(u, red, torch.minimum(ctx.r, red.sum(1)))
+    counts = None
+    if ctx.static is not None:  # host sizes (no padding): no host sync
+        counts = (min(ctx.static["r"], ctx.static["n_red"]), {b: False for b in ctx.rules})
     return build_plan(ctx.state.valid, is_src, torch.zeros_like(ctx.r)[:, None].expand_as(is_src),
-                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal)
+                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal, counts=counts)
 
 
 def _none(ctx: Context) -> Plan:
