@@ -303,3 +303,27 @@ def test_bad_generation_arguments_are_rejected_before_any_model(bad, tmp_path, n
 def test_transformers_rows_need_the_mamba_ssm_backend(no_model):
     with pytest.raises(ValueError, match="gen_hf_methods"):
         bench.run_bench(out=None, **dict(GEN, gen_hf_methods=["dense"]))
+
+
+def test_long_prefill_fields(tmp_path):
+    """Issue 28 fields: spread of the repeats, no full-logits forwards when asked, batch-1 records keyed
+    apart from batch-2 ones in one JSON; the extra-memory fields exist only on CUDA."""
+    out = tmp_path / "long.json"
+    run = dict(RUN, methods=["dense", "utrc", "evit", "tome"], repeats=2)
+    bench.run_bench(out=str(out), full_logits=False, **dict(run, batch=1, seq_len=96))
+    recs = bench.run_bench(out=str(out), full_logits=False, **run)
+    assert sorted({(r["batch"], r["seq_len"]) for r in recs}) == [(1, 96), (2, 64)]
+    for r in recs:
+        assert "error" not in r, r.get("traceback")
+        assert "peak_mem_gb_full_logits" not in r
+        sp = r["prefill_ms_spread"]
+        assert sp["min"] <= r["prefill_ms"] <= sp["max"] and sp["rel_half_range"] >= 0
+        assert "reduction_extra_mem_gb_max" not in r  # CPU: no allocator statistics
+        if r["method"] != "dense":
+            assert r["reduction_ms_spread"]["min"] > 0
+
+
+def test_spread():
+    assert bench.spread([]) == {}
+    s = bench.spread([1.0, 3.0, 2.0])
+    assert s == {"min": 1.0, "max": 3.0, "rel_half_range": 0.5}

@@ -132,7 +132,7 @@ def test_bipartite_match_padded_samples():
     assert torch.equal(torch.where(is_src, dst, -1), torch.where(want_src, want_dst, -1))
 
 
-@pytest.mark.parametrize("method", ["utrc", "tome", "pumer", "merge_only"])
+@pytest.mark.parametrize("method", ["utrc", "tome", "pumer", "merge_only", "prune_only", "evit", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_static_sizes_plan_equals_general_plan(method, dtype):
     """The sync-free path for equal-length batches (host sizes) builds the same plan as the general one."""
@@ -153,6 +153,7 @@ def test_static_sizes_plan_equals_general_plan(method, dtype):
                             static={"n": N, "n_red": N - 3, "r": r_host})
     for name in ("base", "pos_index", "slot_valid", "src", "src_slot"):
         assert torch.equal(getattr(general, name), getattr(static, name)), name
+    assert general.has_merge == static.has_merge and general.all_valid == static.all_valid
     for branch in ("hidden", "residual"):
         a = general.apply(hidden if branch == "hidden" else residual, branch, state.sizes)
         b = static.apply(hidden if branch == "hidden" else residual, branch, state.sizes)
@@ -184,3 +185,25 @@ def test_apply_merges_against_naive_loop():
                 w = sizes[b, members]
                 want = (x[b, members] * w[:, None]).sum(0) / w.sum()
                 torch.testing.assert_close(out[b, k], want)
+
+
+@pytest.mark.parametrize("method", ["utrc", "tome", "merge_only", "prune_only", "pumer", "evit", "random"])
+def test_static_anchor_reads_nothing_back(method, monkeypatch):
+    """No fixed per-anchor host sync (issue 28): on an equal-length batch the reduction step never reads
+    a device value back to the host (no bool / int / item / tolist / nonzero of a tensor), at any anchor.
+    docs/prefill_speed.md lists the syncs removed and those that remain."""
+    from utrc_lib.core.reduce import ForwardReducer
+
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, (lambda o, n: lambda self, *a, **k: (reads.append(n), o(self, *a, **k))[1])(orig, name))
+    cfg = u.ReductionConfig(method, keep_ratio=0.7)
+    sched = cfg.resolve(10)
+    g = torch.Generator().manual_seed(0)
+    h, r = torch.randn(2, 64, 16, generator=g), torch.randn(2, 64, 16, generator=g)
+    red = ForwardReducer(cfg, sched, torch.ones(2, 64, dtype=torch.bool), uniform=True)
+    for layer in range(10):
+        h, r = red.step(layer, h, r, features=h)
+    monkeypatch.undo()
+    assert red.n_current < 64 and reads == [], reads

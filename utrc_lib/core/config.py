@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from . import params as _params
 from . import schedule
-from .methods import get_method
+from .methods import available_methods, get_method
 from .metrics import get_metric
 
 RULES = ("prune", "merge", "hybrid")
@@ -74,6 +74,11 @@ class ReductionConfig:
             validated against what they declare (e.g. decimamba's L_base / beta / min_seq_len,
             mtr_style's keep_fraction, the hidden-attention metrics' window); `resolved_params` has
             every default filled in. Stored as sorted (name, value) pairs (hashable).
+        match_window: None (default: global matching) or an integer >= 1: the bipartite matching of
+            the methods that support it (utrc, tome, pumer, prune_only, merge_only) links a token only
+            to tokens at most `match_window` token indices away (counted in the sequence the anchor
+            sees); a token with none there is not removed by that round. A speed option whose accuracy
+            on the long tasks is not measured yet: not recommended (docs/prefill_speed.md).
 
     A method that scores with its own metrics (`Method.metrics`, e.g. decimamba: delta_l2) uses the
     config's metric when it is one of them and its first one otherwise; `scoring_metric` says which
@@ -97,6 +102,7 @@ class ReductionConfig:
     align: int = 1
     params: Optional[object] = None
     ratio_basis: str = "sample"
+    match_window: Optional[int] = None
 
     def __post_init__(self):
         for name in ("keep_ratio", "flops_reduction", "q"):   # numpy / torch scalars become plain floats
@@ -153,6 +159,15 @@ class ReductionConfig:
             raise ValueError(f"ratio_basis must be one of {', '.join(RATIO_BASES)}, got {self.ratio_basis!r}")
         if not _is_int(self.align) or self.align < 1:
             raise ValueError(f"align must be an integer >= 1, got {self.align!r}")
+        if self.match_window is not None:
+            if not _is_int(self.match_window) or self.match_window < 1:
+                raise ValueError(f"match_window must be None (global matching) or an integer >= 1, "
+                                 f"got {self.match_window!r}")
+            if not method.windowed:
+                ok = [n for n in available_methods() if get_method(n).windowed]
+                raise ValueError(f"method {self.method!r} has no bipartite matching to window; match_window "
+                                 f"applies to: {', '.join(ok)}")
+            object.__setattr__(self, "match_window", int(self.match_window))
         if self.metric_source not in METRIC_SOURCES:
             raise ValueError(f"unknown metric_source {self.metric_source!r}; valid: {METRIC_SOURCES}")
         if self.layers is not None:
@@ -280,7 +295,8 @@ _PARSERS = {
     "layers": _as_layers,
     "keep_ratio": lambda v: _as_number("keep_ratio", v), "flops_reduction": lambda v: _as_number("flops_reduction", v),
     "q": lambda v: _as_number("q", v), "seed": lambda v: _as_number("seed", v, int),
-    "align": lambda v: _as_number("align", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
+    "align": lambda v: _as_number("align", v, int),
+    "match_window": lambda v: _as_number("match_window", v, int), "protect_last": lambda v: _as_number("protect_last", v, int),
     "causal": lambda v: parse_bool("causal", v),
     "params": _params.normalise, "ratio_basis": str,
 }

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .kernels import scaled_row_max
+from .kernels import row_best, scaled_row_max, tile_matching
 from .metrics import seeded_uniform
 from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan, stable_partition
 
@@ -53,6 +53,7 @@ class Context:
     static: Optional[dict] = None  # {"n", "n_red", "r"} host ints when no sample is padded
     inv_norm: Optional[Tensor] = None
     params: dict = field(default_factory=dict)  # the method's / metric's hyperparameters, defaults filled in
+    match_window: Optional[int] = None  # bipartite matching only within this many token indices (None: global)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Method:
     form: Optional[str] = None
     # the similarity source is needed even with a Delta / scan metric (cosine matching on features)
     uses_similarity: bool = False
+    # the method's bipartite matching honours ReductionConfig.match_window (Context.match_window)
+    windowed: bool = False
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -107,7 +110,9 @@ _BMM_FP32_OUT: dict = {}  # device type -> whether torch.bmm(..., out_dtype=torc
 
 
 def _best_match(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor],
-                b_ok: Optional[Tensor], n_b: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                b_ok: Optional[Tensor], n_b: Optional[int] = None, *, window: Optional[int] = None,
+                pos_a: Optional[Tensor] = None, pos_b: Optional[Tensor] = None,
+                a_ok: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Best B token of every A token: (cosine (B, RA) float32, index into the B list (B, RA)).
 
     (B, RA, C) x (B, C, RB) dot products, each column scaled by its B token's inverse norm, row max
@@ -117,7 +122,15 @@ def _best_match(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Option
     CUDA half precision: tensor-core bmm with float32 output (no overflow of raw dot products, no
     normalised copy of the features), then one Triton pass for the scaled row max; where the
     float32-output bmm is missing, both sides' rows are scaled first. CPU: float32.
+
+    Long inputs (|A| |B| >= kernels.TILE_MIN_PAIRS per sample) and windowed matching (`window`: only
+    B tokens with |pos_b - pos_a| <= window; pos_a / pos_b the tokens' indices) run tiled
+    (`kernels.row_best`: fused Triton kernel on CUDA, chunked torch twin elsewhere): the same maxima
+    and tie rule (first B index), memory linear in N instead of the (B, |A|, |B|) float32 buffer.
     """
+    RB = fb_t.shape[2] if n_b is None else n_b
+    if tile_matching(fa.shape[1], RB, window):
+        return row_best(fa, fb_t[..., :RB], inv_a, inv_b, b_ok, pos_a=pos_a, pos_b=pos_b, window=window, a_ok=a_ok)
     half = fa.is_cuda and fa.dtype in (torch.float16, torch.bfloat16)
     prescaled = False
     if half and _BMM_FP32_OUT.get(fa.device.type, True):
@@ -148,7 +161,7 @@ def _best_match(fa: Tensor, fb_t: Tensor, inv_a: Optional[Tensor], inv_b: Option
 
 def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
                     sizes: Optional[tuple[int, int, int]] = None,
-                    inv_norm: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    inv_norm: Optional[Tensor] = None, window: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Link each A token to its most similar B token (cosine), keep the r[b] best edges.
 
     Paper §3 steps 3-4 (and ToMe's bipartite soft matching). `inv_norm` (B, N) = 1 / ||feats|| per
@@ -156,8 +169,10 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
     gathered in one pass (channel-major features are gathered along their token axis, no contiguous
     copy); the A x B matmul runs in the features' dtype on CUDA (half precision: tensor cores,
     float32 output) and in float32 on CPU. `sizes` = (r, |A|, |B|) as host integers when they are the
-    same for every sample (no host sync then). Returns is_src (B, N) bool and dst (B, N) long (the B
-    token each chosen source joins).
+    same for every sample (no host sync then). `window`: an A token is matched only to B tokens at
+    most `window` token indices away; A tokens with none there are never chosen (so fewer than r
+    edges may be kept: the caller counts the sources on the device). Returns is_src (B, N) bool and
+    dst (B, N) long (the B token each chosen source joins).
     """
     B, N, C = feats.shape
     ar = torch.arange(N, device=feats.device).expand(B, N)
@@ -201,7 +216,11 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
     inv_a = inv_b = None
     if inv_norm is not None:
         inv_a, inv_b = inv_norm.gather(1, a_idx), inv_norm.gather(1, b_idx)
-    g, j = _best_match(fa, fb_t, inv_a, inv_b, b_ok, RB)  # (B, RA) best cosine, index into the B list
+    g, j = _best_match(fa, fb_t, inv_a, inv_b, b_ok, RB, window=window, pos_a=a_idx, pos_b=b_idx,
+                       a_ok=a_ok)  # (B, RA) best cosine, index into the B list
+    if window is not None:  # A tokens with no B token inside the window are never sources
+        near = has_partner(a_idx, b_idx, b_ok, window)
+        a_ok = near if a_ok is None else a_ok & near
     if a_ok is not None:
         g = g.masked_fill(~a_ok, float("-inf"))
     edge_rank = _inverse_perm(torch.argsort(g, dim=1, descending=True, stable=True))
@@ -211,6 +230,16 @@ def bipartite_match(feats: Tensor, is_a: Tensor, is_b: Tensor, r: Tensor,
     is_src = torch.zeros_like(is_a).scatter(1, a_idx, chosen)
     dst = ar.clone().scatter(1, a_idx, b_idx.gather(1, j))
     return is_src, dst
+
+
+def has_partner(pos_a: Tensor, pos_b: Tensor, b_ok: Optional[Tensor], window: int) -> Tensor:
+    """(B, M) bool: some valid B entry lies within `window` of each A position. The valid B entries
+    come first in pos_b, ascending (stable_partition); no host sync."""
+    big = torch.iinfo(torch.long).max // 4
+    pb = pos_b if b_ok is None else pos_b.masked_fill(~b_ok, big)
+    idx = torch.searchsorted(pb.contiguous(), (pos_a - window).contiguous())  # first B at >= pos_a - window
+    nxt = pb.gather(1, idx.clamp_max(pb.shape[1] - 1))
+    return (idx < pb.shape[1]) & (nxt <= pos_a + window)
 
 
 def edges_to_plan(ctx: Context, is_src: Tensor, dst: Tensor, n_src_host: Optional[int] = None) -> Plan:
@@ -250,13 +279,19 @@ def alternate_halves(reducible: Tensor) -> tuple[Tensor, Tensor]:
 
 # -- methods -------------------------------------------------------------------------------------
 
+def _host_sources(ctx: Context, sizes) -> Optional[int]:
+    """Sources per sample as a host integer (static sizes, global matching), else None (counted on the
+    device: a window may leave A tokens without a partner)."""
+    return None if sizes is None or ctx.match_window is not None else min(sizes)
+
+
 def _utrc(ctx: Context) -> Plan:
     """Paper §3: importance split, cosine match A -> B, top-r edges, per-branch prune/merge/hybrid."""
     is_a, is_b = importance_halves(ctx.scores, ctx.state.reducible)
     st = ctx.static
     sizes = None if st is None else (st["r"], st["n_red"] // 2, st["n_red"] - st["n_red"] // 2)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm)
-    return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm, ctx.match_window)
+    return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
 
 def _tome(ctx: Context) -> Plan:
@@ -264,8 +299,8 @@ def _tome(ctx: Context) -> Plan:
     is_a, is_b = alternate_halves(ctx.state.reducible)
     st = ctx.static
     sizes = None if st is None else (st["r"], st["n_red"] - st["n_red"] // 2, st["n_red"] // 2)
-    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm)
-    return edges_to_plan(ctx, is_src, dst, None if sizes is None else min(sizes))
+    is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm, ctx.match_window)
+    return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
 
 def _pumer(ctx: Context) -> Plan:
@@ -278,9 +313,19 @@ def _pumer(ctx: Context) -> Plan:
     n_prune = torch.minimum(torch.floor(ctx.r.float() * frac + 1e-9).long(), red.sum(1))
     pruned = lowest(ctx.scores, red, n_prune)
     is_a, is_b = alternate_halves(red & ~pruned)
-    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune, inv_norm=ctx.inv_norm)
+    sizes = counts = None
+    st = ctx.static
+    if st is not None:  # host sizes (no padding): the same counts, no host sync
+        p_host = min(math.floor(st["r"] * frac + 1e-9), st["n_red"])
+        m = st["n_red"] - p_host
+        sizes = (st["r"] - p_host, m - m // 2, m // 2)
+        if ctx.match_window is None:
+            n_match = max(0, min(sizes))
+            counts = (p_host + n_match, {branch: n_match > 0 for branch in ctx.rules})
+    matched, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r - n_prune, sizes, inv_norm=ctx.inv_norm,
+                                   window=ctx.match_window)
     merged = {branch: matched for branch in ctx.rules}
-    return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal)
+    return build_plan(ctx.state.valid, matched | pruned, dst, merged, ctx.causal, counts=counts)
 
 
 def _evit(ctx: Context) -> Plan:
@@ -299,7 +344,11 @@ def _evit(ctx: Context) -> Plan:
     is_src = fused & (ar != last[:, None])
     dst = last[:, None].expand(B, N)
     merged = {branch: is_src for branch in ctx.rules}
-    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal)
+    counts = None
+    if ctx.static is not None:  # host sizes (no padding): r sources in every sample, no host sync
+        r_host = max(0, min(ctx.static["r"], ctx.static["n_red"] - 1))
+        counts = (r_host, {branch: r_host > 0 for branch in ctx.rules})
+    return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal, counts=counts)
 
 
 def _evit_reference(ctx: Context) -> Plan:
@@ -314,8 +363,11 @@ def _random(ctx: Context) -> Plan:
     red = ctx.state.reducible
     u = seeded_uniform(ctx.state.valid, ctx.seed, 7919 + ctx.salt)
     is_src = lowest(u, red, torch.minimum(ctx.r, red.sum(1)))
+    counts = None
+    if ctx.static is not None:  # host sizes (no padding): no host sync
+        counts = (min(ctx.static["r"], ctx.static["n_red"]), {b: False for b in ctx.rules})
     return build_plan(ctx.state.valid, is_src, torch.zeros_like(ctx.r)[:, None].expand_as(is_src),
-                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal)
+                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal, counts=counts)
 
 
 def _none(ctx: Context) -> Plan:
@@ -331,7 +383,7 @@ def _utrc_reference(ctx: Context) -> Plan:
 _METHODS: dict[str, Method] = {
     m.name: m for m in (
         Method("utrc", _utrc, "UTRC as the paper states it (hidden: hybrid q, residual: merge)",
-               hidden_rule="hybrid", residual_rule="merge"),
+               hidden_rule="hybrid", residual_rule="merge", windowed=True),
         Method("utrc_reference", _utrc_reference,
                "the authors' released behaviour (per-channel sort, even/odd, fold into position 1)",
                hidden_rule="hybrid", residual_rule="merge", causal_capable=False, needs_features=False,
@@ -340,11 +392,12 @@ _METHODS: dict[str, Method] = {
         Method("evit_reference", _evit_reference,
                "EViT as the authors' code runs it: keeps the LOWEST-scoring tokens (their inversion)"),
         Method("pumer", _pumer, "prune the q least important, bipartite-merge the rest",
-               hidden_rule="hybrid", residual_rule="hybrid"),
-        Method("tome", _tome, "bipartite soft matching on alternate tokens, size-weighted merges"),
+               hidden_rule="hybrid", residual_rule="hybrid", windowed=True),
+        Method("tome", _tome, "bipartite soft matching on alternate tokens, size-weighted merges",
+               windowed=True),
         Method("prune_only", _utrc, "UTRC matching, prune on both branches",
-               hidden_rule="prune", residual_rule="prune"),
-        Method("merge_only", _utrc, "UTRC matching, merge on both branches"),
+               hidden_rule="prune", residual_rule="prune", windowed=True),
+        Method("merge_only", _utrc, "UTRC matching, merge on both branches", windowed=True),
         Method("random", _random, "drop r random tokens (seeded)", needs_features=False),
         Method("none", _none, "no reduction (dense)", needs_features=False),
     )

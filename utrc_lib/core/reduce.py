@@ -174,7 +174,8 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         scores = importance(metric, feats, delta=delta, valid=state.valid, seed=config.seed, salt=salt)
     ctx = Context(scores=scores, feats=feats, state=state, r=r, rules=config.branch_rules(),
                   causal=config.causal, hidden=hidden, residual=residual, seed=config.seed, salt=salt,
-                  static=static, inv_norm=inv_norm, params=config.resolved_params)
+                  static=static, inv_norm=inv_norm, params=config.resolved_params,
+                  match_window=config.match_window)
     return method.fn(ctx)
 
 

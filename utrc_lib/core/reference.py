@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import row_best_torch, tile_matching
 from .plan import Plan, TokenState, build_plan
 
 Tensor = torch.Tensor
@@ -43,8 +44,11 @@ def reference_edges(hidden: Tensor, r: int) -> tuple[Tensor, Tensor]:
     n = hidden.shape[1]
     mid = n // 2
     a, b = s[:, mid:], s[:, :mid]
-    scores = a @ b.transpose(-1, -2)  # (G, ceil(n/2), floor(n/2))
-    node_max, node_idx = scores.max(dim=-1)
+    if tile_matching(a.shape[1], b.shape[1]):  # long segments: row max in tiles, no (n/2)^2 buffer
+        node_max, node_idx = row_best_torch(a, b.transpose(-1, -2), product=torch.matmul)
+    else:
+        scores = a @ b.transpose(-1, -2)  # (G, ceil(n/2), floor(n/2))
+        node_max, node_idx = scores.max(dim=-1)
     edges = node_max.argsort(dim=-1, descending=True)[..., None]
     src_idx = edges[:, :r].sort(dim=1).values[..., 0]
     dst_idx = node_idx[..., None].gather(1, edges[:, :r])[..., 0]

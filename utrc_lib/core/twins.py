@@ -32,16 +32,21 @@ def _by_score(idx: list[int], scores: list[float]) -> list[int]:
     return sorted(idx, key=lambda i: (scores[i], i))
 
 
-def _match(feats: Tensor, side_a: list[int], side_b: list[int], r: int) -> dict[int, int]:
-    """{source: destination} for the r best A -> B cosine edges (ties: first by position)."""
+def _match(feats: Tensor, side_a: list[int], side_b: list[int], r: int, window: int | None = None) -> dict[int, int]:
+    """{source: destination} for the r best A -> B cosine edges (ties: first by position).
+
+    window: only B tokens at most `window` indices from the A token; an A token with none is no source.
+    """
     if not side_a or not side_b:
         return {}
     best = {}
     for a in side_a:
-        sims = [(_cos(feats[a], feats[b]), b) for b in sorted(side_b)]
+        sims = [(_cos(feats[a], feats[b]), b) for b in sorted(side_b) if window is None or abs(a - b) <= window]
+        if not sims:
+            continue
         top = max(s for s, _ in sims)
         best[a] = (top, next(b for s, b in sims if s == top))
-    ranked = sorted(sorted(side_a), key=lambda a: -best[a][0])  # stable: ties by position
+    ranked = sorted(sorted(best), key=lambda a: -best[a][0])  # stable: ties by position
     r = min(r, len(side_a), len(side_b))
     return {a: best[a][1] for a in ranked[:r]}
 
@@ -77,10 +82,11 @@ def _assemble(n, hidden, residual, sizes, edges, pruned_in, causal):
 
 def loop_reduce(method: str, hidden: Tensor, residual: Tensor, *, r: int, rules: dict, causal: bool,
                 protect: int = 0, metric: str = "clip", features: Tensor | None = None,
-                sizes: Tensor | None = None, seed: int = 0, salt: int = 0):
+                sizes: Tensor | None = None, seed: int = 0, salt: int = 0, window: int | None = None):
     """Reduce one sample's tokens with the loop twin of `method` (see module docstring).
 
     rules: {'hidden': (kind, prune fraction), 'residual': (...)} as ReductionConfig.branch_rules().
+    window: ReductionConfig.match_window (bipartite methods: match within this many indices).
     """
     n = hidden.shape[0]
     feats = hidden if features is None else features
@@ -97,16 +103,16 @@ def loop_reduce(method: str, hidden: Tensor, residual: Tensor, *, r: int, rules:
     if method in ("utrc", "prune_only", "merge_only"):
         order = _by_score(red, scores)
         half = len(red) // 2
-        edges = _match(feats, order[:half], order[half:], r)
+        edges = _match(feats, order[:half], order[half:], r, window)
         return _assemble(n, hidden, residual, sizes, edges, rule_prunes(edges), causal)
     if method == "tome":
-        edges = _match(feats, red[0::2], red[1::2], r)
+        edges = _match(feats, red[0::2], red[1::2], r, window)
         return _assemble(n, hidden, residual, sizes, edges, rule_prunes(edges), causal)
     if method == "pumer":
         n_prune = min(math.floor(r * rules["hidden"][1] + 1e-9), len(red))
         pruned = set(_by_score(red, scores)[:n_prune])
         rest = [i for i in red if i not in pruned]
-        edges = _match(feats, rest[0::2], rest[1::2], r - n_prune)
+        edges = _match(feats, rest[0::2], rest[1::2], r - n_prune, window)
         return _assemble(n, hidden, residual, sizes, edges, {"hidden": pruned, "residual": pruned}, causal)
     if method == "evit":
         r = min(r, max(len(red) - 1, 0))

@@ -21,6 +21,18 @@ exit status 1 when a requested configuration ended in an error, 2 for bad argume
         --methods dense,slice,utrc,utrc_reference,evit,tome --cuts 0.1,0.2,0.3 --batch 16 \\
         --seq-len 2048 --out figures/03_efficiency/gpu_bench.json [--generate] [--repeats 5]
 
+Long single-stream prefill (issue 28; scripts/gpu_long_prefill.sh runs it): one call per (batch,
+length), all into one JSON (records are keyed by batch and length):
+
+    python -m utrc_lib.bench --shapes mamba2-2.7b --methods dense,slice,utrc,evit,tome --cuts 0.1,0.2,0.3 \
+        --batch 1 --seq-len 32768 --repeats 5 --no-full-logits --out figures/03_efficiency/gpu_long_prefill.json
+
+Prefill records carry prefill_ms (median) with prefill_ms_all and prefill_ms_spread, the whole
+prefill's peak memory (peak_mem_gb_last_token; with full logits unless --no-full-logits), the reduction
+steps' ms per anchor and their extra memory (reduction_extra_mem_gb_max: the most any step allocated
+above what was live when it began), and against dense / slice: speedup_fraction_of_slice,
+reduction_overhead_vs_dense, peak_mem_vs_dense_last_token, reduction_extra_mem_vs_dense_peak.
+
 Without --out the records go to a scratch file (`DEFAULT_OUT`, under .cache/bench/): the committed
 results (figures/03_efficiency/gpu_bench.json) are written only when named.
 """
@@ -118,9 +130,14 @@ def timed_reducer(base: type, log: list) -> type:
         def step(self, layer, hidden, residual, features=None, delta=None, **kw):
             if not self.wants(layer):
                 return hidden, residual
+            cuda = hidden.is_cuda
+            if cuda:  # allocator bookkeeping on the host: no device sync, nothing added to the timing
+                before = torch.cuda.memory_allocated(hidden.device)
+                torch.cuda.reset_peak_memory_stats(hidden.device)
             t = Stamp(hidden.device)
             out = super().step(layer, hidden, residual, features=features, delta=delta, **kw)
             t.stop()
+            t.extra_bytes = (torch.cuda.max_memory_allocated(hidden.device) - before) if cuda else None
             log.append((layer, hidden.shape[1], out[0].shape[1], t))
             return out
 
@@ -456,8 +473,20 @@ def patched(model, backend: str, method: str, config: Optional[ReductionConfig],
         yield handle
 
 
-def bench_prefill(model, backend: str, method: str, config, ids, device, repeats: int) -> dict:
-    """prefill latency (last-token logits), peak memory (last-token / full logits), reduction time."""
+def spread(times: list[float]) -> dict:
+    """Spread of repeated timings: min, max, and half the (max - min) range relative to the median."""
+    if not times:
+        return {}
+    med = median(times)
+    return {"min": min(times), "max": max(times), "rel_half_range": (max(times) - min(times)) / (2 * med) if med else None}
+
+
+def bench_prefill(model, backend: str, method: str, config, ids, device, repeats: int,
+                  full_logits: bool = True) -> dict:
+    """prefill latency (last-token logits), peak memory (last-token / full logits), reduction time and
+    the extra memory of each reduction step (max_memory_allocated during the step minus what was
+    allocated when it began). full_logits=False skips the two full-logits forwards (long prompts:
+    (B, N, V) logits of 131072 tokens alone take 13 GB)."""
     rec: dict = {}
     with patched(model, backend, method, config) as handle:
         run = prefill_fn(model, backend, ids, True)
@@ -465,14 +494,16 @@ def bench_prefill(model, backend: str, method: str, config, ids, device, repeats
         times = time_ms(run, device, repeats=repeats, warmup=0)
         rec["prefill_ms"] = median(times)
         rec["prefill_ms_all"] = times
+        rec["prefill_ms_spread"] = spread(times)
         rec["peak_mem_gb_last_token"] = peak_memory_gb(prefill_fn(model, backend, ids, True), device)
-        rec["peak_mem_gb_full_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
-        # logits for the kept tokens only (B, N', V), as the authors' code returns them (dense: = full)
-        if handle is not None:
-            with handle.options(kept_only=True):
-                rec["peak_mem_gb_kept_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
-        else:
-            rec["peak_mem_gb_kept_logits"] = rec["peak_mem_gb_full_logits"]
+        if full_logits:
+            rec["peak_mem_gb_full_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
+            # logits for the kept tokens only (B, N', V), as the authors' code returns them (dense: = full)
+            if handle is not None:
+                with handle.options(kept_only=True):
+                    rec["peak_mem_gb_kept_logits"] = peak_memory_gb(prefill_fn(model, backend, ids, False), device)
+            else:
+                rec["peak_mem_gb_kept_logits"] = rec["peak_mem_gb_full_logits"]
     # per-anchor reduction time: CUDA events around each anchor's step inside real forwards; the
     # median over `repeats` forwards per anchor (one forward alone showed single slow anchors)
     runs: list = []
@@ -489,6 +520,11 @@ def bench_prefill(model, backend: str, method: str, config, ids, device, repeats
     rec["reduction_ms_anchors"] = per_anchor
     rec["reduction_ms_anchors_runs"] = runs
     rec["tokens_per_anchor"] = [[n_in, n_out] for _, n_in, n_out, _ in log]
+    extra = [t.extra_bytes for *_, t in log if getattr(t, "extra_bytes", None) is not None]
+    if extra:  # the last timed forward's steps (allocations are deterministic for a fixed shape)
+        rec["reduction_extra_mem_gb_anchors"] = [e / 1e9 for e in extra]
+        rec["reduction_extra_mem_gb_max"] = max(extra) / 1e9
+    rec["reduction_ms_spread"] = spread([sum(r) for r in runs]) if runs and runs[0] else {}
     if config is not None:  # where the cut runs and what scored (docs/ssm_methods.md)
         rec["form"], rec["scoring_metric"] = config.form, config.scoring_metric
     B, N = ids.shape
@@ -526,6 +562,10 @@ def derive_fields(records: list[dict], rec: dict) -> None:
         rec["peak_mem_reduction_last_token"] = 1 - rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
         if rec.get("peak_mem_gb_kept_logits"):
             rec["peak_mem_reduction_kept_logits"] = 1 - rec["peak_mem_gb_kept_logits"] / dense["peak_mem_gb_full_logits"]
+    if dense and dense.get("peak_mem_gb_last_token") and rec.get("peak_mem_gb_last_token"):
+        rec["peak_mem_vs_dense_last_token"] = rec["peak_mem_gb_last_token"] / dense["peak_mem_gb_last_token"]
+        if rec.get("reduction_extra_mem_gb_max") is not None:
+            rec["reduction_extra_mem_vs_dense_peak"] = rec["reduction_extra_mem_gb_max"] / dense["peak_mem_gb_last_token"]
     if dense and rec.get("reduction_ms_per_anchor"):
         rec["reduction_overhead_vs_dense"] = (len(rec["reduction_ms_anchors"]) * rec["reduction_ms_per_anchor"]
                                               / dense["prefill_ms"])
@@ -718,7 +758,7 @@ def measure_generation(model, backend: str, ids: torch.Tensor, checkpoints, devi
 def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, out: Optional[str],
               repeats: int = 5, gen_repeats: int = 3, device=None, dtype=None, time_budget_s: Optional[float] = None,
               progress: bool = True, log: Callable[[str], None] = print, align: int = 1, check_tokens: int = 100,
-              **gen) -> list[dict]:
+              full_logits: bool = True, **gen) -> list[dict]:
     """Run every configuration not yet in `out`; returns all records (old and new).
 
     out: JSON file of records (None: keep them in memory only); checked for writability before the
@@ -732,6 +772,8 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
         (transformers' generate on the same weights), gen_decoding, ask_many and its sizes.
     check_tokens: mamba-ssm generate records also run mamba-ssm's own generate() for this many
         tokens (0: off) and record whether its tokens equal the bench's.
+    full_logits: also measure peak memory with full-sequence (and kept-only) logits (False: last-token
+        logits only, for long prompts).
     Raises ValueError (naming the field) for a bad request, OSError for an unwritable `out`, before
     any work."""
     request = dict(backend=backend, shapes=list(shapes), methods=list(methods), cuts=list(cuts), batch=batch,
@@ -791,7 +833,7 @@ def run_bench(*, backend: str, shapes, methods, cuts, batch: int, seq_len: int, 
                 config = method_config(method, keep, layers, align)
                 if kind == "prefill":
                     ids = torch.randint(0, vocab, (key["batch"], key["seq_len"]), generator=rng).to(device)
-                    rec.update(bench_prefill(model, backend, method, config, ids, device, repeats))
+                    rec.update(bench_prefill(model, backend, method, config, ids, device, repeats, full_logits))
                 elif kind == "generate":
                     ids = torch.randint(0, vocab, (key["batch"], key["seq_len"]), generator=rng).to(device)
                     points = [n for n in _tokens(g["new_tokens"]) if n < key["new_tokens"]] + [key["new_tokens"]]
@@ -976,6 +1018,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(DEFAULT_OUT),
                     help="records JSON (default: a scratch file under .cache/bench; name "
                          "figures/03_efficiency/gpu_bench.json to update the committed results)")
+    ap.add_argument("--no-full-logits", action="store_true",
+                    help="skip the peak-memory forwards with full-sequence logits (long prompts: 131072 x V "
+                         "logits alone take 13 GB); the last-token peak is always measured")
     ap.add_argument("--no-prefill", action="store_true",
                     help="skip the prefill records (only generation / ask-many)")
     ap.add_argument("--generate", action="store_true",
@@ -1076,6 +1121,7 @@ def main(argv=None) -> int:
                    dtype=getattr(torch, a.dtype) if a.dtype else None, align=a.align)
     try:
         records = run_bench(out=a.out, repeats=a.repeats, gen_repeats=a.gen_repeats, check_tokens=max(0, a.check_tokens),
+                            full_logits=not a.no_full_logits,
                             time_budget_s=a.time_budget_s, progress=not a.no_progress,
                             log=lambda s: print(s, flush=True), **request)
     except ValueError as exc:

@@ -175,9 +175,10 @@ class Handle:
         return self._options.get()
 
     # -- used by the host loops -----------------------------------------------------------------
-    def new_reducer(self, valid: torch.Tensor) -> ForwardReducer:
+    def new_reducer(self, valid: torch.Tensor, uniform: Optional[bool] = None) -> ForwardReducer:
         """The ForwardReducer of one prefill, built from the resolved schedule and this thread's
-        options; remembered as this thread's `last_reducer`."""
+        options; remembered as this thread's `last_reducer`. uniform=True: the host knows that every
+        token is valid (no padding), so the reducer need not read `valid` back (no host sync)."""
         opt = self._options.get()
         protect = opt.protect_last
         if protect is not None:
@@ -187,7 +188,8 @@ class Handle:
             if protect.shape[0] != valid.shape[0]:
                 raise ValueError(f"options(protect_last=...) has {protect.shape[0]} entries for a batch of "
                                  f"{valid.shape[0]}")
-        reducer = opt.reducer(self.config, self.schedule, valid, protect_last=protect, record=opt.record)
+        extra = {} if uniform is None else {"uniform": uniform}
+        reducer = opt.reducer(self.config, self.schedule, valid, protect_last=protect, record=opt.record, **extra)
         self._last.set(reducer)
         return reducer
 

@@ -119,7 +119,7 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, read
     hidden = backbone.embedding(input_ids)  # (B, N, D)
     B, N = input_ids.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=hidden.device)
-    reducer = handle.new_reducer(valid)
+    reducer = handle.new_reducer(valid, uniform=True)  # no padding on this path: no host read of `valid`
     residual = None
     for i, layer in enumerate(backbone.layers):
         if not reducer.wants(i):
