@@ -19,9 +19,10 @@ folder and Triton cache, e.g. `ln -s /work/main/.train .train` in this checkout 
   run(command="OUT=${OUT:-out} timeout 470 bash -c 'export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD
   HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TRITON_CACHE_DIR=/tmp/triton; mkdir -p /tmp/triton;
   [ -f .train/triton_cache.tar.gz ] && tar xzf .train/triton_cache.tar.gz -C /tmp/triton;
-  python3 scripts/gpu_eval_speed.py --deadline 440'",
+  python3 scripts/gpu_eval_speed.py --limit 400 --classic-limit 100 --deadline 440'",
       carry=[".train/mamba_ssm_py", ".train/triton_cache.tar.gz"], timeout_s=500)
-(one line; nothing is installed). It stops starting new measurements after --deadline seconds from
+(one line; nothing is installed; fast paths on 400 items per task, the classic path on the first 100,
+which is also where agreement is checked). It stops starting new measurements after --deadline seconds from
 its start and writes the JSON after every measurement, so a partial run still returns numbers. Without
 mamba-ssm importable the fast_ssm* paths are skipped and said so in the JSON.
 

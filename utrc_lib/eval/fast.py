@@ -227,7 +227,11 @@ def mamba_ssm_model(hf_model, *, dtype=torch.float32, device="cuda"):
             pad = own[k].clone()
             pad[: t.shape[0]] = t
             sd[k] = pad
-    model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"mamba_ssm_model: converted weights do not fit MambaLMHeadModel (missing {missing[:5]}, "
+                           f"unexpected {list(unexpected)[:5]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model = model.to(dtype).eval()
