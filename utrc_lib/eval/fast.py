@@ -499,19 +499,9 @@ def evaluate_fast(model, tokenizer, tasks: Sequence[str] = scorer.DEFAULT_TASKS,
                     ref = dense_reference_fast(model, toks, max_length=max_length, pad_token_id=pad, **kw)
                 call.update(reference=ref)
             scores = score_tokens_fast(model, toks, config, **call)
-            results[task] = scorer._score_task(task, extra["items"], extra["texts"], scores.results, toks)
-            if items:
-                if scores.reference is not None:
-                    refs[task] = scores.reference
-                outcomes = scorer._item_outcomes(task, extra["items"], toks, scores.details)
-                results.setdefault("items", {})[task] = outcomes
-                results[task].update(scorer._fidelity_summary(outcomes))
-            if config is not None:
-                results[task]["dense_fallback"] = scores.dense_fallback
-                cuts = scores.achieved_cut
-                results[task]["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
-                results[task]["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
-            results[task]["seconds"] = time.perf_counter() - t0
+            if items and scores.reference is not None:
+                refs[task] = scores.reference
+            scorer.task_result(results, task, extra, toks, scores, items=items, reduced=config is not None, t0=t0)
     finally:
         model.train(was_training)
     meta_model = hf_model if hf_model is not None else model

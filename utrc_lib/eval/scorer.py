@@ -767,6 +767,24 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
     return meta
 
 
+def task_result(results: dict, task: str, extra: dict, toks, scores: "TokenScores", *, items: bool, reduced: bool,
+                t0: float) -> None:
+    """Fill results[task] (and results["items"][task] with `items`) from one task's TokenScores: the task
+    metrics, fidelity to dense, the dense-fallback count and the achieved cut (reduced runs), the seconds
+    since `t0`. Shared by `evaluate` and the fast path (`utrc_lib.eval.fast.evaluate_fast`)."""
+    results[task] = _score_task(task, extra["items"], extra["texts"], scores.results, toks)
+    if items:
+        outcomes = _item_outcomes(task, extra["items"], toks, scores.details)
+        results.setdefault("items", {})[task] = outcomes
+        results[task].update(_fidelity_summary(outcomes))
+    if reduced:
+        results[task]["dense_fallback"] = scores.dense_fallback
+        cuts = scores.achieved_cut
+        results[task]["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
+        results[task]["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
+    results[task]["seconds"] = time.perf_counter() - t0
+
+
 def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Optional[ReductionConfig] = None, *,
              limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
              max_length: int = 1024, protect: bool = True, items: bool = False,
@@ -841,19 +859,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
             scores = score_tokens(model, toks, config, batch_size, max_length=max_length,
                                   pad_token_id=pad_id(tokenizer), progress=progress, protect=protect, desc=task,
                                   **kw)
-            results[task] = _score_task(task, extra["items"], extra["texts"], scores.results, toks)
-            if items:
-                if scores.reference is not None:
-                    _store_reference(ref_key, model, scores.reference)
-                outcomes = _item_outcomes(task, extra["items"], toks, scores.details)
-                results.setdefault("items", {})[task] = outcomes
-                results[task].update(_fidelity_summary(outcomes))
-            if config is not None:
-                results[task]["dense_fallback"] = scores.dense_fallback
-                cuts = scores.achieved_cut
-                results[task]["achieved_token_layer_cut"] = sum(cuts) / len(cuts) if cuts else 0.0
-                results[task]["achieved_token_layer_cut_min"] = min(cuts) if cuts else 0.0
-            results[task]["seconds"] = time.perf_counter() - t0
+            if items and scores.reference is not None:
+                _store_reference(ref_key, model, scores.reference)
+            task_result(results, task, extra, toks, scores, items=items, reduced=config is not None, t0=t0)
     finally:
         model.train(was_training)
     results["meta"] = run_metadata(model, config, max_length=max_length, batch_size=batch_size, limit=limit,

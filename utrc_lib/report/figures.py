@@ -373,6 +373,7 @@ def main(argv=None) -> int:
             print(f"{path.stem}: {note}", flush=True)
             notes[path.stem] = note
         if nb_params is None:
+            expected[path.stem] = 0     # skipped: out of the remaining-time estimate
             continue
         old_label = os.environ.get(LABEL_ENV)
         os.environ[LABEL_ENV] = label
