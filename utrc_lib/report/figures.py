@@ -259,10 +259,9 @@ def plan(name: str, params: dict, *, fresh: bool, per_machine: bool, quick: bool
             params.setdefault("cache", "")
             label = f"fresh run, n={evidence.notebook_defaults(name).get('cpu_limit')} items per task ({device})"
         return {"out_dir": fresh_dir, **params}, label, f"fresh run into {fresh_dir}"
-    if name in PER_MACHINE and not per_machine:
-        return ({"out_dir": fresh_dir, **params}, f"per-machine CPU timings ({device})",
-                f"its CPU timings are per-machine: written to {fresh_dir}; the committed figures/{name} is not "
-                f"rewritten (--per-machine rewrites it)")
+    if name in PER_MACHINE and not per_machine:   # a recorded measurement: nothing to re-derive by default
+        return (None, "", f"SKIPPED: its CPU timings are per-machine; the committed figures/{name} stays "
+                          f"(`make figures FRESH=1` measures this machine into {fresh_dir}, --per-machine rewrites it)")
     label, note = "", ""
     if name in evidence.FOLDERS and "evidence" not in params:
         folder = REPO / evidence.FOLDERS[name]
