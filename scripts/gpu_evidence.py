@@ -8,8 +8,9 @@ THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute li
 
     PYTHONPATH=$PWD python3 scripts/gpu_evidence.py --out $OUT --deadline 540
 
-Needs data/models/tiny-mamba2 and data/models/tiny-mamba (the small-* models are not used and need not
-travel), data/benchmarks/, data/tokenizer/, notebooks/*.py and utrc_lib/; no carry. Expected: 67
+Needs data/models/tiny-mamba2 and data/models/tiny-mamba, data/benchmarks/, data/tokenizer/,
+notebooks/*.py and utrc_lib/; no carry. The tree must travel under 64 MiB: move data/models/small-* and
+data/models/depth-* out of the working tree for the call (about 58 MB remain) and back afterwards. Expected: 67
 configurations at 4-9 s each in one process (the old run) is ~9 minutes of work; with 4 workers about 3-5
 minutes, so one call, two if the workers do not overlap on the GPU. It writes (7 files, ~4.5 MB in all):
 
