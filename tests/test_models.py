@@ -58,7 +58,12 @@ def test_load_local_directory(tmp_path):
 def test_default_data_dir_is_repo_data(monkeypatch):
     monkeypatch.delenv("UTRC_DATA_DIR", raising=False)
     assert models.embedded_path("tiny-mamba2") == REPO / "data" / "models" / "tiny-mamba2"
-    assert set(available_models()) == {"tiny-mamba", "tiny-mamba2", "small-mamba", "small-mamba2"}
+    avail = available_models()
+    assert set(avail) == {"tiny-mamba", "tiny-mamba2", "small-mamba", "small-mamba2",
+                          "depth-mamba2-12", "depth-mamba2-24", "depth-mamba2-48", "depth-mamba2-64"}
+    # committed weights: every model but the depth family's rebuilt members (git-ignored, made from their card)
+    assert {n for n, v in avail.items() if v["present"]} >= {"tiny-mamba", "tiny-mamba2", "small-mamba",
+                                                             "small-mamba2", "depth-mamba2-64"}
 
 
 def test_unknown_embedded_name_lists_valid(data_dir):
@@ -99,3 +104,15 @@ def test_offline_missing_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
         load_model("nonexistent-org/nonexistent-mamba-model-xyz")
+
+
+def test_depth_member_without_weights_says_how_to_rebuild(tmp_path, monkeypatch):
+    """A depth-family member whose weights are not committed (only its card and config) names the command
+    that rebuilds it."""
+    import shutil
+    monkeypatch.setenv("UTRC_DATA_DIR", str(tmp_path))
+    src = REPO / "data" / "models" / "depth-mamba2-12"
+    (tmp_path / "models").mkdir()
+    shutil.copytree(src, tmp_path / "models" / "depth-mamba2-12", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors.*depth_family\.sh"):
+        load_model("depth-mamba2-12")
