@@ -27,3 +27,14 @@ def test_readme_snippets_run_as_written(capsys):
             exec(compile(code, f"README.md snippet {i + 1}", "exec"), namespace)
         except Exception as e:  # name the snippet that fails
             raise AssertionError(f"README.md python snippet {i + 1} failed: {type(e).__name__}: {e}\n{code}") from e
+
+
+def test_readme_quotes_the_pinned_transformers_versions():
+    """The README's supported transformers versions are the ones pyproject.toml pins."""
+    import re
+    import tomllib
+    deps = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if re.match(r"transformers\b", d)).replace(" ", "")
+    readme = README.read_text(encoding="utf-8")
+    quoted = re.findall(r"Supported: (transformers[^ ,]*(?:,[<>=!][^ ,]*)*)", readme)
+    assert quoted == [spec], (quoted, spec)
