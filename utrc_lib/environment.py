@@ -117,3 +117,8 @@ def versions() -> dict:
         out[pkg] = _distribution_version(pkg)
     out.update(utrc_lib=__version__, utrc_code_version=code_version(), git_commit=git_commit())
     return out
+
+
+def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no hub access (any value but "", "0", "false", "no")."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")

@@ -9,11 +9,9 @@ token's position within its sample, so a sample's plan never depends on the rest
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -355,7 +353,7 @@ def _evit_reference(ctx: Context) -> Plan:
     """EViT as the authors' code runs it (docs/method.md §2): the same clipped score, but the k
     LOWEST-scoring tokens are kept and the rest fused into one token (their inversion). Reproduced
     for the `authors` evaluation protocol only; `evit` is the method as published."""
-    return _evit(dataclasses.replace(ctx, scores=-ctx.scores))
+    return _evit(replace(ctx, scores=-ctx.scores))
 
 
 def _random(ctx: Context) -> Plan:
@@ -366,8 +364,15 @@ def _random(ctx: Context) -> Plan:
     counts = None
     if ctx.static is not None:  # host sizes (no padding): no host sync
         counts = (min(ctx.static["r"], ctx.static["n_red"]), {b: False for b in ctx.rules})
+    return drop_plan(ctx, is_src, counts)
+
+
+def drop_plan(ctx: Context, is_src: Tensor, counts=None) -> Plan:
+    """A pure pruning plan: the `is_src` tokens leave, every other token is an exact copy, order kept
+    (`counts`: build_plan's host counts, when known)."""
+    zeros = torch.zeros_like(is_src)
     return build_plan(ctx.state.valid, is_src, torch.zeros_like(ctx.r)[:, None].expand_as(is_src),
-                      {b: torch.zeros_like(is_src) for b in ctx.rules}, ctx.causal, counts=counts)
+                      {b: zeros for b in ctx.rules}, ctx.causal, counts=counts)
 
 
 def _none(ctx: Context) -> Plan:

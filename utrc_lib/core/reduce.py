@@ -206,7 +206,8 @@ class ForwardReducer:
         self.layers = schedule.anchors
         self.keep_ratio = schedule.keep_ratio
         # absolute budget (decimamba without a ratio): the method's own count per anchor
-        self.absolute = bool(getattr(config, "absolute_budget", False))
+        self.absolute = config.absolute_budget
+        self._anchor_index = {layer: s for s, layer in enumerate(sorted(schedule.layers))}
         self.active = config.active and (self.keep_ratio < 1.0 or self.absolute) and bool(self.layers)
         per_sample = protect_last is not None
         self.state = TokenState.initial(valid, protect_last=protect_last if per_sample else config.protect_last,
@@ -230,13 +231,12 @@ class ForwardReducer:
 
     def anchor_index(self, layer: int) -> int:
         """s: the index of `layer` among the schedule's anchors (DeciMamba's budget decays with it)."""
-        return sorted(self.layers).index(layer)
+        return self._anchor_index[layer]
 
-    def _absolute_r(self, layer: int) -> Tensor:
-        """(B,) tokens to remove under the method's absolute budget: reducible - budget(reducible, s)."""
-        n_red = self.state.reducible.sum(1)
-        kept = self.config.spec.budget(n_red, self.anchor_index(layer), self.config.resolved_params)
-        return (n_red - kept).clamp_min(0)
+    def _absolute_r(self, n_red, layer: int):
+        """Tokens to remove under the method's absolute budget, reducible - budget(reducible, s), for
+        n_red reducible tokens (a host int on the uniform path, a (B,) tensor otherwise)."""
+        return n_red - self.config.spec.budget(n_red, self.anchor_index(layer), self.config.resolved_params)
 
     def step(self, layer: int, hidden: Tensor, residual: Tensor, features: Optional[Tensor] = None,
              delta: Optional[Tensor] = None, scan=None) -> tuple[Tensor, Tensor]:
@@ -248,9 +248,7 @@ class ForwardReducer:
         if self.uniform:
             n = self.n_current
             if self.absolute:
-                n_red = max(0, n - self.n_protected)
-                r_host = n_red - self.config.spec.budget(n_red, self.anchor_index(layer),
-                                                         self.config.resolved_params)
+                r_host = self._absolute_r(max(0, n - self.n_protected), layer)
             else:
                 r_host = n - self.schedule.kept(n, layer)
             if r_host == 0:
@@ -262,10 +260,10 @@ class ForwardReducer:
             static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
         else:
             if self.absolute:
-                r = self._absolute_r(layer)
+                r = self._absolute_r(self.state.reducible.sum(1), layer).clamp_min(0)
             elif self.config.ratio_basis == "batch":    # the authors' r: from the padded length, every row
-                r = torch.minimum(tokens_to_remove(torch.ones_like(self.state.valid), self.schedule.ratio(layer),
-                                                   self.schedule.align), self.state.reducible.sum(1))
+                n_pad = self.state.valid.shape[1]
+                r = self.state.reducible.sum(1).clamp_max(n_pad - self.schedule.kept(n_pad, layer))
             else:
                 r = tokens_to_remove(self.state.valid, self.schedule.ratio(layer), self.schedule.align)
             if self.reduced:  # a sample whose pool earlier anchors used up is a shortfall, not an error
@@ -300,14 +298,16 @@ class ForwardReducer:
         (valid tokens the layer processed / the sample's valid input tokens). Compare with the nominal
         `1 - token_layer_fraction(...)`; they differ where rounding, protection or a method's cap bites."""
         L = self.schedule.num_layers
-        n0 = self.n_valid_input.double().clamp_min(1)
-        total = torch.zeros_like(n0)
-        cur, prev = self.n_valid_input.double(), -1
-        for layer, count in self.counts:
-            total += cur * (layer - prev)
-            cur, prev = (count.double() if isinstance(count, Tensor) else torch.full_like(n0, count)), layer
-        total += cur * (L - 1 - prev)
-        return 1.0 - total / (L * n0)
+        n0 = self.n_valid_input.double()
+        total = processed_token_layers(n0, [(l, c.double() if isinstance(c, Tensor) else c) for l, c in self.counts], L)
+        return 1.0 - total / (L * n0.clamp_min(1))
+
+    def achieved_cut_host(self) -> float:
+        """`achieved_cut` of a uniform prefill from the host counts alone (no device read)."""
+        if not self.uniform:
+            raise ValueError("achieved_cut_host needs a uniform prefill (host counts); use achieved_cut()")
+        L, n = self.schedule.num_layers, max(self.num_input, 1)
+        return 1.0 - processed_token_layers(n, self.counts, L) / (L * n)
 
     @property
     def attention_mask(self) -> Optional[Tensor]:
@@ -339,6 +339,16 @@ class ForwardReducer:
     def last(self, x: Tensor) -> Tensor:
         """(B, N', D) -> (B, 1, D): the row of the last position (no scatter)."""
         return x[:, -1:]
+
+
+def processed_token_layers(n_input, counts, num_layers: int):
+    """Sum over the layers of the tokens each processes: n_input before the first anchor, then each
+    anchor's count (`counts`: (layer, count) in order) from the layer after it. Ints or tensors alike."""
+    total, cur, prev = 0, n_input, -1
+    for layer, count in counts:
+        total = total + cur * (layer - prev)
+        cur, prev = count, layer
+    return total + cur * (num_layers - 1 - prev)
 
 
 def positions_mask(positions: Tensor, num_positions: int) -> Tensor:

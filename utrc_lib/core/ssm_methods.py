@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from .methods import Context, Method, _best_match, edges_to_plan, lowest, rank_by
+from .kernels import inverse_norm
+from .methods import Context, Method, _best_match, drop_plan, edges_to_plan, lowest, rank_by
 from .params import Param
 from .plan import Plan, build_plan, gather_rows, stable_partition
 
@@ -32,13 +33,6 @@ HATTN_METRICS = ("hattn_window", "hattn_last", "hattn_colsum", "hattn_nodecay")
 
 
 # -- building blocks -------------------------------------------------------------------------------------
-
-def drop_plan(ctx: Context, is_src: Tensor) -> Plan:
-    """A pure pruning plan: the `is_src` tokens leave, every other token is an exact copy, order kept."""
-    zeros = torch.zeros_like(is_src)
-    return build_plan(ctx.state.valid, is_src, torch.zeros_like(ctx.r)[:, None].expand_as(is_src),
-                      {b: zeros for b in ctx.rules}, ctx.causal)
-
 
 def match_each(feats: Tensor, is_a: Tensor, is_b: Tensor, inv_norm=None) -> Tensor:
     """(B, N) long: for every A token, the B token of largest cosine (first by position on ties); other
@@ -54,7 +48,7 @@ def match_each(feats: Tensor, is_a: Tensor, is_b: Tensor, inv_norm=None) -> Tens
         return ar.clone()
     if inv_norm is None:
         sq = feats.float().pow(2).sum(-1)
-        inv_norm = torch.where(sq > 0, sq.clamp_min(1e-38).rsqrt(), torch.zeros_like(sq))
+        inv_norm = inverse_norm(sq)
     perm = stable_partition(is_a, is_b)  # A tokens by position, then B tokens, then the rest
     a_idx = perm[:, :RA]
     a_ok = is_a.gather(1, a_idx)
@@ -139,7 +133,7 @@ def adjacent_edges(ctx: Context) -> tuple[Tensor, Tensor]:
         inv = ctx.inv_norm
         if inv is None:
             sq = f.pow(2).sum(-1)
-            inv = torch.where(sq > 0, sq.clamp_min(1e-38).rsqrt(), torch.zeros_like(sq))
+            inv = inverse_norm(sq)
         e = (f[:, :-1] * f[:, 1:]).sum(-1) * inv[:, :-1] * inv[:, 1:]
     return e.masked_fill(~cand, float("-inf")), cand
 

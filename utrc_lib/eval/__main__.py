@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..environment import hf_offline
 from . import LOCAL_TASKS, PAPER_TASKS, TASKS_DIR
 
 # CLI flag -> config_from_args field, for the reduction flags
@@ -33,12 +34,8 @@ DENSE_METHODS = (None, "", "none", "dense")
 V2_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("utrc_v2_*.yaml")))
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def default_tasks() -> list[str]:
-    return list(LOCAL_TASKS if _offline() else PAPER_TASKS)
+    return list(LOCAL_TASKS if hf_offline() else PAPER_TASKS)
 
 
 def build_parser() -> argparse.ArgumentParser:

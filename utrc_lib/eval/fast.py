@@ -310,12 +310,13 @@ def score_tokens_fast(model, token_requests, config: Optional[ReductionConfig] =
     if config is not None and protect and config.active:
         from ..hosts.handle import num_layers
 
-        sched = config.replace(protect_last=0, protect_from=None).resolve(num_layers(model))
+        unprotected = config.replace(protect_last=0, protect_from=None)
+        sched = unprotected.resolve(num_layers(model))
         cache: dict = {}
         for i in range(R):
             key = (lens[i], ncont[i])
             if key not in cache:
-                cache[key] = _predict_short(config.replace(protect_last=0, protect_from=None), sched, *key)
+                cache[key] = _predict_short(unprotected, sched, *key)
             if cache[key]:
                 short.add(i)
     rest = [i for i in range(R) if i not in short]

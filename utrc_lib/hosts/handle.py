@@ -96,16 +96,7 @@ def check_cut(reducer: ForwardReducer) -> None:
     req = requested_cut(reducer.schedule)
     if req <= SHORTFALL_TOLERANCE:
         return
-    if reducer.uniform:   # host counts: no device sync
-        L, N = reducer.schedule.num_layers, max(reducer.num_input, 1)
-        total, cur, prev = 0, N, -1
-        for layer, count in reducer.counts:
-            total += cur * (layer - prev)
-            cur, prev = int(count), layer
-        total += cur * (L - 1 - prev)
-        got = 1.0 - total / (L * N)
-    else:
-        got = float(reducer.achieved_cut().mean())
+    got = reducer.achieved_cut_host() if reducer.uniform else float(reducer.achieved_cut().mean())
     if req - got > SHORTFALL_TOLERANCE:
         import warnings
 

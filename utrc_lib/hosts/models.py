@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..environment import hf_offline
+
 EMBEDDED = {
     "tiny-mamba2": "Mamba-2, 12 layers, d_model 256, d_state 64, trained on the offline corpus",
     "tiny-mamba": "Mamba-1, 12 layers, d_model 256, d_state 16, trained on the offline corpus",
@@ -44,10 +46,6 @@ class ModelLoadError(RuntimeError):
 from ..environment import data_dir  # noqa: E402  (models/ lives under it)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def hub_problem(name: str) -> Optional[str]:
     """For a name that is neither an embedded model nor a local path: why it cannot load now (None
     when it may). Offline (HF_HUB_OFFLINE), a hub id not in the local Hugging Face cache fails at
@@ -59,7 +57,7 @@ def hub_problem(name: str) -> Optional[str]:
     close = difflib.get_close_matches(name, list(EMBEDDED), n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     known = f"embedded models: {', '.join(EMBEDDED)}"
-    if _offline():
+    if hf_offline():
         try:
             from huggingface_hub import try_to_load_from_cache
 

@@ -35,16 +35,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..environment import REPO
+from .provenance import DIGITS, round_floats   # DIGITS: significant digits of every stored float
 
 FORMAT = "utrc-evidence-1"
-DIGITS = 6                                  # significant digits of every stored float
 CONFIGS, ITEMS, MANIFEST = "configs.json", "items.parquet", "manifest.json"
 ITEM_FIELDS = ("correct", "correct_norm", "ll", "gold_tokens", "tokens", "kl", "top1")
 IGNORED_PARAMS = ("batch_size",)            # parameters that do not change a number (not matched)
@@ -60,24 +59,6 @@ LL_ATOL, LL_RTOL = 2e-3, 2e-4
 # options, or of two merge partners in a reduction's matching) resolved the other way by float rounding
 # on another device; every one is listed. A code or data change moves far more than this.
 MAX_FLIP_SHARE = 0.005
-
-
-def sig(x, digits: int = DIGITS):
-    """x rounded to `digits` significant digits (None, NaN, inf and non-floats unchanged)."""
-    if not isinstance(x, float) or x == 0.0 or not math.isfinite(x):
-        return x
-    return float(f"{x:.{digits - 1}e}")
-
-
-def round_floats(obj, digits: int = DIGITS):
-    """Every float in a JSON-like structure to `digits` significant digits."""
-    if isinstance(obj, float):
-        return sig(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj
 
 
 # -- matching --------------------------------------------------------------------------------------
@@ -131,7 +112,7 @@ def write(rows: Sequence[dict], folder, *, command: str, machine: Optional[dict]
                    "task": [task] * n, "item": list(range(n)), "id": [str(v) for v in it["id"]]}
             for f in ITEM_FIELDS:
                 vals = it.get(f)
-                col[f] = [None] * n if vals is None else [sig(float(v)) if isinstance(v, float) else v for v in vals]
+                col[f] = [None] * n if vals is None else [round_floats(v) for v in vals]
             frames.append(pd.DataFrame(col))
     df = pd.concat(frames, ignore_index=True)
     types = {"config": "int16", "cut": "float64", "item": "int32", "correct": "Int8", "correct_norm": "Int8",
@@ -193,9 +174,6 @@ class Evidence:
     def lookup(self, params: dict) -> Optional[dict]:
         r = self._by.get(match_key(params))
         return r if r is not None and r["params"].get("limit") == params.get("limit") else None
-
-    def items_per_task(self) -> dict:
-        return dict(self.manifest.get("items_per_task") or {})
 
     def __len__(self):
         return len(self.rows)
@@ -386,17 +364,6 @@ def _progress_line(line: str) -> None:
                 f.write(line + "\n")
         except OSError:
             pass
-
-
-def size_label(rows: Sequence[dict]) -> dict:
-    """{task: items} of a result's rows (the largest count of a task over its ok rows)."""
-    out: dict = {}
-    for r in rows:
-        if r.get("status") != "ok":
-            continue
-        for task, it in (r.get("items") or {}).items():
-            out[task] = max(out.get(task, 0), len(it.get("id", [])))
-    return out
 
 
 # -- verification ------------------------------------------------------------------------------------

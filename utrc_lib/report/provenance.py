@@ -154,7 +154,7 @@ def round_floats(obj, digits: int = DIGITS):
         return float(f"{obj:.{digits - 1}e}")
     if isinstance(obj, dict):
         return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         return [round_floats(v, digits) for v in obj]
     return obj
 
