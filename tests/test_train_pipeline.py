@@ -258,6 +258,19 @@ def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
         train_small.main(common + ["--max-tokens", "100"])
 
 
+def test_weights_file_is_byte_stable():
+    """safetensors writes its metadata from a hash map; the trainer's file must not depend on that order."""
+    import torch
+    import train_small
+    from safetensors.torch import load as st_load, save as st_save
+    sd = {f"layers.{i}.w": torch.randn(3, 5, dtype=torch.float16) for i in range(4)}
+    meta = {"format": "mamba_ssm", "arch": "mamba2", "x": "1", "y": "2"}
+    blobs = {train_small.stable_header(st_save(sd, metadata=meta)) for _ in range(20)}
+    assert len(blobs) == 1
+    back = st_load(blobs.pop())
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
 def test_depth_report_rerenders_the_committed_one(tmp_path):
     """figures/depth_family is what scripts/train/depth_report.py makes of the committed training logs."""
     import depth_report

@@ -169,6 +169,23 @@ def import_mamba_ssm(arch: str):
 
 
 # --------------------------------------------------------------------------- helpers
+def stable_header(blob: bytes) -> bytes:
+    """The safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a hash map, whose order changes from call to call, so two
+    identical state dicts could give files (and sha256s) that differ in the header alone. The header
+    keeps its length (same keys and values, padded with spaces as before), so offsets are unchanged."""
+    n = int.from_bytes(blob[:8], "little")
+    head = json.loads(blob[8: 8 + n])
+    meta = head.pop("__metadata__", None)
+    tensors = sorted(head.items(), key=lambda kv: kv[1]["data_offsets"])
+    head = dict(([("__metadata__", dict(sorted(meta.items())))] if meta is not None else []) + tensors)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if len(text) > n:
+        raise RuntimeError("stable_header: the re-written safetensors header is longer than the original")
+    return blob[:8] + text.ljust(n, b" ") + blob[8 + n:]
+
+
 class GpuBatcher:
     """Random windows of seq+1 tokens from the training stream, held on the device as int32."""
 
@@ -535,7 +552,7 @@ def main(argv=None) -> dict:
     ssm_sd = to_mamba_ssm_sd(a, model, {k: v.to(torch.float16) if v.is_floating_point() else v
                                         for k, v in best["state"].items()})
     ssm_sd = {k: ssm_sd[k].contiguous() for k in sorted(ssm_sd) if k != "lm_head.weight"}   # byte-stable file
-    blob = st_save(ssm_sd, metadata={"format": "mamba_ssm", "arch": a.arch})
+    blob = stable_header(st_save(ssm_sd, metadata={"format": "mamba_ssm", "arch": a.arch}))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [] if a.no_weights else write_parts(blob, out, "weights.safetensors", int(a.part_mib * 2**20))
