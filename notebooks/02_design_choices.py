@@ -22,7 +22,7 @@
 #   scored continuation: how much of each method's score survives a leak-free evaluation.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False
 model_names: list = ["tiny-mamba2"]          # embedded names or checkpoint paths
 cut: float = 0.2                             # token-layer cut of the metric / location / modes sweeps (paper: 20%)
@@ -47,9 +47,9 @@ from IPython.display import display
 
 import pandas as pd
 
-from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import evidence as rows, plotting
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import analysis, paired, sweep
+from utrc_study.report import evidence as rows, plotting
+from utrc_study.report.notebooks import setup
 
 ctx = setup("02_design_choices", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

@@ -18,13 +18,13 @@
 # * Analytic FLOPs cut (`utrc_lib.flops`) beside the token-layer cut.
 # * Peak memory: not measured on CPU (torch's CPU allocator exposes no peak counter and tracemalloc does
 #   not see it); GPU peak memory (`torch.cuda.max_memory_allocated`) and GPU timings are read from
-#   `figures/03_efficiency/gpu_bench.json` when `python -m utrc_lib.bench` has produced it on a GPU.
+#   `figures/03_efficiency/gpu_bench.json` when `python -m utrc_study.bench` has produced it on a GPU.
 #
 # The CPU timings are measurements of this machine at this moment: they change from run to run (and
 # with them this notebook's results.json and figures), unlike the other notebooks' numbers.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False
 model_names: list = ["tiny-mamba2", "tiny-mamba"]
 methods: list = ["utrc", "evit", "tome"]     # reduced methods timed on CPU
@@ -35,7 +35,7 @@ new_tokens: int = 16                         # generated tokens for the decode t
 repeats: int = 3                             # timed repeats (median reported) after one warm-up
 seed: int = 0
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
-gpu_bench: str = "../figures/03_efficiency/gpu_bench.json"   # written by utrc_lib.bench on a GPU machine
+gpu_bench: str = "../figures/03_efficiency/gpu_bench.json"   # written by utrc_study.bench on a GPU machine
 gpu_generate: str = "../figures/03_efficiency/gpu_generate.json"   # written by scripts/gpu_generate.sh
 paper_results: str = "../data/paper_results.json"
 
@@ -48,9 +48,9 @@ import torch
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.experiments import analysis, sweep
-from utrc_lib.report import plotting
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import analysis, sweep
+from utrc_study.report import plotting
+from utrc_study.report.notebooks import setup
 
 ctx = setup("03_efficiency", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save
@@ -108,7 +108,7 @@ axes[1].set_ylabel("ms"); axes[1].set_title(f"Prefill vs generation (CPU, batch 
 fig.tight_layout(); save(fig, "cpu_logits_and_decode"); plt.show()
 
 # %% [markdown]
-# ## GPU measurements (from `utrc_lib.bench`, when present) beside the paper's A100 numbers
+# ## GPU measurements (from `utrc_study.bench`, when present) beside the paper's A100 numbers
 
 # %%
 records, gpu = analysis.load_gpu_bench(gpu_bench)   # (None, None) without a benchmark file
@@ -117,7 +117,7 @@ if gpu is not None:
     fig = plotting.gpu_prefill_figure(gpu)
     save(fig, "gpu_prefill"); plt.show()
 else:
-    print(f"no GPU benchmark at {gpu_bench}: run `python -m utrc_lib.bench` on a GPU machine to add the GPU panels")
+    print(f"no GPU benchmark at {gpu_bench}: run `python -m utrc_study.bench` on a GPU machine to add the GPU panels")
 paper = json.load(open(paper_results))["efficiency"]
 fig = plotting.paper_efficiency_figure(paper)
 save(fig, "paper_efficiency"); plt.show()
@@ -134,7 +134,7 @@ save(fig, "paper_efficiency"); plt.show()
 # state once per step at the measured copy bandwidth.
 
 # %%
-from utrc_lib.experiments.bench import generation_table
+from utrc_study.experiments.bench import generation_table
 
 gen_records = json.load(open(gpu_generate)) if Path(gpu_generate).is_file() else None
 gen_table = ask_table = None
@@ -215,4 +215,4 @@ data = {"cpu_prefill": cpu, "cpu_decode": dec, "cpu_memory": "not measured (no p
         "gpu": None if gpu is None else gpu, "paper_efficiency": paper,
         "gpu_generation": gen_table, "gpu_ask_many": ask_table}
 ctx.write_results(data=data, device={"cpu": "CPU fp32", "threads": torch.get_num_threads()},
-                  timing="utrc_lib.experiments.timing.time_ms: 1 warm-up, median of `repeats` (perf_counter on CPU)")
+                  timing="utrc_study.experiments.timing.time_ms: 1 warm-up, median of `repeats` (perf_counter on CPU)")

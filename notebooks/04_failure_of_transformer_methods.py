@@ -27,7 +27,7 @@
 # ranking computed from this run's numbers.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False
 model_names: list = ["tiny-mamba2", "tiny-mamba"]
 methods: list = ["utrc", "evit", "pumer", "tome"]
@@ -50,9 +50,9 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.experiments import analysis, paired, sweep
-from utrc_lib.report import evidence as rows, plotting
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import analysis, paired, sweep
+from utrc_study.report import evidence as rows, plotting
+from utrc_study.report.notebooks import setup
 
 ctx = setup("04_failure_of_transformer_methods", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

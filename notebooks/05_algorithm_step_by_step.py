@@ -20,12 +20,12 @@
 # 5. the causal rule; 6. what the authors' released code does instead (`utrc_reference`);
 # 7. the schedule: where, how much, and the FLOPs it saves. The last cell is an explorer with controls.
 #
-# Every number comes from the library (`utrc_lib.report.teaching` calls the real reduction functions;
+# Every number comes from the library (`utrc_study.report.teaching` calls the real reduction functions;
 # tests/test_teaching.py checks the drawings against the reducer's plans). Each step ends with an
 # exercise; click **Answer** to unfold it.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                 # tests: shorter real-model text (same steps)
 model_name: str = "tiny-mamba2"     # embedded model (or a checkpoint path) for the real-model steps
 toy_seed: int = 0                   # seed of the toy features
@@ -42,10 +42,10 @@ out_dir: str = ""                   # empty: scratch .cache/notebooks/<name>; `m
 import matplotlib.pyplot as plt
 from IPython.display import display
 
-from utrc_lib.eval.suite import load_task
-from utrc_lib.experiments import sweep
-from utrc_lib.report import teaching
-from utrc_lib.report.notebooks import setup
+from utrc_study.eval.suite import load_task
+from utrc_study.experiments import sweep
+from utrc_study.report import teaching
+from utrc_study.report.notebooks import setup
 
 ctx = setup("05_algorithm_step_by_step", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

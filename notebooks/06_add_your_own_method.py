@@ -31,7 +31,7 @@
 # (`lowest`, `importance_halves`, `alternate_halves`, `bipartite_match`, `edges_to_plan`) are public too.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                 # tests: fewer items, one cut
 model_name: str = "tiny-mamba2"     # embedded model or checkpoint path
 cuts: list = [0.15, 0.3]            # token-layer cuts of the sweep
@@ -49,9 +49,9 @@ from IPython.display import display
 import utrc_lib
 from utrc_lib.core.methods import Method, lowest, register_method
 from utrc_lib.core.plan import build_plan
-from utrc_lib.experiments import sweep
-from utrc_lib.report import plotting, teaching
-from utrc_lib.report.notebooks import setup
+from utrc_study.experiments import sweep
+from utrc_study.report import plotting, teaching
+from utrc_study.report.notebooks import setup
 
 ctx = setup("06_add_your_own_method", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

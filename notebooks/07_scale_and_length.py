@@ -26,7 +26,7 @@
 # input length, one panel per model, at the 30% cut; `_20` / `_10` at the 20% / 10% cuts) and `results.json`.
 
 # %% tags=["parameters"]
-# Parameters (papermill / `python -m utrc_lib.figures --param key=value` override them)
+# Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                          # tiny sizes for tests
 cache: str = "../figures/07_scale_and_length/cache.jsonl"   # the slimmed cache of the GPU run (committed)
 cpu_models: list = ["tiny-mamba2"]           # the CPU fallback sweep when `cache` is missing
@@ -45,8 +45,8 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from utrc_lib.report import scale_length as sl
-from utrc_lib.report.notebooks import setup
+from utrc_study.report import scale_length as sl
+from utrc_study.report.notebooks import setup
 
 ctx = setup("07_scale_and_length", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save

@@ -3,7 +3,7 @@
 installed there from the training parts (before join.py installed them here).
 
 A row's `fingerprint` hashes every .json / .safetensors file of the model folder
-(`utrc_lib.experiments.sweep.model_fingerprint`). The device's folder held the same weights but not
+(`utrc_study.experiments.sweep.model_fingerprint`). The device's folder held the same weights but not
 the same side files: no training_log.json (join.py writes it here) and a config.json written by
 another transformers version. So the device rows carry another fingerprint and would be recomputed.
 This script checks that the local `model.safetensors` has the sha256 the device printed when it
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
     from utrc_lib.hosts.models import EMBEDDED, embedded_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,7 +4,7 @@
         [--out figures/03_efficiency/cpu_eval_speed.json]
 
 For each embedded model (tiny-mamba2, tiny-mamba), dense and UTRC at a 20% cut, and each scoring
-path (the built-in evaluator `utrc_lib.eval.scorer.evaluate` on all four tasks, and the lm-eval adapter's
+path (the built-in evaluator `utrc_study.eval.scorer.evaluate` on all four tasks, and the lm-eval adapter's
 `UTRCLM.loglikelihood` on the same requests), it runs the baseline commit's package and this
 checkout's package in separate processes, alternating A/B/A/B... so that load on the machine falls
 on both alike, and reports requests/s and tokens/s (medians over `--repeats` rounds) and the ratio.
@@ -36,7 +36,7 @@ def worker(args) -> dict:
     import torch
 
     import utrc_lib
-    from utrc_lib.eval import scorer
+    from utrc_study.eval import scorer
 
     torch.set_num_threads(args.threads)
     model, tok = utrc_lib.load_model(args.model)
@@ -55,7 +55,7 @@ def worker(args) -> dict:
     else:
         from lm_eval.api.instance import Instance
 
-        from utrc_lib.eval.lm_eval_adapter import UTRCLM
+        from utrc_lib.integrations.lm_eval import UTRCLM
 
         kw = {} if cfg is None else {"method": args.method, "flops_reduction": args.cut}
         lm = UTRCLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, **kw)

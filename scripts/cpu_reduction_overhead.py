@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import utrc_lib
-from utrc_lib.experiments.timing import time_ms
+from utrc_study.experiments.timing import time_ms
 from utrc_lib.core.reduce import ForwardReducer
 
 

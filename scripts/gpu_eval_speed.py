@@ -3,8 +3,8 @@
 fast first"): requests/s of each, ratio, per-item agreement; JSON to $OUT/gpu_eval_speed.json.
 
 Paths compared, for each model (tiny-mamba2, depth-mamba2-64) and config (dense, utrc at 20%):
-  classic      utrc_lib.eval.scorer.score_tokens, transformers fp32, batch_size 64 (today's GPU path)
-  fast_hf      utrc_lib.eval.fast.score_tokens_fast, transformers fp32 (token-budget batches)
+  classic      utrc_lib.scoring.score_tokens, transformers fp32, batch_size 64 (today's GPU path)
+  fast_hf      utrc_study.eval.fast.score_tokens_fast, transformers fp32 (token-budget batches)
   fast_ssm32   fast path on mamba-ssm's MambaLMHeadModel, fp32 weights (exact-length batches, Triton SSD)
   fast_ssm_bf16  the same under bf16 autocast (fp32 weights)
 Agreement of each fast path with classic, per request: |dll| <= 1e-4 + 1e-5 |ll| (fp32 paths) and
@@ -55,7 +55,7 @@ def sync():
 
 def items_correct(task, items, results):
     """Per item correctness from (ll, greedy) results (the scorer's rules, acc only)."""
-    from utrc_lib.eval.suite import task_kind
+    from utrc_study.eval.suite import task_kind
 
     kind = task_kind(task)
     if kind == "cloze":
@@ -104,7 +104,7 @@ def main(argv=None):
     import transformers
 
     import utrc_lib
-    from utrc_lib.eval import fast, scorer
+    from utrc_study.eval import fast, scorer
     from utrc_lib.hosts.speed import resolve_device
 
     device = resolve_device(a.device)

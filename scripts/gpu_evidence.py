@@ -23,7 +23,7 @@ AFTERWARDS, on the development machine, from the repo root (FILES = the folder t
     cp -r FILES/figures/01_main_results/evidence figures/01_main_results/
     cp -r FILES/figures/02_design_choices/evidence figures/02_design_choices/
     cat FILES/gpu_evidence.log >> figures/gpu_evidence.log
-    python -m utrc_lib.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
+    python -m utrc_study.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
 
 If the log's last line says "INCOMPLETE" (the deadline came first), run the same device command again
 with the copied folders in the working tree (they travel with it: untracked files git does not ignore):
@@ -36,7 +36,7 @@ the work is launch- and Python-bound) claim configurations one at a time (files 
 models' own configurations first), append each finished row to one shared JSON-lines cache, and stop at
 --deadline seconds (a configuration cut off then is lost and computed by the next call). The parent then
 writes the evidence folders from the rows already committed / carried in plus the new ones
-(`utrc_lib.report.evidence.write`). The old full run took 4-9 s per configuration on one H200 in one
+(`utrc_study.report.evidence.write`). The old full run took 4-9 s per configuration on one H200 in one
 process (figures/full_run.log: 44 configurations of 01 in 5m18s, 02's 24 others in about 4 minutes).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSI
 
 def plan(batch_size: int, notebooks=NOTEBOOKS, limit=None):
     """{notebook: [configurations with the common parameters merged]} at full size."""
-    from utrc_lib.report import evidence
+    from utrc_study.report import evidence
 
     out = {}
     for nb in notebooks:
@@ -76,7 +76,7 @@ def worker(args) -> int:
     import torch
 
     from utrc_lib.environment import code_version
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     torch.backends.cuda.matmul.allow_tf32 = False   # float32 as on the CPU (the verification compares them)
     torch.backends.cudnn.allow_tf32 = False
@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     import torch
 
     from utrc_lib.environment import code_version, git_commit
-    from utrc_lib.experiments import sweep
-    from utrc_lib.report import evidence
+    from utrc_study.experiments import sweep
+    from utrc_study.report import evidence
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU)"
     say(f"{gpu}; torch {torch.__version__}; code version {code_version()}; commit {git_commit()}; "

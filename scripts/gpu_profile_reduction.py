@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import utrc_lib
-from utrc_lib.experiments import bench
+from utrc_study.experiments import bench
 from utrc_lib.core.reduce import ForwardReducer
 
 

@@ -2,7 +2,7 @@
 """Scale x length evaluation (issue 13): dense and UTRC / EViT / PuMer / ToMe on the v2 suite, cached.
 
 Every configuration is one sweep row (one model, one method, one cut, one task), computed with item
-arrays (paired statistics) and appended to a resumable cache (`utrc_lib.experiments.sweep`):
+arrays (paired statistics) and appended to a resumable cache (`utrc_study.experiments.sweep`):
 
     PYTHONPATH=. python scripts/scale_length_eval.py --cache .cache/sweeps/scale_length.jsonl \
         --deadline-s 390                                           # the GPU run (scripts/gpu_scale_length.sh)
@@ -84,10 +84,10 @@ def label(params: dict) -> tuple:
 
 def plan(args) -> list[dict]:
     """Every configuration of the run, most important first (see the module doc)."""
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     fps = {m: sweep.model_fingerprint(m) for m in args.models}
-    from utrc_lib.report.scale_length import task_fingerprints
+    from utrc_study.report.scale_length import task_fingerprints
 
     tsha = task_fingerprints()
     tasks = [t for t in ALL_TASKS if t in args.tasks]
@@ -133,13 +133,13 @@ ROW_ONLY = ("task_sha", "study")   # row parameters that identify the data / stu
 
 def evaluate_row(**params) -> dict:
     """`sweep.evaluate_config` of one row, without the parameters that only key it (ROW_ONLY)."""
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     return sweep.evaluate_config(**{k: v for k, v in params.items() if k not in ROW_ONLY})
 
 
 def make_loader(device: str):
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     return lambda name: sweep.get_model(name, device=device)
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
 
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     configs = plan(args)
     p = sweep.pending(configs, args.cache, retry_errors=args.retry_errors, items=True)

@@ -1,10 +1,10 @@
-"""CPU smoke test of utrc_lib.bench: tiny transformers Mamba, JSON schema, resume, errors recorded."""
+"""CPU smoke test of utrc_study.bench: tiny transformers Mamba, JSON schema, resume, errors recorded."""
 import json
 
 import pytest
 import torch
 
-from utrc_lib.experiments import bench
+from utrc_study.experiments import bench
 
 REQUIRED = ("model_shape", "backend", "device", "dtype", "batch", "seq_len", "method", "flops_cut", "prefill_ms",
             "speedup_vs_dense", "peak_mem_gb_last_token", "peak_mem_gb_full_logits", "reduction_ms_per_anchor",
@@ -86,7 +86,7 @@ def test_slice_reducer_keeps_the_tail():
 
 
 def test_derived_fields_do_not_depend_on_run_order():
-    from utrc_lib.experiments.bench import derive_fields
+    from utrc_study.experiments.bench import derive_fields
 
     base = dict(kind="prefill", model_shape="s", backend="b", device="cuda", dtype="float16", batch=2, seq_len=8)
     dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=100.0, peak_mem_gb_full_logits=10.0,
@@ -199,7 +199,7 @@ def test_every_configuration_is_warmed_up(tmp_path, monkeypatch):
 
 
 def test_speedups_beyond_the_physical_bound_are_flagged():
-    from utrc_lib.experiments.bench import derive_fields
+    from utrc_study.experiments.bench import derive_fields
 
     base = dict(kind="prefill", model_shape="s", backend="hf", device="cpu", dtype="float32", batch=2, seq_len=8)
     dense = dict(base, method="dense", flops_cut=0.0, prefill_ms=7199.9)   # absorbed the warm-up

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from utrc_lib.eval import suite
+from utrc_study.eval import suite
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "data" / "benchmarks_v2"
@@ -162,7 +162,7 @@ def tiny():
 
 
 def test_evaluator_scores_v2_tasks(tiny):
-    from utrc_lib.eval.scorer import evaluate
+    from utrc_study.eval.scorer import evaluate
 
     model, tk = tiny
     tasks = SHORT + ["lr_cloze_512", "passkey_512", "longppl_1024"]
@@ -182,7 +182,7 @@ def test_evaluator_scores_v2_tasks(tiny):
 
 def test_reduced_scoring_runs_on_long_task(tiny):
     from utrc_lib import ReductionConfig
-    from utrc_lib.eval.scorer import evaluate
+    from utrc_study.eval.scorer import evaluate
 
     model, tk = tiny
     cfg = ReductionConfig(method="utrc", keep_ratio=0.8)
@@ -270,8 +270,8 @@ def test_calibration_scores_the_file_prefix(monkeypatch):
 def test_calibration_scores_as_the_evaluator(tiny):
     """The builder's short_correct and the evaluator agree item by item on the built short files
     (cloze greedy match, choice4 acc_norm, choice2 acc)."""
-    from utrc_lib.eval.scorer import evaluate
-    from utrc_lib.eval.suite import load_task
+    from utrc_study.eval.scorer import evaluate
+    from utrc_study.eval.suite import load_task
 
     b = _builder()
     model, tk = tiny

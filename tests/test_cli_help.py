@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 
-CLIS = ["utrc_lib.core.flops", "utrc_lib.experiments.bench", "utrc_lib.experiments.scaleout",
-        "utrc_lib.report.figures", "utrc_lib.eval.__main__"]
+CLIS = ["utrc_lib.core.flops", "utrc_study.experiments.bench", "utrc_study.experiments.scaleout",
+        "utrc_study.report.figures", "utrc_study.eval.__main__"]
 
 
 def _parser_of(module_name, monkeypatch):
@@ -30,4 +30,4 @@ def test_every_flag_has_help(module_name, monkeypatch):
     missing = [a.option_strings[0] for a in parser._actions
                if a.option_strings and a.option_strings[0] != "-h" and not (a.help or "").strip()]
     assert not missing, f"{module_name}: flags without help: {missing}"
-    assert parser.prog.startswith("python -m utrc_lib"), parser.prog
+    assert parser.prog.startswith(("python -m utrc_lib", "python -m utrc_study")), parser.prog

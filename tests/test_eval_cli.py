@@ -1,4 +1,4 @@
-"""`python -m utrc_lib.eval`: flag help, argument checks before any model is loaded, --output handling.
+"""`python -m utrc_study.eval`: flag help, argument checks before any model is loaded, --output handling.
 
 None of these tests loads a model or runs lm-eval: the checks must fail first, and the one test of
 a failing write replaces the evaluation with canned results.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from utrc_lib.eval import __main__ as cli
+from utrc_study.eval import __main__ as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def no_model(monkeypatch):
     """Loading a model (or running lm-eval) fails the test: argument errors must come first."""
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval import lm_eval_adapter
+    from utrc_lib.integrations import lm_eval as lm_eval_adapter
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded although the arguments are invalid")
@@ -61,7 +61,7 @@ def test_invalid_reduction_is_a_usage_error(capsys, no_model):
 
 def test_ratio_without_method_from_the_command_line():
     """The reported defect, end to end: it used to run dense and exit 0."""
-    proc = subprocess.run([sys.executable, "-m", "utrc_lib.eval", "--flops-reduction", "0.2"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "utrc_study.eval", "--flops-reduction", "0.2"], cwd=ROOT,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-1000:]
     assert "--flops-reduction given without --method" in proc.stderr

@@ -7,8 +7,9 @@ import torch
 
 from conftest import tiny_model
 from utrc_lib import ReductionConfig
-from utrc_lib.eval import scorer as ev
-from utrc_lib.eval.suite import load_task
+from utrc_study.eval import scorer as ev
+from utrc_study.eval.suite import load_task
+from utrc_lib import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "data" / "models" / "tiny-mamba2"
@@ -36,18 +37,18 @@ def _requests():
 
 def test_encode_pair_lm_eval_convention(tok):
     ctx, cont = ev.encode_pair(tok, "The cat sat ", "on the mat")
-    assert ctx == ev.encode(tok, "The cat sat")
-    assert ctx + cont == ev.encode(tok, "The cat sat on the mat")
+    assert ctx == scoring.encode(tok, "The cat sat")
+    assert ctx + cont == scoring.encode(tok, "The cat sat on the mat")
     ctx, cont = ev.encode_pair(tok, "", "hello")
-    assert ctx == [tok.eos_token_id] and cont == ev.encode(tok, "hello")
+    assert ctx == [tok.eos_token_id] and cont == scoring.encode(tok, "hello")
 
 
 @pytest.mark.parametrize("reduced", [False, True])
 def test_batch_size_independent(m2, tok, reduced):
     cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 2)) if reduced else None
     reqs = _requests()
-    a = ev.loglikelihood(m2, tok, reqs, cfg, batch_size=1)
-    b = ev.loglikelihood(m2, tok, reqs, cfg, batch_size=4)
+    a = scoring.loglikelihood(m2, tok, reqs, cfg, batch_size=1)
+    b = scoring.loglikelihood(m2, tok, reqs, cfg, batch_size=4)
     assert [g for _, g in a] == [g for _, g in b]
     for (x, _), (y, _) in zip(a, b):
         assert math.isfinite(x) and abs(x - y) < 1e-4
@@ -58,15 +59,15 @@ def test_batch_size_independent_mamba1(tok):
     m = tiny_model("mamba", layers=3, vocab=8192)
     cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 1))
     reqs = [(it["context"], it["target"]) for it in load_task("cloze", limit=4)]
-    a = ev.loglikelihood(m, tok, reqs, cfg, batch_size=1)
-    b = ev.loglikelihood(m, tok, reqs, cfg, batch_size=4)
+    a = scoring.loglikelihood(m, tok, reqs, cfg, batch_size=1)
+    b = scoring.loglikelihood(m, tok, reqs, cfg, batch_size=4)
     assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(a, b))
 
 
 def test_scores_read_at_original_positions(m2, tok):
     """Dense scores equal a direct unbatched forward; keep_ratio=1 equals dense."""
     reqs = _requests()[:3]
-    dense = ev.loglikelihood(m2, tok, reqs, None, batch_size=3)
+    dense = scoring.loglikelihood(m2, tok, reqs, None, batch_size=3)
     for (c, x), (ll, _) in zip(reqs, dense):
         ctx, cont = ev.encode_pair(tok, c, x)
         ids = torch.tensor([ctx + cont[:-1]])
@@ -74,7 +75,7 @@ def test_scores_read_at_original_positions(m2, tok):
             logp = torch.log_softmax(m2(ids).logits[0, -len(cont):].float(), -1)
         ref = float(logp[torch.arange(len(cont)), torch.tensor(cont)].sum())
         assert abs(ref - ll) < 1e-4
-    same = ev.loglikelihood(m2, tok, reqs, ReductionConfig("utrc", keep_ratio=1.0), batch_size=2)
+    same = scoring.loglikelihood(m2, tok, reqs, ReductionConfig("utrc", keep_ratio=1.0), batch_size=2)
     assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(dense, same))
 
 
@@ -82,8 +83,8 @@ def test_reduction_changes_context_not_tail_protection(m2, tok):
     """With protection the scored tail is never reduced; reducing the context changes the score."""
     reqs = [(it["context"], it["continuation"]) for it in load_task("ppl", limit=2)]
     cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 1, 2))
-    dense = ev.loglikelihood(m2, tok, reqs, None)
-    red = ev.loglikelihood(m2, tok, reqs, cfg)
+    dense = scoring.loglikelihood(m2, tok, reqs, None)
+    red = scoring.loglikelihood(m2, tok, reqs, cfg)
     assert all(math.isfinite(r[0]) for r in red)
     assert any(abs(a[0] - b[0]) > 1e-6 for a, b in zip(dense, red))
 
@@ -154,7 +155,7 @@ def test_dense_fallback_returned_with_the_results(m2, tok):
     # " b c" after "a": 2 input tokens, both protected, one to remove -> refused; "The" + " cat" has
     # a single input token, so the schedule removes none (no error, nothing reduced)
     assert one.dense_fallback == four.dense_fallback == 1
-    third = ev.loglikelihood_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok))
+    third = scoring.loglikelihood_tokens(m2, toks, cfg, 3, pad_token_id=ev.pad_id(tok))
     for a, b, c in zip(one.results, four.results, third):
         assert a[1] == b[1] == c[1] and a[0] == pytest.approx(b[0], abs=1e-4) == pytest.approx(c[0], abs=1e-4)
     assert one.results[0][0] == pytest.approx(dense.results[0][0], abs=1e-4)  # the refused one: dense
@@ -167,18 +168,18 @@ def test_dense_fallback_splits_the_batch(m2, tok, monkeypatch):
     reqs = _requests()[:7] + [("a", " b c")]          # the last is refused as too short
     toks = [ev.encode_pair(tok, c, x) for c, x in reqs]
     cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
-    real, calls = ev._score_rows, []
+    real, calls = scoring._score_rows, []
 
     def counting(model, handle, batch, *a, **kw):
         calls.append((handle is not None, len(batch)))
         return real(model, handle, batch, *a, **kw)
 
-    monkeypatch.setattr(ev, "_score_rows", counting)
+    monkeypatch.setattr(scoring, "_score_rows", counting)
     eight = ev.score_tokens(m2, toks, cfg, 8, pad_token_id=ev.pad_id(tok))
     assert eight.dense_fallback == 1
     assert len(calls) <= 1 + 2 * 3 + 1, calls        # full batch, two halves per level, one dense
     assert calls.count((False, 1)) == 1              # only the refused request ran dense
-    monkeypatch.setattr(ev, "_score_rows", real)
+    monkeypatch.setattr(scoring, "_score_rows", real)
     one = ev.score_tokens(m2, toks, cfg, 1, pad_token_id=ev.pad_id(tok))
     assert one.dense_fallback == 1
     for a, b in zip(eight.results, one.results):
@@ -191,8 +192,8 @@ def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
     from utrc_lib.core.reduce import SequenceTooShort
 
     toks = [ev.encode_pair(tok, c, x) for c, x in _requests()[:3]]
-    dense = ev.loglikelihood_tokens(m2, toks, None, 3)
-    real = ev._score_rows
+    dense = scoring.loglikelihood_tokens(m2, toks, None, 3)
+    real = scoring._score_rows
     cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
     for error, falls_back in ((SequenceTooShort("refused"), True), (ValueError("sequence too short"), False)):
         def refuse_reduced(model, handle, batch, pad, protect, *rest, error=error, **kw):
@@ -200,7 +201,7 @@ def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
                 raise error
             return real(model, handle, batch, pad, protect, *rest, **kw)
 
-        monkeypatch.setattr(ev, "_score_rows", refuse_reduced)
+        monkeypatch.setattr(scoring, "_score_rows", refuse_reduced)
         if falls_back:
             got = ev.score_tokens(m2, toks, cfg, 2)
             assert got.dense_fallback == 3
@@ -215,15 +216,15 @@ def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
 def test_evaluate_reports_fallback_and_protection(m2, tok):
     cfg = ReductionConfig("utrc", keep_ratio=0.5, layers=(0, 2))
     r = ev.evaluate(m2, tok, tasks=("cloze",), config=cfg, limit=2, batch_size=2, progress=False)
-    assert r["cloze"]["dense_fallback"] == 0 and r["meta"]["protect"] == ev.PROTECT_NOTE[True]
+    assert r["cloze"]["dense_fallback"] == 0 and r["meta"]["protect"] == scoring.PROTECT_NOTE[True]
     u = ev.evaluate(m2, tok, tasks=("cloze",), config=cfg, limit=2, batch_size=2, progress=False, protect=False)
-    assert u["meta"]["protect"] == ev.PROTECT_NOTE[False]
+    assert u["meta"]["protect"] == scoring.PROTECT_NOTE[False]
     toks = [ev.encode_pair(tok, it["context"], it["target"]) for it in load_task("cloze", limit=2)]
-    raw = ev.loglikelihood_tokens(m2, toks, cfg, 2, pad_token_id=ev.pad_id(tok), protect=False)
+    raw = scoring.loglikelihood_tokens(m2, toks, cfg, 2, pad_token_id=ev.pad_id(tok), protect=False)
     assert u["cloze"]["ppl"] == math.exp(-sum(ll for ll, _ in raw) / len(raw))
     meta = ev.run_metadata(m2, cfg, max_length=1024, batch_size=2, limit=2)
     assert meta["layers"] == [0, 2] and meta["keep_ratio"] == 0.5 and meta["num_layers"] == 4
-    assert ev.eos_id(tok) == tok.eos_token_id and ev.pad_id(tok) in (tok.pad_token_id, tok.eos_token_id)
+    assert scoring.eos_id(tok) == tok.eos_token_id and ev.pad_id(tok) in (tok.pad_token_id, tok.eos_token_id)
 
 
 # -- item-level outcomes (evaluate(items=True), score_tokens(details / reference)) ---------------------

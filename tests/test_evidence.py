@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from utrc_lib.report import evidence
-from utrc_lib.report import figures as runner
+from utrc_study.report import evidence
+from utrc_study.report import figures as runner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_run_takes_the_evidence_and_computes_only_the_rest(tmp_path):
 
 
 def test_a_smaller_run_never_replaces_a_larger_one(tmp_path, monkeypatch):
-    from utrc_lib.report import notebooks
+    from utrc_study.report import notebooks
 
     figs = tmp_path / "figures"
     monkeypatch.setattr(notebooks, "FIGURES", figs)
@@ -118,7 +118,7 @@ def test_a_smaller_run_never_replaces_a_larger_one(tmp_path, monkeypatch):
 
 
 def test_results_json_is_rounded_and_machine_free(tmp_path):
-    from utrc_lib.report import provenance
+    from utrc_study.report import provenance
 
     data = {"x": 0.1 + 0.2, "y": [1 / 3, 2, None], "z": {"seconds": 1.5, "w": 123456.789}}
     a = provenance.write_results(tmp_path / "a", "nb", parameters={"seed": 0, "out_dir": "q", "evidence": "e"},
@@ -154,7 +154,7 @@ def test_committed_code_version_is_current():
 def test_rendering_from_evidence_computes_nothing_and_restores_a_deleted_json(tmp_path):
     """01 rendered from a small evidence set (computed here first): no configuration is computed again,
     and a deleted results.json comes back byte-identical (figures too)."""
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     nb = runner.NOTEBOOKS / "01_main_results.ipynb"
     small = dict(model_names=["tiny-mamba2"], methods=["utrc", "evit"], cuts=[0.2], limit=2, resamples=200,

@@ -1,4 +1,4 @@
-"""Fast path of the evaluator (utrc_lib.eval.fast): same per-item outcomes as the classic scorer.
+"""Fast path of the evaluator (utrc_study.eval.fast): same per-item outcomes as the classic scorer.
 
 Tolerance (stated in the fast module's report, scripts/gpu_eval_speed.py uses the same): per request
 |ll_fast - ll_classic| <= 1e-4 + 1e-5 |ll| (float32 rounding of other batch shapes and chunk sizes;
@@ -13,8 +13,9 @@ import torch
 
 from conftest import tiny_model
 from utrc_lib import ReductionConfig
-from utrc_lib.eval import fast
-from utrc_lib.eval import scorer
+from utrc_study.eval import fast
+from utrc_study.eval import scorer
+from utrc_lib import scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LL_ABS, LL_REL = 1e-4, 1e-5
@@ -45,7 +46,7 @@ def test_score_tail_matches_row_by_row_twin(seed, with_ref):
     ns = torch.randint(1, 5, (B,), generator=g).tolist()
     batch = [(b, None, torch.randint(0, V, (ns[b],), generator=g).tolist()) for b in range(B)]
     ref = {b: torch.log_softmax(torch.randn(ns[b], V, generator=g), -1) for b in range(B)} if with_ref else None
-    want = scorer._score_rows_simple(logits, batch, ref)
+    want = scoring._score_rows_simple(logits, batch, ref)
     m = max(ns)
     target, valid = fast.left_pad([p[2] for p in batch], 0, m)
     dense = None

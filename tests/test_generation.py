@@ -545,7 +545,7 @@ def test_fake_mamba_ssm_reduced_state_is_the_state_of_the_reduced_sequence(fake)
 
 
 def test_fake_bench_graph_generation_record(fake):
-    from utrc_lib.experiments import bench
+    from utrc_study.experiments import bench
 
     model, gen = fake
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(9))

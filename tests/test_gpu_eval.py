@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utrc_lib
-from utrc_lib.eval import scorer
+from utrc_study.eval import scorer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,7 +31,7 @@ def test_cuda_float32_matches_cpu(name, method):
 
 
 def test_auto_device_is_cuda():
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     model, _ = sweep.get_model("tiny-mamba2")
     assert next(model.parameters()).device.type == "cuda"

@@ -21,7 +21,7 @@ def _metrics(res):
 
 
 def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
-    from utrc_lib.eval import __main__ as cli
+    from utrc_study.eval import __main__ as cli
 
     monkeypatch.chdir(tmp_path)  # the task YAMLs must work from any directory
     common = ["--model-name", str(ckpt), "--method", "utrc", "--flops-reduction", "0.2", "--limit", "8",
@@ -47,7 +47,7 @@ def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from utrc_lib import ReductionConfig
-    from utrc_lib.eval.scorer import evaluate
+    from utrc_study.eval.scorer import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -62,8 +62,8 @@ def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
 def test_model_args_and_registry():
     from lm_eval.api.registry import get_model
 
-    from utrc_lib.eval import register
-    from utrc_lib.eval.lm_eval_adapter import build_config
+    from utrc_study.eval import register
+    from utrc_lib.integrations.lm_eval import build_config
 
     cls = register()
     assert get_model("utrc") is cls
@@ -81,7 +81,8 @@ def test_model_args_and_registry():
 def test_adapter_uses_the_public_scorer_api_only():
     import re
 
-    from utrc_lib.eval import lm_eval_adapter, scorer
+    from utrc_lib import scoring as scorer
+    from utrc_lib.integrations import lm_eval as lm_eval_adapter
 
     source = open(lm_eval_adapter.__file__, encoding="utf-8").read()
     used = set(re.findall(r"\bev\.(\w+)", source))
@@ -95,7 +96,7 @@ def test_adapter_uses_the_public_scorer_api_only():
 def test_adapter_counts_dense_fallback_per_call(ckpt):
     from lm_eval.api.instance import Instance
 
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+    from utrc_lib.integrations.lm_eval import UTRCLM
 
     lm = UTRCLM(pretrained=str(ckpt), batch_size=2, method="utrc", keep_ratio="0.5", layers="0")
     assert lm.config.layers == (0,) and lm.config.keep_ratio == 0.5

@@ -48,7 +48,7 @@ def cache_dir(tmp_path_factory):
 
 def run(name, tmp_path, **params):
     """Execute notebook `name` the way the figures runner does (quiet kernel), quick mode, into tmp_path/name."""
-    from utrc_lib.report.figures import execute
+    from utrc_study.report.figures import execute
 
     out = tmp_path / name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +86,7 @@ def finite(x):
 
 def test_sources_and_notebooks_in_sync():
     """Each notebooks/0X_*.py (jupytext percent source) and its paired .ipynb hold the same cells."""
-    from utrc_lib.report import notebooks
+    from utrc_study.report import notebooks
 
     assert len(notebooks.sources(NB)) == 8  # 00-04 + the teaching notebooks 05, 06 + 07 scale and length
     problems = notebooks.out_of_sync(NB)
@@ -100,7 +100,7 @@ def test_sync_check_and_parameters(tmp_path):
     """sync writes byte-stable .ipynb files; a changed source is reported by name with the re-sync command."""
     import shutil
 
-    from utrc_lib.report import notebooks
+    from utrc_study.report import notebooks
 
     src = tmp_path / "00_walkthrough.py"
     shutil.copy(NB / src.name, src)
@@ -125,8 +125,8 @@ def test_sync_check_and_parameters(tmp_path):
 def test_hand_runs_write_to_scratch():
     """A notebook run with its default parameters (JupyterLab, nbconvert, papermill without parameters)
     writes to a scratch folder; only the figures runner passes figures/<name>."""
-    from utrc_lib.report import figures as runner
-    from utrc_lib.report import notebooks
+    from utrc_study.report import figures as runner
+    from utrc_study.report import notebooks
 
     figures = (REPO / "figures").resolve()
     for src in notebooks.sources(NB):
@@ -150,7 +150,7 @@ def test_figures_are_byte_stable(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utrc_lib.report import plotting
+    from utrc_study.report import plotting
 
     files = {}
     for run_name in ("a", "b"):
@@ -169,7 +169,7 @@ def test_figures_are_byte_stable(tmp_path):
 
 def test_results_document_layout():
     """results.json holds no clock, durations, folders or commit (they go to the run log); cuts are named."""
-    from utrc_lib.report import provenance
+    from utrc_study.report import provenance
 
     rows = [{"cut": 0.2, "token_layer_cut": 0.2000001, "analytic_flops_cut": 0.07, "cloze/acc": 0.5,
              "cloze/seconds": 1.25, "seconds": 3.0}]

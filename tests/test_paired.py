@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from utrc_lib.experiments import paired, stats
-from utrc_lib.experiments.sweep import SweepResult
+from utrc_study.experiments import paired, stats
+from utrc_study.experiments.sweep import SweepResult
 
 
 def _items(correct_by_task, kl=0.0, ll=-1.0, n_ppl=8):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import utrc_lib as u
-from utrc_lib.eval.protocol import PROTOCOLS, resolve_protocol
-from utrc_lib.eval.scorer import score_tokens
+from utrc_study.eval.protocol import PROTOCOLS, resolve_protocol
+from utrc_study.eval.scorer import score_tokens
 
 
 def test_resolve_protocol_maps_the_authors_choices():
@@ -81,7 +81,7 @@ def test_unprotected_scoring_reads_the_last_rows_of_the_shortened_sequence(model
 
 
 def test_evaluate_records_the_protocol(tmp_path):
-    from utrc_lib.eval.scorer import evaluate
+    from utrc_study.eval.scorer import evaluate
     model, tok = u.load_model("tiny-mamba2")
     res = evaluate(model, tok, ["choice2"], u.ReductionConfig("pumer", flops_reduction=0.2), limit=4,
                    batch_size=4, progress=False, protocol="authors")
@@ -94,7 +94,7 @@ def test_evaluate_records_the_protocol(tmp_path):
 
 
 def test_sweep_rows_record_their_protocol():
-    from utrc_lib.experiments.sweep import evaluate_config
+    from utrc_study.experiments.sweep import evaluate_config
     kw = dict(tasks=["choice2"], limit=4, batch_size=4)
     row = evaluate_config("tiny-mamba2", "evit", 0.2, protocol="authors", **kw)
     assert row["protocol"] == "authors" and row["protect"] is False and row["meta/method"] == "evit_reference"

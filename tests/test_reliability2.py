@@ -24,8 +24,8 @@ def tiny():
 
 # -- item 1: an already-patched model is refused by every scoring entry point -------------------------
 def test_item1_evaluate_refuses_a_patched_model(tiny):
-    from utrc_lib.eval import scorer
-    from utrc_lib.experiments import sweep
+    from utrc_study.eval import scorer
+    from utrc_study.experiments import sweep
 
     model, tok = tiny
     cfg = utrc_lib.ReductionConfig("utrc", flops_reduction=0.3)
@@ -49,7 +49,7 @@ def test_item1_evaluate_refuses_a_patched_model(tiny):
 
 def test_item1_lm_eval_adapter_refuses_a_patched_model(tiny):
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+    from utrc_lib.integrations.lm_eval import UTRCLM
 
     model, tok = tiny
     with utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", flops_reduction=0.3)):
@@ -75,7 +75,7 @@ def _rewrite(path: Path, edit) -> None:
 
 
 def test_item3_changed_files_and_data_dir_are_read_again(tmp_path, monkeypatch, tiny):
-    from utrc_lib.eval import scorer, suite
+    from utrc_study.eval import scorer, suite
 
     _, tok = tiny
     a, b = _copy_suite(tmp_path / "a"), _copy_suite(tmp_path / "b")
@@ -103,7 +103,7 @@ def test_item3_changed_files_and_data_dir_are_read_again(tmp_path, monkeypatch, 
     ("choice2", lambda its: its[1].update(options=["only one"]), "options"),
 ])
 def test_item4_bad_items_fail_on_load_naming_file_line_field(tmp_path, monkeypatch, task, edit, field):
-    from utrc_lib.eval import suite
+    from utrc_study.eval import suite
 
     bench = _copy_suite(tmp_path)
     _rewrite(bench / f"{task}.jsonl", edit)
@@ -115,7 +115,7 @@ def test_item4_bad_items_fail_on_load_naming_file_line_field(tmp_path, monkeypat
 
 
 def test_item4_malformed_json_names_file_and_line(tmp_path, monkeypatch, tiny):
-    from utrc_lib.eval import scorer, suite
+    from utrc_study.eval import scorer, suite
 
     bench = _copy_suite(tmp_path)
     with (bench / "choice2.jsonl").open("a", encoding="utf-8") as f:
@@ -132,7 +132,7 @@ def test_item4_malformed_json_names_file_and_line(tmp_path, monkeypatch, tiny):
 
 
 def test_item4_committed_suites_validate():
-    from utrc_lib.eval import suite
+    from utrc_study.eval import suite
 
     for task in suite.available_tasks("all"):
         assert suite.load_task(task, limit=5)
@@ -140,7 +140,7 @@ def test_item4_committed_suites_validate():
 
 # -- item 2: sweep rows are keyed by what they depend on ------------------------------------------------
 def test_item2_sweep_rows_recompute_when_their_data_changes(tmp_path, monkeypatch):
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     calls = []
 
@@ -173,7 +173,7 @@ def test_item2_sweep_rows_recompute_when_their_data_changes(tmp_path, monkeypatc
 
 
 def test_item2_model_weights_and_tokenizer_enter_the_key(tmp_path):
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     ckpt = tmp_path / "m"
     ckpt.mkdir()
@@ -253,7 +253,7 @@ def test_item6_unreachable_cut_warns_once_per_configuration(tiny):
 
 
 def test_item6_rows_carry_the_achieved_cut(tiny):
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     model, tok = tiny
     row = sweep.evaluate_config("tiny-mamba2", "utrc", 0.3, tasks=("choice2",), limit=3,
@@ -264,8 +264,8 @@ def test_item6_rows_carry_the_achieved_cut(tiny):
                                   model_loader=lambda name: (model, tok))
     assert dense["achieved_token_layer_cut"] == 0.0 and dense["token_layer_cut"] == 0.0
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval import scorer
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+    from utrc_study.eval import scorer
+    from utrc_lib.integrations.lm_eval import UTRCLM
 
     lm = UTRCLM(pretrained=model, tokenizer=tok, method="utrc", flops_reduction="0.3")
     lm._score([scorer.encode_pair(tok, "The quick brown fox jumps over the lazy dog. " * 6, " again")], True, "t")
@@ -286,17 +286,17 @@ def test_item6_depth_dependent_checks_raise_in_apply(tiny):
     assert "raise in `utrc_lib.apply`" in readme
 
 
-# -- item 7: lm-eval as installed: entry point, `python -m utrc_lib.eval.lm_eval`, device auto ---------
+# -- item 7: lm-eval as installed: entry point, `python -m utrc_lib.integrations.lm_eval_cli`, device auto ---------
 def test_item7_entry_point_declared():
     import importlib
     import tomllib
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     target = meta["entry-points"]["lm_eval.models"]["utrc"]
-    assert meta["scripts"]["utrc-lm-eval"] == "utrc_lib.eval.lm_eval:main"
+    assert meta["scripts"]["utrc-lm-eval"] == "utrc_lib.integrations.lm_eval_cli:main"
     pytest.importorskip("lm_eval")
     module, attr = target.split(":")
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+    from utrc_lib.integrations.lm_eval import UTRCLM
 
     assert getattr(importlib.import_module(module), attr) is UTRCLM
 
@@ -305,9 +305,9 @@ def test_item7_lm_eval_cli_offline_on_a_local_task(tmp_path):
     pytest.importorskip("lm_eval")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [PY, "-m", "utrc_lib.eval.lm_eval", "--model", "utrc",
+    cmd = [PY, "-m", "utrc_lib.integrations.lm_eval_cli", "--model", "utrc",
            "--model_args", "pretrained=tiny-mamba2,method=utrc,flops_reduction=0.2",
-           "--tasks", "utrc_choice2", "--include_path", str(ROOT / "utrc_lib/eval/lm_eval_tasks"),
+           "--tasks", "utrc_choice2", "--include_path", str(ROOT / "utrc_study/eval/lm_eval_tasks"),
            "--limit", "1", "--batch_size", "4", "--output_path", str(tmp_path / "out")]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]   # no --device: lm-eval's cuda:0 default works on CPU
@@ -317,7 +317,7 @@ def test_item7_lm_eval_cli_offline_on_a_local_task(tmp_path):
 
 def test_item7_adapter_device_defaults_to_auto():
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval.lm_eval_adapter import resolve_lm_device
+    from utrc_lib.integrations.lm_eval import resolve_lm_device
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_lm_device(None) == resolve_lm_device("auto") == here
@@ -331,9 +331,9 @@ def test_item7_adapter_device_defaults_to_auto():
 # -- item 8: dead flags and misleading messages -------------------------------------------------------
 def test_item8_no_progress_reaches_the_scorer(tiny, monkeypatch):
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval import __main__ as cli
-    from utrc_lib.eval import scorer
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM
+    from utrc_study.eval import __main__ as cli
+    from utrc_lib import scoring as scorer   # what the adapter scores with
+    from utrc_lib.integrations.lm_eval import UTRCLM
 
     assert cli.model_args_from(cli.parse_args(["--no-progress"]))["progress"] is False
     model, tok = tiny
@@ -346,7 +346,7 @@ def test_item8_no_progress_reaches_the_scorer(tiny, monkeypatch):
 
 
 def test_item8_eval_help_lists_every_model_and_the_v2_tasks():
-    from utrc_lib.eval import __main__ as cli
+    from utrc_study.eval import __main__ as cli
 
     text = cli.build_parser().format_help()
     for name in ("small-mamba2", "small-mamba", "tiny-mamba", "utrc_v2_cloze", "utrc_v2_passkey_2048"):
@@ -404,8 +404,8 @@ def test_item8_numpy_ratios_are_accepted():
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]))
 def test_item9_eval_cli_fails_before_loading(argv, needle, capsys, monkeypatch):
     pytest.importorskip("lm_eval")
-    from utrc_lib.eval import __main__ as cli
-    from utrc_lib.eval import lm_eval_adapter
+    from utrc_study.eval import __main__ as cli
+    from utrc_lib.integrations import lm_eval as lm_eval_adapter
     from utrc_lib.hosts import models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -445,8 +445,8 @@ def test_item10_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, monkeypatch,
     pytest.importorskip("lm_eval")
     import lm_eval
 
-    from utrc_lib.eval import __main__ as cli
-    from utrc_lib.eval import lm_eval_adapter
+    from utrc_study.eval import __main__ as cli
+    from utrc_lib.integrations import lm_eval as lm_eval_adapter
 
     class FakeLM:
         def __init__(self, **kw):
@@ -486,7 +486,7 @@ def test_item10_eval_cli_keeps_finished_tasks_and_resumes(tmp_path, monkeypatch,
 
 
 def test_item10_bench_checks_the_device_first(capsys, tmp_path, monkeypatch):
-    from utrc_lib.experiments import bench
+    from utrc_study.experiments import bench
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-machine path")
@@ -499,7 +499,7 @@ def test_item10_bench_checks_the_device_first(capsys, tmp_path, monkeypatch):
 
 
 def test_item10_bench_ctrl_c_exits_130_saying_what_was_kept(capsys, tmp_path, monkeypatch):
-    from utrc_lib.experiments import bench
+    from utrc_study.experiments import bench
 
     def interrupted(**kw):
         raise KeyboardInterrupt

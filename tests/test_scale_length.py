@@ -1,4 +1,4 @@
-"""scripts/scale_length_eval.py (cached scale x length sweep) and its renderer utrc_lib.report.scale_length."""
+"""scripts/scale_length_eval.py (cached scale x length sweep) and its renderer utrc_study.report.scale_length."""
 import importlib.util
 from pathlib import Path
 
@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 
 def test_script_rows(cache):
-    from utrc_lib.experiments.sweep import RowCache
+    from utrc_study.experiments.sweep import RowCache
 
     rows = list(RowCache(cache).load().values())
     assert len(rows) == 2 * 3 and all(r["status"] == "ok" and isinstance(r.get("items"), dict) for r in rows)
@@ -59,7 +59,7 @@ def test_deadline_and_errors(tmp_path, capsys):
     real = mod.evaluate_row
     mod.evaluate_row = lambda **p: (_ for _ in ()).throw(ValueError("boom")) if p["method"] == "evit" else real(**p)
     assert mod.main(ARGS[:4] + ARGS[5:] + ["--cache", str(path)]) == 0
-    from utrc_lib.experiments.sweep import RowCache
+    from utrc_study.experiments.sweep import RowCache
 
     rows = list(RowCache(path).load().values())
     assert sorted(r["status"] for r in rows) == ["error", "ok", "ok"]
@@ -69,8 +69,8 @@ def test_max_length_keeps_row_keys():
     """Rows that do not list max_length keep their parameters and keys; the default is today's 1024."""
     import inspect
 
-    from utrc_lib.eval import scorer
-    from utrc_lib.experiments import sweep
+    from utrc_study.eval import scorer
+    from utrc_study.experiments import sweep
 
     assert inspect.signature(sweep.evaluate_config).parameters["max_length"].default == 1024 == \
         inspect.signature(scorer.evaluate).parameters["max_length"].default
@@ -89,7 +89,7 @@ def test_renderer(cache, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from utrc_lib.report import scale_length as sl
+    from utrc_study.report import scale_length as sl
 
     slim = tmp_path / "slim.jsonl"
     info = sl.slim_cache(cache, slim)
@@ -113,7 +113,7 @@ def test_stale_rows(cache):
     """Rows of other weights or another task file are named; current rows are not."""
     import copy
 
-    from utrc_lib.report import scale_length as sl
+    from utrc_study.report import scale_length as sl
 
     rows = sl.load_rows(cache)
     assert sl.stale_rows(rows) == []
@@ -131,7 +131,7 @@ def test_adopt_device_rows(cache, tmp_path):
     import hashlib
     import json
 
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     spec = importlib.util.spec_from_file_location("adopt", REPO / "scripts/adopt_device_rows.py")
     adopt = importlib.util.module_from_spec(spec)

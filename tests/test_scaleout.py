@@ -30,7 +30,7 @@ def test_adapter_single_process_has_no_accelerator(ckpt, monkeypatch):
     pytest.importorskip("lm_eval")
     import torch
 
-    from utrc_lib.eval.lm_eval_adapter import UTRCLM, launched_world_size
+    from utrc_lib.integrations.lm_eval import UTRCLM, launched_world_size
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert launched_world_size() == 1
@@ -43,12 +43,12 @@ def test_adapter_single_process_has_no_accelerator(ckpt, monkeypatch):
 
 
 def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m utrc_lib.eval` on a CPU-only machine (the
+    """`accelerate launch --multi_gpu --num_processes 2 -m utrc_study.eval` on a CPU-only machine (the
     adapter asks accelerate for its multi-CPU/gloo state): same numbers as one process on the same
     items. --limit 5 is odd, so lm-eval pads rank 1 (3 + 2 documents)."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
-    from utrc_lib.eval import __main__ as cli
+    from utrc_study.eval import __main__ as cli
 
     args = ["--model-name", str(ckpt), "--method", "utrc", "--flops-reduction", "0.2", "--tasks", TASKS,
             "--limit", "5", "--bootstrap-iters", "0", "--batch-size", "4", "--no-progress"]
@@ -60,13 +60,13 @@ def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
         port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           port, "-m", "utrc_lib.eval", *args, "--output", str(out)]
+           port, "-m", "utrc_study.eval", *args, "--output", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="",
                                                       OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     dp = json.loads(out.read_text())
-    assert dp, "the output JSON was overwritten by a non-zero rank (utrc_lib/eval/__main__.py must skip it)"
+    assert dp, "the output JSON was overwritten by a non-zero rank (utrc_study/eval/__main__.py must skip it)"
     assert dp["utrc"]["data_parallel"]["world_size"] == 2
     single = cli.run(args)
     assert "data_parallel" not in single["utrc"]
@@ -81,8 +81,8 @@ def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
 # -- sweep runner ----------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:4 configurations")
 def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
-    from utrc_lib.experiments import scaleout
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import scaleout
+    from utrc_study.experiments import sweep
 
     cache = tmp_path / "eval.jsonl"
     common = dict(tasks=["cloze", "choice2"], limit=2, seed=0, batch_size=4)
@@ -121,7 +121,7 @@ def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
 
 
 def test_scaleout_cli_defaults():
-    from utrc_lib.experiments import scaleout
+    from utrc_study.experiments import scaleout
 
     ns = scaleout.parse_args(["--models", "a,b", "--cuts", "0.1,0.3"])
     assert ns.limit == 30 and ns.batch_size == 16 and ns.seed == 0   # the notebooks' defaults
@@ -142,7 +142,7 @@ def oom_when_flagged(x):
 
 
 def test_unusable_device_and_cache_fail_before_any_work(tmp_path):
-    from utrc_lib.experiments import scaleout
+    from utrc_study.experiments import scaleout
 
     cache = tmp_path / "eval.jsonl"
     configs = [{"x": 1}]
@@ -157,7 +157,7 @@ def test_unusable_device_and_cache_fail_before_any_work(tmp_path):
 
 
 def test_gpu_workers_get_a_model_loader_not_a_patched_module():
-    from utrc_lib.experiments import scaleout, sweep
+    from utrc_study.experiments import scaleout, sweep
 
     assert scaleout._loader_kwargs(sweep.evaluate_config, "cpu") == {}
     kw = scaleout._loader_kwargs(sweep.evaluate_config, "cuda:1")
@@ -166,7 +166,7 @@ def test_gpu_workers_get_a_model_loader_not_a_patched_module():
 
 
 def test_machine_errors_in_workers_are_not_cached(tmp_path, monkeypatch):
-    from utrc_lib.experiments import scaleout, sweep
+    from utrc_study.experiments import scaleout, sweep
 
     cache = tmp_path / "eval.jsonl"
     configs = sweep.grid(x=[1, 2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import utrc_lib
-from utrc_lib.eval import scorer
+from utrc_study.eval import scorer
 
 SMALL = ["small-mamba2", "small-mamba"]
 
@@ -19,7 +19,7 @@ def _ppl(model, tok, windows):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_model_is_trained_and_reducible(name):
-    from utrc_lib.eval.suite import load_task
+    from utrc_study.eval.suite import load_task
 
     if not utrc_lib.available_models()[name]["present"]:
         pytest.skip(f"{name} is not in data/models")

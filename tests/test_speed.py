@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import utrc_lib
-from utrc_lib.eval import scorer
+from utrc_study.eval import scorer
 from utrc_lib.hosts import speed
+from utrc_lib import scoring  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["tiny-mamba2", "tiny-mamba"])
@@ -110,8 +111,8 @@ def test_batched_scoring_equals_row_by_row_twin(seed):
         logits[1, -n:] = -10.0
         for j, t in enumerate(batch[1][2]):
             logits[1, T - n + j, t] = 10.0
-    rows, kept = scorer._score_logits(logits, batch, ref, keep=True)
-    twin = scorer._score_rows_simple(logits, batch, ref)
+    rows, kept = scoring._score_logits(logits, batch, ref, keep=True)
+    twin = scoring._score_rows_simple(logits, batch, ref)
     for (ll, greedy, kl, top1), (ll2, greedy2, kl2, top12), p, k in zip(rows, twin, batch, kept):
         assert ll == pytest.approx(ll2, rel=1e-5, abs=1e-5)
         assert greedy == greedy2
@@ -120,7 +121,7 @@ def test_batched_scoring_equals_row_by_row_twin(seed):
         assert k.shape == (len(p[2]), V)
     if seed == 0:
         assert rows[1][1] is True
-    rows_noref, none = scorer._score_logits(logits, batch)
+    rows_noref, none = scoring._score_logits(logits, batch)
     assert none is None and all(r[2] is None and r[3] is None for r in rows_noref)
     assert [r[:2] for r in rows_noref] == [r[:2] for r in rows]
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from utrc_lib.experiments import stats as st
+from utrc_study.experiments import stats as st
 
 
 def _binom_two_sided_by_hand(k, n):

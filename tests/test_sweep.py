@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from utrc_lib.experiments import sweep
+from utrc_study.experiments import sweep
 
 
 def test_grid_and_keys():

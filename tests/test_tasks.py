@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from utrc_lib.eval import suite as tasks
+from utrc_study.eval import suite as tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "data" / "benchmarks"
@@ -56,7 +56,7 @@ def test_item_fields():
 def test_ppl_split_survives_tokenisation():
     from transformers import AutoTokenizer
 
-    from utrc_lib.eval.scorer import encode_pair
+    from utrc_study.eval.scorer import encode_pair
 
     tok = AutoTokenizer.from_pretrained(str(ROOT / "data" / "tokenizer"))
     for it in tasks.load_task("ppl", limit=25):

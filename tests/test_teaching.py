@@ -8,7 +8,7 @@ import torch
 import utrc_lib as u
 from utrc_lib.core import methods as M
 from utrc_lib.core.plan import build_plan
-from utrc_lib.report import teaching as T
+from utrc_study.report import teaching as T
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def toy():
 def real():
     """The embedded tiny-mamba2 and its tokenizer (the notebooks' model)."""
     from utrc_lib.environment import REPO
-    from utrc_lib.experiments import sweep
+    from utrc_study.experiments import sweep
 
     if not (REPO / "data" / "models" / "tiny-mamba2" / "config.json").is_file():
         pytest.skip("embedded model data/models/tiny-mamba2 missing")
@@ -237,7 +237,7 @@ def test_teaching_notebooks_run(tmp_path, real, name):
     """Quick papermill runs of the teaching notebooks record the library's numbers."""
     import json
 
-    from utrc_lib.report.figures import execute
+    from utrc_study.report.figures import execute
     from utrc_lib.environment import REPO
 
     out = tmp_path / name

@@ -52,19 +52,21 @@ def ensure_writable(path, what: str = "output", *, replace: bool = False) -> Pat
 
 
 # -- provenance -----------------------------------------------------------------------------------
-# files (relative to utrc_lib/) that cannot change a computed number: presentation, CLIs, conversion
-NOT_NUMERIC = {"bench.py", "flops.py", "figures.py", "scaleout.py", "environment.py", "experiments/bench.py",
-               "experiments/scaleout.py", "hosts/convert.py"}
-NOT_NUMERIC_DIRS = ("report/",)
+# files (relative to the repository) that cannot change a computed number: presentation, CLIs, conversion
+PACKAGES = ("utrc_lib", "utrc_study")     # the library and the study harness (its scorer, sweeps, analyses)
+NOT_NUMERIC = {"utrc_lib/flops.py", "utrc_lib/environment.py", "utrc_lib/hosts/convert.py", "utrc_study/bench.py",
+               "utrc_study/figures.py", "utrc_study/scaleout.py", "utrc_study/experiments/bench.py",
+               "utrc_study/experiments/scaleout.py"}
+NOT_NUMERIC_DIRS = ("utrc_study/report/",)
 
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """Hash of the library sources that affect computed numbers, and of the benchmark manifest."""
-    root = REPO / "utrc_lib"
+    """Hash of the library's and the harness's sources that affect computed numbers, and of the
+    benchmark manifest."""
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).as_posix()
+    for p in sorted(f for pkg in PACKAGES for f in (REPO / pkg).rglob("*.py")):
+        rel = p.relative_to(REPO).as_posix()
         if rel in NOT_NUMERIC or rel.startswith(NOT_NUMERIC_DIRS):
             continue
         h.update(rel.encode())
@@ -76,10 +78,10 @@ def code_version() -> str:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD of the checkout ("+dirty" when utrc_lib has uncommitted changes), None outside git."""
+    """HEAD of the checkout ("+dirty" when utrc_lib or utrc_study has uncommitted changes), None outside git."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "utrc_lib"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *PACKAGES], cwd=REPO,
                                capture_output=True, text=True, timeout=10)
         if out.returncode:
             return None

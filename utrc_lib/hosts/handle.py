@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import importlib
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -25,12 +24,8 @@ from ..core.config import ReductionConfig
 from ..core.reduce import ForwardReducer
 from ..core.schedule import Schedule
 
-# class name -> module of its host loop (one small patch module per host library)
-_HOSTS = {
-    "MambaForCausalLM": "utrc_lib.hosts.hf",
-    "Mamba2ForCausalLM": "utrc_lib.hosts.hf",
-    "MambaLMHeadModel": "utrc_lib.hosts.mamba_ssm",
-}
+# class name -> host library whose layer loop patches it (one small patch module per host library)
+_HOSTS = {"MambaForCausalLM": "hf", "Mamba2ForCausalLM": "hf", "MambaLMHeadModel": "mamba_ssm"}
 
 
 def supported_models() -> list[str]:
@@ -44,10 +39,11 @@ def host_for(model):
         raise ValueError(
             f"unsupported model class {name}; supported: {', '.join(_HOSTS)} "
             f"(transformers Mamba / Mamba-2 causal LMs and mamba-ssm's MambaLMHeadModel)")
-    return importlib.import_module(_HOSTS[name])
-
-
-backend_for = host_for  # the name used before the layered layout
+    if _HOSTS[name] == "hf":
+        from . import hf as host
+    else:
+        from . import mamba_ssm as host
+    return host
 
 
 def num_layers(model) -> int:

@@ -1,8 +1,0 @@
-"""`python -m utrc_lib.bench`: the benchmark (timing and memory of prefill and generation). The code lives in `utrc_lib.experiments.bench`;
-this module is only the command-line entry point (it keeps the command short and stable)."""
-if __name__ == "__main__":
-    import sys
-
-    from utrc_lib.experiments.bench import main
-
-    sys.exit(main())

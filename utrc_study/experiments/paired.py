@@ -1,0 +1,355 @@
+"""Paired tables of a sweep with item arrays: intervals on every number, significance between methods.
+
+The notebooks' figures read these tables (`utrc_study.experiments.stats` does the statistics). Input: a
+`sweep.SweepResult` computed with items=True (every ok row holds row["items"][task]). Every row of a
+sweep runs the same items in the same order, so two rows' arrays are paired item by item.
+
+    acc = accuracy_table(result)          # per (model, method, cut, task): accuracy, 95% CI, delta vs dense + CI
+    fid = fidelity_table(result)          # KL(dense || method) per token, top-1 agreement, delta ll/token: CIs
+    ppl = perplexity_table(result)        # ppl task and cloze: ppl with CI, delta vs dense with CI
+    cmp = comparison_table(result)        # UTRC vs each baseline per (model, cut, metric): delta, CI, p, Holm, verdict
+    pw  = power_table(result)             # smallest paired accuracy difference n items resolve (measured discordance)
+
+Accuracy metrics per task (the paper's): cloze acc, choice4 acc_norm, choice2 acc; "avg_acc" is their
+mean, with a stratified bootstrap (each task's items resampled on their own, the same draws for the
+two methods of a paired delta). Intervals: percentile bootstrap, `resamples` draws, `seed`, level 95%.
+Significance of accuracy differences: exact McNemar per task; for avg_acc the stratified paired
+bootstrap p-value; KL / ll per token: paired bootstrap; Holm-Bonferroni over the baselines compared at
+one (model, cut, metric).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import stats
+
+TASK_ACC = {"cloze": "correct", "choice4": "correct_norm", "choice2": "correct"}
+AVG = "avg_acc"
+BASELINES = ("evit", "pumer", "tome", "prune_only", "merge_only", "random")
+DENSE_METHODS = ("none", "dense")
+
+__all__ = ["TASK_ACC", "AVG", "BASELINES", "row_label", "items_by_row", "stratified_bootstrap",
+           "accuracy_table", "fidelity_table", "perplexity_table", "comparison_table", "power_table",
+           "verdicts"]
+
+
+def row_label(params: dict, extra: Sequence[str] = (), by: str = "method") -> tuple:
+    """(model, setting, cut, *extra params) of a sweep row: the key of the tables. The setting is the
+    method ("none" for dense rows), or with `by` the value of that parameter (e.g. "metric" to
+    compare the rows of a metric sweep with each other)."""
+    method = params.get("method")
+    dense = method in DENSE_METHODS
+    cut = 0.0 if dense else float(params.get("cut", 0.0))
+    setting = "none" if dense else (method if by == "method" else str(params.get(by)))
+    return (params.get("model"), setting, cut) + tuple(_hashable(params.get(k)) for k in extra)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def items_by_row(result, extra: Sequence[str] = (), by: str = "method") -> dict:
+    """{row_label: row["items"]} of the ok rows (the first row of a label wins; a row without items
+    raises: the sweep must run with items=True)."""
+    out = {}
+    for r in result.rows:
+        if r.get("status") != "ok":
+            continue
+        if "items" not in r:
+            raise ValueError(f"row {r['params']} has no item arrays: run the sweep with items=True")
+        out.setdefault(row_label(r["params"], extra, by), r["items"])
+    return out
+
+
+def _dense_of(rows: dict, label: tuple) -> Optional[dict]:
+    """Items of the dense row of `label`'s model (same extra parameters when a dense row has them)."""
+    model = label[0]
+    for k, v in rows.items():
+        if k[0] == model and k[1] == "none" and k[3:] == label[3:]:
+            return v
+    for k, v in rows.items():
+        if k[0] == model and k[1] == "none":
+            return v
+    return None
+
+
+def _ratio(x, n):
+    """sum x / sum n over items (token-weighted KL, top-1 share): a bootstrap statistic."""
+    return x.sum(-1) / n.sum(-1)
+
+
+def _acc(items: dict, task: str) -> np.ndarray:
+    return stats.item_array(items[task], TASK_ACC[task])
+
+
+def stratified_bootstrap(groups_a: Sequence, groups_b: Optional[Sequence] = None, *,
+                         resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED,
+                         level: float = stats.DEFAULT_LEVEL) -> stats.Interval:
+    """Mean over groups of each group's mean (avg_acc over tasks), or with `groups_b` the paired delta
+    (a minus b, group i of a paired with group i of b). Each group's items are resampled on their
+    own (the same draws for a and b); percentile interval; p_value as in `stats.paired_bootstrap`
+    (two-sided bootstrap p of "delta = 0") when paired."""
+    ga = [np.asarray(g, dtype=float) for g in groups_a]
+    gb = None if groups_b is None else [np.asarray(g, dtype=float) for g in groups_b]
+    if gb is not None and [len(g) for g in ga] != [len(g) for g in gb]:
+        raise ValueError("paired groups must have the same sizes")
+    if not ga or any(len(g) == 0 for g in ga):
+        raise ValueError("every group needs at least one item")
+    rng = np.random.default_rng(seed)
+    est_a = np.mean([g.mean() for g in ga])
+    est = est_a - (np.mean([g.mean() for g in gb]) if gb is not None else 0.0)
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    draws = np.zeros(resamples)
+    for i, g in enumerate(ga):
+        for start in range(0, resamples, 1000):   # 1000 draws at a time (memory: 1000 x n indices)
+            k = min(1000, resamples - start)
+            idx = rng.integers(0, len(g), size=(k, len(g)))
+            d = g[idx].mean(axis=1)
+            if gb is not None:
+                d = d - gb[i][idx].mean(axis=1)
+            draws[start:start + k] += d / len(ga)
+    lo, hi = stats._percentiles(draws, level)
+    p = stats._boot_p(draws) if gb is not None else None
+    return stats.Interval(float(est), float(lo), float(hi), level, int(sum(len(g) for g in ga)), resamples, seed, p)
+
+
+def accuracy_table(result, tasks: Sequence[str] = tuple(TASK_ACC), extra: Sequence[str] = (), *,
+                   resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
+    """DataFrame, one row per (model, method, cut, [extra], metric in tasks + avg_acc): n, acc, acc_low,
+    acc_high, and against the model's dense row delta, delta_low, delta_high, p_vs_dense (McNemar
+    exact per task, stratified bootstrap for avg_acc)."""
+    import pandas as pd
+
+    rows = items_by_row(result, extra)
+    recs = []
+    for label, items in rows.items():
+        present = [t for t in tasks if t in items and "correct" in items[t]]
+        if not present:
+            continue
+        dense = _dense_of(rows, label)
+        for t in present + [AVG]:
+            groups = [_acc(items, x) for x in present] if t == AVG else [_acc(items, t)]
+            ci = stratified_bootstrap(groups, resamples=resamples, seed=seed)
+            rec = dict(zip(("model", "method", "cut") + tuple(extra), label), metric=t, n=ci.n,
+                       acc=ci.estimate, acc_low=ci.low, acc_high=ci.high)
+            if dense is not None and label[1] != "none":
+                dgroups = [_acc(dense, x) for x in present] if t == AVG else [_acc(dense, t)]
+                d = stratified_bootstrap(groups, dgroups, resamples=resamples, seed=seed)
+                p = d.p_value if t == AVG else stats.mcnemar_exact(groups[0], dgroups[0]).p_value
+                rec.update(delta=d.estimate, delta_low=d.low, delta_high=d.high, p_vs_dense=p)
+            recs.append(rec)
+    return pd.DataFrame.from_records(recs)
+
+
+def fidelity_table(result, tasks: Sequence[str] = ("cloze", "choice4", "choice2", "ppl"), extra: Sequence[str] = (), *,
+                   resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
+    """DataFrame per (model, method, cut, [extra], task, measure): estimate with 95% CI for measure in
+    kl_per_token (KL(dense || method) at the scored positions, token-weighted: sum kl / sum tokens,
+    bootstrapped as a ratio over items), top1 (share of scored positions whose argmax is dense's) and
+    delta_ll_per_token (gold log-likelihood per token minus dense's, paired). Reduced rows only."""
+    import pandas as pd
+
+    rows = items_by_row(result, extra)
+    recs = []
+    for label, items in rows.items():
+        if label[1] == "none":
+            continue
+        dense = _dense_of(rows, label)
+        for t in tasks:
+            it = items.get(t)
+            if not it or any(v is None for v in it["kl"]):
+                continue
+            kl, tok = np.asarray(it["kl"], float), np.asarray(it["tokens"], float)
+            top1 = np.asarray(it["top1"], float) * tok
+            base = dict(zip(("model", "method", "cut") + tuple(extra), label), task=t)
+            for measure, arrays in (("kl_per_token", (kl, tok)), ("top1", (top1, tok))):
+                ci = stats.bootstrap(list(arrays), _ratio, resamples=resamples, seed=seed)
+                recs.append({**base, "measure": measure, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                             "n": ci.n})
+            if dense is not None and t in dense:
+                a = np.asarray(it["ll_per_token"], float)
+                b = np.asarray(dense[t]["ll_per_token"], float)
+                ci = stats.paired_bootstrap(a, b, resamples=resamples, seed=seed)
+                recs.append({**base, "measure": "delta_ll_per_token", "estimate": ci.estimate, "low": ci.low,
+                             "high": ci.high, "n": ci.n, "p_vs_dense": ci.p_value})
+    return pd.DataFrame.from_records(recs)
+
+
+def perplexity_table(result, tasks: Sequence[str] = ("ppl", "cloze"), extra: Sequence[str] = (), *,
+                     resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
+    """DataFrame per (model, method, cut, [extra], task): ppl with 95% CI (bootstrap over items of
+    exp(-sum ll / sum tokens); cloze: per-item mean, tokens = 1 per item, as the cloze ppl is defined),
+    and for reduced rows ppl minus dense ppl with its paired CI and bootstrap p."""
+    import pandas as pd
+
+    rows = items_by_row(result, extra)
+    recs = []
+    for label, items in rows.items():
+        dense = _dense_of(rows, label)
+        for t in tasks:
+            it = items.get(t)
+            if not it:
+                continue
+            ll = np.asarray(it["ll"], float)
+            tok = np.asarray(it["gold_tokens"], float) if t == "ppl" else np.ones_like(ll)
+            ci = stats.bootstrap_ppl(ll, tok, resamples=resamples, seed=seed)
+            rec = dict(zip(("model", "method", "cut") + tuple(extra), label), task=t, ppl=ci.estimate,
+                       ppl_low=ci.low, ppl_high=ci.high, n=ci.n)
+            if dense is not None and label[1] != "none" and t in dense:
+                dll = np.asarray(dense[t]["ll"], float)
+                d = stats.paired_bootstrap_ppl(ll, dll, tok, resamples=resamples, seed=seed)
+                rec.update(delta=d.estimate, delta_low=d.low, delta_high=d.high, p_vs_dense=d.p_value)
+            recs.append(rec)
+    return pd.DataFrame.from_records(recs)
+
+
+def _metric_arrays(items: dict, metric: str, tasks: Sequence[str]):
+    """Per-item array(s) of `metric` for the comparisons: a task's accuracy, avg_acc (list of task
+    arrays), "kl:<task>" (kl per token per item) or "ll:<task>" (gold ll per token per item)."""
+    if metric == AVG:
+        return [_acc(items, t) for t in tasks if t in items]
+    if metric in TASK_ACC:
+        return _acc(items, metric)
+    kind, _, task = metric.partition(":")
+    it = items[task]
+    if kind == "kl":
+        return None if any(v is None for v in it["kl"]) else np.asarray(it["kl_per_token"], float)
+    if kind == "ll":
+        return np.asarray(it["ll_per_token"], float)
+    raise ValueError(f"unknown comparison metric {metric!r}")
+
+
+def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] = BASELINES,
+                     metrics: Sequence[str] = (AVG, "cloze", "choice4", "choice2", "kl:ppl", "ll:ppl"),
+                     extra: Sequence[str] = (), *, by: str = "method", alpha: float = 0.05,
+                     resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
+    """DataFrame per (model, cut, [extra], metric, baseline): delta = reference minus baseline (for kl:
+    lower is better, so a negative delta favours the reference), its 95% CI, p, Holm-adjusted p over
+    the baselines of that (model, cut, metric), and verdict "beats" / "beaten" / "unresolved"
+    (adjusted p < alpha in the favourable / unfavourable direction). `by`: the parameter whose values
+    `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep)."""
+    import pandas as pd
+
+    rows = items_by_row(result, extra, by)
+    baselines = list(baselines)
+    recs = []
+    groups = sorted({(k[0], k[2]) + k[3:] for k in rows if k[1] == reference}, key=str)
+    for g in groups:
+        ref_label = (g[0], reference, g[1]) + g[2:]
+        ref_items = rows[ref_label]
+        for metric in metrics:
+            try:
+                ref_arr = _metric_arrays(ref_items, metric, TASK_ACC)
+            except KeyError:
+                continue
+            if ref_arr is None:
+                continue
+            pend = []
+            for b in baselines:
+                lab = (g[0], b, g[1]) + g[2:]
+                if lab not in rows:
+                    continue
+                arr = _metric_arrays(rows[lab], metric, TASK_ACC)
+                if arr is None:
+                    continue
+                if metric == AVG:
+                    ci = stratified_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
+                    p = ci.p_value
+                elif metric in TASK_ACC:
+                    ci = stats.paired_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
+                    p = stats.mcnemar_exact(ref_arr, arr).p_value
+                else:
+                    ci = stats.paired_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
+                    p = ci.p_value
+                pend.append((b, ci, p))
+            adjusted = stats._holm({b: p for b, _, p in pend}) if pend else {}
+            lower_better = metric.startswith("kl")
+            for b, ci, p in pend:
+                favourable = ci.estimate < 0 if lower_better else ci.estimate > 0
+                verdict = "unresolved"
+                if adjusted[b] < alpha and ci.estimate != 0:
+                    verdict = "beats" if favourable else "beaten"
+                recs.append(dict(zip(("model", "cut") + tuple(extra), g), metric=metric, reference=reference,
+                                 baseline=b, delta=ci.estimate, low=ci.low, high=ci.high, p=p,
+                                 p_holm=adjusted[b], verdict=verdict, n=ci.n))
+    return pd.DataFrame.from_records(recs)
+
+
+def verdicts(cmp, metric: str = AVG) -> dict:
+    """{(model, cut): {"beats": [...], "beaten": [...], "unresolved": [...]}} from a comparison_table."""
+    out: dict = {}
+    for _, r in cmp[cmp["metric"] == metric].iterrows():
+        d = out.setdefault((r["model"], r["cut"]), {"beats": [], "beaten": [], "unresolved": []})
+        d[r["verdict"]].append(r["baseline"])
+    return out
+
+
+def power_table(result, reference: str = "utrc", tasks: Sequence[str] = tuple(TASK_ACC), extra: Sequence[str] = (),
+                *, level: float = stats.DEFAULT_LEVEL, power: float = 0.8):
+    """DataFrame per (model, cut, task): n items, the measured discordance of the reference against
+    each other method at that cut (median over them) and the smallest paired accuracy difference
+    that resolves at `level` (50% power, `stats.MDE.resolvable`) and the one detected with `power`."""
+    import pandas as pd
+
+    rows = items_by_row(result, extra)
+    recs = []
+    for label, items in rows.items():
+        if label[1] != reference:
+            continue
+        others = [v for k, v in rows.items() if k[0] == label[0] and k[2] == label[2] and k[3:] == label[3:]
+                  and k[1] not in (reference, "none")]
+        for t in tasks:
+            if t not in items:
+                continue
+            a = _acc(items, t)
+            disc = [stats.mcnemar_exact(a, _acc(o, t)).discordance for o in others if t in o]
+            if not disc:
+                continue
+            pd_med = float(np.median(disc))
+            mde = stats.minimum_detectable_effect(len(a), pd_med, level=level, power=power)
+            recs.append(dict(zip(("model", "method", "cut") + tuple(extra), label), task=t, n=len(a),
+                             discordance=pd_med, resolvable=mde.resolvable, at_power=mde.at_power, power=power,
+                             exact=mde.exact))
+    return pd.DataFrame.from_records(recs)
+
+
+FRAME_METRICS = ("avg_acc", "cloze/acc", "choice4/acc_norm", "choice2/acc", "ppl/ppl", "kl/ppl")
+
+
+def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFAULT_RESAMPLES,
+                     seed: int = stats.DEFAULT_SEED):
+    """DataFrame aligned row by row with `result.frame(errors=errors)`: for each metric of FRAME_METRICS
+    present, `<metric>_low` / `<metric>_high` (95% bootstrap interval of that row's own value; avg_acc
+    stratified by task; ppl/ppl over windows; kl/ppl = KL per token on the ppl task, with `kl/ppl`
+    itself as its point estimate). NaN for error rows and missing tasks."""
+    import pandas as pd
+
+    recs = []
+    for r in result.rows:
+        if r.get("status") != "ok" and not errors:
+            continue
+        rec: dict = {}
+        items = r.get("items") if r.get("status") == "ok" else None
+        if items:
+            present = [t for t in TASK_ACC if t in items]
+            if present:
+                ci = stratified_bootstrap([_acc(items, t) for t in present], resamples=resamples, seed=seed)
+                rec.update({"avg_acc_low": ci.low, "avg_acc_high": ci.high})
+            for t in present:
+                key = f"{t}/{'acc_norm' if TASK_ACC[t] == 'correct_norm' else 'acc'}"
+                ci = stratified_bootstrap([_acc(items, t)], resamples=resamples, seed=seed)
+                rec.update({f"{key}_low": ci.low, f"{key}_high": ci.high})
+            if "ppl" in items:
+                it = items["ppl"]
+                ci = stats.bootstrap_ppl(it["ll"], it["gold_tokens"], resamples=resamples, seed=seed)
+                rec.update({"ppl/ppl_low": ci.low, "ppl/ppl_high": ci.high})
+                if not any(v is None for v in it["kl"]):
+                    ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], _ratio,
+                                         resamples=resamples, seed=seed)
+                    rec.update({"kl/ppl": ci.estimate, "kl/ppl_low": ci.low, "kl/ppl_high": ci.high})
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs, columns=[f"{m}{s}" for m in FRAME_METRICS for s in ("_low", "_high")]
+                                     + ["kl/ppl"])
