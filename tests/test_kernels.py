@@ -8,7 +8,7 @@ import torch
 
 import utrc_lib as u
 from utrc_lib.core import kernels
-from utrc_lib.core.methods import _inverse_perm, bipartite_match, stable_partition
+from utrc_lib.core.methods import HostSizes, _inverse_perm, bipartite_match, stable_partition
 from utrc_lib.core.metrics import importance
 
 
@@ -150,7 +150,7 @@ def test_static_sizes_plan_equals_general_plan(method, dtype):
     r = torch.full((B,), r_host)
     general = plan_reduction(cfg, state, r, hidden=hidden, residual=residual)
     static = plan_reduction(cfg, state, r, hidden=hidden, residual=residual,
-                            static={"n": N, "n_red": N - 3, "r": r_host})
+                            static=HostSizes(n=N, n_red=N - 3, r=r_host))
     for name in ("base", "pos_index", "slot_valid", "src", "src_slot"):
         assert torch.equal(getattr(general, name), getattr(static, name)), name
     assert general.has_merge == static.has_merge and general.all_valid == static.all_valid

@@ -15,7 +15,7 @@ import torch
 
 import utrc_lib as u
 from utrc_lib.core import kernels
-from utrc_lib.core.methods import bipartite_match, has_partner
+from utrc_lib.core.methods import HostSizes, bipartite_match, has_partner
 
 import kernel_checks as kc
 
@@ -188,7 +188,7 @@ def test_windowed_matching_equals_loop_twin(method, window):
     cfg = u.ReductionConfig(method, keep_ratio=0.7, match_window=window, metric_source="mixer")
     state = TokenState.initial(torch.ones(B, N, dtype=torch.bool))
     r = torch.full((B,), 8)
-    for static in (None, {"n": N, "n_red": N, "r": 8}):
+    for static in (None, HostSizes(n=N, n_red=N, r=8)):
         plan = plan_reduction(cfg, state, r, hidden=hidden, residual=residual, static=static)
         out_h = plan.apply(hidden, "hidden", state.sizes)
         out_r = plan.apply(residual, "residual", state.sizes)

@@ -23,6 +23,16 @@ from .plan import Plan, TokenState, build_plan, gather_rows, identity_plan, stab
 Tensor = torch.Tensor
 
 
+@dataclass(frozen=True)
+class HostSizes:
+    """Sizes of one anchor known on the host (no sample padded, one protected tail for all), so that
+    a method can count without reading anything back from the device."""
+
+    n: int      # valid tokens per sample
+    n_red: int  # reducible tokens per sample (valid minus the protected tail)
+    r: int      # tokens to remove per sample at this anchor
+
+
 @dataclass
 class Context:
     """Inputs of one reduction.
@@ -48,7 +58,7 @@ class Context:
     residual: Optional[Tensor] = None
     seed: int = 0
     salt: int = 0
-    static: Optional[dict] = None  # {"n", "n_red", "r"} host ints when no sample is padded
+    static: Optional[HostSizes] = None  # host sizes when no sample is padded (no device sync)
     inv_norm: Optional[Tensor] = None
     params: dict = field(default_factory=dict)  # the method's / metric's hyperparameters, defaults filled in
     match_window: Optional[int] = None  # bipartite matching only within this many token indices (None: global)
@@ -287,7 +297,7 @@ def _utrc(ctx: Context) -> Plan:
     """Paper §3: importance split, cosine match A -> B, top-r edges, per-branch prune/merge/hybrid."""
     is_a, is_b = importance_halves(ctx.scores, ctx.state.reducible)
     st = ctx.static
-    sizes = None if st is None else (st["r"], st["n_red"] // 2, st["n_red"] - st["n_red"] // 2)
+    sizes = None if st is None else (st.r, st.n_red // 2, st.n_red - st.n_red // 2)
     is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm, ctx.match_window)
     return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
@@ -296,7 +306,7 @@ def _tome(ctx: Context) -> Plan:
     """ToMe bipartite soft matching on alternate tokens; size-weighted merges (default rules: merge)."""
     is_a, is_b = alternate_halves(ctx.state.reducible)
     st = ctx.static
-    sizes = None if st is None else (st["r"], st["n_red"] - st["n_red"] // 2, st["n_red"] // 2)
+    sizes = None if st is None else (st.r, st.n_red - st.n_red // 2, st.n_red // 2)
     is_src, dst = bipartite_match(ctx.feats, is_a, is_b, ctx.r, sizes, ctx.inv_norm, ctx.match_window)
     return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
@@ -314,9 +324,9 @@ def _pumer(ctx: Context) -> Plan:
     sizes = counts = None
     st = ctx.static
     if st is not None:  # host sizes (no padding): the same counts, no host sync
-        p_host = min(math.floor(st["r"] * frac + 1e-9), st["n_red"])
-        m = st["n_red"] - p_host
-        sizes = (st["r"] - p_host, m - m // 2, m // 2)
+        p_host = min(math.floor(st.r * frac + 1e-9), st.n_red)
+        m = st.n_red - p_host
+        sizes = (st.r - p_host, m - m // 2, m // 2)
         if ctx.match_window is None:
             n_match = max(0, min(sizes))
             counts = (p_host + n_match, {branch: n_match > 0 for branch in ctx.rules})
@@ -344,7 +354,7 @@ def _evit(ctx: Context) -> Plan:
     merged = {branch: is_src for branch in ctx.rules}
     counts = None
     if ctx.static is not None:  # host sizes (no padding): r sources in every sample, no host sync
-        r_host = max(0, min(ctx.static["r"], ctx.static["n_red"] - 1))
+        r_host = max(0, min(ctx.static.r, ctx.static.n_red - 1))
         counts = (r_host, {branch: r_host > 0 for branch in ctx.rules})
     return build_plan(ctx.state.valid, is_src, dst, merged, ctx.causal, counts=counts)
 
@@ -363,7 +373,7 @@ def _random(ctx: Context) -> Plan:
     is_src = lowest(u, red, torch.minimum(ctx.r, red.sum(1)))
     counts = None
     if ctx.static is not None:  # host sizes (no padding): no host sync
-        counts = (min(ctx.static["r"], ctx.static["n_red"]), {b: False for b in ctx.rules})
+        counts = (min(ctx.static.r, ctx.static.n_red), {b: False for b in ctx.rules})
     return drop_plan(ctx, is_src, counts)
 
 

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 
 from .config import ReductionConfig
-from .methods import Context
+from .methods import Context, HostSizes
 from .kernels import feature_stats
 from .metrics import get_metric, importance
-from .plan import Plan, TokenState, gather_rows
+from .plan import Plan, TokenState
 from .schedule import Schedule, tokens_to_remove
 
 Tensor = torch.Tensor
@@ -52,7 +52,7 @@ class Rounds:
 
 def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
                   residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                  delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None,
+                  delta: Optional[Tensor] = None, salt: int = 0, static: Optional[HostSizes] = None,
                   n_protected: int = 0, scan=None) -> Rounds:
     """Remove r[b] tokens of each sample: one plan, repeated on the reduced tokens while a sample
     still lacks removals and the method repeats rounds (bipartite matching removes at most half of
@@ -68,7 +68,7 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
     feats_is_hidden = features is None or features is hidden
     repeat = config.spec.repeat_rounds
     # static path (no padding, one protection for all): every count is a host integer, no syncs
-    r_host = static["r"] if static is not None else None
+    r_host = static.r if static is not None else None
     remaining, todo = r, r
     prev = None  # (plan, sizes) of the previous round: features / Delta follow it only if a round comes
     for k in range(MAX_ROUNDS):
@@ -97,7 +97,7 @@ def reduce_rounds(config: ReductionConfig, state: TokenState, r: Tensor, *, hidd
             n = plan.num_out
             if not repeat or r_host <= 0 or removed_host == 0 or n - n_protected < 2:
                 break
-            static = {"n": n, "n_red": n - n_protected, "r": r_host}
+            static = HostSizes(n=n, n_red=n - n_protected, r=r_host)
             todo = torch.full_like(r, r_host)
         else:
             before = out.state.valid.sum(1)
@@ -133,7 +133,7 @@ def _warn_short(config: ReductionConfig, removed: int, asked: int, sample: int) 
 
 def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hidden: Tensor,
                    residual: Optional[Tensor] = None, features: Optional[Tensor] = None,
-                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[dict] = None,
+                   delta: Optional[Tensor] = None, salt: int = 0, static: Optional[HostSizes] = None,
                    scan=None) -> Plan:
     """One reduction's plan.
 
@@ -141,17 +141,17 @@ def plan_reduction(config: ReductionConfig, state: TokenState, r: Tensor, *, hid
         hidden: (B, N, D) mixer output. features: (B, N, C) importance / similarity source (the SSM
             output y for metric_source="ssm"; defaults to `hidden`). delta: (B, N, H) timescale.
         r: (B,) tokens to remove per sample.
-        static: {"n", "n_red", "r"} host integers when every sample has the same length and
+        static: `HostSizes` (n, n_red, r) host integers when every sample has the same length and
             protection (no padding): the plan is then built without host syncs.
         scan: `hattn.ScanParams` of the anchor's scan, needed by the hidden-attention metrics.
     """
     method = config.spec
     red = state.reducible
     if static is not None:  # every sample full length: sizes are host integers, no sync
-        if static["r"] > 0 and static["n_red"] < 2:
+        if static.r > 0 and static.n_red < 2:
             raise SequenceTooShort(
-                f"sequence too short to reduce: {static['n_red']} reducible token(s) "
-                f"({static['n']} valid, protected tail excluded); need at least 2")
+                f"sequence too short to reduce: {static.n_red} reducible token(s) "
+                f"({static.n} valid, protected tail excluded); need at least 2")
         too_short = None
     else:
         too_short = (r > 0) & (red.sum(1) < 2)
@@ -257,7 +257,7 @@ class ForwardReducer:
                 _warn_exhausted(self.config, layer)
                 return hidden, residual
             r = torch.full((hidden.shape[0],), r_host, dtype=torch.long, device=hidden.device)
-            static = {"n": n, "n_red": n - self.n_protected, "r": r_host}
+            static = HostSizes(n=n, n_red=n - self.n_protected, r=r_host)
         else:
             if self.absolute:
                 r = self._absolute_r(self.state.reducible.sum(1), layer).clamp_min(0)

@@ -25,7 +25,7 @@ import torch
 from .kernels import inverse_norm
 from .methods import Context, Method, _best_match, drop_plan, edges_to_plan, lowest, rank_by
 from .params import Param
-from .plan import Plan, build_plan, gather_rows, stable_partition
+from .plan import Plan, gather_rows, stable_partition
 
 Tensor = torch.Tensor
 
