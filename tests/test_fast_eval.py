@@ -190,3 +190,24 @@ def test_tiny_mamba2_items_fast_equals_classic(tiny2, method):
         if cfg is not None:
             assert b[t]["achieved_token_layer_cut"] == pytest.approx(a[t]["achieved_token_layer_cut"], abs=1e-9)
             assert b[t]["dense_fallback"] == a[t]["dense_fallback"]
+
+
+def test_sweep_fast_engine_rows_equal_classic_rows():
+    """A sweep row scored with engine="fast" has the classic row's per-item outcomes (same items, same
+    correctness, log-likelihoods within float tolerance), and its dense reference is reused."""
+    from utrc_study.experiments import sweep
+
+    common = dict(tasks=("cloze", "choice2"), limit=4, items=True)
+    for method, cut in (("none", 0.0), ("utrc", 0.2)):
+        a = sweep.evaluate_config("tiny-mamba2", method, cut, **common)
+        b = sweep.evaluate_config("tiny-mamba2", method, cut, engine="fast", **common)
+        assert b["meta/engine"] == "fast"
+        for task in common["tasks"]:
+            ia, ib = a["items"][task], b["items"][task]
+            assert list(ia["id"]) == list(ib["id"]) and list(ia["correct"]) == list(ib["correct"])
+            assert all(abs(x - y) <= 1e-4 + 1e-5 * abs(x) for x, y in zip(ia["ll"], ib["ll"]))
+            if method != "none":
+                assert all(abs(x - y) <= 1e-4 for x, y in zip(ia["kl"], ib["kl"]))
+    assert any(k[1] == "fast" for k in sweep._FAST_REFERENCES)
+    with pytest.raises(ValueError, match="unknown engine"):
+        sweep.evaluate_config("tiny-mamba2", "utrc", 0.2, engine="turbo", **common)

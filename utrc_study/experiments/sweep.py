@@ -540,17 +540,60 @@ def make_config(method: str, cut: float, **kwargs):
 DEFAULT_MAX_LENGTH = 1024   # utrc_study.eval.scorer.evaluate's default input length
 
 
-def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False,
-              max_length: int = DEFAULT_MAX_LENGTH, protocol: Optional[str] = None):
-    """utrc_study.eval.scorer.evaluate, with protection of the scored continuation on or off, or under
-    an evaluation protocol (utrc_study.eval.protocol)."""
-    from ..eval import scorer as ev
+ENGINES = ("classic", "fast", "fast_ssm", "fast_ssm_bf16")
+_FAST_REFERENCES: dict = {}    # (id(model), engine, task, limit, max_length) -> FastReference of the dense pass
 
-    kw = {"items": True} if items else {}
-    if protocol is not None:
-        kw["protocol"] = protocol
-    return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
-                       progress=False, protect=protect, max_length=max_length, **kw)
+
+def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False,
+              max_length: int = DEFAULT_MAX_LENGTH, protocol: Optional[str] = None, engine: str = "classic"):
+    """utrc_study.eval.scorer.evaluate, with protection of the scored continuation on or off, or under
+    an evaluation protocol (utrc_study.eval.protocol). `engine` other than "classic": the fast path
+    (`utrc_study.eval.fast.evaluate_fast`) on the transformers model ("fast") or on its mamba-ssm
+    conversion in float32 ("fast_ssm") or under bf16 autocast ("fast_ssm_bf16"); the dense references
+    of the fast path are kept per (model, engine, task, limit) for the process's later rows."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    if engine == "classic":
+        from ..eval import scorer as ev
+
+        kw = {"items": True} if items else {}
+        if protocol is not None:
+            kw["protocol"] = protocol
+        return ev.evaluate(model, tok, tasks=tuple(tasks), config=config, limit=limit, batch_size=batch_size,
+                           progress=False, protect=protect, max_length=max_length, **kw)
+    if protocol not in (None, "leak_free"):
+        raise ValueError(f"engine {engine!r} scores the leak-free protocol only (got protocol={protocol!r})")
+    import torch
+
+    from ..eval import fast
+
+    run_model, kw = model, {}
+    if engine.startswith("fast_ssm"):
+        run_model = _ssm_twin(model)
+        if engine == "fast_ssm_bf16":
+            kw["autocast"] = torch.bfloat16
+    refs = {t: _FAST_REFERENCES[(id(run_model), engine, t, limit, max_length)] for t in tasks
+            if (id(run_model), engine, t, limit, max_length) in _FAST_REFERENCES} if items else None
+    res = fast.evaluate_fast(run_model, tok, tuple(tasks), config, limit=limit, max_length=max_length,
+                             protect=protect, items=items, reference=refs, hf_model=model, **kw)
+    for t, ref in (res.pop("references", None) or {}).items():
+        _FAST_REFERENCES[(id(run_model), engine, t, limit, max_length)] = ref
+    return res
+
+
+_SSM_TWINS: dict = {}   # id(transformers model) -> its mamba-ssm conversion (same weights, same device)
+
+
+def _ssm_twin(model):
+    from ..eval.fast import mamba_ssm_model
+
+    twin = _SSM_TWINS.get(id(model))
+    if twin is None:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise RuntimeError("the fast_ssm engines need the model on a CUDA device (mamba-ssm's kernels)")
+        twin = _SSM_TWINS[id(model)] = mamba_ssm_model(model, device=str(device))
+    return twin
 
 
 def flatten_scores(res: dict) -> dict:
@@ -570,7 +613,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
                     flops_seq_len: int = 128, fingerprint: str = "",
                     model_loader: Optional[Callable[[str], tuple]] = None, items: bool = False,
                     max_length: int = DEFAULT_MAX_LENGTH, protocol: Optional[str] = None,
-                    **config_kwargs) -> dict:
+                    engine: str = "classic", **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
 
     `protocol` ("leak_free" / "authors", utrc_study.eval.protocol) overrides `protect`; the row's
@@ -588,6 +631,8 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     `max_length`: the scorer's input length (default 1024, as before; the v2 long tasks need 4096). A
     row's key holds only the parameters its configuration lists, so pass max_length in a configuration
     only where it differs from the default: rows without it keep their keys and numbers.
+    `engine` ("classic", "fast", "fast_ssm", "fast_ssm_bf16"; `_evaluate`): how it is scored; the same
+    rule holds (a configuration names it only where it is not "classic").
     """
     import torch
 
@@ -598,7 +643,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
     res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items, max_length=int(max_length),
-                    protocol=protocol)
+                    protocol=protocol, engine=engine)
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():
