@@ -3,13 +3,13 @@
 10 / 20 / 30 % under two anchor schedules, every item of the v2 short and 512-2048-token tasks, per-item
 rows written as committed evidence (`utrc_study.report.evidence` format) for `08_depth`.
 
-Schedules (per depth L; `schedule_layers`):
+Schedules (per depth L; `utrc_study.experiments.depth.schedule_layers`):
   library   `utrc_lib.default_layers(L)`: the paper's anchors at 48 (10, 15, ..., 35) and 64 layers
             (12, 17, ..., 42), the paper's rule scaled to other depths (about L/5 apart from the start,
             every max(2, round(L/10)), none in the last sixth): 4 anchors at 12 layers, 8 at 24;
   relative  the 64-layer anchors at the same fractions of the stack (round(L x a / 64)), so every depth
             has its anchors at the same relative depths ("deeper model" apart from "more anchors").
-A row's `layers` parameter holds the anchors; `schedule_of(L, layers)` names them back.
+A row's `layers` parameter holds the anchors; `depth.schedule_of(L, layers)` names them back.
 
 Engine: `utrc_study.experiments.sweep.evaluate_config(..., engine=...)`: on a GPU "fast_ssm" (the fast
 evaluator on mamba-ssm's MambaLMHeadModel in float32, exact-length batches, Triton SSD scan; its per-request
@@ -42,7 +42,6 @@ CPU check of the script (no GPU): `python scripts/gpu_depth_eval.py --out /tmp/d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,63 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-METHODS = ("utrc", "evit", "pumer", "tome", "merge_only", "prune_only", "random", "utrc_reference")
-CUTS = (0.2, 0.1, 0.3)
-TASKS = ("cloze_v2", "choice4_v2", "choice2_v2", "lr_cloze_512", "lr_cloze_1024", "lr_cloze_2048",
-         "passkey_512", "passkey_1024", "passkey_2048", "longppl_1024", "longppl_2048")
-PAPER_64 = (12, 17, 22, 27, 32, 37, 42)       # the paper's anchors of a 64-layer model
-SCHEDULES = ("library", "relative")
-MAX_LENGTH = 4096                              # the long tasks' inputs (2048 tokens and their context)
-
-
-def schedule_layers(schedule: str, num_layers: int) -> list[int]:
-    """The anchors of `schedule` ("library" or "relative") at depth `num_layers` (module doc)."""
-    from utrc_lib import default_layers
-
-    if schedule == "library":
-        return list(default_layers(num_layers))
-    if schedule == "relative":
-        return sorted({min(num_layers - 1, max(0, round(num_layers * a / 64))) for a in PAPER_64})
-    raise ValueError(f"unknown schedule {schedule!r}; one of {', '.join(SCHEDULES)}")
-
-
-def schedule_of(num_layers: int, layers) -> str:
-    """The name of the schedule whose anchors are `layers` at this depth ("custom" for neither)."""
-    for s in SCHEDULES:
-        if list(layers) == schedule_layers(s, num_layers):
-            return s
-    return "custom"
-
-
-def depth_of(model: str) -> int:
-    from utrc_lib.hosts.models import model_depth
-
-    return int(model_depth(model))
-
-
-def plan(models, methods, cuts, schedules, tasks, limit, engine) -> list[dict]:
-    """Configurations in the order of work (module doc); a configuration two schedules share (at 64
-    layers both are the paper's anchors) appears once."""
-    from utrc_study.experiments.sweep import model_fingerprint
-    from utrc_study.report.evidence import match_key
-
-    out, seen = [], set()
-    common = {"tasks": list(tasks), "limit": limit, "seed": 0, "max_length": MAX_LENGTH}
-    if engine != "classic":
-        common["engine"] = engine
-    for m in models:
-        L, fp = depth_of(m), model_fingerprint(m)
-        out.append({"model": m, "method": "none", "cut": 0.0, "fingerprint": fp, **common})
-        first, rest = cuts[:1], cuts[1:]
-        order = [(s, c) for s in schedules for c in first] + [(s, c) for s in schedules for c in rest]
-        for s, c in order:
-            for meth in methods:
-                cfg = {"model": m, "method": meth, "cut": float(c), "layers": schedule_layers(s, L),
-                       "fingerprint": fp, **common}
-                if match_key(cfg) not in seen:
-                    seen.add(match_key(cfg))
-                    out.append(cfg)
-    return out
+from utrc_study.experiments.depth import CUTS, METHODS, SCHEDULES, TASKS  # noqa: E402  (after sys.path)
+from utrc_study.experiments.depth import plan  # noqa: E402  (after sys.path)
 
 
 def main(argv=None) -> int:
