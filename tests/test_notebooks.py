@@ -88,7 +88,7 @@ def test_sources_and_notebooks_in_sync():
     """Each notebooks/0X_*.py (jupytext percent source) and its paired .ipynb hold the same cells."""
     from utrc_study.report import notebooks
 
-    assert len(notebooks.sources(NB)) == 8  # 00-04 + the teaching notebooks 05, 06 + 07 scale and length
+    assert len(notebooks.sources(NB)) == 9  # 00-04 + the teaching notebooks 05, 06 + 07 scale and length + 08 depth
     problems = notebooks.out_of_sync(NB)
     assert not problems, "\n".join(problems)
     for src in notebooks.sources(NB):
@@ -297,3 +297,14 @@ def test_07_scale_and_length(tmp_path, model_names):
     assert {r["task"] for r in data["dense"]} == set(res["parameters"]["cpu_tasks"])
     assert all("target_token_layer_cut" in r and "analytic_flops_cut" in r for r in data["long_context"])
     assert {r["baseline"] for r in data["margins"]} == {"evit", "pumer", "tome"}
+
+
+def test_08_depth(tmp_path):
+    res = run("08_depth", tmp_path)
+    data, p = res["data"], res["parameters"]
+    assert sorted(data["depths"].values()) == [12, 24]
+    # one margin per depth, baseline and metric; the answer's lines are generated from them
+    assert len(data["margins"]) == 2 * (len(p["methods"]) - 1) * 3
+    assert {s["verdict"] for s in data["slopes"]} <= {"grows", "shrinks", "unresolved"}
+    assert any("UTRC vs" in line for line in res["answer"])
+    assert {"depth_margins.png", "depth_accuracy_vs_cut.png"} <= set(res["figures"])

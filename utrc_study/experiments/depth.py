@@ -24,6 +24,7 @@ items); "grows" / "shrinks" / "unresolved" by whether the interval excludes 0.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -72,6 +73,22 @@ def depth_of(model: str) -> int:
     if L is None:
         raise ValueError(f"no local config.json for model {model!r}")
     return int(L)
+
+
+def with_weights(models, log=print) -> list[str]:
+    """The models of `models` whose weights are on this machine (an embedded model's folder holds its
+    safetensors, or a local checkpoint directory); the others are named as skipped (the depth family's
+    12 / 24 / 48-layer weights are rebuilt from their cards: scripts/train/depth_family.sh)."""
+    from utrc_lib.hosts.models import EMBEDDED, embedded_path
+
+    keep = []
+    for m in models:
+        folder = embedded_path(m) if m in EMBEDDED else Path(str(m)).expanduser()
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+            keep.append(m)
+        else:
+            log(f"skipped {m}: no weights in {folder}")
+    return keep
 
 
 def plan(models, methods=METHODS, cuts=CUTS, schedules=SCHEDULES, tasks=TASKS, limit=None,

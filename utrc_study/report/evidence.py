@@ -51,7 +51,11 @@ IGNORED_PARAMS = ("batch_size",)            # parameters that do not change a nu
 # where each notebook's evidence is (01 and 04 share one set: 04's configurations are 01's)
 FOLDERS = {"01_main_results": "figures/01_main_results/evidence",
            "02_design_choices": "figures/02_design_choices/evidence",
-           "04_failure_of_transformer_methods": "figures/01_main_results/evidence"}
+           "04_failure_of_transformer_methods": "figures/01_main_results/evidence",
+           "08_depth": "figures/08_depth/evidence"}     # scripts/gpu_depth_eval.py
+# a smaller run kept apart until the full evidence exists: (its evidence, where it renders); `make figures`
+# renders it there, labelled, when FOLDERS[name] is missing (never into figures/<name> itself)
+PILOTS = {"08_depth": ("figures/08_depth/cpu_pilot/evidence", "figures/08_depth/cpu_pilot")}
 
 # tolerance of `verify` (the GPU-tier test's, tests/test_gpu_eval.py): |ll - committed| <= ATOL + RTOL |committed|
 LL_ATOL, LL_RTOL = 2e-3, 2e-4

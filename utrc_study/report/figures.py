@@ -263,6 +263,16 @@ def plan(name: str, params: dict, *, fresh: bool, per_machine: bool, quick: bool
         return (None, "", f"SKIPPED: its CPU timings are per-machine; the committed figures/{name} stays "
                           f"(`make figures FRESH=1` measures this machine into {fresh_dir}, --per-machine rewrites it)")
     label, note = "", ""
+    pilot = evidence.PILOTS.get(name)
+    if pilot and "evidence" not in params and not evidence.exists(REPO / evidence.FOLDERS[name]) \
+            and evidence.exists(REPO / pilot[0]):
+        man = json.loads((REPO / pilot[0] / evidence.MANIFEST).read_text())
+        dev = man.get("machine", {}).get("gpu") or man.get("machine", {}).get("torch_device", "?")
+        n = sorted(set(man.get("items_per_task", {}).values()))
+        label = f"pilot ({dev}), n={'/'.join(map(str, n))} items per task"
+        log(f"{name}: no full evidence ({evidence.FOLDERS[name]}): rendering the pilot {pilot[0]} into {pilot[1]}")
+        return ({**params, "out_dir": str(REPO / pilot[1]), "evidence": str(REPO / pilot[0])}, label,
+                f"rendered from the pilot evidence {pilot[0]} into {pilot[1]} (labelled {label!r})")
     if name in evidence.FOLDERS and "evidence" not in params:
         folder = REPO / evidence.FOLDERS[name]
         if evidence.exists(folder):
