@@ -281,9 +281,9 @@ def test_item6_depth_dependent_checks_raise_in_apply(tiny):
         utrc_lib.apply(model, cfg)
     with pytest.raises(ValueError, match="out of range for a 12-layer model"):
         utrc_lib.apply(model, utrc_lib.ReductionConfig("utrc", keep_ratio=0.5, layers=(40,)))
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "every invalid config field raises at construction" not in readme
-    assert "raise in `utrc_lib.apply`" in readme
+    api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    assert "every invalid config field raises at construction" not in api
+    assert "raise in `utrc_lib.apply`" in api
 
 
 # -- item 7: lm-eval as installed: entry point, `python -m utrc_lib.integrations.lm_eval_cli`, device auto ---------
@@ -511,15 +511,15 @@ def test_item10_bench_ctrl_c_exits_130_saying_what_was_kept(capsys, tmp_path, mo
     assert "interrupted" in capsys.readouterr().err
 
 
-# -- README: the sentence under the first snippet agrees with what the snippet prints ---------------------
+# -- docs/api.md: the sentence under the first snippet agrees with what the snippet prints -----------------
 def test_readme_analytic_cut_sentence_matches_the_first_snippet(capsys):
     import re
 
-    from test_readme import snippets
+    from test_readme import API, snippets
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = API.read_text(encoding="utf-8")
     assert "the second is far smaller than the first" not in text
-    exec(compile(snippets()[0], "README.md snippet 1", "exec"), {"__name__": "__readme__"})
+    exec(compile(snippets(API)[0], "docs/api.md snippet 1", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     token, analytic = map(float, re.search(r"token-layer cut: ([0-9.]+) analytic FLOPs cut: ([0-9.]+)", out).groups())
     assert f"the analytic cut ({analytic:.3f}) comes out slightly\nabove the token-layer cut ({token:.3f})" in text
