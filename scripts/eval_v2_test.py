@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from utrc_study.eval.scorer import encode, eos_id
+    from utrc_lib.scoring import encode, eos_id
     from utrc_lib.hosts.models import load_model
     from utrc_lib.hosts.speed import fast_inference
 

@@ -17,7 +17,7 @@ Tasks (README.md in this folder):
 
 Long items do not repeat the text: `context_parts` / `continuation_parts` list literal strings and
 [doc_id, start, end] character spans of `docs.jsonl` (the test documents used, verbatim);
-`utrc_lib.eval.suite.load_task` joins them into `context` / `continuation`.
+`utrc_study.eval.suite.load_task` joins them into `context` / `continuation`.
 
 Usage:
     .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py                 # build (default levels)
@@ -557,10 +557,10 @@ def chance(name: str) -> float:
 # -- calibration ---------------------------------------------------------------------------------------------
 def short_correct(model, tokenizer, name: str, items: list[dict], batch_size: int = 16) -> list[int]:
     """Per item 0/1: dense correctness of one short task's items, with requests built as
-    `utrc_lib.eval.scorer._task_requests` builds them and scored by `utrc_lib.eval.scorer.loglikelihood`
+    `utrc_study.eval.scorer._task_requests` builds them and scored by `utrc_lib.scoring.loglikelihood`
     (max_length 1024): cloze greedy match of all target tokens; choice4 acc_norm, the accuracy the paired
     analysis uses; choice2 acc. tests/test_benchmarks_v2.py checks it against `evaluate` item by item."""
-    from utrc_lib.eval.scorer import loglikelihood
+    from utrc_lib.scoring import loglikelihood
 
     if name == "cloze_v2":
         res = loglikelihood(model, tokenizer, [(it["context"], it["target"]) for it in items], batch_size=batch_size)

@@ -4,7 +4,7 @@
     .venv/bin/python data/benchmarks_v2/dense_sample.py tiny-mamba2 tiny-mamba --limit 40 \
         --out data/benchmarks_v2/dense_sample_tiny.json
 
-Uses `utrc_lib.eval.scorer.evaluate` (max_length 4096, so no long context is cut). Passkey files
+Uses `utrc_study.eval.scorer.evaluate` (max_length 4096, so no long context is cut). Passkey files
 interleave the depths, so a prefix of 5k items has k items at each depth.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 
 def main(argv=None) -> int:
-    from utrc_lib.eval import suite
-    from utrc_lib.eval.scorer import evaluate
+    from utrc_study.eval import suite
+    from utrc_study.eval.scorer import evaluate
     from utrc_lib.hosts.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -59,7 +59,7 @@ DIGITS = 6   # significant digits of every float in results.json (what the compu
 TIMING_FIELD = "seconds"   # a record key equal to it or ending in "/seconds" is a duration
 
 EVALUATION = (
-    "utrc_lib.evaluate (offline tasks in data/benchmarks: cloze = LAMBADA-style greedy acc + target ppl, "
+    "utrc_study.eval.scorer.evaluate (offline tasks in data/benchmarks: cloze = LAMBADA-style greedy acc + target ppl, "
     "choice4 = HellaSwag-style acc/acc_norm, choice2 = PIQA-style acc, ppl = token perplexity of a "
     "64-token continuation); leak-free scoring: the scored continuation tokens are protected from "
     "reduction (protect_last) and read by original position, unless a row says protect=false.")
