@@ -1,31 +1,18 @@
-"""Built-in fast evaluator (no lm-eval): log-likelihood scoring with token reduction, per request.
+"""Built-in evaluator (no lm-eval): the offline task suite scored with token reduction, per item.
 
-Scoring follows lm-eval 0.4's conventions, so the numbers are comparable with the lm-eval adapter
-(`utrc_study.eval`):
-    * a request is (context, continuation); trailing whitespace of the context moves to the
-      continuation; context+continuation is tokenised whole, and the continuation tokens are what
-      follows the tokens of the context alone; no BOS is added (an empty context becomes the EOS
-      token);
-    * the model input is all tokens but the last (kept to the last `max_length`), and the
-      continuation's log-probs are read at the last len(continuation) positions, aligned by
-      ORIGINAL position (the patched model returns full-length logits);
-    * the reduction protects each request's own scored tail: requests are sorted by length
-      (longest first) and batched, and every row of a batch runs with protect_last = its own number
-      of continuation tokens (per-sample protect_last), so the positions whose logits are scored
-      are never removed or merged and never see later tokens; rows are LEFT-padded with an
-      attention mask, so results do not depend on batch size or batch composition;
-    * a request whose context is too short to reduce (the engine raises `SequenceTooShort`) is
-      scored dense, alone; how many were is returned with the results (`TokenScores.dense_fallback`,
-      `evaluate()`'s per-task "dense_fallback");
+Every request is scored by the library's primitive, `utrc_lib.scoring.score_tokens` (lm-eval 0.4's
+conventions, the reduction protecting each request's own scored tail, left padding, dense fallback for
+requests too short to reduce: its module doc). What this module adds is the task level:
     * acc_norm divides the log-likelihood by the ending's character length (lm-eval:
       `len(choice)`, the choice without the leading delimiter);
     * cloze ppl = exp(-mean over items of the target's log-likelihood) (lm-eval's lambada
       "perplexity"); ppl task: token perplexity exp(-sum loglik / sum tokens) of the 64 scored tokens
-      of each 256-token window given its first 192.
+      of each 256-token window given its first 192;
+    * per task "dense_fallback": how many requests were scored dense (too short to reduce).
 
 Item level (opt-in, the aggregates are the same numbers with it): `evaluate(items=True)` also
 returns per-item arrays (correct, gold log-likelihood, KL(dense || reduced) and top-1 agreement with
-the dense model at the scored positions; `_item_outcomes`). The dense reference is this scorer's own
+the dense model at the scored positions; `_item_outcomes`). The dense reference is the scorer's own
 dense pass (unpatched model, same sorted batches and padding), cached in memory per (model,
 tokenizer, task, limit, batch_size, max_length): stored as float32 log-softmax at the scored positions
 when that fits REFERENCE_BUDGET_BYTES (1 GiB; environment UTRC_REFERENCE_BUDGET_BYTES), else recomputed as a dense forward of each batch
@@ -35,20 +22,11 @@ arrays into paired intervals and tests.
 API:
     evaluate(model, tokenizer, tasks=("cloze", "choice4", "choice2", "ppl"), config=None, *,
              limit=None, batch_size=16, progress=True, max_length=1024, protect=True,
-             items=False) -> dict
-    score_tokens(model, token_requests, config=None, batch_size=16, *, max_length=1024,
-                 pad_token_id=0, progress=False, protect=True, details=False, reference=None,
-                 keep_reference=False) -> TokenScores(results, dense_fallback, achieved_cut, details,
-                                                      reference)
-    dense_reference(model, token_requests, batch_size=16, *, max_length=1024, pad_token_id=0,
-                    budget_bytes=None) -> DenseReference
+             items=False, protocol=None) -> dict
     clear_reference_cache()
-    loglikelihood_tokens(...same arguments...) -> list[(loglik, is_greedy)]   (= score_tokens(...).results)
-    loglikelihood(model, tokenizer, requests, config=None, batch_size=16, *, max_length=1024,
-                  progress=False, protect=True) -> list[(loglik, is_greedy)]
-    encode(tokenizer, text), encode_pair(tokenizer, context, continuation) -> (ctx ids, cont ids)
-    eos_id(tokenizer), pad_id(tokenizer)
-    run_metadata(model, config, *, max_length, batch_size, limit, protect=True) -> dict
+    task_result(...)  (one task's metrics from its TokenScores; the fast path uses it too)
+    re-exported from utrc_lib.scoring for the harness: score_tokens, dense_reference, encode_pair,
+    pad_id, run_metadata, TokenScores, DenseReference
 """
 from __future__ import annotations
 

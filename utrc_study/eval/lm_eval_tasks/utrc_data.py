@@ -34,7 +34,8 @@ def load_ppl(**kwargs):
 
 
 def ppl_results(doc, results):
-    """Per window: (log-likelihood of the 64-token continuation, its size) for the corpus-level metrics.
+    """Per window: (log-likelihood of the 64-token continuation, its size) for the corpus-level metrics
+    (suite v1 and v2: `utrc_data_v2.py` uses these too).
 
     Token counts are those of the project tokenizer (`n_continuation_tokens`, stored with the data):
     token_perplexity is comparable across methods of one model, and equals utrc_study.eval.scorer's `ppl`

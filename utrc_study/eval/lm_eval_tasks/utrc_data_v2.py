@@ -5,22 +5,17 @@
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def _load(name: str):
-    import datasets
-
-    try:
-        from utrc_study.eval.suite import load_task
-    except ImportError:  # lm-eval loads this file by path; make the repository importable
-        sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-        from utrc_study.eval.suite import load_task
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(load_task(name))})
+try:   # lm-eval loads this file by path: make the repository importable, then share v1's helpers
+    from utrc_study.eval.lm_eval_tasks.utrc_data import _load, bits_per_byte, ppl_results, token_perplexity  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from utrc_study.eval.lm_eval_tasks.utrc_data import _load, bits_per_byte, ppl_results, token_perplexity  # noqa: F401
 
 
 def _loader(name: str):
@@ -53,20 +48,3 @@ def depth_mean(items):
     """Mean of greedy over the items at the metric's depth (NaN when none)."""
     sel = [g for at, g in items if at]
     return sum(sel) / len(sel) if sel else float("nan")
-
-
-def ppl_results(doc, results):
-    """(log-likelihood of the 64 scored tokens, v2-tokenizer count / UTF-8 bytes) per window."""
-    ll, _ = results[0]
-    return {"token_perplexity": (ll, int(doc["n_continuation_tokens"])),
-            "bits_per_byte": (ll, len(doc["continuation"].encode("utf-8")))}
-
-
-def token_perplexity(items):
-    """exp(-sum log-likelihood / sum v2 tokens) over all windows."""
-    return math.exp(-sum(ll for ll, _ in items) / sum(n for _, n in items))
-
-
-def bits_per_byte(items):
-    """-sum log-likelihood / (ln 2 * sum bytes) over all windows."""
-    return -sum(ll for ll, _ in items) / (math.log(2) * sum(n for _, n in items))
