@@ -96,8 +96,12 @@ def plan(models, methods=METHODS, cuts=CUTS, schedules=SCHEDULES, tasks=TASKS, l
     """Configurations in the order of work: per model, dense, then every schedule at the first cut, then
     every schedule at the other cuts, each over `methods`; a configuration two schedules share (at 64
     layers both are the paper's anchors) appears once."""
-    from ..report.evidence import match_key
-    from .sweep import model_fingerprint
+    import json
+
+    from .sweep import _canonical, model_fingerprint
+
+    def match_key(cfg):
+        return json.dumps(_canonical(cfg), sort_keys=True)
 
     out, seen = [], set()
     common = {"tasks": list(tasks), "limit": limit, "seed": 0, "max_length": MAX_LENGTH}
