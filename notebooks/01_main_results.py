@@ -31,10 +31,10 @@
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False                          # tiny sizes for tests
-model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names or checkpoint paths
+model_names: list = ["tiny-mamba2", "tiny-mamba"]  # embedded names, checkpoint paths or hub ids ("state-spaces/mamba2-2.7b")
 methods: list = ["utrc", "evit", "pumer", "tome", "prune_only", "merge_only", "random"]
 cuts: list = [0.1, 0.2, 0.3]                 # token-layer cuts (paper's FLOPs definition)
-tasks: list = ["cloze", "choice4", "choice2", "ppl"]
+tasks: list = ["cloze", "choice4", "choice2", "ppl"]  # built-in tasks and / or lm-eval task names ("lambada_openai", "hellaswag", ...: run through lm-eval)
 limit: int = 20                              # items per task (None: all 1000 / 200 windows); `make figures` passes None when the committed evidence holds every item
 batch_size: int = 16                         # evaluation batch (results do not depend on it)
 evidence: str = "../figures/01_main_results/evidence"   # committed per-item rows (the GPU run, scripts/gpu_evidence.py): configurations it holds at this `limit` are read, not recomputed ("": compute all)
@@ -63,7 +63,8 @@ if quick:
     methods, cuts, limit, resamples, evidence = methods[:2], cuts[1:2], min(limit or 6, 6), min(resamples, 300), ""
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
-ACC = analysis.ACC_METRICS   # averaged into avg_acc (paper: mean of accuracies)
+builtin_tasks, lm_eval_tasks = sweep.check_tasks(tasks)   # lm-eval names go through lm-eval (per-sample log); unknown names fail here
+ACC = analysis.acc_metrics(tasks)   # averaged into avg_acc (paper: mean of accuracies)
 configs = analysis.method_grid(model_names, methods, cuts)   # dense + every method at every cut
 res = rows.run(sweep.evaluate_config, configs, Path(cache_dir) / "eval.jsonl", evidence=evidence, desc="01 main results",
                common=dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size))
@@ -139,7 +140,7 @@ c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for 
 # ## Accuracy and perplexity against the token-layer cut (95% intervals)
 
 # %%
-panels = [paired.AVG] + [t for t in paired.TASK_ACC if t in tasks] + ["ppl"]
+panels = [paired.AVG] + [t for t in paired.accuracy_tasks(tasks) if t in set(acc["metric"])] + (["ppl"] if "ppl" in tasks else [])
 fig, axes = plt.subplots(len(model_names), len(panels), figsize=(3.1 * len(panels), 2.9 * len(model_names)), squeeze=False)
 for r, name in enumerate(model_names):
     for c_, metric in enumerate(panels):
@@ -168,7 +169,7 @@ fig.tight_layout(rect=(0, 0.07, 1, 0.97)); save(fig, "accuracy_vs_flops"); plt.s
 # per scored token and the change in gold log-likelihood per token, at the positions the tasks score.
 
 # %%
-fid_tasks = [t for t in ("ppl", "cloze", "choice4") if t in tasks]
+fid_tasks = [t for t in ("ppl", "cloze", "choice4") if t in tasks] or lm_eval_tasks[:3]
 fig, axes = plt.subplots(len(model_names), 2 * len(fid_tasks), figsize=(3.0 * 2 * len(fid_tasks), 2.9 * len(model_names)), squeeze=False)
 for r, name in enumerate(model_names):
     for j, t in enumerate(fid_tasks):
@@ -194,9 +195,9 @@ for r, name in enumerate(model_names):
     d = cmp[cmp["model"] == name]
     plotting.margin_panel(axes[r, 0], d, paired.AVG, cuts=cuts, baselines=base, ylabel="UTRC minus baseline (points)",
                           title=f"{Path(name).name}: mean accuracy, UTRC minus baseline (labels: cut %)")
-    plotting.margin_panel(axes[r, 1], d, "kl:ppl", cuts=cuts, baselines=base, scale=1.0,
+    plotting.margin_panel(axes[r, 1], d, f"kl:{paired.kl_task(tasks)}", cuts=cuts, baselines=base, scale=1.0,
                           ylabel="UTRC minus baseline (nats/token)",
-                          title=f"{Path(name).name}: KL per token on the ppl task (lower = closer to dense)")
+                          title=f"{Path(name).name}: KL per token on the {paired.kl_task(tasks)} task (lower = closer to dense)")
 plotting.legend_below(fig, axes.ravel(), ncol=3)
 fig.tight_layout(rect=(0, 0.08, 1, 1)); save(fig, "utrc_margins"); plt.show()
 

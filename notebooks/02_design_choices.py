@@ -24,14 +24,14 @@
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False
-model_names: list = ["tiny-mamba2"]          # embedded names or checkpoint paths
+model_names: list = ["tiny-mamba2"]          # embedded names, checkpoint paths or hub ids ("state-spaces/mamba2-2.7b")
 cut: float = 0.2                             # token-layer cut of the metric / location / modes sweeps (paper: 20%)
 branch_cut: float = 0.3                      # token-layer cut of the branch-rule sweep (paper: 30%)
 metrics: list = ["clip", "sum", "l1", "l2", "delta"]
 starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors start, start+2, +4, +6
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
-tasks: list = ["cloze", "choice4", "choice2", "ppl"]
+tasks: list = ["cloze", "choice4", "choice2", "ppl"]  # built-in tasks and / or lm-eval task names ("lambada_openai", ...: run through lm-eval)
 limit: int = 15                              # items per task (None: all); `make figures` passes None when the committed evidence holds every item
 batch_size: int = 16
 evidence: str = "../figures/02_design_choices/evidence"   # committed per-item rows (scripts/gpu_evidence.py); "": compute all
@@ -62,7 +62,9 @@ if quick:
     evidence = ""
     if cache_dir == "../.cache/sweeps":
         cache_dir = str(out / "cache")
-ACC = analysis.ACC_METRICS
+builtin_tasks, lm_eval_tasks = sweep.check_tasks(tasks)   # lm-eval names go through lm-eval (per-sample log); unknown names fail here
+ACC = analysis.acc_metrics(tasks)
+KL = paired.kl_task(tasks)   # the task of the KL panels: "ppl" (built-in), else utrc_ppl / lambada_openai / the first lm-eval task
 common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
 groups = rows.design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules)  # with model fingerprints
 frames, results = {}, {}
@@ -72,7 +74,7 @@ for g, cfgs in groups.items():
     print(g, "-", r.report())
     f = analysis.with_avg_acc(r.frame(errors=True), stderr=True)
     # each bar's own 95% interval (bootstrap over items; mean accuracy stratified by task) and KL on the ppl task
-    frames[g] = pd.concat([f, paired.interval_columns(r, resamples=resamples, seed=seed)], axis=1)
+    frames[g] = pd.concat([f, paired.interval_columns(r, resamples=resamples, seed=seed, kl_task=KL)], axis=1)
     results[g] = r
 devices = sorted({str(v) for fr in frames.values() for v in fr.get("meta/device", pd.Series(dtype=str)).dropna()})
 
@@ -105,13 +107,13 @@ SWEEPS = [("metric", "metric", str, f"Importance metric ({cut:.0%} cut)", "clip"
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
 for ax, (g, x, lab, title, hl) in zip(axes, SWEEPS):
     f = frames[g][frames[g]["model"] == model_names[0]]
-    vals = f["kl/ppl"].to_numpy(dtype=float)
-    err = [vals - f["kl/ppl_low"].to_numpy(dtype=float), f["kl/ppl_high"].to_numpy(dtype=float) - vals]
+    vals = f[f"kl/{KL}"].to_numpy(dtype=float)
+    err = [vals - f[f"kl/{KL}_low"].to_numpy(dtype=float), f[f"kl/{KL}_high"].to_numpy(dtype=float) - vals]
     ax.bar(range(len(f)), vals, yerr=err, capsize=2, color=["#D55E00" if v == hl else "#888888" for v in f[x]],
            edgecolor="black", error_kw=dict(elinewidth=0.8))
     ax.set_xticks(range(len(f)), [lab(v) for v in f[x]], fontsize=7)
     ax.set_title(title, fontsize=8); ax.set_ylim(0, None)
-axes[0].set_ylabel("KL(dense || setting) per token, ppl task (nats)")
+axes[0].set_ylabel(f"KL(dense || setting) per token, {KL} task (nats)")
 plotting.annotate_source(fig, f"{Path(model_names[0]).name}; 95% bootstrap CI over windows; orange = the paper's choice", top=True)
 fig.tight_layout(rect=(0, 0, 1, 0.95)); save(fig, "design_choices_kl"); plt.show()
 
@@ -121,7 +123,7 @@ choice_tests = []
 for g, x, lab, title, hl in SWEEPS:
     if hl is None:
         continue
-    for metric in (paired.AVG, "kl:ppl"):
+    for metric in (paired.AVG, f"kl:{KL}"):
         cmp = paired.comparison_table(results[g], reference=str(hl), baselines=[str(v) for v in frames[g][x] if v != hl],
                                       metrics=[metric], by=x, resamples=resamples, seed=seed)
         for rec in cmp.to_dict("records"):

@@ -42,3 +42,45 @@ def save_tiny_checkpoint(path):
     tiny_model("mamba2", layers=3, hidden=32, vocab=8192).save_pretrained(path)
     AutoTokenizer.from_pretrained(str(root / "data" / "tokenizer")).save_pretrained(path)
     return path
+
+
+def save_mamba_ssm_checkpoint(path, kind: str = "mamba2"):
+    """A tiny random Mamba LM saved the way the state-spaces hub repos hold theirs
+    (state-spaces/mamba2-2.7b: a mamba-ssm config.json with d_model / n_layer / ssm_cfg and
+    pytorch_model.bin, tied embeddings), plus the project tokenizer (the hub repos carry none; the
+    loader then takes EleutherAI/gpt-neox-20b from the hub). Returns (path, the transformers model)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from utrc_lib.hosts.convert import hf_to_mamba_ssm_state_dict
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(kind, layers=3, hidden=32, vocab=8192)
+    model.config.tie_word_embeddings = True
+    with torch.no_grad():   # tied, as in mamba-ssm checkpoints
+        model.lm_head.weight = model.backbone.embeddings.weight
+    _, cfg, sd = hf_to_mamba_ssm_state_dict(model.state_dict(), model.config)
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.save(sd, path / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parent.parent / "data" / "tokenizer")).save_pretrained(path)
+    return path, model
+
+
+HUB_TEST_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def save_hub_cache_checkpoint(cache_root, repo_id: str = "state-spaces/mamba2-tiny-test"):
+    """`save_mamba_ssm_checkpoint` laid out as a Hugging Face hub cache holds a downloaded repo
+    (<cache_root>/models--org--name/snapshots/<sha>/ and refs/main), so that with HF_HUB_CACHE=cache_root
+    and HF_HUB_OFFLINE=1 the hub id `repo_id` loads as state-spaces/mamba2-2.7b would once downloaded.
+    Returns repo_id."""
+    from pathlib import Path
+
+    repo = Path(cache_root) / ("models--" + repo_id.replace("/", "--"))
+    save_mamba_ssm_checkpoint(repo / "snapshots" / HUB_TEST_SHA)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(HUB_TEST_SHA)
+    return repo_id

@@ -237,6 +237,37 @@ def test_01_main_results(tmp_path, model_names, cache_dir):
     assert res["data"]["paper"] and "their" in res["data"]["paper_source"].lower()
 
 
+def test_01_main_results_with_lm_eval_tasks(tmp_path, monkeypatch):
+    """01 run with lm-eval task names and a hub model id (issue 26, section 4), offline: the local YAMLs
+    over the local JSONL stand in for lambada_openai, hellaswag, ..., and a hub id whose repo (a tiny
+    checkpoint in the state-spaces layout: mamba-ssm config.json + pytorch_model.bin) sits in a local
+    Hugging Face cache stands in for state-spaces/mamba2-2.7b. The tasks go through lm-eval with
+    per-sample logging, and the same paired statistics, tables and figures come out of their per-item rows."""
+    pytest.importorskip("lm_eval")
+    from conftest import save_hub_cache_checkpoint
+
+    repo = save_hub_cache_checkpoint(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))   # read by the notebook's kernel
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = ["utrc_cloze", "utrc_choice4", "utrc_choice2", "utrc_ppl"]
+    res = run("01_main_results", tmp_path, model_names=[repo], tasks=tasks, cache_dir=str(tmp_path / "cache"))
+    d, p = res["data"], res["parameters"]
+    assert not res["errors"] and p["tasks"] == tasks and p["model_names"] == [repo]
+    acc_cols = ["utrc_cloze/acc", "utrc_choice4/acc_norm", "utrc_choice2/acc"]
+    assert d["avg_acc_tasks"] == acc_cols and d["items_per_task"] == {t: p["limit"] for t in tasks}
+    assert len(d["rows"]) == 1 + len(p["methods"]) * len(p["cuts"])
+    for r in d["rows"]:
+        assert r["avg_acc"] == pytest.approx(sum(r[c] for c in acc_cols) / 3, abs=1e-6)
+        assert r["utrc_ppl/token_perplexity"] > 1 and r["protect"]
+    cmp = d["comparisons"]
+    avg = [c for c in cmp if c["metric"] == "avg_acc"]
+    assert avg and all(c["n"] == 3 * p["limit"] and c["low"] <= c["delta"] <= c["high"] for c in avg)
+    assert {"utrc_choice2", "kl:utrc_ppl", "ll:utrc_ppl"} <= {c["metric"] for c in cmp}
+    assert {"utrc_cloze", "utrc_choice4", "utrc_choice2", "avg_acc"} == {a["metric"] for a in d["accuracy"]}
+    assert {f["task"] for f in d["fidelity"]} == set(tasks)
+    assert {"accuracy_vs_flops.png", "fidelity_vs_flops.png", "utrc_margins.png"} <= set(res["figures"])
+
+
 def test_02_design_choices(tmp_path, model_names, cache_dir):
     res = run("02_design_choices", tmp_path, model_names=model_names[:1], cache_dir=cache_dir)
     d = res["data"]

@@ -3,7 +3,13 @@
 ``load_model("tiny-mamba2")`` / ``load_model("tiny-mamba")`` load the small models trained
 on the offline corpus by ``scripts/train_lm.py`` (``make models`` on a GPU machine), kept in
 ``data/models/<name>`` of the repository, or under ``$UTRC_DATA_DIR/models/<name>`` when
-that environment variable is set. Anything else is a local directory or a hub id.
+that environment variable is set. Anything else is a local directory or a hub id, in either of two
+formats: a transformers checkpoint (``save_pretrained``: config.json with a model_type,
+model.safetensors, tokenizer files), or a mamba-ssm checkpoint as the ``state-spaces`` hub repos
+hold it (``state-spaces/mamba2-2.7b``, ``state-spaces/mamba-2.8b``: config.json with d_model /
+n_layer / ssm_cfg, pytorch_model.bin, no tokenizer), converted on load by ``utrc_lib.hosts.convert``
+(tokenizer: the checkpoint's own when it has one, else ``MAMBA_SSM_TOKENIZER``, the GPT-NeoX
+tokenizer those models were trained with).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ EMBEDDED = {
        for n in (12, 24, 48, 64)},
 }
 SUPPORTED_CLASSES = ("MambaForCausalLM", "Mamba2ForCausalLM")
+MAMBA_SSM_TOKENIZER = "EleutherAI/gpt-neox-20b"   # the state-spaces checkpoints' tokenizer (mamba-ssm README)
 _TRAIN_HINT = {  # how each embedded model is made (a GPU machine with mamba-ssm)
     "tiny-mamba": "`make models`, or `python3 scripts/train_lm.py --backend mamba_ssm --arch mamba --d-state 16 --out {path}`",
     "tiny-mamba2": "`make models`, or `python3 scripts/train_lm.py --backend mamba_ssm --arch mamba2 --d-state 64 --out {path}`",
@@ -84,8 +91,9 @@ def model_depth(name: str) -> Optional[int]:
     if not cfg.is_file():
         return None
     try:
-        v = json.loads(cfg.read_text(encoding="utf-8")).get("num_hidden_layers")
-    except (OSError, ValueError):
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        v = data.get("num_hidden_layers", data.get("n_layer"))   # transformers / mamba-ssm config
+    except (OSError, ValueError, AttributeError):
         return None
     return v if isinstance(v, int) else None
 
@@ -109,11 +117,108 @@ def _missing_files(path: Path) -> list[str]:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
+    ssm = _mamba_ssm_config(str(path), True) is not None   # a mamba-ssm checkpoint: its own file names
     if not (list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin"))):
-        missing.append("model.safetensors")
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
-        missing.append("tokenizer.json")
+        missing.append("pytorch_model.bin (a mamba-ssm checkpoint)" if ssm else "model.safetensors")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()) and not ssm:
+        missing.append("tokenizer.json")   # mamba-ssm checkpoints come without one
     return missing
+
+
+def _mamba_ssm_config(source: str, local: bool) -> Optional[dict]:
+    """The config.json of a mamba-ssm checkpoint (d_model, n_layer, ssm_cfg; no model_type), as the
+    state-spaces hub repos hold it, or None (a transformers checkpoint, or no readable config)."""
+    import json
+
+    try:
+        if local:
+            path = Path(source) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "config.json"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:   # no config (yet): the transformers path reports it
+        return None
+    if isinstance(data, dict) and "model_type" not in data and {"d_model", "n_layer"} <= set(data):
+        return data
+    return None
+
+
+def _hub_has_tokenizer(repo: str) -> bool:
+    """Whether a hub repo (or its copy in the local cache) has tokenizer files of its own."""
+    from huggingface_hub import hf_hub_download
+
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            hf_hub_download(repo, fname)
+            return True
+        except Exception:   # absent from the repo, or offline and not cached
+            continue
+    return False
+
+
+def _load_mamba_ssm(name: str, source: str, local: bool, cfg: dict, torch_dtype):
+    """(transformers model, tokenizer) of a mamba-ssm checkpoint: weights converted by
+    `convert.convert_mamba_ssm_state_dict` (shapes checked), tokenizer from the checkpoint or
+    MAMBA_SSM_TOKENIZER."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .convert import convert_mamba_ssm_state_dict
+
+    arch = "mamba2" if str((cfg.get("ssm_cfg") or {}).get("layer", "Mamba1")) == "Mamba2" else "mamba"
+    weights = None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        if local:
+            if (Path(source) / fname).is_file():
+                weights = Path(source) / fname
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                weights = Path(hf_hub_download(source, fname))
+            except Exception:
+                weights = None
+        if weights is not None:
+            break
+    if weights is None:
+        raise ModelLoadError(f"{name!r} is a mamba-ssm checkpoint (config.json with d_model / n_layer) without "
+                             f"model.safetensors or pytorch_model.bin")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(weights))
+        else:
+            sd = torch.load(str(weights), map_location="cpu", weights_only=True)
+        dtype = None if torch_dtype == "auto" else (torch_dtype or torch.float32)
+        hf_cfg, hf_sd = convert_mamba_ssm_state_dict(sd, arch, cfg, dtype=dtype)
+    except (KeyError, ValueError, RuntimeError, OSError) as e:
+        raise ModelLoadError(f"cannot convert the mamba-ssm checkpoint {name!r} ({weights}): "
+                             f"{type(e).__name__}: {e}") from e
+    del sd
+    with torch.device("meta"):   # no random init of weights that are replaced at once
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    missing, unexpected = model.load_state_dict(hf_sd, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if unexpected or left:
+        raise ModelLoadError(f"cannot load the converted weights of {name!r}: unexpected {unexpected[:5]}, "
+                             f"not set {left[:5]}")
+    model.config.name_or_path = name
+    own = _has_tokenizer_files(Path(source)) if local else _hub_has_tokenizer(source)
+    tok_source = source if own else MAMBA_SSM_TOKENIZER
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    except (OSError, ValueError, ImportError) as e:
+        offline = " (HF_HUB_OFFLINE is set: it must be in the local Hugging Face cache)" if hf_offline() else ""
+        raise ModelLoadError(f"cannot load the tokenizer of the mamba-ssm checkpoint {name!r}: {tok_source!r} "
+                             f"(the checkpoint has none){offline}: {e}; or save one into the checkpoint "
+                             f"directory") from e
+    if len(tokenizer) > hf_cfg.vocab_size:
+        raise ModelLoadError(f"tokenizer/model mismatch for {name!r}: the tokenizer ({tok_source}) has "
+                             f"{len(tokenizer)} entries but the model's vocab_size is {hf_cfg.vocab_size}")
+    return model, tokenizer
 
 
 def _has_tokenizer_files(path: Path) -> bool:
@@ -154,7 +259,8 @@ def _resolve_dtype(dtype):
 def load_model(name_or_path: str, *, dtype=None, device="cpu"):
     """Return ``(model, tokenizer)`` for an embedded name, a local directory or a hub id.
 
-    Only transformers ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` are accepted. The model
+    Only transformers ``MambaForCausalLM`` and ``Mamba2ForCausalLM`` are accepted; a mamba-ssm
+    checkpoint (the state-spaces hub repos' format) is converted to one on load (module doc). The model
     is put in eval mode on ``device``; ``dtype`` (torch dtype or "float16"/"bf16"/...) defaults
     to float32.
     """
@@ -191,6 +297,11 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
                 raise ModelLoadError(problem)
             source = name   # hub id
 
+    local = Path(source).is_dir()
+    ssm_cfg = _mamba_ssm_config(source, local)
+    if ssm_cfg is not None:   # a state-spaces style mamba-ssm checkpoint: converted on load
+        model, tokenizer = _load_mamba_ssm(name, source, local, ssm_cfg, torch_dtype)
+        return _ready(model, tokenizer, device)
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
@@ -205,7 +316,6 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
             f"{name!r} is a {archs[0] if archs else config.model_type} model; only "
             f"{' and '.join(SUPPORTED_CLASSES)} are supported")
 
-    local = Path(source).is_dir()
     if local and not _has_tokenizer_files(Path(source)):
         raise ModelLoadError(
             f"cannot load the tokenizer of {name!r}: {Path(source)} has no tokenizer.json (nor a vocabulary "
@@ -237,6 +347,11 @@ def load_model(name_or_path: str, *, dtype=None, device="cpu"):
     if type(model).__name__ not in SUPPORTED_CLASSES:
         raise ModelLoadError(f"{name!r} loaded as {type(model).__name__}; only "
                              f"{' and '.join(SUPPORTED_CLASSES)} are supported")
+    return _ready(model, tokenizer, device)
+
+
+def _ready(model, tokenizer, device):
+    """Pad token, device, eval mode and the CPU speed settings of a loaded (model, tokenizer)."""
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

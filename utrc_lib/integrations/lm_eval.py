@@ -3,7 +3,7 @@
 model_args: pretrained=<tiny-mamba2 | tiny-mamba | checkpoint dir | hub id> plus the reduction:
 method (none/absent = dense), flops_reduction | keep_ratio, metric, layers ("12;17;22"), q,
 hidden_rule, residual_rule, causal (default: the method's own, False only for utrc_reference),
-seed, metric_source, align, protect_last; and protect (default True), max_length, dtype, device
+seed, metric_source, align, protect_last; and protect (default True), details (default False), max_length, dtype, device
 (default "auto": CUDA when torch sees a GPU, else CPU; `resolve_lm_device`), batch_size, progress. The reduction arguments go through `utrc_lib.core.config.config_from_args`, the one
 builder every entry point uses (strict parsing; errors name the field). Example:
 
@@ -22,6 +22,14 @@ removed in a `finally` block, so the model is dense again after every call. Requ
 is too short to reduce are scored dense and counted (`dense_fallback_last_call`, `dense_fallback`
 in `reduction_metadata`). `reduction_metadata` (method, keep ratio, layers, token-layer FLOPs cut,
 analytic FLOPs, versions) is what `python -m utrc_study.eval` writes under "utrc".
+
+Item level (opt-in, `details=True`; the scores are the same numbers either way): every scoring call
+also records one `utrc_lib.scoring.RequestDetail` per request (ll, scored tokens, greedy, and against
+the dense model at the scored positions: summed KL(dense || scored) and top-1 agreement; a reduced
+call runs a dense forward of each batch beside the reduced one, so it costs about twice as much).
+They are kept in `request_details[(request_type, args)]` (a rolling request: summed over its
+windows), where `args` is the lm-eval request's arguments, as lm-eval's per-sample log
+(`log_samples`) lists them; `utrc_study.eval.lm_eval_rows` turns the two into per-item rows.
 
 Data parallel (lm-eval's own scheme): under `accelerate launch --num_processes N` (WORLD_SIZE > 1 in
 the environment) the adapter creates an `accelerate.Accelerator`, puts the model on
@@ -100,6 +108,15 @@ if not any(isinstance(f, _LocalTaskAdvice) for f in _task_log.filters):
     _task_log.addFilter(_LocalTaskAdvice())
 
 
+def _summed(details: list):
+    """One RequestDetail for the windows of a rolling request: ll, tokens, KL and top-1 summed."""
+    have = bool(details) and all(d.kl is not None for d in details)
+    return ev.RequestDetail(ll=sum(d.ll for d in details), tokens=sum(d.tokens for d in details),
+                            greedy=all(d.greedy for d in details),
+                            kl=sum(d.kl for d in details) if have else None,
+                            top1=sum(d.top1 for d in details) if have else None)
+
+
 @register_model("utrc")
 class UTRCLM(LM):
     """lm-eval LM for transformers Mamba / Mamba-2 with utrc token reduction (CPU or CUDA).
@@ -115,7 +132,8 @@ class UTRCLM(LM):
 
     def __init__(self, pretrained: Any = "tiny-mamba2", tokenizer: Any = None, batch_size: Any = 16,
                  max_length: int = 1024, device: Optional[str] = None, dtype: Optional[str] = None,
-                 protect: Any = True, max_batch_size: Any = None, progress: Any = True, **kwargs) -> None:
+                 protect: Any = True, max_batch_size: Any = None, progress: Any = True, details: Any = False,
+                 **kwargs) -> None:
         super().__init__()
         cfg_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in REDUCTION_ARGS}
         if kwargs:
@@ -153,6 +171,9 @@ class UTRCLM(LM):
         self.max_length = int(max_length)
         self.protect = parse_bool("protect", protect)
         self.progress = parse_bool("progress", progress)   # False: no progress bars (--no-progress)
+        self.details = parse_bool("details", details)   # True: keep per-request details (KL / top-1 to dense)
+        self.request_details: dict = {}   # (request_type, args) -> RequestDetail, with details=True
+        self._last_details: Optional[list] = None
         self.calls = 0
         self.dense_fallback_last_call = 0  # requests of the latest scoring call scored dense (too short)
         self.dense_fallback = 0  # the same, summed over every call of this instance
@@ -215,9 +236,15 @@ class UTRCLM(LM):
 
     def _score(self, token_requests, disable_tqdm: bool, desc: str) -> list[tuple[float, bool]]:
         self.calls += 1
+        kw: dict = {}
+        if self.details:   # dense: its own reference; reduced: a dense forward of each batch beside it
+            kw = dict(details=True) if self.config is None else dict(reference=ev.dense_reference(
+                self.model, token_requests, self.batch_size_per_gpu, max_length=self.max_length,
+                pad_token_id=ev.pad_id(self.tokenizer), budget_bytes=0))
         scores = ev.score_tokens(self.model, token_requests, self.config, self.batch_size_per_gpu,
                                  max_length=self.max_length, pad_token_id=ev.pad_id(self.tokenizer),
-                                 progress=self.progress and not disable_tqdm, protect=self.protect, desc=desc)
+                                 progress=self.progress and not disable_tqdm, protect=self.protect, desc=desc, **kw)
+        self._last_details = scores.details
         self.dense_fallback_last_call = scores.dense_fallback
         self.dense_fallback += scores.dense_fallback
         self.achieved_cuts.extend(scores.achieved_cut)
@@ -228,6 +255,9 @@ class UTRCLM(LM):
         res = self._score(toks, disable_tqdm, "utrc loglikelihood")
         for req, r in zip(requests, res):
             self.cache_hook.add_partial("loglikelihood", req.args, r)
+        if self.details:
+            for req, d in zip(requests, self._last_details):
+                self.request_details[("loglikelihood", req.args)] = d
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -250,6 +280,12 @@ class UTRCLM(LM):
             out[i] += ll
         for req, v in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, v)
+        if self.details:
+            parts: dict = {}
+            for i, d in zip(owner, self._last_details):
+                parts.setdefault(i, []).append(d)
+            for i, req in enumerate(requests):
+                self.request_details[("loglikelihood_rolling", req.args)] = _summed(parts.get(i, []))
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

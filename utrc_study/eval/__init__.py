@@ -7,6 +7,10 @@
 `TASKS_DIR` is the folder to pass as `include_path` to `lm_eval.tasks.TaskManager`; the YAMLs load
 their items through `lm_eval_tasks/utrc_data.py`, which finds data/benchmarks from the package location (or
 $UTRC_DATA_DIR), so they work from any working directory.
+
+In sweeps (`utrc_study.experiments.sweep.evaluate_config`, the notebooks' evaluator) a task name that is
+not built-in is an lm-eval task: `lm_eval_rows` runs it through lm-eval with per-sample logging and
+turns the samples into the built-in evaluator's per-item rows.
 """
 from __future__ import annotations
 

@@ -266,19 +266,50 @@ def load_gpu_bench(path) -> tuple:
 ACC_METRICS = ["cloze/acc", "choice4/acc_norm", "choice2/acc"]  # averaged into avg_acc (paper: mean of accuracies)
 
 
-def with_avg_acc(df, *, stderr: bool = False, metrics: Sequence[str] = ACC_METRICS):
+def acc_metrics(tasks: Sequence[str]) -> list[str]:
+    """The accuracy columns averaged into avg_acc for a sweep over `tasks`: ACC_METRICS (the built-in
+    three, as always) when any built-in task or no lm-eval task is among them, then, per lm-eval task
+    (a name not of the built-in suite: lambada_openai, hellaswag, utrc_choice2, ...), "<task>/acc" or
+    "<task>/acc_norm" as `paired.accuracy_key` picks (the paper's: acc_norm for hellaswag and
+    arc_challenge; not for the local YAMLs of ppl tasks). Built-in tasks only: exactly ACC_METRICS."""
+    from ..eval.lm_eval_rows import split_tasks
+    from .paired import accuracy_key, has_accuracy
+
+    builtin, external = split_tasks(list(tasks))
+    out = list(ACC_METRICS) if builtin or not external else []
+    for t in filter(has_accuracy, external):
+        out.append(f"{t}/{'acc_norm' if accuracy_key(t) == 'correct_norm' else 'acc'}")
+    return out
+
+
+def _frame_tasks(df) -> list[str]:
+    """Task names of a sweep frame's "<task>/acc" / "<task>/acc_norm" columns, in column order."""
+    seen: list = []
+    for c in df.columns:
+        task, _, metric = str(c).rpartition("/")
+        if metric in ("acc", "acc_norm") and task and task != "meta" and task not in seen:
+            seen.append(task)
+    return seen
+
+
+def with_avg_acc(df, *, stderr: bool = False, metrics: Optional[Sequence[str]] = None):
     """Add `avg_acc` (mean of the accuracy columns present; NaN if none) to a sweep frame, in place.
 
-    stderr=True also adds `avg_acc_stderr` = sqrt(sum of the present `<metric>_stderr`^2) / len(metrics).
+    metrics: the accuracy columns (default `acc_metrics` of the frame's tasks: ACC_METRICS for the
+    built-in suite, "<task>/acc" or "/acc_norm" for lm-eval tasks).
+    stderr=True also adds `avg_acc_stderr` = sqrt(sum of the present `<metric>_stderr`^2) / the number
+    of accuracy columns present.
     Returns the frame.
     """
     import numpy as np
 
+    if metrics is None:
+        metrics = acc_metrics(_frame_tasks(df))
     present = [c for c in metrics if c in df]
     df["avg_acc"] = df[present].mean(axis=1) if present else np.nan
     if stderr:
         errs = [c + "_stderr" for c in metrics if c + "_stderr" in df]
-        df["avg_acc_stderr"] = np.sqrt((df[errs] ** 2).sum(axis=1)) / len(metrics)
+        df["avg_acc_stderr"] = np.sqrt((df[errs] ** 2).sum(axis=1)) / max(1, len(present))
     return df
 
 

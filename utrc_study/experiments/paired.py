@@ -26,11 +26,18 @@ import numpy as np
 from . import stats
 
 TASK_ACC = {"cloze": "correct", "choice4": "correct_norm", "choice2": "correct"}
+# lm-eval tasks (rows of `utrc_study.eval.lm_eval_rows`): the paper's metric of each of its six tasks
+# (acc_norm for HellaSwag and ARC-c, as the Mamba and UTRC papers report), the local YAMLs as their
+# built-in twins; any other lm-eval task: "correct" (lm-eval's acc)
+LM_EVAL_ACC = {"lambada_openai": "correct", "hellaswag": "correct_norm", "piqa": "correct", "arc_easy": "correct",
+               "arc_challenge": "correct_norm", "winogrande": "correct",
+               "utrc_cloze": "correct", "utrc_choice4": "correct_norm", "utrc_choice2": "correct"}
 AVG = "avg_acc"
 BASELINES = ("evit", "pumer", "tome", "prune_only", "merge_only", "random")
 DENSE_METHODS = ("none", "dense")
 
-__all__ = ["TASK_ACC", "AVG", "BASELINES", "row_label", "items_by_row", "stratified_bootstrap",
+__all__ = ["TASK_ACC", "LM_EVAL_ACC", "accuracy_key", "accuracy_tasks", "has_accuracy", "kl_task", "comparison_metrics", "COMPARISON_METRICS",
+           "FIDELITY_TASKS", "AVG", "BASELINES", "row_label", "items_by_row", "stratified_bootstrap",
            "accuracy_table", "fidelity_table", "perplexity_table", "comparison_table", "power_table",
            "verdicts"]
 
@@ -80,8 +87,78 @@ def _ratio(x, n):
     return x.sum(-1) / n.sum(-1)
 
 
+def _builtin(task: str) -> bool:
+    from ..eval.lm_eval_rows import is_builtin
+
+    return is_builtin(task)
+
+
+def accuracy_key(task: str) -> str:
+    """The item array whose mean is `task`'s accuracy: TASK_ACC for the built-in three, LM_EVAL_ACC
+    for the paper's lm-eval tasks and the local YAMLs (utrc_v2_choice4: as choice4), else "correct"."""
+    if task in TASK_ACC:
+        return TASK_ACC[task]
+    if task in LM_EVAL_ACC:
+        return LM_EVAL_ACC[task]
+    from ..eval.lm_eval_rows import local_source
+    from ..eval.suite import task_kind
+
+    source = local_source(task)
+    if source is not None:
+        return TASK_ACC.get(task_kind(source), "correct")
+    return "correct"
+
+
+def accuracy_tasks(tasks) -> list:
+    """The tasks whose accuracy a table shows and avg_acc averages, in order: the built-in three
+    (TASK_ACC order) present, then the lm-eval tasks (names not of the built-in suite) in their own
+    order. `tasks`: a row's items ({task: arrays}; only tasks that have their accuracy array) or a
+    list of task names. Built-in v2 tasks are not among them (as before)."""
+    names = list(tasks)
+    has = (lambda t: accuracy_key(t) in tasks[t]) if isinstance(tasks, dict) else has_accuracy
+    return ([t for t in TASK_ACC if t in names and has(t)]
+            + [t for t in names if t not in TASK_ACC and not _builtin(t) and has(t)])
+
+
+def has_accuracy(task: str) -> bool:
+    """False for the tasks known to have no accuracy: the built-in ppl tasks and the local YAMLs that
+    read them (utrc_ppl, utrc_v2_longppl_*); True for every other name (an lm-eval task without
+    "acc", e.g. wikitext, simply has no accuracy array: the tables skip it)."""
+    from ..eval.lm_eval_rows import local_source
+    from ..eval.suite import task_kind
+
+    try:
+        return task_kind(local_source(task) or task) != "ppl"
+    except ValueError:   # an lm-eval task
+        return True
+
+
+def kl_task(tasks: Sequence[str]) -> str:
+    """The task whose KL per token the notebooks' margin panels show: "ppl" when it is among `tasks`,
+    else a local YAML of a ppl task (utrc_ppl), else lambada_openai (KL at its target word), else the
+    first lm-eval task ("ppl" when there is none)."""
+    names = list(tasks)
+    if "ppl" in names:
+        return "ppl"
+    external = [t for t in names if not _builtin(t)]
+    for t in external:
+        if not has_accuracy(t):
+            return t
+    if "lambada_openai" in external:
+        return "lambada_openai"
+    return external[0] if external else "ppl"
+
+
 def _acc(items: dict, task: str) -> np.ndarray:
-    return stats.item_array(items[task], TASK_ACC[task])
+    return stats.item_array(items[task], accuracy_key(task))
+
+
+def _frame(recs: list, columns: Sequence[str]):
+    """DataFrame of `recs`; with none, an empty frame that still has the table's columns (so that a
+    notebook's selections on it work when a sweep has no such task, e.g. no ppl task)."""
+    import pandas as pd
+
+    return pd.DataFrame.from_records(recs) if recs else pd.DataFrame(columns=list(columns))
 
 
 def stratified_bootstrap(groups_a: Sequence, groups_b: Optional[Sequence] = None, *,
@@ -116,17 +193,17 @@ def stratified_bootstrap(groups_a: Sequence, groups_b: Optional[Sequence] = None
     return stats.Interval(float(est), float(lo), float(hi), level, int(sum(len(g) for g in ga)), resamples, seed, p)
 
 
-def accuracy_table(result, tasks: Sequence[str] = tuple(TASK_ACC), extra: Sequence[str] = (), *,
+def accuracy_table(result, tasks: Optional[Sequence[str]] = None, extra: Sequence[str] = (), *,
                    resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
     """DataFrame, one row per (model, method, cut, [extra], metric in tasks + avg_acc): n, acc, acc_low,
     acc_high, and against the model's dense row delta, delta_low, delta_high, p_vs_dense (McNemar
-    exact per task, stratified bootstrap for avg_acc)."""
-    import pandas as pd
-
+    exact per task, stratified bootstrap for avg_acc). tasks: default `accuracy_tasks` of each row
+    (the built-in three, then lm-eval tasks)."""
     rows = items_by_row(result, extra)
     recs = []
     for label, items in rows.items():
-        present = [t for t in tasks if t in items and "correct" in items[t]]
+        present = [t for t in (accuracy_tasks(items) if tasks is None else tasks)
+                   if t in items and "correct" in items[t] and accuracy_key(t) in items[t]]
         if not present:
             continue
         dense = _dense_of(rows, label)
@@ -141,26 +218,31 @@ def accuracy_table(result, tasks: Sequence[str] = tuple(TASK_ACC), extra: Sequen
                 p = d.p_value if t == AVG else stats.mcnemar_exact(groups[0], dgroups[0]).p_value
                 rec.update(delta=d.estimate, delta_low=d.low, delta_high=d.high, p_vs_dense=p)
             recs.append(rec)
-    return pd.DataFrame.from_records(recs)
+    return _frame(recs, ("model", "method", "cut") + tuple(extra) + ("metric", "n", "acc", "acc_low", "acc_high",
+                                                                   "delta", "delta_low", "delta_high", "p_vs_dense"))
 
 
-def fidelity_table(result, tasks: Sequence[str] = ("cloze", "choice4", "choice2", "ppl"), extra: Sequence[str] = (), *,
+FIDELITY_TASKS = ("cloze", "choice4", "choice2", "ppl")
+
+
+def fidelity_table(result, tasks: Optional[Sequence[str]] = None, extra: Sequence[str] = (), *,
                    resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
     """DataFrame per (model, method, cut, [extra], task, measure): estimate with 95% CI for measure in
     kl_per_token (KL(dense || method) at the scored positions, token-weighted: sum kl / sum tokens,
     bootstrapped as a ratio over items), top1 (share of scored positions whose argmax is dense's) and
-    delta_ll_per_token (gold log-likelihood per token minus dense's, paired). Reduced rows only."""
-    import pandas as pd
-
+    delta_ll_per_token (gold log-likelihood per token minus dense's, paired). Reduced rows only.
+    tasks: default FIDELITY_TASKS, then the row's lm-eval tasks; a task without KL arrays is skipped."""
     rows = items_by_row(result, extra)
     recs = []
     for label, items in rows.items():
         if label[1] == "none":
             continue
         dense = _dense_of(rows, label)
-        for t in tasks:
+        chosen = tasks if tasks is not None else \
+            [t for t in FIDELITY_TASKS if t in items] + [t for t in items if t not in FIDELITY_TASKS and not _builtin(t)]
+        for t in chosen:
             it = items.get(t)
-            if not it or any(v is None for v in it["kl"]):
+            if not it or not it.get("kl") or any(v is None for v in it["kl"]):
                 continue
             kl, tok = np.asarray(it["kl"], float), np.asarray(it["tokens"], float)
             top1 = np.asarray(it["top1"], float) * tok
@@ -175,7 +257,8 @@ def fidelity_table(result, tasks: Sequence[str] = ("cloze", "choice4", "choice2"
                 ci = stats.paired_bootstrap(a, b, resamples=resamples, seed=seed)
                 recs.append({**base, "measure": "delta_ll_per_token", "estimate": ci.estimate, "low": ci.low,
                              "high": ci.high, "n": ci.n, "p_vs_dense": ci.p_value})
-    return pd.DataFrame.from_records(recs)
+    return _frame(recs, ("model", "method", "cut") + tuple(extra) + ("task", "measure", "estimate", "low", "high", "n",
+                                                                   "p_vs_dense"))
 
 
 def perplexity_table(result, tasks: Sequence[str] = ("ppl", "cloze"), extra: Sequence[str] = (), *,
@@ -183,8 +266,6 @@ def perplexity_table(result, tasks: Sequence[str] = ("ppl", "cloze"), extra: Seq
     """DataFrame per (model, method, cut, [extra], task): ppl with 95% CI (bootstrap over items of
     exp(-sum ll / sum tokens); cloze: per-item mean, tokens = 1 per item, as the cloze ppl is defined),
     and for reduced rows ppl minus dense ppl with its paired CI and bootstrap p."""
-    import pandas as pd
-
     rows = items_by_row(result, extra)
     recs = []
     for label, items in rows.items():
@@ -203,15 +284,17 @@ def perplexity_table(result, tasks: Sequence[str] = ("ppl", "cloze"), extra: Seq
                 d = stats.paired_bootstrap_ppl(ll, dll, tok, resamples=resamples, seed=seed)
                 rec.update(delta=d.estimate, delta_low=d.low, delta_high=d.high, p_vs_dense=d.p_value)
             recs.append(rec)
-    return pd.DataFrame.from_records(recs)
+    return _frame(recs, ("model", "method", "cut") + tuple(extra) + ("task", "ppl", "ppl_low", "ppl_high", "n", "delta",
+                                                                   "delta_low", "delta_high", "p_vs_dense"))
 
 
-def _metric_arrays(items: dict, metric: str, tasks: Sequence[str]):
-    """Per-item array(s) of `metric` for the comparisons: a task's accuracy, avg_acc (list of task
-    arrays), "kl:<task>" (kl per token per item) or "ll:<task>" (gold ll per token per item)."""
+def _metric_arrays(items: dict, metric: str, tasks: Optional[Sequence[str]] = None):
+    """Per-item array(s) of `metric` for the comparisons: a task's accuracy (any task name: built-in
+    or lm-eval), avg_acc (list of task arrays; tasks default `accuracy_tasks(items)`), "kl:<task>" (kl
+    per token per item) or "ll:<task>" (gold ll per token per item). KeyError for a task not in items."""
     if metric == AVG:
-        return [_acc(items, t) for t in tasks if t in items]
-    if metric in TASK_ACC:
+        return [_acc(items, t) for t in (accuracy_tasks(items) if tasks is None else tasks) if t in items]
+    if ":" not in metric:
         return _acc(items, metric)
     kind, _, task = metric.partition(":")
     it = items[task]
@@ -222,17 +305,35 @@ def _metric_arrays(items: dict, metric: str, tasks: Sequence[str]):
     raise ValueError(f"unknown comparison metric {metric!r}")
 
 
+COMPARISON_METRICS = (AVG, "cloze", "choice4", "choice2", "kl:ppl", "ll:ppl")
+
+
+def comparison_metrics(items: dict) -> list:
+    """The default metrics of `comparison_table` for a reference row's items: COMPARISON_METRICS (those
+    the row has), then each lm-eval task's accuracy and, where it has KL arrays, "kl:<task>" and
+    "ll:<task>". For built-in rows exactly COMPARISON_METRICS."""
+    out = list(COMPARISON_METRICS)
+    for t in accuracy_tasks(items):
+        if t not in out:
+            out.append(t)
+    for t in items:
+        it = items[t]
+        if not _builtin(t) and it.get("kl") and all(v is not None for v in it["kl"]):
+            out += [f"kl:{t}", f"ll:{t}"]
+    return out
+
+
 def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] = BASELINES,
-                     metrics: Sequence[str] = (AVG, "cloze", "choice4", "choice2", "kl:ppl", "ll:ppl"),
+                     metrics: Optional[Sequence[str]] = None,
                      extra: Sequence[str] = (), *, by: str = "method", alpha: float = 0.05,
                      resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
     """DataFrame per (model, cut, [extra], metric, baseline): delta = reference minus baseline (for kl:
     lower is better, so a negative delta favours the reference), its 95% CI, p, Holm-adjusted p over
     the baselines of that (model, cut, metric), and verdict "beats" / "beaten" / "unresolved"
     (adjusted p < alpha in the favourable / unfavourable direction). `by`: the parameter whose values
-    `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep)."""
-    import pandas as pd
-
+    `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep).
+    metrics: default `comparison_metrics` of the reference row (COMPARISON_METRICS for the built-in
+    suite; lm-eval tasks add their accuracy, kl:<task> and ll:<task>)."""
     rows = items_by_row(result, extra, by)
     baselines = list(baselines)
     recs = []
@@ -240,10 +341,12 @@ def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] =
     for g in groups:
         ref_label = (g[0], reference, g[1]) + g[2:]
         ref_items = rows[ref_label]
-        for metric in metrics:
+        for metric in (comparison_metrics(ref_items) if metrics is None else metrics):
             try:
-                ref_arr = _metric_arrays(ref_items, metric, TASK_ACC)
+                ref_arr = _metric_arrays(ref_items, metric)
             except KeyError:
+                continue
+            if metric == AVG and not ref_arr:
                 continue
             if ref_arr is None:
                 continue
@@ -252,13 +355,13 @@ def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] =
                 lab = (g[0], b, g[1]) + g[2:]
                 if lab not in rows:
                     continue
-                arr = _metric_arrays(rows[lab], metric, TASK_ACC)
+                arr = _metric_arrays(rows[lab], metric)
                 if arr is None:
                     continue
                 if metric == AVG:
                     ci = stratified_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
                     p = ci.p_value
-                elif metric in TASK_ACC:
+                elif ":" not in metric:
                     ci = stats.paired_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
                     p = stats.mcnemar_exact(ref_arr, arr).p_value
                 else:
@@ -275,7 +378,8 @@ def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] =
                 recs.append(dict(zip(("model", "cut") + tuple(extra), g), metric=metric, reference=reference,
                                  baseline=b, delta=ci.estimate, low=ci.low, high=ci.high, p=p,
                                  p_holm=adjusted[b], verdict=verdict, n=ci.n))
-    return pd.DataFrame.from_records(recs)
+    return _frame(recs, ("model", "cut") + tuple(extra) + ("metric", "reference", "baseline", "delta", "low", "high",
+                                                          "p", "p_holm", "verdict", "n"))
 
 
 def verdicts(cmp, metric: str = AVG) -> dict:
@@ -287,13 +391,12 @@ def verdicts(cmp, metric: str = AVG) -> dict:
     return out
 
 
-def power_table(result, reference: str = "utrc", tasks: Sequence[str] = tuple(TASK_ACC), extra: Sequence[str] = (),
+def power_table(result, reference: str = "utrc", tasks: Optional[Sequence[str]] = None, extra: Sequence[str] = (),
                 *, level: float = stats.DEFAULT_LEVEL, power: float = 0.8):
     """DataFrame per (model, cut, task): n items, the measured discordance of the reference against
     each other method at that cut (median over them) and the smallest paired accuracy difference
-    that resolves at `level` (50% power, `stats.MDE.resolvable`) and the one detected with `power`."""
-    import pandas as pd
-
+    that resolves at `level` (50% power, `stats.MDE.resolvable`) and the one detected with `power`.
+    tasks: default `accuracy_tasks` of each reference row."""
     rows = items_by_row(result, extra)
     recs = []
     for label, items in rows.items():
@@ -301,7 +404,7 @@ def power_table(result, reference: str = "utrc", tasks: Sequence[str] = tuple(TA
             continue
         others = [v for k, v in rows.items() if k[0] == label[0] and k[2] == label[2] and k[3:] == label[3:]
                   and k[1] not in (reference, "none")]
-        for t in tasks:
+        for t in (accuracy_tasks(items) if tasks is None else tasks):
             if t not in items:
                 continue
             a = _acc(items, t)
@@ -313,18 +416,21 @@ def power_table(result, reference: str = "utrc", tasks: Sequence[str] = tuple(TA
             recs.append(dict(zip(("model", "method", "cut") + tuple(extra), label), task=t, n=len(a),
                              discordance=pd_med, resolvable=mde.resolvable, at_power=mde.at_power, power=power,
                              exact=mde.exact))
-    return pd.DataFrame.from_records(recs)
+    return _frame(recs, ("model", "method", "cut") + tuple(extra) + ("task", "n", "discordance", "resolvable",
+                                                                   "at_power", "power", "exact"))
 
 
 FRAME_METRICS = ("avg_acc", "cloze/acc", "choice4/acc_norm", "choice2/acc", "ppl/ppl", "kl/ppl")
 
 
 def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFAULT_RESAMPLES,
-                     seed: int = stats.DEFAULT_SEED):
+                     seed: int = stats.DEFAULT_SEED, kl_task: str = "ppl"):
     """DataFrame aligned row by row with `result.frame(errors=errors)`: for each metric of FRAME_METRICS
     present, `<metric>_low` / `<metric>_high` (95% bootstrap interval of that row's own value; avg_acc
     stratified by task; ppl/ppl over windows; kl/ppl = KL per token on the ppl task, with `kl/ppl`
-    itself as its point estimate). NaN for error rows and missing tasks."""
+    itself as its point estimate). NaN for error rows and missing tasks. Rows with lm-eval tasks add
+    their accuracies' intervals ("<task>/acc_low", ...); `kl_task` (default "ppl"; `kl_task(tasks)` for
+    lm-eval sweeps) adds "kl/<kl_task>" with its interval when it is not the ppl task."""
     import pandas as pd
 
     recs = []
@@ -334,12 +440,12 @@ def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFA
         rec: dict = {}
         items = r.get("items") if r.get("status") == "ok" else None
         if items:
-            present = [t for t in TASK_ACC if t in items]
+            present = accuracy_tasks(items)
             if present:
                 ci = stratified_bootstrap([_acc(items, t) for t in present], resamples=resamples, seed=seed)
                 rec.update({"avg_acc_low": ci.low, "avg_acc_high": ci.high})
             for t in present:
-                key = f"{t}/{'acc_norm' if TASK_ACC[t] == 'correct_norm' else 'acc'}"
+                key = f"{t}/{'acc_norm' if accuracy_key(t) == 'correct_norm' else 'acc'}"
                 ci = stratified_bootstrap([_acc(items, t)], resamples=resamples, seed=seed)
                 rec.update({f"{key}_low": ci.low, f"{key}_high": ci.high})
             if "ppl" in items:
@@ -350,6 +456,14 @@ def interval_columns(result, *, errors: bool = True, resamples: int = stats.DEFA
                     ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], _ratio,
                                          resamples=resamples, seed=seed)
                     rec.update({"kl/ppl": ci.estimate, "kl/ppl_low": ci.low, "kl/ppl_high": ci.high})
+            it = items.get(kl_task) if kl_task != "ppl" else None
+            if it and it.get("kl") and not any(v is None for v in it["kl"]):
+                ci = stats.bootstrap([np.asarray(it["kl"], float), np.asarray(it["tokens"], float)], _ratio,
+                                     resamples=resamples, seed=seed)
+                rec.update({f"kl/{kl_task}": ci.estimate, f"kl/{kl_task}_low": ci.low, f"kl/{kl_task}_high": ci.high})
         recs.append(rec)
-    return pd.DataFrame.from_records(recs, columns=[f"{m}{s}" for m in FRAME_METRICS for s in ("_low", "_high")]
-                                     + ["kl/ppl"])
+    columns = [f"{m}{s}" for m in FRAME_METRICS for s in ("_low", "_high")] + ["kl/ppl"]
+    if kl_task != "ppl":
+        columns += [f"kl/{kl_task}", f"kl/{kl_task}_low", f"kl/{kl_task}_high"]
+    columns += [k for k in dict.fromkeys(k for r in recs for k in r) if k not in columns]   # lm-eval tasks' own
+    return pd.DataFrame.from_records(recs, columns=columns)

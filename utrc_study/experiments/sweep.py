@@ -16,7 +16,8 @@ recomputing or losing rows (a row torn by a kill mid-write is cut off before the
 computed again). A configuration that raises is recorded as an "error" row with its message and
 traceback and reported at the end (not silently dropped); by default it is not retried until the
 code version changes (`retry_errors=True` retries it). Errors of the device or the machine (out of
-memory, CUDA errors, an unusable device) are reported but never cached: the next run retries them.
+memory, CUDA errors, an unusable device) and of the network (a hub dataset or model unreachable, or
+HF_HUB_OFFLINE) are reported but never cached: the next run retries them.
 The cache is checked for writability before the first configuration runs.
 
 Item-level outcomes (opt-in: `run(..., items=True)`, `evaluate_config(..., items=True)`): a row then
@@ -56,7 +57,8 @@ except ImportError:  # pragma: no cover
 DEFAULT_CACHE_DIR = CACHE / "sweeps"
 
 __all__ = ["run", "grid", "row_key", "code_version", "RowCache", "SweepResult", "Pending", "pending", "compute",
-           "record", "get_model", "model_fingerprint", "dependencies", "dependency_key", "make_config", "evaluate_config", "flatten_scores",
+           "record", "get_model", "model_fingerprint", "dependencies", "dependency_key", "make_config", "evaluate_config",
+           "check_tasks", "flatten_scores",
            "with_fingerprints", "is_environment_error", "DEFAULT_CACHE_DIR"]
 
 
@@ -207,14 +209,18 @@ def _json_default(obj):
 
 # -- errors of the machine, not of the configuration ------------------------------------------------
 _ENVIRONMENT_TYPES = {"MemoryError", "OutOfMemoryError", "AcceleratorError", "CudaError", "DeviceUnavailable",
-                      "WorkerDied"}
+                      "WorkerDied", "ConnectionError", "OfflineModeIsEnabled"}
 _ENVIRONMENT_TEXT = re.compile(r"^(WorkerDied|DeviceUnavailable)\b|OutOfMemoryError|out of memory|\bCUDA\b|cuDNN|"
-                               r"\bNCCL\b|\bno kernel image\b", re.IGNORECASE)
+                               r"\bNCCL\b|\bno kernel image\b|OfflineModeIsEnabled|Couldn't reach .* on the Hub|"
+                               r"HF_HUB_OFFLINE is set",
+                               re.IGNORECASE)
 
 
 def is_environment_error(exc: BaseException) -> bool:
     """True for a failure of the device or the machine (out of memory, CUDA errors, an unusable
-    device), which another run on another device may not hit: such errors are never cached."""
+    device) or of the network (an lm-eval task's dataset or a hub model that the Hugging Face hub
+    could not serve: offline, unreachable), which another run may not hit: such errors are never
+    cached."""
     names = {c.__name__ for c in type(exc).__mro__}
     return bool(names & _ENVIRONMENT_TYPES) or bool(_ENVIRONMENT_TEXT.search(f"{type(exc).__name__}: {exc}"))
 
@@ -472,14 +478,15 @@ def model_fingerprint(name: str) -> str:
     retraining a model (or another tokenizer) invalidates its rows.
 
     The files of what `load_model(name)` loads: an embedded model's folder (under the current
-    UTRC_DATA_DIR), else a local checkpoint directory; "unknown" for anything else (a hub id).
+    UTRC_DATA_DIR), else a local checkpoint directory; for a hub id "hub:<id>@<commit>" of the
+    revision it loads (the local Hugging Face cache's, else the hub's when online), else "unknown".
     Memoised by the files' sizes and modification times, so a file changed in a running process is
     hashed again."""
     from utrc_lib.hosts.models import EMBEDDED, embedded_path
 
     path = embedded_path(name) if name in EMBEDDED else Path(name).expanduser()
     if not path.is_dir():
-        return "unknown"
+        return _hub_revision(name)
     files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")]
     stamp = (str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     hit = _FINGERPRINTS.get(stamp)
@@ -490,6 +497,27 @@ def model_fingerprint(name: str) -> str:
             h.update(p.read_bytes())
         hit = _FINGERPRINTS[stamp] = h.hexdigest()[:16]
     return hit
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_revision(name: str) -> str:
+    """"hub:<id>@<commit>" of a hub model: the snapshot in the local Hugging Face cache, else (online)
+    the hub's current commit; "unknown" when neither answers (not a hub id, no network)."""
+    from utrc_lib.environment import hf_offline
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return f"hub:{name}@{Path(cached).parent.name}"
+        if not hf_offline():
+            from huggingface_hub import HfApi
+
+            return f"hub:{name}@{HfApi().model_info(name).sha}"
+    except Exception:   # not a repo id, no network: nothing to pin
+        pass
+    return "unknown"
 
 
 DEFAULT_TASKS = ("cloze", "choice4", "choice2", "ppl")   # evaluate_config's default tasks
@@ -511,9 +539,28 @@ def dependencies(params: dict) -> dict:
     for t in tasks:
         try:
             data[str(t)] = [digest for _, digest in suite.task_signature(str(t))]
-        except (ValueError, OSError):   # an unknown task: the row's own run reports it
-            data[str(t)] = ["unknown"]
+        except (ValueError, OSError):   # an lm-eval task, or an unknown one (the row's own run reports it)
+            data[str(t)] = _lm_eval_dependencies(str(t))
     return {"model": model_fingerprint(model), "data": data}
+
+
+def _lm_eval_dependencies(task: str) -> list:
+    """What an lm-eval task's numbers depend on: the lm-eval version, and for a local YAML
+    (`utrc_study.eval.lm_eval_rows.local_source`) the YAML file and the JSONL it reads."""
+    from importlib import metadata
+
+    from ..eval import TASKS_DIR, lm_eval_rows, suite
+
+    try:
+        out = [f"lm-eval {metadata.version('lm_eval')}"]
+    except metadata.PackageNotFoundError:
+        return ["unknown"]
+    source = lm_eval_rows.local_source(task)
+    yaml = TASKS_DIR / f"{task}.yaml"
+    if source is not None and yaml.is_file():
+        out.append(suite.file_digest(yaml))
+        out += [digest for _, digest in suite.task_signature(source)]
+    return out
 
 
 def dependency_key(params: dict) -> str:
@@ -596,6 +643,18 @@ def _ssm_twin(model):
     return twin
 
 
+def check_tasks(tasks: Sequence[str]) -> tuple[list, list]:
+    """(built-in tasks, lm-eval tasks) of `tasks` (`evaluate_config` scores the first itself and runs
+    the second through lm-eval); ValueError naming any task that is neither built-in nor known to
+    lm-eval (local YAMLs included), with the closest names. A notebook calls it before its sweep, so
+    a misspelt name fails at once instead of as one error row per configuration."""
+    from ..eval import lm_eval_rows
+
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    lm_eval_rows.check_tasks(tasks)
+    return lm_eval_rows.split_tasks(tasks)
+
+
 def flatten_scores(res: dict) -> dict:
     """{task: {metric: v, "n": n}, "meta": {...}} -> {"task/metric": v, "task/n": n} ("items" skipped)."""
     out = {}
@@ -616,6 +675,15 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
                     engine: str = "classic", **config_kwargs) -> dict:
     """One sweep row: evaluate `model` with `method` at FLOPs cut `cut` (dense for "none" / 0).
 
+    `model`: an embedded name, a checkpoint directory or a hub id (`utrc_lib.hosts.models.load_model`).
+    `tasks`: built-in suite tasks (`utrc_study.eval.scorer.evaluate`) and / or lm-eval task names
+    (lambada_openai, hellaswag, ..., or the local YAMLs utrc_cloze, ...): those run through lm-eval
+    (`utrc_study.eval.lm_eval_rows.evaluate`: `lm_eval.simple_evaluate` with the adapter around the
+    same model and config, `log_samples=True`), and their aggregates ("<task>/acc", ...) and with
+    items=True their per-item arrays (correct, correct_norm, ll, gold_tokens, tokens, kl, top1) have the
+    built-in tasks' layout; "meta/evaluator" names lm-eval. A name that is neither raises ValueError
+    (before the model loads).
+
     `protocol` ("leak_free" / "authors", utrc_study.eval.protocol) overrides `protect`; the row's
     "protocol" says how it was scored ("leak_free", "authors" or "unprotected").
 
@@ -632,18 +700,34 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     row's key holds only the parameters its configuration lists, so pass max_length in a configuration
     only where it differs from the default: rows without it keep their keys and numbers.
     `engine` ("classic", "fast", "fast_ssm", "fast_ssm_bf16"; `_evaluate`): how it is scored; the same
-    rule holds (a configuration names it only where it is not "classic").
+    rule holds (a configuration names it only where it is not "classic"). It applies to the built-in
+    tasks; lm-eval tasks are always scored by the adapter (the classic scorer).
     """
     import torch
 
     from utrc_lib.core.flops import flops
     from utrc_lib.core.schedule import token_layer_fraction
 
+    from ..eval import lm_eval_rows
+
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    builtin, external = lm_eval_rows.split_tasks(tasks)
+    lm_eval_rows.check_tasks(external)   # an unknown name fails here, before the model loads
     torch.manual_seed(seed)
     mdl, tok = (model_loader or get_model)(model)
     cfg = make_config(method, cut, seed=seed, **config_kwargs)
-    res = _evaluate(mdl, tok, tasks, cfg, limit, batch_size, protect, items, max_length=int(max_length),
-                    protocol=protocol, engine=engine)
+    res = {}
+    if builtin or not external:
+        res = _evaluate(mdl, tok, builtin, cfg, limit, batch_size, protect, items, max_length=int(max_length),
+                        protocol=protocol, engine=engine)
+    if external:   # lm-eval tasks: simple_evaluate with the adapter and log_samples -> the same row layout
+        ext = lm_eval_rows.evaluate(mdl, tok, external, cfg, limit=limit, batch_size=batch_size, protect=protect,
+                                    items=items, max_length=int(max_length), protocol=protocol, seed=seed)
+        meta = res.get("meta") or ext["meta"]
+        meta["evaluator"] = ("built-in + " if builtin else "") + ext["meta"]["evaluator"]
+        res = {**{k: v for k, v in res.items() if k not in ("meta", "items")},
+               **{k: v for k, v in ext.items() if k not in ("meta", "items")}, "meta": meta,
+               **({"items": {**res.get("items", {}), **ext.get("items", {})}} if items else {})}
     out = flatten_scores(res)
     meta = res.get("meta", {}) if isinstance(res, dict) else {}
     for k, v in meta.items():
