@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 # this checkout's code, also in notebook kernels (a shared or older .venv may have another checkout installed)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: venv test test-all test-notebooks figures notebooks-sync corpus tokenizer models bench flops clean
+.PHONY: venv test test-fast test-all test-notebooks figures notebooks-sync corpus tokenizer models bench flops clean
 
 # Create .venv if missing and install the project (CPU torch from the pinned wheel).
 venv: .venv/.installed
@@ -22,9 +22,13 @@ venv: .venv/.installed
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# Default test tier (CPU; skips `gpu` and `slow`; includes `notebooks`).
+# Default test tier, what CI runs (CPU; skips `gpu` and `slow`; includes `notebooks` and `heavy`).
 test: venv
 	$(PY) -m pytest -q
+
+# Fast tier while working (at most ~5 min on 2 cores): the default tier less `notebooks` and `heavy`.
+test-fast: venv
+	$(PY) -m pytest -q -m "not gpu and not slow and not notebooks and not heavy"
 
 test-all: venv
 	$(PY) -m pytest -q -m "not gpu"

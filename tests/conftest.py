@@ -7,18 +7,52 @@ import pytest
 import torch
 
 
-def tiny_model(kind: str, layers: int = 6, hidden: int = 32, vocab: int = 64, seed: int = 0):
-    """Tiny random transformers Mamba / Mamba-2 LM (CPU, fp32)."""
-    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+# -- model configs: every test's small model is built here ---------------------------------------------
+def hf_config(kind: str, *, layers: int = 6, hidden: int = 32, vocab: int = 64, **overrides):
+    """A small transformers MambaConfig (kind "mamba") or Mamba2Config ("mamba2").
 
-    torch.manual_seed(seed)
+    Defaults: Mamba-1 state 8, expand 2; Mamba-2 state 16, expand 2, heads of 16, one group, chunk 8,
+    and num_heads = expand * hidden / head_dim unless given. Keyword overrides are config fields
+    (state_size=, head_dim=, chunk_size=, tie_word_embeddings=, ...)."""
+    from transformers import Mamba2Config, MambaConfig
+
     if kind == "mamba2":
-        cfg = Mamba2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=16,
-                           head_dim=16, n_groups=1, expand=2, chunk_size=8, num_heads=2 * hidden // 16)
-        model = Mamba2ForCausalLM(cfg)
+        kw = {**dict(state_size=16, head_dim=16, n_groups=1, expand=2, chunk_size=8), **overrides}
+        kw.setdefault("num_heads", kw["expand"] * hidden // kw["head_dim"])
+        return Mamba2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, **kw)
+    if kind == "mamba":
+        return MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                           **{**dict(state_size=8, expand=2), **overrides})
+    raise ValueError(f"kind must be 'mamba' or 'mamba2', not {kind!r}")
+
+
+def hf_model(config):
+    """A random-init transformers causal LM of `config` (Mamba or Mamba-2 by the config's type); the
+    caller seeds torch."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaForCausalLM
+
+    return (Mamba2ForCausalLM if isinstance(config, Mamba2Config) else MambaForCausalLM)(config)
+
+
+def ssm_config(arch: str, *, layers: int = 4, d_model: int = 64, vocab: int = 128, **mixer) -> dict:
+    """Flat mamba-ssm MambaConfig fields of the GPU tests: fused add-norm, RMSNorm, tied embeddings;
+    mixer d_state 16, expand 2, and for Mamba-2 heads of 16, one group, chunk 16. Keyword overrides
+    go to ssm_cfg (e.g. use_mem_eff_path=False)."""
+    if arch == "mamba":
+        ssm_cfg = {**dict(layer="Mamba1", d_state=16, expand=2), **mixer}
+    elif arch == "mamba2":
+        ssm_cfg = {**dict(layer="Mamba2", d_state=16, headdim=16, expand=2, ngroups=1, chunk_size=16), **mixer}
     else:
-        cfg = MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=8, expand=2)
-        model = MambaForCausalLM(cfg)
+        raise ValueError(f"arch must be 'mamba' or 'mamba2', not {arch!r}")
+    return dict(d_model=d_model, n_layer=layers, vocab_size=vocab, d_intermediate=0, rms_norm=True,
+                residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
+                ssm_cfg=ssm_cfg)
+
+
+def tiny_model(kind: str, layers: int = 6, hidden: int = 32, vocab: int = 64, seed: int = 0):
+    """Tiny random transformers Mamba / Mamba-2 LM (CPU, fp32), weights scaled so that token choices matter."""
+    torch.manual_seed(seed)
+    model = hf_model(hf_config(kind, layers=layers, hidden=hidden, vocab=vocab))
     # random-init weights are near-uniform; scale up so that token choices matter
     with torch.no_grad():
         for p in model.parameters():
@@ -30,6 +64,12 @@ def tiny_model(kind: str, layers: int = 6, hidden: int = 32, vocab: int = 64, se
 @pytest.fixture(scope="session", params=["mamba", "mamba2"])
 def model(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture
+def flops_mamba2_config():
+    """The FLOPs tests' Mamba-2 shape: 6 layers, hidden 32, 4 heads of 16, state 8, chunk 256, vocab 64."""
+    return hf_config("mamba2", layers=6, hidden=32, vocab=64, state_size=8, chunk_size=256)
 
 
 def save_tiny_checkpoint(path):

@@ -161,6 +161,7 @@ def tiny():
         pytest.skip(f"tiny-mamba2 not available: {e}")
 
 
+@pytest.mark.heavy
 def test_evaluator_scores_v2_tasks(tiny):
     from utrc_study.eval.scorer import evaluate
 

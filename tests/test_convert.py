@@ -80,6 +80,7 @@ def test_convert_rejects_bad_state_dicts():
     assert fp16["backbone.embeddings.weight"].dtype == torch.float16
 
 
+@pytest.mark.heavy
 def test_train_lm_smoke(tmp_path):
     """A few seconds of --backend hf training on synthetic tokens: checkpoint, log and plot."""
     rng = np.random.default_rng(0)

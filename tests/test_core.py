@@ -189,7 +189,7 @@ def test_default_layers():
         assert layers and all(0 <= l < L - 1 for l in layers)
 
 
-def test_align_rounds_kept_counts_everywhere():
+def test_align_rounds_kept_counts_everywhere(flops_mamba2_config):
     """align: kept counts are multiples of it in the engine (host and per-sample paths), in the FLOPs
     accounting and in the schedule's token counts; align=1 is the plain ceil(n * rho)."""
     from utrc_lib.core.reduce import ForwardReducer, tokens_to_remove
@@ -212,12 +212,9 @@ def test_align_rounds_kept_counts_everywhere():
         h, res = red.step(layer, h, res, features=h)
     assert [e["tokens_after"] for e in red.history] == [80, 64]
     assert tokens_per_layer(100, 6, (1, 3), 0.8, align=8) == [100, 100, 80, 80, 64, 64]
-    from transformers import Mamba2Config
-
     from utrc_lib.core.flops import flops
 
-    rep = flops(Mamba2Config(hidden_size=32, num_hidden_layers=6, vocab_size=64, head_dim=16, num_heads=4,
-                             state_size=8, n_groups=1, expand=2), 100, cfg.replace(method="utrc"))
+    rep = flops(flops_mamba2_config, 100, cfg.replace(method="utrc"))
     assert rep.tokens_per_layer == [100, 100, 80, 80, 64, 64]
     with pytest.raises(ValueError, match="align"):
         u.ReductionConfig("utrc", keep_ratio=0.8, align=0)

@@ -232,6 +232,7 @@ def _without_seconds(r):
     return {t: {k: v for k, v in m.items() if k != "seconds"} for t, m in r.items() if t not in ("meta", "items")}
 
 
+@pytest.mark.heavy
 def test_items_keep_aggregates_identical_and_consistent(m2, tok):
     cfg = ReductionConfig("utrc", keep_ratio=0.6, layers=(0, 2))
     ev.clear_reference_cache()

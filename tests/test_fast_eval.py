@@ -100,6 +100,7 @@ def m2():
     return tiny_model("mamba2", layers=6, vocab=64)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("method", [None, "utrc", "evit", "tome"])
 def test_fast_matches_classic_and_is_batch_independent(m2, method):
     cfg = None if method is None else ReductionConfig(method, flops_reduction=0.3)
@@ -129,6 +130,7 @@ def test_fast_is_causal(m2):
     assert _close(d2[0][0] - d2[1][0], d1)
 
 
+@pytest.mark.heavy
 def test_fast_reference_kl_matches_classic(m2):
     cfg = ReductionConfig("utrc", flops_reduction=0.3)
     reqs = _requests(64, seed=3)
@@ -145,6 +147,7 @@ def test_fast_reference_kl_matches_classic(m2):
         fast.score_tokens_fast(m2, reqs[:3], cfg, reference=ref_f)
 
 
+@pytest.mark.heavy
 def test_fake_mamba_ssm_backend_exact_length_batches():
     """The mamba-ssm backend (CPU stand-in): exact-length batches, same numbers as one at a time."""
     import fake_mamba_ssm
@@ -168,6 +171,7 @@ def tiny2():
     return utrc_lib.load_model("tiny-mamba2")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("method", [None, "utrc", "evit", "tome"])
 def test_tiny_mamba2_items_fast_equals_classic(tiny2, method):
     model, tok = tiny2

@@ -6,32 +6,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import utrc_lib
+from conftest import hf_config, hf_model
 from utrc_lib import ReductionConfig
 from utrc_lib.core.flops import (MATMUL_COMPONENTS, count, flops, flops_table_markdown, flops_table_rows,
                             model_shape)
 
 
 def _mamba1_config(layers=2):
-    from transformers import MambaConfig
-
-    return MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, state_size=8, expand=2,
-                       conv_kernel=4)
+    return hf_config("mamba", layers=layers, hidden=32, vocab=100, conv_kernel=4)
 
 
-def _mamba2_config(layers=2, n_groups=2):
-    from transformers import Mamba2Config
-
-    return Mamba2Config(vocab_size=100, hidden_size=64, num_hidden_layers=layers, state_size=16, expand=2,
-                        head_dim=16, num_heads=8, n_groups=n_groups, chunk_size=16, conv_kernel=4)
+def _mamba2_config(layers=2, n_groups=2):   # 8 heads of 16
+    return hf_config("mamba2", layers=layers, hidden=64, vocab=100, n_groups=n_groups, chunk_size=16, conv_kernel=4)
 
 
 def _model(kind, layers=2):
-    from transformers import Mamba2ForCausalLM, MambaForCausalLM
-
     torch.manual_seed(0)
-    if kind == "mamba":
-        return MambaForCausalLM(_mamba1_config(layers)).eval()
-    return Mamba2ForCausalLM(_mamba2_config(layers)).eval()
+    return hf_model(_mamba1_config(layers) if kind == "mamba" else _mamba2_config(layers)).eval()
 
 
 def _counted(model, seq_len, batch=1):
@@ -63,11 +54,9 @@ def test_dense_matmuls_match_flop_counter(tiny, seq_len, batch):
 
 
 def test_mamba2_single_group_and_config_input():
-    from transformers import Mamba2ForCausalLM
-
     torch.manual_seed(0)
     cfg = _mamba2_config(layers=2, n_groups=1)
-    model = Mamba2ForCausalLM(cfg).eval()
+    model = hf_model(cfg).eval()
     for n in (16, 50):
         assert flops(cfg, n).matmul_only == _counted(model, n).get_total_flops()
 
@@ -104,10 +93,7 @@ def test_dense_and_keep_one_give_no_cut():
 
 
 def _wide_64_layer_config(hidden=32):
-    from transformers import Mamba2Config
-
-    return Mamba2Config(vocab_size=100, hidden_size=hidden, num_hidden_layers=64, state_size=16, expand=2,
-                        head_dim=16, num_heads=2 * hidden // 16, n_groups=1, chunk_size=16)
+    return hf_config("mamba2", layers=64, hidden=hidden, vocab=100, chunk_size=16)
 
 
 def test_token_layer_fraction_at_20pct():
@@ -142,13 +128,10 @@ def test_overhead_small_for_2_7b_shape():
 
 
 def test_mamba_ssm_like_config_matches_transformers_config():
-    from transformers import Mamba2Config, MambaConfig
-
-    hf2 = Mamba2Config(vocab_size=128, hidden_size=64, num_hidden_layers=3, state_size=16, expand=2, head_dim=16,
-                       num_heads=8, n_groups=1, chunk_size=256)
+    hf2 = hf_config("mamba2", layers=3, hidden=64, vocab=128, chunk_size=256)
     ssm2 = dict(d_model=64, n_layer=3, vocab_size=128, ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16))
     assert model_shape(hf2) == model_shape(types.SimpleNamespace(**ssm2))
-    hf1 = MambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, state_size=16, expand=2)
+    hf1 = hf_config("mamba", layers=3, hidden=64, vocab=128, state_size=16)
     ssm1 = types.SimpleNamespace(d_model=64, n_layer=3, vocab_size=128, ssm_cfg={})
     assert model_shape(hf1) == model_shape(ssm1)
 

@@ -12,7 +12,7 @@ import torch
 import utrc_lib as u
 from utrc_lib.hosts import generation as G
 
-from conftest import tiny_model
+from conftest import ssm_config, tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -331,15 +331,8 @@ def gpu_test(fn):
     return pytest.mark.gpu(NEEDS_GPU(fn))
 
 
-SSM_CONFIGS = {
-    "mamba": dict(d_model=64, n_layer=6, vocab_size=128, d_intermediate=0, rms_norm=True, residual_in_fp32=True,
-                  fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
-                  ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2)),
-    "mamba2": dict(d_model=64, n_layer=6, vocab_size=128, d_intermediate=0, rms_norm=True, residual_in_fp32=True,
-                   fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
-                   ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, expand=2, ngroups=1, chunk_size=16,
-                                use_mem_eff_path=False)),
-}
+SSM_CONFIGS = {"mamba": ssm_config("mamba", layers=6),
+               "mamba2": ssm_config("mamba2", layers=6, use_mem_eff_path=False)}   # no causal-conv1d
 
 
 def ssm_model(arch, seed=0):

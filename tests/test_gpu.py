@@ -11,6 +11,7 @@ import torch
 import utrc_lib as u
 
 import kernel_checks
+from conftest import ssm_config
 
 try:
     import mamba_ssm  # noqa: F401
@@ -22,14 +23,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_MAMBA_SSM), reason="needs CUDA and mamba-ssm")]
 
 # flat tiny configs (mamba-ssm MambaConfig fields); one per mixer generation
-CONFIGS = {
-    "mamba": dict(d_model=64, n_layer=4, vocab_size=128, d_intermediate=0, rms_norm=True, residual_in_fp32=True,
-                  fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
-                  ssm_cfg=dict(layer="Mamba1", d_state=16, expand=2)),
-    "mamba2": dict(d_model=64, n_layer=4, vocab_size=128, d_intermediate=0, rms_norm=True, residual_in_fp32=True,
-                   fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
-                   ssm_cfg=dict(layer="Mamba2", d_state=16, headdim=16, expand=2, ngroups=1, chunk_size=16)),
-}
+CONFIGS = {arch: ssm_config(arch, layers=4) for arch in ("mamba", "mamba2")}
 LAYERS = (1,)  # one anchor after layer 1 (of 4)
 N = 64
 

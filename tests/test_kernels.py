@@ -46,6 +46,7 @@ print("ok")
 """
 
 
+@pytest.mark.heavy
 def test_triton_kernels_interpreted():
     """The Triton kernels (feature stats, scaled row max, merge), run by Triton's CPU interpreter (needs triton; the GPU tier runs it compiled)."""
     import subprocess

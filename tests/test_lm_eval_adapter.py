@@ -20,6 +20,7 @@ def _metrics(res):
             for t, m in res["results"].items()}
 
 
+@pytest.mark.heavy
 def test_adapter_results_and_batch_independence(ckpt, tmp_path, monkeypatch):
     from utrc_study.eval import __main__ as cli
 

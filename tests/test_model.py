@@ -17,6 +17,7 @@ def ids_for(B=2, N=24, vocab=64, seed=0):
     return torch.randint(0, vocab, (B, N), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.heavy
 @torch.no_grad()
 def test_keep_ratio_one_equals_dense_exactly(model):
     ids = ids_for()

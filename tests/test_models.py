@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hf_config, hf_model
 from utrc_lib.hosts import models
 from utrc_lib.hosts.models import ModelLoadError, available_models, load_model
 
@@ -16,14 +17,13 @@ def _tokenizer():
 
 
 def _save_tiny(path: Path, kind: str = "mamba2", vocab: int = 8192, tokenizer=True):
-    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
     torch.manual_seed(0)
-    if kind == "mamba2":
-        m = Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, state_size=8,
-                                           head_dim=8, num_heads=4, n_groups=1, chunk_size=16,
-                                           tie_word_embeddings=True))
+    if kind == "mamba2":   # one layer, hidden 16, 4 heads of 8
+        cfg = hf_config("mamba2", layers=1, hidden=16, vocab=vocab, state_size=8, head_dim=8, chunk_size=16,
+                        tie_word_embeddings=True)
     else:
-        m = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, state_size=4))
+        cfg = hf_config("mamba", layers=1, hidden=16, vocab=vocab, state_size=4)
+    m = hf_model(cfg)
     m.save_pretrained(path)
     if tokenizer:
         _tokenizer().save_pretrained(path)

@@ -23,17 +23,17 @@ def model_names(tmp_path_factory):
     if all((p / "config.json").is_file() for p in real):
         return ["tiny-mamba2", "tiny-mamba"]
     import torch
-    from transformers import AutoTokenizer, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    from transformers import AutoTokenizer
+
+    from conftest import hf_config, hf_model
 
     tok = AutoTokenizer.from_pretrained(str(REPO / "data" / "tokenizer"))
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     out = []
     for name, model in (
-        ("m2", Mamba2ForCausalLM(Mamba2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=12, state_size=16,
-                                              head_dim=16, num_heads=8, n_groups=1, expand=2, chunk_size=32))),
-        ("m1", MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=12, state_size=8,
-                                            expand=2))),
+        ("m2", hf_model(hf_config("mamba2", layers=12, hidden=64, vocab=len(tok), chunk_size=32))),
+        ("m1", hf_model(hf_config("mamba", layers=12, hidden=64, vocab=len(tok)))),
     ):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)

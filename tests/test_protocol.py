@@ -80,6 +80,7 @@ def test_unprotected_scoring_reads_the_last_rows_of_the_shortened_sequence(model
     assert unprot != prot
 
 
+@pytest.mark.heavy
 def test_evaluate_records_the_protocol(tmp_path):
     from utrc_study.eval.scorer import evaluate
     model, tok = u.load_model("tiny-mamba2")
@@ -93,6 +94,7 @@ def test_evaluate_records_the_protocol(tmp_path):
         evaluate(model, tok, ["choice2"], None, limit=4, protocol="lenient")
 
 
+@pytest.mark.heavy
 def test_sweep_rows_record_their_protocol():
     from utrc_study.experiments.sweep import evaluate_config
     kw = dict(tasks=["choice2"], limit=4, batch_size=4)

@@ -512,6 +512,7 @@ def test_item10_bench_ctrl_c_exits_130_saying_what_was_kept(capsys, tmp_path, mo
 
 
 # -- docs/api.md: the sentence under the first snippet agrees with what the snippet prints -----------------
+@pytest.mark.heavy
 def test_readme_analytic_cut_sentence_matches_the_first_snippet(capsys):
     import re
 

@@ -27,6 +27,7 @@ def cache(tmp_path_factory):
     return path
 
 
+@pytest.mark.heavy
 def test_script_rows(cache):
     from utrc_study.experiments.sweep import RowCache
 
@@ -43,6 +44,7 @@ def test_script_rows(cache):
     assert len((Path(str(cache) + ".log.jsonl")).read_text().splitlines()) == 6
 
 
+@pytest.mark.heavy
 def test_resume_computes_nothing(cache, capsys):
     before = cache.read_bytes()
     assert _script().main(ARGS + ["--cache", str(cache)]) == 0
@@ -65,6 +67,7 @@ def test_deadline_and_errors(tmp_path, capsys):
     assert sorted(r["status"] for r in rows) == ["error", "ok", "ok"]
 
 
+@pytest.mark.heavy
 def test_max_length_keeps_row_keys():
     """Rows that do not list max_length keep their parameters and keys; the default is today's 1024."""
     import inspect
@@ -85,6 +88,7 @@ def test_max_length_keeps_row_keys():
     assert a["cloze/acc"] == b["cloze/acc"] and a["cloze/ppl"] == b["cloze/ppl"] and a["meta/max_length"] == 1024
 
 
+@pytest.mark.heavy
 def test_renderer(cache, tmp_path):
     import matplotlib
 
@@ -109,6 +113,7 @@ def test_renderer(cache, tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
 
 
+@pytest.mark.heavy
 def test_stale_rows(cache):
     """Rows of other weights or another task file are named; current rows are not."""
     import copy
@@ -125,6 +130,7 @@ def test_stale_rows(cache):
     assert stale[0]["model"] == "tiny-mamba2" and stale[1]["task"] == old_t["params"]["tasks"][0]
 
 
+@pytest.mark.heavy
 def test_adopt_device_rows(cache, tmp_path):
     """Device rows of the same weights (sha256 checked) get the local fingerprint and key; a wrong
     sha256 changes nothing."""

@@ -42,6 +42,7 @@ def test_adapter_single_process_has_no_accelerator(ckpt, monkeypatch):
     assert "data_parallel" not in lm.reduction_metadata
 
 
+@pytest.mark.heavy
 def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m utrc_study.eval` on a CPU-only machine (the
     adapter asks accelerate for its multi-CPU/gloo state): same numbers as one process on the same
@@ -79,6 +80,7 @@ def test_accelerate_launch_two_cpu_processes_equal_single(ckpt, tmp_path):
 
 
 # -- sweep runner ----------------------------------------------------------------------------------
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore:4 configurations")
 def test_scaleout_two_workers_resume_errors_and_notebook_cache(ckpt, tmp_path):
     from utrc_study.experiments import scaleout
@@ -165,6 +167,7 @@ def test_gpu_workers_get_a_model_loader_not_a_patched_module():
     assert scaleout._loader_kwargs(oom_when_flagged, "cuda:1") == {}   # a function without one
 
 
+@pytest.mark.heavy
 def test_machine_errors_in_workers_are_not_cached(tmp_path, monkeypatch):
     from utrc_study.experiments import scaleout, sweep
 

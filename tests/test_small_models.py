@@ -17,6 +17,7 @@ def _ppl(model, tok, windows):
     return math.exp(-sum(r[0] for r in res.results) / sum(len(c) for _, c in toks))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", SMALL)
 def test_small_model_is_trained_and_reducible(name):
     from utrc_study.eval.suite import load_task

@@ -37,6 +37,7 @@ def _settings(model):
     return out
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("n", [3, 77, 260])
 def test_fast_inference_same_logits_and_restores(loaded, n):
     name, model, _ = loaded
@@ -77,6 +78,7 @@ def test_fast_inference_restores_after_error(loaded):
         assert "nested" not in info
 
 
+@pytest.mark.heavy
 def test_fast_scoring_matches_plain_reduced(loaded):
     _, model, tok = loaded
     toks, _ = scorer._task_requests(tok, "choice2", 6)

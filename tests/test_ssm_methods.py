@@ -349,13 +349,10 @@ def test_decimamba_absolute_budget_in_a_host(model):
     assert [e["tokens_after"] for e in hist] == [16 + 4, 8 + 4][:len(hist)] and hist[0]["form"] == "anchor"
 
 
-def test_flops_count_new_methods():
-    from transformers import Mamba2Config
-
+def test_flops_count_new_methods(flops_mamba2_config):
     from utrc_lib.core.flops import flops
 
-    mcfg = Mamba2Config(hidden_size=32, num_hidden_layers=6, vocab_size=64, head_dim=16, num_heads=4,
-                        state_size=8, n_groups=1, expand=2)
+    mcfg = flops_mamba2_config
     base = flops(mcfg, 100, u.ReductionConfig("random", keep_ratio=0.8, layers=(1, 3)))
     for m in NEW_METHODS:
         rep = flops(mcfg, 100, u.ReductionConfig(m, keep_ratio=0.8, layers=(1, 3)))

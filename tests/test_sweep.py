@@ -15,6 +15,16 @@ def test_grid_and_keys():
     assert k != sweep.row_key({"a": 2, "b": (1, 2)}, "v1")
 
 
+def _lines_parse(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _untimed(rows):
+    """Rows without their wall-clock fields (how long a row took, when it finished), in key order."""
+    return sorted(({k: v for k, v in r.items() if k not in ("seconds", "finished")} for r in rows),
+                  key=lambda r: r["key"])
+
+
 def test_interrupt_resume_and_error_rows(tmp_path):
     cache = tmp_path / "rows.jsonl"
     configs = sweep.grid(x=[0, 1, 2, 3, 4])
@@ -51,6 +61,11 @@ def test_interrupt_resume_and_error_rows(tmp_path):
     df = res.frame()
     assert list(df["x"]) == [0, 1, 2, 4] and list(df["y"]) == [0, 10, 20, 40]
     assert len(res.frame(errors=True)) == 5
+    # the resumed rows, returned and on disk, are those of an uninterrupted run (but for their timings)
+    with pytest.warns(UserWarning, match="boom"):
+        whole = sweep.run(flaky, configs, tmp_path / "whole.jsonl", version="v", progress=False)
+    assert whole.computed == 5 and _untimed(res.rows) == _untimed(whole.rows)
+    assert _untimed(_lines_parse(cache)) == _untimed(_lines_parse(tmp_path / "whole.jsonl"))
 
     # third run: everything cached (the error row is reported again, not recomputed) ...
     calls3 = []
@@ -101,8 +116,6 @@ def test_make_config_dense_and_reduced():
 
 
 # -- reliability: torn tails, unwritable caches, errors of the machine ------------------------------
-def _lines_parse(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_torn_last_line_is_cut_before_the_next_append(tmp_path):
@@ -212,6 +225,7 @@ def test_model_fingerprint_follows_the_data_folder(tmp_path, monkeypatch):
     assert fp("org/some-hub-model") == "unknown"
 
 
+@pytest.mark.heavy
 def test_evaluate_config_takes_a_model_loader():
     asked = []
 
@@ -247,6 +261,7 @@ def test_item_rows_resume_and_old_rows_recomputed(tmp_path):
     assert list(res.frame().columns) == ["x", "y"]   # the frame holds the aggregates only
     again = sweep.run(fn, configs, cache, version="v", progress=False, items=True)   # resumed from the cache
     assert len(calls) == 3 and again.cached == 2 and again.rows[0]["items"]["t"]["correct"] == [1, 0, 1]
+    assert _untimed(again.rows) == _untimed(res.rows)   # the cached rows are the computed ones, items included
     sweep.run(fn, configs, cache, version="v", progress=False)   # rows with items also serve plain runs
     assert len(calls) == 3
     loaded = sweep.RowCache(cache).load()

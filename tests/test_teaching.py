@@ -216,6 +216,7 @@ def test_check_method_passes_builtin_and_catches_a_fold(m2):
     assert not any(c["passed"] for c in res) and all("boom" in c["detail"] for c in res)
 
 
+@pytest.mark.heavy
 def test_explorer_widgets_redraw(real):
     pytest.importorskip("ipywidgets")
     m2, tok = real

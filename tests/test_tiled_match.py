@@ -29,6 +29,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(kernels, "COL_TILE", 11)
 
 
+@pytest.mark.heavy
 def test_row_best_torch_twin_equals_dense(small_tiles):
     g = torch.Generator().manual_seed(0)
     kc.check_row_best(g, "cpu", SHAPES, (torch.float32,), kernels.row_best_torch, near_tol=1e-5,
@@ -138,6 +139,7 @@ print("ok")
 """
 
 
+@pytest.mark.heavy
 def test_row_best_kernel_interpreted():
     """The fused Triton kernel, run by Triton's CPU interpreter, against the dense rule and the torch twin."""
     pytest.importorskip("triton")

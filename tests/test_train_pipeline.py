@@ -75,6 +75,7 @@ def test_pack_roundtrip(packed):
     part.write_bytes(orig)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", ["mamba2", "mamba"])
 def test_train_join_load(packed, arch, tmp_path):
     import join
@@ -132,6 +133,7 @@ def test_train_join_load(packed, arch, tmp_path):
     assert not (tmp_path / "models/x").exists()
 
 
+@pytest.mark.heavy
 def test_join_rejects_other_tokenizer(packed, tmp_path):
     import join
     import train_small
@@ -187,6 +189,7 @@ def test_train_docs_frac_and_no_weights(packed, tmp_path):
                           "--out", str(out), "--train-docs-frac", "0"])
 
 
+@pytest.mark.heavy
 def test_repetition_report_from_smoke_runs(packed, tmp_path):
     import repetition_report
     import train_small
@@ -227,6 +230,7 @@ def test_committed_repetition_figure_is_rendered_from_its_logs(tmp_path):
     assert abs(res["pairs"]["f1.0_s1_vs_f1.0"]["overall_test_bpb"]) < 0.1 * res["pairs"]["f0.2_vs_f1.0"]["overall_test_bpb"]
 
 
+@pytest.mark.heavy
 def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
     """The depth family's recipe: a run suspended part-way (exit 75, full state in --ckpt-dir) and resumed
     with the same arguments ends with the same weights, curve and evaluation as one uninterrupted run."""
