@@ -38,10 +38,10 @@ out_dir: str = ""                        # empty: scratch .cache/notebooks/<name
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
-from IPython.display import HTML, display
+from IPython.display import HTML, Markdown, display
 
 from utrc_study.experiments import analysis, sweep
-from utrc_study.report import plotting
+from utrc_study.report import plotting, prose
 from utrc_study.report import provenance as reporting
 from utrc_study.report.notebooks import setup
 
@@ -142,9 +142,9 @@ display(pd.DataFrame([{"method": r["method"], "KL": r.get("kl", 0.0),
 # survives; a merged token takes the latest position of its members), i.e. a prediction made for
 # another position: its KL of several nats says nothing about the reduction's quality. The plot
 # therefore shows the KL at the positions with their own row only, and marks the others with grey
-# ticks. Positions before the first removed token see exactly the dense prefix, so their KL is 0; but
-# in the committed run UTRC and EViT already remove the very first token of the paragraph, so no
-# position escapes the reduction (the table prints the first removed position of each method).
+# ticks. Positions before the first removed token see exactly the dense prefix, so their KL is 0; a
+# method that removes the very first token leaves no position outside the reduction (the table prints
+# the first removed position of each method; the paragraph after it names them).
 
 # %%
 N = ids.shape[1]
@@ -181,15 +181,12 @@ kl_table = pd.DataFrame(kl_rows)
 display(kl_table)
 
 # %% [markdown]
-# The bar chart above compares one number per method: the KL at the last position of one paragraph.
-# In the committed run UTRC's (about 4.8 nats) is more than five times ToMe's (about 0.9) and close to
-# EViT's (about 5.1). We report this as an observation of one position, not as a property of the
-# methods: over all positions that keep their own output row the three methods are alike (median
-# KL about 0.5-0.6 nats, ToMe's the highest), and the last token's own fate does not separate them
-# either (UTRC and ToMe both merge it after layer 8, EViT keeps it; the last token is not protected
-# here, since nothing is scored). The cell below prints these numbers for this run.
+# What one position's KL says, rendered from this run's numbers (`utrc_study.report.prose.walkthrough_kl`),
+# and the numbers per method:
 
 # %%
+kl_text = prose.walkthrough_kl(kl_rows)
+display(Markdown(kl_text))
 for r in kl_rows:
     print(f"{plotting.style(r['method'])['label']}: last-position KL {r['KL at last position']:.2f} nats "
           f"(last token: {r['last token']}); median KL over own rows after the first removal "
@@ -202,4 +199,5 @@ data = {"model": model_names[0], "tokens": tokens, "importance_clip": imp.tolist
                         "anchors": traces[m]["anchors"], "kl_last": traces[m]["kl_last"],
                         "top_dense": traces[m]["top_dense"], "top_reduced": traces[m]["top_reduced"],
                         "fate_counts": reporting.token_fate_counts(traces[m]["fates"])} for m in methods}}
+data["text"] = {"last_position_kl": kl_text}
 ctx.write_results(data=data, protected=False, note="walkthrough: no tokens are protected (nothing is scored)")

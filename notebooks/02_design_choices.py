@@ -166,4 +166,5 @@ data["intervals"] = {"level": 0.95, "resamples": resamples, "seed": seed,
                      "method": "percentile bootstrap over items (mean accuracy stratified by task); Holm over alternatives"}
 errors = analysis.failed_rows(frames, ("model", "method", "cut", "metric", "layers", "hidden_rule",
                                         "residual_rule", "causal", "protect"))
-ctx.write_results(data=data, errors=errors, protected="all groups except the unprotected rows of 'modes'")
+ctx.write_results(data=data, errors=errors, protected="all groups except the unprotected rows of 'modes'",
+                  computed_on=rows.computed_on(*results.values()))

@@ -51,6 +51,7 @@ from IPython.display import display
 from utrc_study.experiments import analysis, sweep
 from utrc_study.report import plotting
 from utrc_study.report.notebooks import setup
+from utrc_study.report.provenance import records_machine
 
 ctx = setup("03_efficiency", globals())  # threads, seed, output folder, figure saver, style
 out, save = ctx.out, ctx.save
@@ -214,5 +215,7 @@ else:
 data = {"cpu_prefill": cpu, "cpu_decode": dec, "cpu_memory": "not measured (no peak counter for torch's CPU allocator)",
         "gpu": None if gpu is None else gpu, "paper_efficiency": paper,
         "gpu_generation": gen_table, "gpu_ask_many": ask_table}
-ctx.write_results(data=data, device={"cpu": "CPU fp32", "threads": torch.get_num_threads()},
+computed_on = [{"source": "this run: the CPU timings", "machine": "the rendering machine (rendered_on)"}] + [
+    records_machine(Path(f).name, r) for f, r in ((gpu_bench, records), (gpu_generate, gen_records)) if r]   # GPU files
+ctx.write_results(data=data, computed_on=computed_on, device={"cpu": "CPU fp32", "threads": torch.get_num_threads()},
                   timing="utrc_study.experiments.timing.time_ms: 1 warm-up, median of `repeats` (perf_counter on CPU)")

@@ -23,8 +23,8 @@
 #   model (at the kept tokens' original positions) evolve over the later layers, and which method has
 #   the smallest error?
 #
-# The text after the figure reports what the committed figure shows, and the cell before it prints the
-# ranking computed from this run's numbers.
+# The findings under the figure are rendered from this run's numbers (`utrc_study.report.prose`), with
+# 95% bootstrap intervals over the passages: the text follows whatever the numbers say.
 
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
@@ -38,7 +38,7 @@ batch_size: int = 16
 evidence: str = "../figures/01_main_results/evidence"   # 01's committed per-item rows (04's configurations are 01's); "": compute
 error_layer: int = 2                         # the single reduction happens after this layer
 error_keep_ratio: float = 0.6                # tokens kept at that reduction
-error_texts: int = 8                         # passages (ppl task contexts, 192 tokens) for the error curves
+error_texts: int = 200                       # passages (ppl task contexts, 192 tokens) for the error curves (200: all)
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of the accuracy intervals
 out_dir: str = ""                        # empty: scratch .cache/notebooks/<name> (quick: a temp folder); `make figures` passes figures/<name>
@@ -48,10 +48,10 @@ cache_dir: str = "../.cache/sweeps"
 from pathlib import Path
 import pandas as pd
 import matplotlib.pyplot as plt
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from utrc_study.experiments import analysis, paired, sweep
-from utrc_study.report import evidence as rows, plotting
+from utrc_study.report import evidence as rows, plotting, prose
 from utrc_study.report.notebooks import setup
 
 ctx = setup("04_failure_of_transformer_methods", globals())  # threads, seed, output folder, figure saver, style
@@ -76,16 +76,17 @@ df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
 
 # %%
 from utrc_lib.core.config import ReductionConfig
-errs = []
+errs, err_stats = [], {}
 for name in model_names:
     model, tok = sweep.get_model(name)
     ids = analysis.passage_batch(tok, error_texts)   # (error_texts, n) ppl-task contexts cut to the shortest
-    dense_run = analysis.run(model, ids)
-    for m in methods + ["random"]:
-        cfg = ReductionConfig(method=m, layers=(error_layer,), keep_ratio=error_keep_ratio, seed=seed,
-                              causal=True)
-        e = analysis.layer_errors(model, ids, cfg, dense=dense_run)
-        errs.append(dict(model=name, method=m, **e))
+    items = {m: analysis.layer_error_items(model, ids, ReductionConfig(method=m, layers=(error_layer,), keep_ratio=
+                                           error_keep_ratio, seed=seed, causal=True)) for m in methods + ["random"]}
+    err_stats[name] = analysis.error_statistics(items, error_layer, resamples=resamples, seed=seed)
+    for m, st in err_stats[name]["methods"].items():
+        errs.append(dict(model=name, method=m, layer=list(range(len(st["rel_error"]))), anchors=items[m]["anchors"],
+                         tokens=items[m]["tokens"], texts=int(ids.shape[0]), kl_last=st["kl_last"]["estimate"],
+                         **{k: st[k] for k in ("rel_error", "rel_low", "rel_high")}))
 err = pd.DataFrame(errs)
 display(err[["model", "method", "kl_last"]])
 
@@ -108,60 +109,41 @@ for ax, name in zip(axes[1:], model_names):
         r = err[(err["model"] == name) & (err["method"] == m)].iloc[0]
         st = plotting.style(m)
         ax.plot(r["layer"], r["rel_error"], color=st["color"], marker=st["marker"], label=st["label"], ms=4)
+        ax.fill_between(r["layer"], r["rel_low"], r["rel_high"], color=st["color"], alpha=0.18, lw=0)
     ax.axvline(error_layer, color="black", lw=0.8, ls=":")
     ax.set_ylim(bottom=0); ax.set_xlabel("layer (0-based)")
     ax.set_ylabel("relative L2 error of the residual stream")
-    ax.set_title(f"{Path(name).name}: one reduction after layer {error_layer}\n(keep {error_keep_ratio:.0%} of tokens)")
+    ax.set_title(f"{Path(name).name}: one reduction after layer {error_layer}\n(keep {error_keep_ratio:.0%} of tokens; "
+                 f"{error_texts} passages, 95% CI band)", fontsize=8.5)
     ax.legend(fontsize=7)
 fig.tight_layout(); save(fig, "failure_of_transformer_methods"); plt.show()
 
-# %%
-# What the error curves show, computed from this run's numbers (not written by hand)
-last = len(err["rel_error"].iloc[0]) - 1
-ranking = {}
-for name in model_names:
-    e = err[err["model"] == name]
-    final = {r.method: r.rel_error[last] for r in e.itertuples()}
-    at_anchor = {r.method: r.rel_error[error_layer] for r in e.itertuples()}
-    order = sorted(final, key=final.get)
-    ranking[name] = {"final_layer": last, "smallest_final_error": order[0], "largest_final_error": order[-1],
-                     "order_small_to_large": order}
-    grows = all(r.rel_error[last] > r.rel_error[error_layer + 1] for r in e.itertuples())
-    print(f"{Path(name).name}: relative error at the last layer ({last}), smallest to largest: "
-          + ", ".join(f"{plotting.style(m)['label']} {final[m]:.3f}" for m in order))
-    print(f"  at the reduction layer {error_layer}: "
-          + ", ".join(f"{plotting.style(m)['label']} {at_anchor[m]:.3f}" for m in order))
-    print(f"  error grows from layer {error_layer + 1} to {last} for every method: {grows}")
-    transformer = [m for m in order if m in ("evit", "pumer", "tome")]
-    if "utrc" in final and transformer:
-        worse = [m for m in transformer if final[m] > final["utrc"]]
-        verdict = ("agrees with" if len(worse) == len(transformer) else
-                   "partly disagrees with" if worse else "disagrees with")
-        print(f"  UTRC's final-layer error is below {len(worse)} of {len(transformer)} transformer-style "
-              f"methods: this {verdict} the paper's Figure 1 (UTRC smallest)")
-
 # %% [markdown]
-# ## What the figure shows (committed run: default parameters, both tiny models)
+# ## What the figure shows (rendered from this run's numbers)
 #
-# * The residual-stream error grows with depth after the reduction for **every** method, random drop
-#   included: growth with depth comes from removing tokens from an SSM at all, not from the
-#   transformer-style methods in particular.
-# * **UTRC has the largest final-layer error and random drop the smallest, on both models** (the cell
-#   above prints the ranking). This disagrees with the paper's Figure 1, where UTRC keeps the error
-#   smallest. One reason is visible at the reduction layer itself: the metric compares each kept token
-#   with the dense token at its original position, so a merged token differs from it at once (UTRC,
-#   ToMe and PuMer start well above zero right after layer `error_layer`), while pruning leaves the kept
-#   tokens untouched there (random drop starts at zero). The error measures how far the residual
-#   stream moves, not how much the prediction suffers: the next-token KL at the last position (table
-#   above) ranks the methods differently.
-# * The accuracy panel gives each method's change from dense with its paired 95% interval; the cell below
-#   prints, per model and cut, which methods lose significantly against dense and how UTRC compares with
-#   EViT / PuMer / ToMe (Holm-corrected), so the verdict on "transformer methods fail on SSMs" is read from
-#   the tests, not from the heights.
+# The relative error measures how far the residual stream moves at the kept tokens' original positions,
+# not how much the prediction suffers: a merged token differs from the dense token at its position at
+# once, a pruned one does not. The next-token KL at the last position, and 01's KL on the scored
+# positions of the ppl task (the accuracy panel's rows), measure the prediction. The cell prints which
+# method ranks where on each, with intervals, and whether that agrees with the paper's Figure 1.
 
 # %%
 cmp = paired.comparison_table(res, baselines=[m for m in methods if m != "utrc"], metrics=[paired.AVG, "kl:ppl"],
-                              resamples=resamples, seed=seed)
+                              holm_over=(), resamples=resamples, seed=seed)
+findings = prose.failure_findings(err_stats, error_layer=error_layer, texts=error_texts, kl_cmp=cmp,
+                                  resamples=resamples)
+display(Markdown(findings))
+ranking = {name: {"order_small_to_large": sorted(e["methods"], key=lambda m: e["methods"][m]["final"]["estimate"])}
+           for name, e in err_stats.items()}
+for r in ranking.values():
+    r.update(smallest_final_error=r["order_small_to_large"][0], largest_final_error=r["order_small_to_large"][-1])
+
+# %% [markdown]
+# Per model and cut: which methods lose significantly against dense, and how UTRC compares with the
+# other methods (Holm over every comparison printed), so the verdict on "transformer methods fail on
+# SSMs" is read from the tests, not from the heights.
+
+# %%
 for (name, c), v in sorted(paired.verdicts(cmp).items()):
     lost = [m for m in methods if ((avg["model"] == name) & (avg["method"] == m) & (avg["cut"] == c)
                                    & (avg["p_vs_dense"] < 0.05) & (avg["delta"] < 0)).any()]
@@ -174,7 +156,10 @@ for (name, c), v in sorted(paired.verdicts(cmp).items()):
 # %%
 keep = [c for c in df.columns if not c.startswith("meta/") or c == "meta/protect"]
 ctx.write_results(data={"accuracy": df[keep], "layer_errors": err, "error_ranking": ranking,
+                        "error_statistics": err_stats, "findings": findings,
                         "accuracy_intervals": acc, "comparisons": cmp, "devices": devices},
+                  computed_on=rows.computed_on(res) + [{"source": "this run: the layer-error curves", "rows": len(err),
+                                                        "machine": "the rendering machine (rendered_on)"}],
                   errors=analysis.sweep_errors(res),
                   protected=bool(df["protect"].all()),
                   error_definition="||h_reduced - h_dense[original positions]|| / ||h_dense[...]|| over kept tokens, per layer")

@@ -262,7 +262,8 @@ ax.set_title(f"Step 7: tokens per layer of {model_name} ({L} layers) on {N_sched
 save(fig, "step7_schedule"); plt.show()
 
 # %% [markdown]
-# **Exercise 7.** Why is the keep ratio for a 30% cut (about 0.82 here) far above 0.7?
+# **Exercise 7.** Why is the keep ratio for a 30% cut (column `keep ratio rho` of the table above) far
+# above 0.7?
 #
 # <details><summary>Answer</summary>
 #

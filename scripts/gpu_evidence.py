@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compute the committed evidence of notebooks 01 / 02 / 04 on one GPU: every item of every task, every
-configuration the notebooks define (01: dense + 7 methods x 3 cuts x 2 models = 44; 02: 24 on
-tiny-mamba2, its dense row shared with 01, so 67 to compute; 04: a subset of 01's), float32, leak-free
+configuration the notebooks define (01: dense + 8 methods (utrc_reference included) x 3 cuts x 2 models =
+50; 02: 24 on tiny-mamba2, its dense row shared with 01, so 73 to compute; 04: a subset of 01's), float32, leak-free
 scoring, TF32 off, batch 512.
 
 THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute limit per call):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale x length evaluation (issue 13): dense and UTRC / EViT / PuMer / ToMe on the v2 suite, cached.
+"""Scale x length evaluation (issue 13): dense and UTRC / EViT / PuMer / ToMe / utrc_reference on the v2 suite, cached.
 
 Every configuration is one sweep row (one model, one method, one cut, one task), computed with item
 arrays (paired statistics) and appended to a resumable cache (`utrc_study.experiments.sweep`):
@@ -44,7 +44,7 @@ LONG = ("lr_cloze_512", "passkey_512", "longppl_1024", "lr_cloze_1024", "passkey
 ALL_TASKS = SHORT + LONG
 MAMBA2 = ("small-mamba2", "tiny-mamba2")
 MAMBA1 = ("small-mamba", "tiny-mamba")
-METHODS = ("utrc", "evit", "pumer", "tome")
+METHODS = ("utrc", "evit", "pumer", "tome", "utrc_reference")   # utrc_reference: the authors' released code
 CUTS = (0.3, 0.2, 0.1)
 LONG_MAX_LENGTH = 4096
 SHORT_SEQ_LEN = 128

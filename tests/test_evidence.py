@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from utrc_study.report import evidence
+from utrc_study.report import evidence, provenance
 from utrc_study.report import figures as runner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,14 +118,12 @@ def test_a_smaller_run_never_replaces_a_larger_one(tmp_path, monkeypatch):
 
 
 def test_results_json_is_rounded_and_machine_free(tmp_path):
-    from utrc_study.report import provenance
-
     data = {"x": 0.1 + 0.2, "y": [1 / 3, 2, None], "z": {"seconds": 1.5, "w": 123456.789}}
     a = provenance.write_results(tmp_path / "a", "nb", parameters={"seed": 0, "out_dir": "q", "evidence": "e"},
                                  data=data, seed=0)
     doc = json.loads(a.read_text())
     assert doc["data"] == {"x": 0.3, "y": [0.333333, 2, None], "z": {"w": 123457.0}}
-    assert set(doc["versions"]) <= set(provenance.STABLE_VERSIONS) and "evidence" not in doc["parameters"]
+    assert set(doc["rendered_on"]["versions"]) <= set(provenance.STABLE_VERSIONS) and "evidence" not in doc["parameters"]
     log = json.loads((tmp_path / "a" / "run_log.json").read_text())
     assert "python" in log["machine"] and "torch_threads" in log["machine"]
     b = provenance.write_results(tmp_path / "b", "nb", parameters={"seed": 0}, data=data, seed=0)
@@ -143,7 +141,7 @@ def test_committed_code_version_is_current():
             continue
         if path.parent.name in evidence.FOLDERS and not evidence.exists(REPO / evidence.FOLDERS[path.parent.name]):
             continue   # awaiting its GPU evidence: make figures leaves it untouched (and says so) until then
-        v = json.loads(path.read_text()).get("versions", {}).get("utrc_code_version")
+        v = provenance.rendered_versions(json.loads(path.read_text())).get("utrc_code_version")
         if v != code_version():
             stale[str(path.relative_to(REPO))] = v
     assert not stale, f"stale code_version (now {code_version()}): {stale}"
@@ -170,6 +168,9 @@ def test_rendering_from_evidence_computes_nothing_and_restores_a_deleted_json(tm
     first = {p.name: p.read_bytes() for p in sorted((tmp_path / "fig").iterdir()) if p.name != "run_log.json"}
     doc = json.loads(first["results.json"])
     assert doc["evidence"]["configurations"] == 3 and doc["evidence"]["machine"] == {"device": "cpu"}
+    # computed on the evidence's machine (its manifest), rendered here: both recorded, apart
+    assert [(c["rows"], c["machine"]) for c in doc["computed_on"]] == [(3, {"device": "cpu"})]
+    assert doc["rendered_on"]["versions"]["utrc_code_version"] and "versions" not in doc
     assert "evidence" not in doc["parameters"] and doc["data"]["items_per_task"]["cloze"] == 2
     (tmp_path / "fig" / "results.json").unlink()
     runner.run_notebook(nb, render, tmp_path, engine="script", log=lambda m: None)

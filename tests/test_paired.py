@@ -98,3 +98,21 @@ def test_rows_without_items_are_refused():
     res = SweepResult([{"params": {"model": "m", "method": "none", "cut": 0}, "status": "ok", "result": {}}], 0, 0, "m")
     with pytest.raises(ValueError, match="items=True"):
         paired.accuracy_table(res)
+
+
+def test_holm_family_is_the_table_a_figure_shows():
+    """holm_over=() corrects over every row of the table (models x cuts x metrics x baselines); the
+    default over the baselines of one (model, cut, metric); a bootstrap p of 0 enters as 1/resamples."""
+    res, _ = _grid()
+    kw = dict(baselines=["evit", "tome"], metrics=[paired.AVG, "kl:ppl"], resamples=1000)
+    cell = paired.comparison_table(res, **kw)
+    table = paired.comparison_table(res, holm_over=(), **kw)
+    assert set(cell.family_size) == {2} and set(table.family_size) == {4}
+    assert paired.holm_family(table) == "all 4 comparisons of the table"
+    assert paired.holm_family(cell) == "the 2 comparisons that share model, cut, metric"
+    assert (table.p_holm >= cell.p_holm - 1e-12).all()                   # a larger family: never smaller
+    e = table[(table.metric == "kl:ppl") & (table.baseline == "evit")].iloc[0]
+    assert e.p == 0 and e.test == "paired_bootstrap" and e.resamples == 1000
+    assert e.p_holm == pytest.approx(4 / 1000) and e.verdict == "beats"  # 0 -> 1/1000, times 4 (Holm's first step)
+    acc = paired.comparison_table(res, baselines=["evit"], metrics=["cloze"], resamples=200)
+    assert acc.test.iloc[0] == "mcnemar_exact" and acc.resamples.isna().all()   # an exact p is not floored

@@ -157,3 +157,63 @@ def test_adopt_device_rows(cache, tmp_path):
     got = sweep.RowCache(dev).load()
     assert set(got) == {r["key"] for r in rows}          # the keys the local plan looks for
     assert all(r["result"]["meta/fingerprint_device"] == "d" * 16 for r in got.values())
+
+
+def _synthetic_rows(n=40):
+    """Rows of two models' worth of nothing: utrc right on every passkey item, evit wrong on every one;
+    lr_cloze the same for both; longppl: utrc's ll higher by 0.1 nats/token."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cloze = [int(v) for v in rng.integers(0, 2, n)]
+    out = []
+    for method, cut in (("none", 0.0), ("utrc", 0.3), ("evit", 0.3)):
+        for task in ("lr_cloze_512", "passkey_512", "longppl_1024"):
+            ids = list(range(n))
+            if task.startswith("longppl"):
+                llpt = [-2.0 + (0.1 if method == "utrc" else 0.0) + 0.01 * i for i in range(n)]
+                items = {"id": ids, "ll": [4 * v for v in llpt], "gold_tokens": [4] * n, "ll_per_token": llpt}
+            else:
+                correct = cloze if task.startswith("lr_cloze") else [int(method != "evit")] * n
+                items = {"id": ids, "correct": correct}
+            gap = 0.001 if method == "evit" else 0.08   # evit's analytic cut is close to its token-layer cut
+            out.append({"params": {"model": "m", "method": method, "cut": cut, "tasks": [task]}, "status": "ok",
+                        "version": "v", "result": {"token_layer_cut": cut, "analytic_flops_cut": cut - gap,
+                                                   "analytic_flops_seq_len": 512, "meta/device": "cuda:0"},
+                        "items": {task: items}})
+    return out
+
+
+def test_margins_per_task_holm_and_rendered_text(tmp_path):
+    """Every task is its own comparison (passkey never averaged with lr_cloze), Holm covers every
+    comparison at a cut, a bootstrap p of 0 prints as "< 1/resamples", and the sentences follow the numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from utrc_study.report import scale_length as sl
+
+    rows = _synthetic_rows()
+    margin = sl.margin_table(rows, baselines=["utrc_reference", "evit"], resamples=1000)
+    assert sorted(margin["task"]) == ["longppl_1024", "lr_cloze_512", "passkey_512"]   # one row per task
+    pk = margin[margin["task"] == "passkey_512"].iloc[0]
+    assert pk["delta"] == 1.0 and pk["p"] == 0.0 and pk["verdict"] == "beats"
+    cl = margin[margin["task"] == "lr_cloze_512"].iloc[0]
+    assert cl["delta"] == 0.0 and cl["verdict"] == "unresolved"
+    assert set(margin["family_size"]) == {3} and (margin["p_holm"] >= margin["p"]).all()
+    long = sl.long_context_table(rows, resamples=1000)
+    md = sl.markdown(sl.dense_table(rows, resamples=100), long, margin, resamples=1000)["long_context_table.md"]
+    assert "< 0.001" in md and "| 0 |" not in md and "Holm over every comparison at the same cut (3 comparisons" in md
+    text = sl.margin_summary(margin)
+    assert "1 of 3 comparisons" not in text and "2 of 3 comparisons" in text   # passkey and longppl survive
+    assert "better than evit on passkey_512 (m, +100.0 points)" in text and "lr_cloze" in text
+    agree = sl.cut_agreement(long)
+    assert "agree within 2 points (every model and target cut) at 512 tokens for evit" in agree
+    assert "furthest apart for utrc" in agree
+    assert sl.missing_methods(rows, ["utrc", "utrc_reference", "evit"]) == ["utrc_reference"]
+    (tmp_path / "gpu_run.log").write_text("# GPU part, one NVIDIA H200\nhost vm; NVIDIA H200\n"
+                                          "torch 2.11.0+cu130 transformers 5.17.0 cuda True\n")
+    on = sl.computed_on(rows, tmp_path / "cache.jsonl")
+    assert on == [{"source": "cache.jsonl", "device": "cuda:0", "rows": 9, "code_versions": ["v"],
+                   "machine": [{"log": "gpu_run.log", "header": "GPU part, one NVIDIA H200", "host": "vm; NVIDIA H200",
+                                "torch": "2.11.0+cu130", "transformers": "5.17.0", "cuda": "True"}]}]
+    sl.plot_margins(margin).savefig(tmp_path / "m.png")

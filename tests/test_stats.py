@@ -152,3 +152,16 @@ def test_input_checks_and_item_arrays():
         st.item_array(row_b, "correct", ids=row_a["id"])
     with pytest.raises(KeyError, match="kl"):
         st.item_array(row_a, "kl")
+
+
+def test_bootstrap_p_of_zero_prints_below_one_over_resamples():
+    """A bootstrap p of 0 only says that no draw crossed 0: printed "< 1/n", corrected as 1/n."""
+    assert st.format_p(0.0, 10_000) == "< 0.0001" and st.format_p(0.0, 2000) == "< 0.0005"
+    assert st.format_p(0.0123, 10_000) == "0.0123" and st.format_p(0.0) == "0"    # exact p: as it is
+    assert st.format_p(None) == "" and st.format_p(float("nan"), 100) == ""
+    assert st.p_floor(0.0, 10_000) == 1e-4 and st.p_floor(0.2, 10_000) == 0.2 and st.p_floor(0.0, None) == 0.0
+    a, b = np.ones(40), np.zeros(40)
+    d = st.paired_bootstrap(a + np.linspace(0, 0.1, 40), b, resamples=500)
+    assert d.p_value == 0.0 and st.format_p(d.p_value, d.resamples) == "< 0.002"
+    c = st.compare({"utrc": a + np.linspace(0, 0.1, 40), "x": b}, metric="ll", resamples=500)
+    assert c.details["x"]["p_adjusted"] == pytest.approx(1 / 500) and c.beats == ["x"]

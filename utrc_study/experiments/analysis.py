@@ -67,23 +67,86 @@ def layer_errors(model, input_ids: Tensor, config: ReductionConfig, dense: Optio
     At layer l, each reduced token is compared with the dense token at its original position:
     err_l = ||h_red - h_dense[pos]|| / ||h_dense[pos]|| over all kept (valid) tokens of the batch.
     Also returns the tokens per layer and the KL(dense || reduced) of the next-token distribution at
-    the last position.
+    the last position (mean over the batch). Per passage: `layer_error_items`.
     """
-    dense = run(model, input_ids) if dense is None else dense
-    red = run(model, input_ids, config)
+    it = layer_error_items(model, input_ids, config, dense=dense, batch=None)
+    d2, r2 = it["d2"].sum(0), it["r2"].sum(0)
+    errs = [float(d.sqrt() / r.sqrt().clamp_min(1e-12)) for d, r in zip(d2, r2)]
+    return {"layer": list(range(len(errs))), "rel_error": errs, "tokens": it["tokens"], "anchors": it["anchors"],
+            "kl_last": float(it["kl_last"].mean())}
+
+
+@torch.no_grad()
+def layer_error_items(model, input_ids: Tensor, config: ReductionConfig, dense: Optional[dict] = None,
+                      batch: Optional[int] = 50) -> dict:
+    """Per passage (row of input_ids) and layer, what `layer_errors` pools: d2 (B, L) the squared norm of
+    h_reduced - h_dense[original positions] over the kept tokens, r2 (B, L) the squared norm of
+    h_dense[those positions]; kl_last (B,) KL(dense || reduced) of the next-token distribution at the
+    last position; tokens (L,) kept tokens per layer (mean over passages); anchors. The pooled relative
+    error of a set of passages is sqrt(sum d2 / sum r2) (so passages can be resampled). `batch`: passages
+    per forward (None: all at once; `dense` is then the dense run of all of them)."""
     B, N = input_ids.shape
-    L = len(red["states"])
-    errs, ntok = [], []
-    for layer, (hd, hr, pos) in enumerate(zip(dense["states"], red["states"],
-                                              positions_per_layer(red["history"], L, B, N))):
-        ok = pos >= 0
-        ref = hd.gather(1, pos.clamp_min(0)[..., None].expand(-1, -1, hd.shape[-1]))
-        diff = ((hr.float() - ref.float()) * ok[..., None]).norm()
-        errs.append(float(diff / (ref.float() * ok[..., None]).norm().clamp_min(1e-12)))
-        ntok.append(float(ok.sum(1).float().mean()))
-    return {"layer": list(range(L)), "rel_error": errs, "tokens": ntok,
-            "anchors": [h["layer"] for h in red["history"]],
-            "kl_last": next_token_kl(dense["last"], red["last"])}
+    step = B if not batch else batch
+    d2s, r2s, kls, toks, anchors = [], [], [], [], []
+    for s in range(0, B, step):
+        ids = input_ids[s:s + step]
+        dn = dense if (dense is not None and step >= B) else run(model, ids)
+        red = run(model, ids, config)
+        L = len(red["states"])
+        d2, r2, nt = [], [], []
+        for hd, hr, pos in zip(dn["states"], red["states"], positions_per_layer(red["history"], L, ids.shape[0], N)):
+            ok = (pos >= 0)[..., None]
+            ref = hd.gather(1, pos.clamp_min(0)[..., None].expand(-1, -1, hd.shape[-1])).float()
+            d2.append((((hr.float() - ref) * ok) ** 2).sum((1, 2)))
+            r2.append(((ref * ok) ** 2).sum((1, 2)))
+            nt.append(ok[..., 0].sum(1).float())
+        d2s.append(torch.stack(d2, 1))
+        r2s.append(torch.stack(r2, 1))
+        toks.append(torch.stack(nt, 1))
+        lp = F.log_softmax(dn["last"].float(), -1)
+        lq = F.log_softmax(red["last"].float(), -1)
+        kls.append((lp.exp() * (lp - lq)).sum(-1))
+        anchors = [h["layer"] for h in red["history"]]
+    return {"d2": torch.cat(d2s).double(), "r2": torch.cat(r2s).double(), "kl_last": torch.cat(kls).double(),
+            "tokens": [float(v) for v in torch.cat(toks).mean(0)], "anchors": anchors}
+
+
+def error_statistics(items: dict, error_layer: int, *, reference: str = "utrc", resamples: int = 10_000,
+                     seed: int = 0) -> dict:
+    """95% bootstrap intervals over passages of `layer_error_items` results, items = {method: items} of
+    one model: per method the pooled relative error of every layer ("rel_error", "rel_low", "rel_high"),
+    the last layer's ("final"), whether it grows from layer error_layer + 1 to the last ("grows": the
+    paired interval of the difference lies above 0) and the last-position KL ("kl_last"); and the
+    reference's final error minus each other method's, paired over passages ("<reference>_minus")."""
+    import numpy as np
+
+    from . import stats
+
+    def ratio(d, r):
+        return np.sqrt(d.sum(-1) / np.maximum(r.sum(-1), 1e-300))
+
+    kw = dict(resamples=resamples, seed=seed)
+    out: dict = {"methods": {}, f"{reference}_minus": {}}
+    for m, it in items.items():
+        d2, r2 = it["d2"].numpy(), it["r2"].numpy()
+        last, first = d2.shape[1] - 1, min(error_layer + 1, d2.shape[1] - 1)
+        per_layer = [stats.bootstrap([d2[:, l], r2[:, l]], ratio, **kw) for l in range(d2.shape[1])]
+        growth = stats.bootstrap([d2[:, last], r2[:, last], d2[:, first], r2[:, first]],
+                                 lambda a, b, c, d: ratio(a, b) - ratio(c, d), **kw)
+        kl = stats.bootstrap_mean(it["kl_last"].numpy(), **kw)
+        out["methods"][m] = {"rel_error": [c.estimate for c in per_layer], "rel_low": [c.low for c in per_layer],
+                             "rel_high": [c.high for c in per_layer], "final": per_layer[-1].to_dict(),
+                             "growth": growth.to_dict(), "grows": growth.low > 0, "kl_last": kl.to_dict()}
+    if reference in items:
+        ru = items[reference]
+        for m, it in items.items():
+            if m == reference:
+                continue
+            L = it["d2"].shape[1] - 1
+            arrays = [ru["d2"][:, L].numpy(), ru["r2"][:, L].numpy(), it["d2"][:, L].numpy(), it["r2"][:, L].numpy()]
+            ci = stats.bootstrap(arrays, lambda a, b, c, d: ratio(a, b) - ratio(c, d), p_value=True, **kw)
+            out[f"{reference}_minus"][m] = ci.to_dict()
+    return out
 
 
 def next_token_kl(dense_logits: Tensor, reduced_logits: Tensor) -> float:

@@ -14,8 +14,9 @@ Accuracy metrics per task (the paper's): cloze acc, choice4 acc_norm, choice2 ac
 mean, with a stratified bootstrap (each task's items resampled on their own, the same draws for the
 two methods of a paired delta). Intervals: percentile bootstrap, `resamples` draws, `seed`, level 95%.
 Significance of accuracy differences: exact McNemar per task; for avg_acc the stratified paired
-bootstrap p-value; KL / ll per token: paired bootstrap; Holm-Bonferroni over the baselines compared at
-one (model, cut, metric).
+bootstrap p-value; KL / ll per token: paired bootstrap; Holm-Bonferroni over a family of comparisons
+(default: the baselines compared at one (model, cut, metric); `holm_over=()`: the whole table, e.g.
+everything one figure shows).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ DENSE_METHODS = ("none", "dense")
 __all__ = ["TASK_ACC", "LM_EVAL_ACC", "accuracy_key", "accuracy_tasks", "has_accuracy", "kl_task", "comparison_metrics", "COMPARISON_METRICS",
            "FIDELITY_TASKS", "AVG", "BASELINES", "row_label", "items_by_row", "stratified_bootstrap",
            "accuracy_table", "fidelity_table", "perplexity_table", "comparison_table", "power_table",
-           "verdicts"]
+           "verdicts", "holm_family"]
 
 
 def row_label(params: dict, extra: Sequence[str] = (), by: str = "method") -> tuple:
@@ -326,16 +327,26 @@ def comparison_metrics(items: dict) -> list:
 def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] = BASELINES,
                      metrics: Optional[Sequence[str]] = None,
                      extra: Sequence[str] = (), *, by: str = "method", alpha: float = 0.05,
+                     holm_over: Optional[Sequence[str]] = None,
                      resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
     """DataFrame per (model, cut, [extra], metric, baseline): delta = reference minus baseline (for kl:
-    lower is better, so a negative delta favours the reference), its 95% CI, p, Holm-adjusted p over
-    the baselines of that (model, cut, metric), and verdict "beats" / "beaten" / "unresolved"
-    (adjusted p < alpha in the favourable / unfavourable direction). `by`: the parameter whose values
-    `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep).
+    lower is better, so a negative delta favours the reference), its 95% CI (unadjusted), p (`test`:
+    mcnemar_exact per task accuracy, else the paired / stratified bootstrap with `resamples` draws),
+    Holm-adjusted p_holm over one family of comparisons, and verdict "beats" / "beaten" / "unresolved"
+    (p_holm < alpha in the favourable / unfavourable direction).
+
+    The family: the rows that share the values of the columns `holm_over` (default ("model", "cut",
+    *extra, "metric"): the baselines of one cell); holm_over=() makes every row of the table one family
+    (what a figure that shows the whole table needs). Each row records family_size and holm_over. A
+    bootstrap p of 0 enters the correction as 1 / resamples (`stats.p_floor`). `by`: the parameter whose
+    values `reference` and `baselines` are (default the method; e.g. "metric" within a metric sweep).
     metrics: default `comparison_metrics` of the reference row (COMPARISON_METRICS for the built-in
     suite; lm-eval tasks add their accuracy, kl:<task> and ll:<task>)."""
+
     rows = items_by_row(result, extra, by)
     baselines = list(baselines)
+    keys = ("model", "cut") + tuple(extra)
+    holm_over = tuple(keys + ("metric",) if holm_over is None else holm_over)
     recs = []
     groups = sorted({(k[0], k[2]) + k[3:] for k in rows if k[1] == reference}, key=str)
     for g in groups:
@@ -350,7 +361,7 @@ def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] =
                 continue
             if ref_arr is None:
                 continue
-            pend = []
+            lower_better = metric.startswith("kl")
             for b in baselines:
                 lab = (g[0], b, g[1]) + g[2:]
                 if lab not in rows:
@@ -360,26 +371,45 @@ def comparison_table(result, reference: str = "utrc", baselines: Iterable[str] =
                     continue
                 if metric == AVG:
                     ci = stratified_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
-                    p = ci.p_value
+                    p, test = ci.p_value, "stratified_bootstrap"
                 elif ":" not in metric:
                     ci = stats.paired_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
-                    p = stats.mcnemar_exact(ref_arr, arr).p_value
+                    p, test = stats.mcnemar_exact(ref_arr, arr).p_value, "mcnemar_exact"
                 else:
                     ci = stats.paired_bootstrap(ref_arr, arr, resamples=resamples, seed=seed)
-                    p = ci.p_value
-                pend.append((b, ci, p))
-            adjusted = stats._holm({b: p for b, _, p in pend}) if pend else {}
-            lower_better = metric.startswith("kl")
-            for b, ci, p in pend:
+                    p, test = ci.p_value, "paired_bootstrap"
                 favourable = ci.estimate < 0 if lower_better else ci.estimate > 0
-                verdict = "unresolved"
-                if adjusted[b] < alpha and ci.estimate != 0:
-                    verdict = "beats" if favourable else "beaten"
-                recs.append(dict(zip(("model", "cut") + tuple(extra), g), metric=metric, reference=reference,
-                                 baseline=b, delta=ci.estimate, low=ci.low, high=ci.high, p=p,
-                                 p_holm=adjusted[b], verdict=verdict, n=ci.n))
-    return _frame(recs, ("model", "cut") + tuple(extra) + ("metric", "reference", "baseline", "delta", "low", "high",
-                                                          "p", "p_holm", "verdict", "n"))
+                recs.append(dict(zip(keys, g), metric=metric, reference=reference, baseline=b, delta=ci.estimate,
+                                 low=ci.low, high=ci.high, p=p, test=test,
+                                 resamples=None if test == "mcnemar_exact" else resamples,
+                                 favourable=bool(favourable), n=ci.n))
+    families: dict = {}
+    for i, r in enumerate(recs):
+        families.setdefault(tuple(r[k] for k in holm_over), []).append(i)
+    for members in families.values():
+        adjusted = stats.holm({i: stats.p_floor(recs[i]["p"], recs[i]["resamples"]) for i in members})
+        for i in members:
+            r = recs[i]
+            verdict = "unresolved"
+            if adjusted[i] < alpha and r["delta"] != 0:
+                verdict = "beats" if r["favourable"] else "beaten"
+            r.update(p_holm=adjusted[i], verdict=verdict, family_size=len(members), holm_over=",".join(holm_over))
+    for r in recs:
+        del r["favourable"]
+    return _frame(recs, keys + ("metric", "reference", "baseline", "delta", "low", "high", "p", "test", "resamples",
+                                "n", "p_holm", "verdict", "family_size", "holm_over"))
+
+
+def holm_family(cmp) -> str:
+    """Which comparisons one Holm family of a comparison_table holds, in words: "all 84 comparisons of
+    the table" (holm_over empty) or "the 6 comparisons that share model, cut, metric" (its largest)."""
+    if cmp is None or not len(cmp):
+        return "no comparisons"
+    over = [c for c in str(cmp["holm_over"].iloc[0]).split(",") if c]
+    size = int(cmp["family_size"].max())
+    if not over:
+        return f"all {size} comparisons of the table"
+    return f"the {size} comparisons that share {', '.join(over)}"
 
 
 def verdicts(cmp, metric: str = AVG) -> dict:

@@ -18,6 +18,8 @@ Bootstrap: `resamples` (default 10 000) draws of n item indices with replacement
 numpy.random.default_rng(seed) (default seed 0); the same indices for both arrays (paired); the
 interval is the (1 - level) / 2 and (1 + level) / 2 percentiles of the resampled statistic (numpy
 "linear" quantiles). The seed, level and number of resamples are recorded in every Interval.
+A bootstrap p-value resolves no better than 1 / resamples: one of 0 is printed "< 1/resamples"
+(`format_p`) and enters a multiple-testing correction as 1 / resamples (`p_floor`).
 
 McNemar exact (= the sign test on the discordant pairs): with b = items only `a` gets right and
 c = items only `b` gets right, under H0 (no difference) b ~ Binomial(b + c, 1/2); the two-sided p-value
@@ -54,8 +56,8 @@ _CHUNK = 1000   # resamples drawn at a time (memory: _CHUNK * n indices)
 
 __all__ = ["Interval", "McNemar", "MDE", "PairedAccuracy", "Comparison", "paired_bootstrap", "bootstrap_mean",
            "bootstrap", "bootstrap_ppl", "paired_bootstrap_ppl", "mcnemar_exact", "binomial_two_sided",
-           "minimum_detectable_effect", "paired_accuracy", "compare", "item_array", "DEFAULT_SEED",
-           "DEFAULT_RESAMPLES"]
+           "minimum_detectable_effect", "paired_accuracy", "compare", "item_array", "format_p", "p_floor",
+           "holm", "DEFAULT_SEED", "DEFAULT_RESAMPLES"]
 
 
 # -- results --------------------------------------------------------------------------------------------
@@ -211,6 +213,23 @@ def _boot_p(values: np.ndarray) -> float:
     return float(min(1.0, 2.0 * min(np.mean(values <= 0.0), np.mean(values >= 0.0))))
 
 
+def p_floor(p: float, resamples: Optional[int]) -> float:
+    """A bootstrap p-value as a conservative number: at least 1 / resamples (a p of 0 only says that no
+    draw fell on the far side of 0, i.e. p < 1 / resamples). Exact p-values (resamples None) unchanged."""
+    return float(p) if not resamples else max(float(p), 1.0 / resamples)
+
+
+def format_p(p: Optional[float], resamples: Optional[int] = None, digits: int = 3) -> str:
+    """A p-value as printed: a bootstrap p (`resamples` given) below 1 / resamples reads "< 1/resamples"
+    (e.g. "< 0.0001" for 10 000 resamples), never "0"; otherwise `digits` significant digits. "" for
+    None / NaN. Exact p-values (McNemar) pass resamples=None."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return ""
+    if resamples and p < 1.0 / resamples:
+        return f"< {1.0 / resamples:.{digits}g}"
+    return f"{p:.{digits}g}"
+
+
 def bootstrap(arrays: Sequence, statistic: Callable, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
               level: float = DEFAULT_LEVEL, p_value: bool = False) -> Interval:
     """Percentile interval of `statistic(*arrays)`, resampling items (the same indices for every
@@ -345,6 +364,11 @@ class Comparison:
         return dataclasses.asdict(self)
 
 
+def holm(pvalues: dict) -> dict:
+    """Holm-Bonferroni adjusted p-values {key: p_adjusted} of {key: p} (one family)."""
+    return _holm(pvalues)
+
+
 def _holm(pvalues: dict) -> dict:
     order = sorted(pvalues, key=lambda k: pvalues[k])
     m, running, out = len(order), 0.0, {}
@@ -388,7 +412,7 @@ def compare(outcomes: Mapping[str, Sequence], reference: str = "utrc", *, metric
         else:
             d = paired_bootstrap(ref, arr, resamples=resamples, seed=seed, level=level)
             details[name] = {"delta": d.to_dict(), "p_value": d.p_value, "test": "paired_bootstrap"}
-        pvals[name] = details[name]["p_value"]
+        pvals[name] = p_floor(details[name]["p_value"], None if binary else resamples)
     adjusted = _holm(pvals) if correction == "holm" and pvals else dict(pvals)
     beats, beaten_by, unresolved = [], [], []
     for name in details:

@@ -202,6 +202,34 @@ def provenance(folder) -> dict:
     return {"folder": rel, **{k: man[k] for k in keep if k in man}}
 
 
+def computed_on(*results) -> list:
+    """Where the rows of sweep results were computed, for results.json's "computed_on": one record per
+    source, {"source", "rows", "devices", "machine"}: an evidence folder's rows with its manifest's
+    machine (device, GPU, library versions of the computing machine) and code version; the rows this
+    run computed or read from its local cache with "machine": "the rendering machine (rendered_on)"."""
+    groups: dict = {}
+    for r in (row for result in results for row in result.rows):
+        if r is None or r.get("status") != "ok":
+            continue
+        g = groups.setdefault(r.get("source") or "", {"rows": 0, "devices": set()})
+        g["rows"] += 1
+        dev = r.get("device") or (r.get("result") or {}).get("meta/device")
+        if dev:
+            g["devices"].add(str(dev))
+    out = []
+    for src, g in groups.items():
+        rec = {"rows": g["rows"], "devices": sorted(g["devices"])}
+        if src:
+            prov = provenance(src)
+            rec = {"source": prov.get("folder", src), **rec, "machine": prov.get("machine"),
+                   "code_version": prov.get("code_version"), "git_commit": prov.get("git_commit")}
+        else:
+            rec = {"source": "this run (computed, or read from the local sweep cache)", **rec,
+                   "machine": "the rendering machine (rendered_on)"}
+        out.append(rec)
+    return out
+
+
 def exists(folder) -> bool:
     f = Path(folder)
     return all((f / n).is_file() for n in (CONFIGS, ITEMS, MANIFEST))

@@ -45,7 +45,7 @@ QUICK = {"quick": True}
 FRESH = REPO / "figures" / "fresh"          # runs that are not the committed ones (git-ignored)
 from .notebooks import RUN_LABEL_ENV as LABEL_ENV   # a run's label, stamped on its figures and results.json
 PER_MACHINE = ("03_efficiency",)            # CPU timings: figures/<name> is rewritten only with --per-machine
-# default verification subset: dense and every method at the 30% cut of both models (16 of 01's 44
+# default verification subset: dense and every method at the 30% cut of both models (18 of 01's 50
 # configurations), 5 items per task and 5 ppl windows (its cost grows with the requests: measured on 2
 # cores shared with other jobs, load 4-5, ~20 s per configuration at 8 items, ~8 s at 4); --verify-cuts
 # all: every configuration

@@ -292,9 +292,9 @@ def paper_efficiency_figure(paper: dict):
 
 
 # -- interval figures (experiments.paired tables) ------------------------------------------------------
-VERDICT_STYLE = {"beats": dict(color="#D55E00", marker="o", label="UTRC significantly better"),
-                 "beaten": dict(color="#0072B2", marker="s", label="UTRC significantly worse"),
-                 "unresolved": dict(color="#999999", marker="o", label="unresolved (95%, Holm)")}
+VERDICT_STYLE = {"beats": dict(color="#D55E00", marker="o", label="UTRC better (Holm-corrected, 5%)"),
+                 "beaten": dict(color="#0072B2", marker="s", label="UTRC worse (Holm-corrected, 5%)"),
+                 "unresolved": dict(color="#999999", marker="o", label="unresolved after Holm correction")}
 
 
 def interval_vs_cut(ax, tab, y: str, low: str, high: str, *, methods: Sequence[str], dense=None,
@@ -329,8 +329,9 @@ def interval_vs_cut(ax, tab, y: str, low: str, high: str, *, methods: Sequence[s
 
 def margin_panel(ax, cmp, metric: str, *, cuts: Sequence[float], baselines: Sequence[str], scale: float = 100.0,
                  title: Optional[str] = None, ylabel: Optional[str] = None) -> None:
-    """UTRC minus each baseline (comparison_table rows of one model and `metric`) with 95% intervals,
-    grouped by baseline, one point per cut, coloured by the Holm-corrected verdict."""
+    """UTRC minus each baseline (comparison_table rows of one model and `metric`) with their unadjusted
+    95% intervals, grouped by baseline, one point per cut, coloured by the Holm-corrected verdict of the
+    table's family (say both on the axis: a bar can exclude 0 where the corrected test does not)."""
     import numpy as np
 
     d = cmp[cmp["metric"] == metric]

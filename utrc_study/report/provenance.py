@@ -4,9 +4,15 @@ and token renderings.
 results.json layout (one per notebook, `figures/<notebook>/results.json`); byte-identical when the
 numbers are (no wall-clock time, no durations, no output paths in it):
     {"notebook", "parameters" (effective, after quick-mode overrides; without the output / cache
-     folders), "seed", "versions" (`utrc_lib.environment.versions()` without git_commit),
-     "flops_definition", "cut_fields", "evaluation" (how scores were computed), "figures", ...extra,
-     "data" (the plotted numbers)}
+     folders), "seed", "computed_on" (the machines that computed the numbers: one record per source of
+     rows, e.g. the committed evidence with its manifest's device, GPU and library versions, and the
+     rows this run computed itself), "rendered_on" (the machine that ran the notebook and drew the
+     figures: {"versions": `utrc_lib.environment.versions()` without git_commit, install-fixed ones
+     only}), "flops_definition", "cut_fields", "evaluation" (how scores were computed), "figures",
+     ...extra, "data" (the plotted numbers)}
+The two machines differ when a notebook renders rows a GPU computed (01 / 02 / 04 from their evidence,
+07 from its committed cache); a notebook that computes everything while it runs says so
+(`COMPUTED_HERE`).
 In every record of "data", a cut is named by what it is (`CUT_FIELDS`): `target_token_layer_cut` (the
 token-layer cut a run was configured for; the sweep's `cut` / the benchmark's `flops_cut`),
 `token_layer_cut` (the one reached) and `analytic_flops_cut`.
@@ -128,16 +134,41 @@ def split_record_fields(obj, path: str = "data"):
     return walk(obj, path), timings
 
 
+COMPUTED_HERE = [{"source": "this run", "machine": "the rendering machine (rendered_on): every number was "
+                                                  "computed while the notebook ran"}]
+
+
+def records_machine(source, records) -> dict:
+    """The "computed_on" entry of a benchmark file (records with "device", "gpu", "versions"): how many
+    records, and each distinct machine (device, GPU, torch / transformers / CUDA / mamba-ssm versions)."""
+    keep = ("torch", "cuda", "transformers", "mamba_ssm", "triton", "utrc_code_version")
+    seen = []
+    for r in records or []:
+        m = {"device": r.get("device"), "gpu": r.get("gpu"),
+             "versions": {k: v for k, v in (r.get("versions") or {}).items() if k in keep}}
+        if m not in seen:
+            seen.append(m)
+    return {"source": str(source), "rows": len(records or []), "machine": seen}
+
+
+def rendered_versions(doc: dict) -> dict:
+    """The rendering machine's versions of a results.json (older files: the top-level "versions")."""
+    return (doc.get("rendered_on") or {}).get("versions") or doc.get("versions") or {}
+
+
 def results_document(notebook: str, *, parameters: dict, data: dict, seed: int,
-                     figures: Sequence[str] = (), **extra) -> tuple[dict, dict]:
-    """(results.json document, run-log fields) of one notebook run (see the module docstring)."""
+                     figures: Sequence[str] = (), computed_on: Optional[list] = None, **extra) -> tuple[dict, dict]:
+    """(results.json document, run-log fields) of one notebook run (see the module docstring).
+    computed_on: where the numbers were computed (default `COMPUTED_HERE`)."""
     params = {k: v for k, v in parameters.items() if k not in LOCATION_PARAMETERS}
     every = environment.versions()
     commit = every.pop("git_commit", None)
     versions = {k: every[k] for k in STABLE_VERSIONS if k in every}
     machine = {k: v for k, v in every.items() if k not in STABLE_VERSIONS}
     clean, timings = split_record_fields(jsonable(data))
-    doc = {"notebook": notebook, "parameters": params, "seed": seed, "versions": versions,
+    doc = {"notebook": notebook, "parameters": params, "seed": seed,
+           "computed_on": computed_on if computed_on is not None else COMPUTED_HERE,
+           "rendered_on": {"versions": versions},
            "flops_definition": FLOPS_DEFINITION, "cut_fields": CUT_FIELD_MEANING, "evaluation": EVALUATION,
            "figures": sorted(figures), **extra, "data": clean}
     log = {"git_commit": commit, "machine": machine,

@@ -4,17 +4,21 @@
     dense = dense_table(rows)           # each v2 task x model: dense accuracy / ppl with 95% CI, chance
     long = long_context_table(rows)     # model x method x cut x task: value, CI, paired delta vs dense,
                                         # token-layer cut and analytic FLOPs cut side by side
-    margin = margin_table(rows)         # UTRC minus each baseline per (model, cut, length): paired CI
-    fig = plot_margins(margin, cut=0.3)
+    margin = margin_table(rows)         # UTRC minus each baseline per (model, cut, task): paired CI, p,
+                                        # Holm over every comparison at that cut (one figure's family)
+    fig = plot_margins(margin, cuts=[0.3])
+    cut_agreement(long), margin_summary(margin), missing_methods(rows, methods), computed_on(rows, source)
+                                        # the notebook's sentences and provenance, rendered from the rows
 
 Per-task accuracy: cloze-kind tasks (cloze_v2, lr_cloze_*) greedy match, choice4_v2 acc_norm (what the
 calibration and the v1 paired analysis use), passkey_* and choice2_v2 acc; longppl_* perplexity
 (token-weighted), compared through the gold log-likelihood per token (higher is better). Rows of one
 (model, task) score the same items in the same order; when a dense row has more items than a reduced
 one (its own limit) the pair uses their common first items (ids checked). Intervals: percentile
-bootstrap (`utrc_study.experiments.stats`), paired; at one length the accuracy margin is the mean over
-that length's accuracy tasks, resampled per task (`paired.stratified_bootstrap`). Lives under
-report/ (not part of the code version: rendering does not change a computed number).
+bootstrap (`utrc_study.experiments.stats`), paired; every task is its own comparison (passkey
+retrieval and long-range cloze measure different things and are never averaged). Bootstrap p-values
+below 1 / resamples print as "< 1/resamples". Lives under report/ (not part of the code version:
+rendering does not change a computed number).
 """
 from __future__ import annotations
 
@@ -25,18 +29,32 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..experiments import paired, stats
+from ..experiments.stats import format_p
 
 SHORT = ("cloze_v2", "choice4_v2", "choice2_v2")
-BASELINES = ("evit", "pumer", "tome")
+BASELINES = ("utrc_reference", "evit", "pumer", "tome")
+METHODS = ("utrc",) + BASELINES
+AGREE_POINTS = 2.0   # token-layer and analytic FLOPs cut "agree" within this many points (cut_agreement)
 MODEL_ORDER = ("tiny-mamba2", "small-mamba2", "tiny-mamba", "small-mamba")
 SHORT_LENGTH = 128
 
-__all__ = ["slim_cache", "load_rows", "stale_rows", "task_fingerprints", "task_length", "acc_field", "dense_table", "long_context_table", "margin_table",
-           "plot_margins", "markdown"]
+__all__ = ["slim_cache", "load_rows", "stale_rows", "task_fingerprints", "task_length", "task_family", "acc_field",
+           "dense_table", "long_context_table", "margin_table", "plot_margins", "markdown", "cut_agreement",
+           "margin_summary", "missing_methods", "computed_on"]
 
 
 def task_length(task: str) -> int:
     return SHORT_LENGTH if task in SHORT else int(task.rsplit("_", 1)[1])
+
+
+def task_family(task: str) -> str:
+    """cloze (cloze_v2 at 128 tokens, lr_cloze_* beyond), passkey, choice4, choice2 or longppl."""
+    if task == "cloze_v2" or task.startswith("lr_cloze"):
+        return "cloze"
+    for fam in ("passkey", "longppl", "choice4", "choice2"):
+        if task.startswith(fam):
+            return fam
+    return task
 
 
 def acc_field(task: str) -> Optional[str]:
@@ -238,50 +256,62 @@ def long_context_table(rows, *, tasks: Optional[Iterable[str]] = None, resamples
 
 
 def margin_table(rows, *, reference: str = "utrc", baselines: Sequence[str] = BASELINES,
+                 holm_over: Sequence[str] = ("cut",), alpha: float = 0.05,
                  resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
-    """DataFrame per (model, cut, length, measure, baseline): reference minus baseline, paired, with 95%
-    CI and p. measure "acc": mean accuracy over that length's accuracy tasks present for both (stratified
-    bootstrap; points of accuracy), "ll": longppl gold log-likelihood per token (nats; higher is better)."""
+    """DataFrame per (model, cut, task, baseline): reference minus baseline, paired, with 95% CI
+    (unadjusted) and bootstrap p. measure "acc": the task's accuracy (points), "ll": longppl gold
+    log-likelihood per token (nats; higher is better). Every task is its own comparison (never averaged
+    with another task of its length). p_holm / verdict: Holm over the rows that share `holm_over`
+    (default: one cut = every comparison one margin figure shows); family_size says how many."""
     import pandas as pd
 
     idx = _index(rows)
     groups = sorted({(m, c) for (m, meth, c, _) in idx if meth == reference}, key=lambda g: (_model_rank(g[0]), g[1]))
     recs = []
     for model, cut in groups:
-        lengths = sorted({task_length(t) for (m, meth, c, t) in idx if (m, meth, c) == (model, reference, cut)})
-        for L in lengths:
+        tasks = sorted({t for (m, meth, c, t) in idx if (m, meth, c) == (model, reference, cut)},
+                       key=lambda t: (task_length(t), t))
+        for t in tasks:
+            r = idx[(model, reference, cut, t)]
             for b in baselines:
-                ga, gb, tasks_acc, ll = [], [], [], None
-                for (m, meth, c, t), r in idx.items():
-                    if (m, meth, c) != (model, reference, cut) or task_length(t) != L:
-                        continue
-                    rb = idx.get((model, b, cut, t))
-                    if rb is None:
-                        continue
-                    ia, ib = r["items"][t], rb["items"][t]
-                    n = _pair(ia, ib)
-                    f = acc_field(t)
-                    if f is None:
-                        ll = (_arr(ia, "ll_per_token", n), _arr(ib, "ll_per_token", n), t)
-                    else:
-                        ga.append(_arr(ia, f, n))
-                        gb.append(_arr(ib, f, n))
-                        tasks_acc.append(t)
-                base = dict(model=model, cut=cut, length=L, reference=reference, baseline=b)
-                if ga:
-                    ci = paired.stratified_bootstrap(ga, gb, resamples=resamples, seed=seed)
-                    recs.append({**base, "measure": "acc", "tasks": ",".join(sorted(tasks_acc)), "delta": ci.estimate,
-                                 "low": ci.low, "high": ci.high, "p": ci.p_value, "n": ci.n})
-                if ll is not None:
-                    ci = stats.paired_bootstrap(ll[0], ll[1], resamples=resamples, seed=seed)
-                    recs.append({**base, "measure": "ll", "tasks": ll[2], "delta": ci.estimate, "low": ci.low,
-                                 "high": ci.high, "p": ci.p_value, "n": ci.n})
-    return pd.DataFrame.from_records(recs)
+                rb = idx.get((model, b, cut, t))
+                if rb is None:
+                    continue
+                ia, ib = r["items"][t], rb["items"][t]
+                n = _pair(ia, ib)
+                f = acc_field(t)
+                base = dict(model=model, cut=cut, length=task_length(t), task=t, family=task_family(t),
+                            reference=reference, baseline=b, measure="acc" if f else "ll")
+                field = f or "ll_per_token"
+                ci = stats.paired_bootstrap(_arr(ia, field, n), _arr(ib, field, n), resamples=resamples, seed=seed)
+                recs.append({**base, "delta": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value,
+                             "resamples": resamples, "n": ci.n})
+    df = pd.DataFrame.from_records(recs)
+    if not len(df):
+        return df
+    df["p_holm"], df["verdict"], df["family_size"] = 1.0, "unresolved", 0
+    for _, g in df.groupby(list(holm_over), sort=False):
+        adj = stats.holm({i: stats.p_floor(df.at[i, "p"], resamples) for i in g.index})
+        for i in g.index:
+            df.at[i, "p_holm"], df.at[i, "family_size"] = adj[i], len(g)
+            if adj[i] < alpha and df.at[i, "delta"] != 0:
+                df.at[i, "verdict"] = "beats" if df.at[i, "delta"] > 0 else "beaten"
+    df["holm_over"] = ",".join(holm_over)
+    return df
 
 
-def plot_margins(margin, cuts: Sequence[float] = (0.3,), measures: Sequence[str] = ("acc", "ll")):
-    """Figure: one column per model (scale), one row per measure; x: input length (log2 axis), one line
-    per baseline (UTRC minus it, 95% CI bars), linestyle per cut; a dashed zero line."""
+# rows of the margin figure: (name, task families, axis label)
+FIGURE_ROWS = (("cloze", ("cloze",), "cloze (128: cloze_v2,\nlonger: lr_cloze)"),
+               ("passkey", ("passkey",), "passkey retrieval"),
+               ("choice", ("choice4", "choice2"), "choice4_v2 (o), choice2_v2 (s)\n(128 tokens only)"),
+               ("longppl", ("longppl",), "held-out text"))
+
+
+def plot_margins(margin, cuts: Sequence[float] = (0.3,)):
+    """Figure: one column per model (scale), one row per task family (cloze, passkey, choice, longppl:
+    every task on its own, never averaged); x: input length (log2 axis), one line per baseline (UTRC
+    minus it, unadjusted 95% CI bars), linestyle per cut; filled markers: Holm-significant over the
+    table's family (`margin_table`: every comparison at that cut), open markers: not. Dashed zero line."""
     import matplotlib.pyplot as plt
 
     from . import plotting
@@ -292,40 +322,149 @@ def plot_margins(margin, cuts: Sequence[float] = (0.3,), measures: Sequence[str]
         ax.set_axis_off()
         return fig
     models = sorted(margin["model"].unique(), key=_model_rank)
-    measures = [m for m in measures if (margin["measure"] == m).any()]
-    fig, axes = plt.subplots(len(measures), len(models), figsize=(max(6.0, 3.6 * len(models)), 2.9 * len(measures)),
+    shown = margin[np.isclose(margin["cut"].to_numpy(float)[:, None], np.asarray(cuts, float)[None, :]).any(1)]
+    rows = [r for r in FIGURE_ROWS if shown["family"].isin(r[1]).any()]
+    fig, axes = plt.subplots(len(rows), len(models), figsize=(max(6.0, 3.6 * len(models)), 2.5 * len(rows) + 0.9),
                              squeeze=False, sharex=True)
     styles = ["-", "--", ":"]
-    for i, meas in enumerate(measures):
+    baselines = list(dict.fromkeys(shown["baseline"]))
+    for i, (row, fams, name) in enumerate(rows):
         for j, model in enumerate(models):
             ax = axes[i][j]
             ax.axhline(0, color="k", lw=0.8, ls="--")
             for k, cut in enumerate(cuts):
-                sub = margin[(margin["model"] == model) & (margin["measure"] == meas) & np.isclose(margin["cut"], cut)]
-                for b in sorted(sub["baseline"].unique()):
-                    s = sub[sub["baseline"] == b].sort_values("length")
-                    scale = 100 if meas == "acc" else 1
-                    y = s["delta"] * scale
-                    err = np.vstack([(s["delta"] - s["low"]) * scale, (s["high"] - s["delta"]) * scale])
-                    off = 1 + 0.03 * (sorted(sub["baseline"].unique()).index(b) - 1)
-                    ax.errorbar(s["length"] * off, y, yerr=err, marker="o", ms=3.5, capsize=2,
-                                ls=styles[k % len(styles)], color=plotting.style(b)["color"],
-                                label=f"vs {b}" + (f" @ {cut:.0%}" if len(cuts) > 1 else ""))
+                sub = shown[(shown["model"] == model) & np.isclose(shown["cut"], cut)]
+                for bi, b in enumerate(baselines):
+                    fb = sub[(sub["baseline"] == b) & sub["family"].isin(fams)]
+                    # one line per task kind: lr_cloze_* across lengths; cloze_v2 / choice tasks: single points
+                    for si, (kind, s) in enumerate(fb.groupby(fb["task"].str.replace(r"_\d+$", "", regex=True), sort=False)):
+                        s = s.sort_values("length")
+                        scale = 100 if s["measure"].iloc[0] == "acc" else 1
+                        wide = 0.07 if row == "choice" else 0.035
+                        off = 1 + wide * (bi - (len(baselines) - 1) / 2) + (0.02 if kind == "choice2_v2" else 0)
+                        col, mk = plotting.style(b)["color"], "s" if kind == "choice2_v2" else "o"
+                        xs, y = (s["length"] * off).to_numpy(), (s["delta"] * scale).to_numpy()
+                        err = np.vstack([(s["delta"] - s["low"]) * scale, (s["high"] - s["delta"]) * scale])
+                        ax.errorbar(xs, y, yerr=err, ls=styles[k % len(styles)], color=col, capsize=2, lw=1.0,
+                                    label=None if si else f"vs {b}" + (f" @ {cut:.0%}" if len(cuts) > 1 else ""))
+                        sig = (s["verdict"] != "unresolved").to_numpy()
+                        ax.plot(xs[sig], y[sig], mk, color=col, ms=5, ls="none")
+                        ax.plot(xs[~sig], y[~sig], mk, color=col, mfc="white", ms=5, ls="none")
             ax.set_xscale("log", base=2)
             ax.set_xticks([128, 512, 1024, 2048])
             ax.set_xticklabels(["128", "512", "1024", "2048"])
             if i == 0:
                 ax.set_title(model)
-            if i == len(measures) - 1:
+            if i == len(rows) - 1:
                 ax.set_xlabel("input length (tokens; 128 = short tasks)")
             if j == 0:
-                ax.set_ylabel("UTRC - baseline, acc points" if meas == "acc" else "UTRC - baseline, ll/token (nats)")
+                unit = "ll/token (nats)" if row == "longppl" else "acc points"
+                ax.set_ylabel(f"{name}\nUTRC - baseline, {unit}", fontsize=7.5)
             if i == 0 and j == len(models) - 1:
                 ax.legend(fontsize=7, loc="best")
-    title = "UTRC's margin over each baseline (paired 95% CI) at " + ", ".join(f"{c:.0%}" for c in cuts) + " cut"
-    fig.suptitle(title, fontsize=10)
+    sizes = "/".join(str(int(v)) for v in sorted(set(shown["family_size"])))
+    fig.suptitle("UTRC's margin over each baseline at " + ", ".join(f"{c:.0%}" for c in cuts) + " cut. Bars: "
+                 f"unadjusted 95% CI. Filled marker: Holm-significant over the {sizes} comparisons at that cut "
+                 "(every model, task and baseline); open: not", fontsize=8.5)
     fig.tight_layout()
     return fig
+
+
+def cut_agreement(long, *, within: float = AGREE_POINTS) -> str:
+    """Markdown: per input length and method, the range (over models and target cuts) of the
+    token-layer cut minus the analytic FLOPs cut in points, and a sentence naming where the two agree
+    within `within` points and where they are furthest apart (all read from `long`)."""
+    if long is None or not len(long) or "analytic_flops_cut" not in long:
+        return "(no reduced rows: no cuts to compare)"
+    d = long.dropna(subset=["analytic_flops_cut"]).copy()
+    d["gap"] = 100 * (d["token_layer_cut"] - d["analytic_flops_cut"])
+    methods = list(dict.fromkeys(d["method"]))
+    lines = ["Token-layer cut minus analytic FLOPs cut, in percentage points (range over models and target cuts; "
+             "positive: the analytic cut is smaller):", "",
+             "| length | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    agree: dict = {}
+    for L, g in d.groupby("length"):
+        cells = []
+        for m in methods:
+            s = g[g["method"] == m]["gap"]
+            cells.append(f"{s.min():.1f} to {s.max():.1f}" if len(s) else "")
+            if len(s) and s.abs().max() <= within:
+                agree.setdefault(int(L), []).append(m)
+        lines.append(f"| {L} | " + " | ".join(cells) + " |")
+    worst = d.loc[d["gap"].abs().idxmax()]
+    spread = d.assign(a=d["gap"].abs()).groupby(["length", "method"])["a"].max()
+    (bl, bm), best = spread.idxmin(), spread.min()
+    said = "; ".join(f"at {L} tokens for {', '.join(ms)}" for L, ms in sorted(agree.items())) or "at no length"
+    lines += ["", f"The two cuts agree within {within:g} points (every model and target cut) {said}; they are "
+              f"closest for {bm} at {int(bl)} tokens (at most {best:.1f} points apart) and "
+              f"furthest apart for {worst['method']} at {int(worst['length'])} tokens ({worst['model']}, target "
+              f"{worst['cut']:.0%}: analytic FLOPs cut {worst['analytic_flops_cut']:.1%}). The analytic cut also "
+              f"counts the reduction's own FLOPs (importance, similarity, merges) and the unreduced costs "
+              f"(embedding, LM head)."]
+    return "\n".join(lines)
+
+
+def margin_summary(margin) -> str:
+    """Markdown: per cut, how many comparisons survive the Holm correction over that cut's family (the
+    figure's) and which, with their margins; per task family, the range of the margins."""
+    if margin is None or not len(margin):
+        return "No UTRC / baseline pairs in the cache."
+    out = []
+    for cut, g in sorted(margin.groupby("cut"), key=lambda x: -x[0]):
+        sig = g[g["verdict"] != "unresolved"]
+        head = (f"* **{cut:.0%} cut**: {len(sig)} of {len(g)} comparisons (models x tasks x baselines) survive the "
+                f"Holm correction over them")
+        items = []
+        for (verdict, task, b), h in sig.groupby(["verdict", "task", "baseline"], sort=True):
+            sc, dg, unit = (100, 1, " points") if h["measure"].iloc[0] == "acc" else (1, 3, " nats/token")
+            where = (f"{h['model'].iloc[0]}, {sc * h['delta'].iloc[0]:+.{dg}f}{unit}" if len(h) == 1 else
+                     f"{len(h)} models, {sc * h['delta'].min():+.{dg}f} to {sc * h['delta'].max():+.{dg}f}{unit}")
+            items.append(f"{'better' if verdict == 'beats' else 'worse'} than {b} on {task} ({where})")
+        out.append(head + (": UTRC " + "; ".join(items) if items else "") + ".")
+        for fam, f in g.groupby("family", sort=False):
+            sc, dg, unit = (100, 1, "points") if f["measure"].iloc[0] == "acc" else (1, 3, "nats/token")
+            out.append(f"  * {fam} ({', '.join(dict.fromkeys(f['task']))}): UTRC minus baseline from "
+                       f"{sc * f['delta'].min():+.{dg}f} to {sc * f['delta'].max():+.{dg}f} {unit}; "
+                       f"{int(((f['low'] > 0) | (f['high'] < 0)).sum())} of {len(f)} unadjusted intervals exclude 0")
+    return "\n".join(out)
+
+
+def missing_methods(rows, methods: Sequence[str]) -> list:
+    """The reduced methods of `methods` without a single row in `rows` (e.g. the cache predates them)."""
+    have = {r["params"]["method"] for r in rows}
+    return [m for m in methods if m not in paired.DENSE_METHODS and m not in have]
+
+
+def computed_on(rows, source) -> list:
+    """results.json's "computed_on" of a scale-length cache: one record per device of the rows (row count,
+    code versions of the rows) with the machines the run logs beside the cache name (the "host ..." and
+    "torch ... transformers ... cuda ..." lines the scripts print, and each log's header comments)."""
+    import re
+
+    src = Path(source)
+    logs = []
+    for log in sorted(src.parent.glob("*.log")) if src.parent.is_dir() else []:
+        text = log.read_text(errors="replace").splitlines()
+        m = {"log": log.name, "header": " ".join(l[2:] for l in text[:20] if l.startswith("# "))}
+        host = next((l[5:] for l in text if l.startswith("host ")), None)
+        tv = next((l.split() for l in text if re.match(r"^torch \S+ transformers \S+", l)), None)
+        if host:
+            m["host"] = host
+        if tv:
+            m.update(dict(zip(tv[::2], tv[1::2])))
+        logs.append(m)
+    groups: dict = {}
+    for r in rows:
+        g = groups.setdefault(str((r.get("result") or {}).get("meta/device") or "?"), {"rows": 0, "versions": set()})
+        g["rows"] += 1
+        g["versions"].add(r.get("version"))
+    out = []
+    for dev, g in sorted(groups.items()):
+        match = [m for m in logs if (m.get("cuda") == "True") == dev.startswith("cuda")]
+        out.append({"source": src.name, "device": dev, "rows": g["rows"],
+                    "code_versions": sorted(v for v in g["versions"] if v),
+                    "machine": match or "no run log beside the cache names this machine"})
+    return out
 
 
 def _fmt(v, lo, hi, scale=100.0, digits=1):
@@ -334,8 +473,9 @@ def _fmt(v, lo, hi, scale=100.0, digits=1):
     return f"{scale * v:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
 
 
-def markdown(dense, long, margin=None) -> dict:
-    """{"dense_accuracy.md": text, "long_context_table.md": text} from the tables."""
+def markdown(dense, long, margin=None, *, resamples: int = stats.DEFAULT_RESAMPLES) -> dict:
+    """{"dense_accuracy.md": text, "long_context_table.md": text} from the tables (`resamples`: of the
+    bootstrap p-values, printed "< 1/resamples" below that)."""
     import pandas as pd
 
     out = {}
@@ -380,20 +520,26 @@ def markdown(dense, long, margin=None) -> dict:
                          sc, 2 if ppl else 1) if hasattr(r, "delta") else ""
             p = getattr(r, "p_vs_dense", float("nan"))
             ach = r.achieved_token_layer_cut
+            p_text = format_p(p, resamples if ppl else None)   # ppl: paired bootstrap; accuracy: exact McNemar
             lines.append(f"| {r.model} | {r.method} | {r.cut:.0%} | {r.task} | {r.n} | {_fmt(r.value, r.low, r.high, sc)} | "
-                         f"{delta} | {'' if p is None or np.isnan(p) else f'{p:.3g}'} | "
+                         f"{delta} | {p_text} | "
                          f"{r.token_layer_cut:.1%} ({'' if ach is None or np.isnan(ach) else f'{ach:.1%}'}) | "
                          f"{r.analytic_flops_cut:.1%} @ {r.analytic_flops_seq_len} |")
     else:
         lines.append("(no reduced rows in the cache)")
     if margin is not None and len(margin):
-        lines += ["", "## UTRC minus each baseline (the figure's numbers)", "",
-                  "| model | cut | length | measure | baseline | delta [95% CI] | p | n | tasks |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        sizes = "/".join(str(int(v)) for v in sorted(set(margin["family_size"])))
+        lines += ["", "## UTRC minus each baseline (the figures' numbers)", "",
+                  f"Every task on its own (acc: points; ll: longppl log-likelihood per token, nats); 95% CI "
+                  f"unadjusted; p: paired bootstrap ({resamples} resamples); p_holm: Holm over every comparison "
+                  f"at the same cut ({sizes} comparisons: models x tasks x baselines, one margin figure).", "",
+                  "| model | cut | length | task | measure | baseline | delta [95% CI] | p | p_holm | verdict | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in margin.itertuples():
             sc, dg = (100, 1) if r.measure == "acc" else (1, 4)
-            lines.append(f"| {r.model} | {r.cut:.0%} | {r.length} | {r.measure} | {r.baseline} | "
-                         f"{_fmt(r.delta, r.low, r.high, sc, dg)} | {r.p:.3g} | {r.n} | {r.tasks} |")
+            lines.append(f"| {r.model} | {r.cut:.0%} | {r.length} | {r.task} | {r.measure} | {r.baseline} | "
+                         f"{_fmt(r.delta, r.low, r.high, sc, dg)} | {format_p(r.p, r.resamples)} | "
+                         f"{format_p(r.p_holm)} | {r.verdict} | {r.n} |")
     out["long_context_table.md"] = "\n".join(lines) + "\n"
     return out
 
