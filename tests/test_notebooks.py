@@ -105,9 +105,7 @@ def _code_lines(src: Path) -> int:
                for line in body if line.strip())
 
 
-@pytest.mark.parametrize("name", [pytest.param(p.stem, marks=pytest.mark.xfail(
-    strict=True, reason="issue 29: 03's helpers are not yet in utrc_study")) if p.stem == "03_efficiency" else p.stem
-    for p in sorted(NB.glob("[0-9][0-9]_*.py"))])
+@pytest.mark.parametrize("name", [p.stem for p in sorted(NB.glob("[0-9][0-9]_*.py"))])
 def test_notebook_sources_are_short(name):
     """Issue 29: a notebook's source has at most ~150 code lines; helpers live in utrc_study."""
     assert _code_lines(NB / f"{name}.py") <= 150

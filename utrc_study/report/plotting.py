@@ -352,3 +352,69 @@ def margin_panel(ax, cmp, metric: str, *, cuts: Sequence[float], baselines: Sequ
         ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=8)
+
+
+def gpu_generation_figure(gen_table, gpus=()):
+    """Notebook 03's generation figure from `utrc_study.experiments.bench.generation_table` rows (a
+    DataFrame with paper_speedup): per model shape, the end-to-end speed-up against the cut (Amdahl bound
+    dotted), against the number of new tokens, and decoding ms per step against its bandwidth bound;
+    None when there is no CUDA-graph row."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cg = gen_table[gen_table["decoding"] == "cuda_graph"]
+    shapes = sorted(cg["model_shape"].unique())
+    if not len(shapes):
+        return None
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(15, 3.6 * len(shapes)), squeeze=False)
+    for shape, row in zip(shapes, axes):
+        g = cg[cg["model_shape"] == shape]
+        for n, col in zip(sorted(g["new_tokens"].unique()), ["#0072B2", "#E69F00", "#009E73", "#CC79A7"]):
+            for m, ls in (("utrc", "-"), ("slice", "--")):
+                e = g[(g["method"].isin([m, "dense"])) & (g["new_tokens"] == n)].sort_values("flops_cut")
+                e = e[e["e2e_speedup_vs_dense"].notna()]
+                if len(e) > 1:
+                    row[0].plot(100 * e["flops_cut"], e["e2e_speedup_vs_dense"], ls=ls, marker="o", color=col,
+                                label=f"{style(m)['label'] if m == 'utrc' else 'free slicing'}, {n} tokens")
+            b = g[(g["method"] == "utrc") & (g["new_tokens"] == n)].sort_values("flops_cut")
+            if len(b):
+                row[0].plot(100 * b["flops_cut"], b["amdahl_bound"], ls=":", color=col, lw=1)
+        p = g[g["paper_speedup"].notna()]
+        if len(p):
+            row[0].plot(100 * p["flops_cut"], p["paper_speedup"].astype(float), "k*", ms=9, label="paper (A100, 100 tokens)")
+        row[0].axhline(1.0, color="black", lw=0.6)
+        row[0].set_xlabel(TOKEN_LAYER_CUT_LABEL); row[0].set_ylabel("end-to-end speed-up vs dense (x)")
+        row[0].set_title(f"{shape}: dotted = Amdahl bound from the dense prefill share", fontsize=8)
+        row[0].legend(fontsize=6)
+        top = g[g["flops_cut"] == g["flops_cut"].max()]
+        for m, ls, col in (("utrc", "-", "#0072B2"), ("slice", "--", "#009E73")):
+            e = top[top["method"] == m].sort_values("new_tokens")
+            if len(e):
+                row[1].plot(e["new_tokens"], e["e2e_speedup_vs_dense"], ls=ls, marker="o", color=col,
+                            label=style(m)["label"] if m == "utrc" else "free slicing")
+                if m == "utrc":
+                    row[1].plot(e["new_tokens"], e["amdahl_bound"], ls=":", color="grey", label="Amdahl bound")
+        d = g[g["method"] == "dense"].sort_values("new_tokens")
+        if len(d):
+            ax2 = row[1].twinx()
+            ax2.plot(d["new_tokens"], 100 * (d["prefill_ms"] / d["e2e_ms"]), color="#D55E00", marker="s", lw=0.8)
+            ax2.set_ylabel("dense prefill share (%)", color="#D55E00")
+        ns = sorted(g["new_tokens"].unique())
+        row[1].set_xscale("log"); row[1].set_xticks(ns, [str(n) for n in ns]); row[1].minorticks_off()
+        row[1].axhline(1.0, color="black", lw=0.6)
+        row[1].set_xlabel("new tokens"); row[1].set_ylabel(f"speed-up at {100 * g['flops_cut'].max():.0f}% cut (x)")
+        row[1].set_title("the reduction's share falls as generation grows", fontsize=8); row[1].legend(fontsize=6)
+        dd = (g.sort_values("new_tokens", ascending=False).drop_duplicates(["method", "flops_cut"])
+              .sort_values(["method", "flops_cut"]))   # each configuration's longest run
+        x = np.arange(len(dd))
+        row[2].bar(x, dd["decode_ms_per_token"], color="#0072B2", label="decode ms/token (median)")
+        if dd["decode_bound_ms"].notna().any():
+            row[2].axhline(float(dd["decode_bound_ms"].dropna().iloc[0]), color="black", ls="--",
+                           label="bound: weights + 2 x state / copy bandwidth")
+        row[2].set_xticks(x, [f"{m}\n{c:.0%}\n{n} tok" for m, c, n in zip(dd["method"], dd["flops_cut"], dd["new_tokens"])],
+                          fontsize=7)
+        row[2].set_ylabel("ms per decoding step"); row[2].legend(fontsize=6)
+        row[2].set_title("decoding (CUDA graphs) does not depend on the method", fontsize=8)
+    fig.suptitle(f"Generation with CUDA-graph decoding on {', '.join(gpus) or 'GPU'}, batch 16 x 2048, fp16")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    return fig
