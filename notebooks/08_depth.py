@@ -27,13 +27,13 @@
 # %% tags=["parameters"]
 # Parameters (papermill / `python -m utrc_study.figures --param key=value` override them)
 quick: bool = False
-evidence: str = "../figures/08_depth/evidence"   # per-item rows of scripts/gpu_depth_eval.py; "": compute here
+evidence: str = "../figures/08_depth/evidence"   # per-item rows of scripts/gpu_depth_eval.py; empty: compute here
 model_names: list = ["depth-mamba2-12", "depth-mamba2-24", "depth-mamba2-48", "depth-mamba2-64"]
 methods: list = ["utrc", "evit", "pumer", "tome", "merge_only", "prune_only", "random", "utrc_reference"]
 cuts: list = [0.2, 0.1, 0.3]
 schedules: list = ["library", "relative"]
 tasks: list = ["cloze_v2", "choice4_v2", "choice2_v2"]   # accuracy and KL are averaged over these tasks
-limit: int = 2                               # items per task when computing here (evidence="")
+limit: int = 2                               # items per task when computing here (no evidence)
 seed: int = 0
 resamples: int = 10000                       # bootstrap resamples of every interval
 out_dir: str = ""                            # empty: scratch .cache/notebooks/<name>; `make figures` passes figures/<name>
@@ -59,7 +59,8 @@ if quick:   # two small models of different depth, computed here
     tasks, limit, resamples, evidence = ["choice2_v2"], 2, min(resamples, 300), ""
 if evidence and ev.exists(evidence):
     rows = [r for r in ev.load(evidence).rows if r["params"]["model"] in model_names]
-    source = f"evidence {evidence}"
+    where = Path(evidence).resolve()
+    source = f"evidence {where.relative_to(Path('..').resolve()) if where.is_relative_to(Path('..').resolve()) else where}"
 else:
     model_names = depth.with_weights(model_names)   # a clean clone has only the 64-layer weights of the family
     configs = depth.plan(model_names, methods, cuts, schedules, tasks, limit, engine="fast")
@@ -156,7 +157,8 @@ for b in baselines:
         scale = 100 if rec.metric == "acc" else 1
         slope = "" if not np.isfinite(rec.slope) else \
             f"slope {scale * rec.slope:+.3g} [{scale * rec.low:+.3g}, {scale * rec.high:+.3g}] {unit}, "
-        first = f"UTRC ahead from {rec.beats_from} layers" if rec.beats_from else "UTRC never significantly ahead"
+        first = (f"UTRC ahead from {int(rec.beats_from)} layers" if pd.notna(rec.beats_from)
+                 else "UTRC ahead at no depth")
         parts.append(f"{rec.metric} at {rec.cut:.0%} ({rec.schedule}): {slope}{rec.verdict}; {first}")
     if parts:
         lines.append(f"**UTRC vs {plotting.style(b)['label']}**: " + "; ".join(parts) + ".")

@@ -253,7 +253,10 @@ def slopes(table, *, level: float = stats.DEFAULT_LEVEL):
         verdict = "grows" if lo > 0 else "shrinks" if hi < 0 else "unresolved"
         rec.update(slope=slope, low=lo, high=hi, verdict=verdict)
         recs.append(rec)
-    return pd.DataFrame.from_records(recs)
+    out = pd.DataFrame.from_records(recs)
+    if len(out):
+        out["beats_from"] = out["beats_from"].astype("Int64")   # a depth, or <NA> where UTRC is ahead at none
+    return out
 
 
 def collapsed(rows: Sequence[dict], depth_of, *, resamples: int = stats.DEFAULT_RESAMPLES,
