@@ -196,6 +196,7 @@ def test_tiny_mamba2_items_fast_equals_classic(tiny2, method):
             assert b[t]["dense_fallback"] == a[t]["dense_fallback"]
 
 
+@pytest.mark.heavy
 def test_sweep_fast_engine_rows_equal_classic_rows():
     """A sweep row scored with engine="fast" has the classic row's per-item outcomes (same items, same
     correctness, log-likelihoods within float tolerance), and its dense reference is reused."""

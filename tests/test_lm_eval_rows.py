@@ -69,6 +69,7 @@ def test_hub_id_of_a_mamba_ssm_repo_loads_from_the_local_cache(tmp_path):
     assert out.stdout.split()[-2:] == ["Mamba2ForCausalLM", f"hub:{repo}@{HUB_TEST_SHA}"]
 
 
+@pytest.mark.heavy
 def test_sweep_rows_from_lm_eval_task_names(tmp_path):
     """The notebooks' sweep (01: dense + methods at a cut) with lm-eval task names: per-item rows with
     the built-in layout and numbers, consumed by stats / paired, resumable from the cache."""

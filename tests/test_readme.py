@@ -59,6 +59,7 @@ def test_readme_is_a_front_page():
 
 
 # -- the snippets print what the pages say ------------------------------------------------------------
+@pytest.mark.heavy
 @pytest.mark.timeout(600)
 def test_readme_snippet_prints_a_reduced_forward(capsys):
     import utrc_lib
@@ -78,6 +79,7 @@ def test_readme_snippet_prints_a_reduced_forward(capsys):
     assert answer.startswith("'") and len(answer) > 2       # a non-empty decoded continuation
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 def test_api_snippets_print_what_the_page_says(capsys):
     import utrc_lib

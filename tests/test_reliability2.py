@@ -301,6 +301,7 @@ def test_item7_entry_point_declared():
     assert getattr(importlib.import_module(module), attr) is UTRCLM
 
 
+@pytest.mark.heavy
 def test_item7_lm_eval_cli_offline_on_a_local_task(tmp_path):
     pytest.importorskip("lm_eval")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
