@@ -268,13 +268,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str], config=None, *, limit: Opti
 
     names = check_tasks(tasks)
     ensure_unpatched(model, "utrc_study.eval.lm_eval_rows.evaluate")
-    asked = config
-    if protocol is not None:
-        from .protocol import resolve_protocol
+    from .protocol import resolve_scoring
 
-        config, protect = resolve_protocol(config, protocol)
-    else:
-        protocol = "leak_free" if protect else "unprotected"
+    asked = config
+    config, protect, protocol = resolve_scoring(config, protocol, protect)
     local = set(task_manager(False).all_tasks)
     tm = task_manager(not all(n in local for n in names))   # lm-eval's catalogue only when needed
     lm = UTRCLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,

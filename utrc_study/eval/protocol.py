@@ -40,3 +40,12 @@ def resolve_protocol(config: Optional[ReductionConfig], protocol: str = "leak_fr
     run = config.replace(method=AUTHORS_METHODS.get(config.method, config.method), causal=False,
                          ratio_basis="batch", protect_last=0, protect_from=None)
     return run, False
+
+
+def resolve_scoring(config: Optional[ReductionConfig], protocol: Optional[str], protect: bool):
+    """(config, protect, protocol name) of one scoring call: the protocol's (`resolve_protocol`) when
+    `protocol` is given, else the config as given with `protect`, named "leak_free" / "unprotected"."""
+    if protocol is not None:
+        config, protect = resolve_protocol(config, protocol)
+        return config, protect, protocol
+    return config, protect, "leak_free" if protect else "unprotected"

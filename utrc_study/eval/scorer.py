@@ -268,13 +268,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, config: Opt
     from utrc_lib.hosts.handle import ensure_unpatched
 
     ensure_unpatched(model, "utrc_study.eval.scorer.evaluate")
-    asked = config
-    if protocol is not None:
-        from .protocol import resolve_protocol
+    from .protocol import resolve_scoring
 
-        config, protect = resolve_protocol(config, protocol)
-    else:
-        protocol = "leak_free" if protect else "unprotected"
+    asked = config
+    config, protect, protocol = resolve_scoring(config, protocol, protect)
     was_training = model.training
     model.eval()
     results: dict = {}
