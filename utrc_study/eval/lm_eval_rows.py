@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import time
 from typing import Optional, Sequence
 
 from . import TASKS_DIR
+from .scorer import _stderr   # the built-in evaluator's standard error of a mean
 
 __all__ = ["is_builtin", "split_tasks", "check_tasks", "local_source", "task_manager", "evaluate",
            "items_from_samples", "gold_index"]
@@ -216,14 +216,6 @@ def items_from_samples(task, samples: list, details: Optional[dict] = None) -> d
         if has_norm:
             out["correct_norm"].append(int(round(float(r["acc_norm"]))))
     return out
-
-
-def _stderr(values: Sequence[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    m = sum(values) / n
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
 def _aggregates(task_results: dict, items: dict) -> dict:
