@@ -59,12 +59,14 @@ REM=$(left); bench mamba2-2.7b $(( REM * 55 / 100 ))
 REM=$(left); bench mamba-2.8b $(( REM - 10 ))
 
 python3 - "$JSON" <<'PY' 2>&1 | tee -a "$LOG"
-import json, sys
+import sys
+from utrc_study.experiments.bench import load_records
 try:
-    recs = json.load(open(sys.argv[1]))
-    recs = recs["records"] if isinstance(recs, dict) else recs
+    recs = load_records(sys.argv[1])
 except Exception as e:
     sys.exit(f"no records: {e}")
+if not recs:
+    sys.exit(f"no records in {sys.argv[1]}")
 print(f"{'kind':8s} {'shape':12s} {'method':15s} {'cut':>4s} {'ms':>8s} {'speedup':>7s} {'%slice':>6s} "
       f"{'red/anc':>7s} {'ovh%':>5s} {'e2e%':>5s} {'memL':>6s} {'memF':>6s}")
 for r in recs:

@@ -73,13 +73,9 @@ def main(argv=None) -> int:
     start = time.time()
     out = Path(a.out)
     (out / "08_depth").mkdir(parents=True, exist_ok=True)
-    logf = open(out / "gpu_depth_eval.log", "a", encoding="utf-8")
+    from utrc_study.experiments.timing import progress_log
 
-    def say(msg: str) -> None:
-        line = f"[depth_eval +{time.time() - start:.0f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+    say = progress_log(out / "gpu_depth_eval.log", "depth_eval", start)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -130,13 +130,9 @@ def main(argv=None) -> int:
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "gpu_evidence.log", "a", encoding="utf-8")
+    from utrc_study.experiments.timing import progress_log
 
-    def say(msg: str) -> None:
-        line = f"[gpu_evidence +{time.time() - start:.0f}s] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+    say = progress_log(out / "gpu_evidence.log", "gpu_evidence", start)
 
     import torch
 
@@ -267,7 +263,6 @@ def main(argv=None) -> int:
     status = "COMPLETE" if missing_total == 0 else f"INCOMPLETE: {missing_total} configurations missing; copy the " \
                                                    f"folders into the repo and run the same command again"
     say(f"done in {time.time() - start:.0f}s; {status}")
-    logf.close()
     return 0 if missing_total == 0 else 3
 
 

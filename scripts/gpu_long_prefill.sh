@@ -65,12 +65,14 @@ REM=$(left); bench $(( REM * 75 / 100 )) $ALL --cuts 0.3 --batch 1 --seq-len 131
 REM=$(left); bench $(( REM - 5 )) --methods dense,slice,utrc --cuts 0.1,0.2 --batch 1 --seq-len 131072 --repeats 3
 
 python3 - "$JSON" <<'PY' 2>&1 | tee -a "$LOG"
-import json, sys
+import sys
+from utrc_study.experiments.bench import load_records
 try:
-    recs = json.load(open(sys.argv[1]))
-    recs = recs["records"] if isinstance(recs, dict) else recs
+    recs = load_records(sys.argv[1])
 except Exception as e:
     sys.exit(f"no records: {e}")
+if not recs:
+    sys.exit(f"no records in {sys.argv[1]}")
 print(f"{'shape':11s} {'BxN':>9s} {'method':6s} {'cut':>4s} {'ms':>8s} {'±%':>4s} {'speedup':>7s} {'%slice':>6s} "
       f"{'ms/anc':>6s} {'anc%dn':>6s} {'peak GB':>7s} {'pk/dn':>5s} {'xtraGB':>6s} {'xt%pk':>5s}")
 for r in sorted(recs, key=lambda r: (r["seq_len"], r["batch"], r["method"] != "dense", r["method"], r["flops_cut"])):

@@ -588,7 +588,23 @@ DEFAULT_MAX_LENGTH = 1024   # utrc_study.eval.scorer.evaluate's default input le
 
 
 ENGINES = ("classic", "fast", "fast_ssm", "fast_ssm_bf16")
-_FAST_REFERENCES: dict = {}    # (id(model), engine, task, limit, max_length) -> FastReference of the dense pass
+# (id(model), engine, task, limit, max_length) -> (weakref to the model, FastReference of its dense pass); an
+# entry whose model is gone is never served (an id can be reused) and is dropped on the next store
+_FAST_REFERENCES: dict = {}
+
+
+def _cached(cache: dict, key: tuple, model):
+    """The value stored under `key` for this very `model` (None for another object with a reused id)."""
+    hit = cache.get(key)
+    return hit[1] if hit is not None and hit[0]() is model else None
+
+
+def _store(cache: dict, key: tuple, model, value) -> None:
+    import weakref
+
+    for k in [k for k, (ref, _) in cache.items() if ref() is None]:
+        del cache[k]
+    cache[key] = (weakref.ref(model), value)
 
 
 def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items: bool = False,
@@ -619,27 +635,30 @@ def _evaluate(model, tok, tasks, config, limit, batch_size, protect: bool, items
         run_model = _ssm_twin(model)
         if engine == "fast_ssm_bf16":
             kw["autocast"] = torch.bfloat16
-    refs = {t: _FAST_REFERENCES[(id(run_model), engine, t, limit, max_length)] for t in tasks
-            if (id(run_model), engine, t, limit, max_length) in _FAST_REFERENCES} if items else None
+    refs = None
+    if items:
+        refs = {t: _cached(_FAST_REFERENCES, (id(run_model), engine, t, limit, max_length), run_model) for t in tasks}
+        refs = {t: r for t, r in refs.items() if r is not None}
     res = fast.evaluate_fast(run_model, tok, tuple(tasks), config, limit=limit, max_length=max_length,
                              protect=protect, items=items, reference=refs, hf_model=model, **kw)
     for t, ref in (res.pop("references", None) or {}).items():
-        _FAST_REFERENCES[(id(run_model), engine, t, limit, max_length)] = ref
+        _store(_FAST_REFERENCES, (id(run_model), engine, t, limit, max_length), run_model, ref)
     return res
 
 
-_SSM_TWINS: dict = {}   # id(transformers model) -> its mamba-ssm conversion (same weights, same device)
+_SSM_TWINS: dict = {}   # (id(transformers model),) -> (weakref to it, its mamba-ssm conversion on the same device)
 
 
 def _ssm_twin(model):
     from ..eval.fast import mamba_ssm_model
 
-    twin = _SSM_TWINS.get(id(model))
+    twin = _cached(_SSM_TWINS, (id(model),), model)
     if twin is None:
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise RuntimeError("the fast_ssm engines need the model on a CUDA device (mamba-ssm's kernels)")
-        twin = _SSM_TWINS[id(model)] = mamba_ssm_model(model, device=str(device))
+        twin = mamba_ssm_model(model, device=str(device))
+        _store(_SSM_TWINS, (id(model),), model, twin)
     return twin
 
 

@@ -91,3 +91,17 @@ def peak_memory_gb(fn: Callable[[], object], device) -> Optional[float]:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def progress_log(path, tag: str, start: Optional[float] = None) -> Callable[[str], None]:
+    """`say(msg)` for a long run: prints "[tag +Ns] msg" (N seconds since `start`, default now) and
+    appends the same line to the file `path` (flushed, so a killed run keeps its log)."""
+    t0 = time.time() if start is None else start
+    f = open(path, "a", encoding="utf-8")
+
+    def say(msg: str) -> None:
+        line = f"[{tag} +{time.time() - t0:.0f}s] {msg}"
+        print(line, flush=True)
+        f.write(line + "\n")
+        f.flush()
+    return say
