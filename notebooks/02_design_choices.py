@@ -13,7 +13,7 @@
 #
 # UTRC at a fixed token-layer cut (the paper's FLOPs definition), varying one design choice at a time:
 #
-# * importance metric: clip (paper), unclipped sum, l1, l2, and the timescale Delta (MTR / DeciMamba);
+# * importance metric: clip (paper), unclipped sum, l1, l2, the timescale Delta (MTR / DeciMamba) and seeded random scores;
 # * reduction location: four anchors every 2 layers starting after layer 1, 2, 3 or 4 (12-layer models);
 # * hidden-branch rule: hybrid with q = fraction of matched edges pruned (0 = merge only, 1 = prune only);
 #   residual-branch rule: merge (paper), prune, hybrid;
@@ -27,7 +27,7 @@ quick: bool = False
 model_names: list = ["tiny-mamba2"]          # embedded names, checkpoint paths or hub ids ("state-spaces/mamba2-2.7b")
 cut: float = 0.2                             # token-layer cut of the metric / location / modes sweeps (paper: 20%)
 branch_cut: float = 0.3                      # token-layer cut of the branch-rule sweep (paper: 30%)
-metrics: list = ["clip", "sum", "l1", "l2", "delta"]
+metrics: list = ["clip", "sum", "l1", "l2", "delta", "random"]
 starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors start, start+2, +4, +6
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)

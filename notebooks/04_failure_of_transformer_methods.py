@@ -36,6 +36,8 @@ tasks: list = ["cloze", "choice4", "choice2", "ppl"]
 limit: int = 20                              # same as 01_main_results: its cached rows are reused (None: all items)
 batch_size: int = 16
 evidence: str = "../figures/01_main_results/evidence"   # 01's committed per-item rows (04's configurations are 01's); "": compute
+protocol_methods: list = ["utrc", "utrc_reference", "evit", "pumer", "tome", "prune_only", "merge_only"]  # scored under both protocols
+protocol_evidence: str = "../figures/04_failure_of_transformer_methods/evidence"   # the authors'-protocol rows (scripts/gpu_evidence.py)
 error_layer: int = 2                         # the single reduction happens after this layer
 error_keep_ratio: float = 0.6                # tokens kept at that reduction
 error_texts: int = 200                       # passages (ppl task contexts, 192 tokens) for the error curves (200: all)
@@ -73,6 +75,40 @@ avg = acc[(acc["metric"] == paired.AVG) & (acc["method"] != "none")]
 devices = sorted({str(v) for v in df.get("meta/device", pd.Series(["?"])).dropna()})
 dense = df[df["method"] == "none"].set_index("model")["avg_acc"]
 df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
+
+# %% [markdown]
+# ## The authors' protocol beside ours
+#
+# The paper's collapse of EViT and PuMer could come from SSMs or from how the released code scores:
+# unprotected continuations, non-causal merges, one ratio for the whole batch, their EViT, and a "PuMer"
+# that is ToMe (`utrc_study.eval.protocol`). The same methods, cuts and items under both protocols:
+# UTRC's margin over each baseline under each, and how much of each method's loss the protocol alone
+# explains. The authors'-protocol rows are committed evidence of their own (`protocol_evidence`).
+
+# %%
+from utrc_study.report import protocols
+proto = None
+if quick or not evidence or rows.exists(protocol_evidence):
+    pm = protocol_methods[:2] if quick else protocol_methods
+    common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
+    res_lf = rows.run(sweep.evaluate_config, analysis.method_grid(model_names, pm, cuts), Path(cache_dir) / "eval.jsonl",
+                      evidence=evidence, desc="04 leak-free", common=common)
+    res_au = rows.run(sweep.evaluate_config, rows.protocol_grid(model_names, pm, cuts), Path(cache_dir) / "eval.jsonl",
+                      evidence=protocol_evidence if evidence else "", desc="04 authors' protocol", common=common)
+    both = protocols.combine(res_lf, res_au)
+    proto = dict(drops=protocols.drops(both, resamples=resamples, seed=seed),
+                 margins=protocols.margins(both, [m for m in pm if m != "utrc"], resamples=resamples, seed=seed),
+                 cost=protocols.cost(both, pm, resamples=resamples, seed=seed))
+    proto["explained"] = protocols.explained(proto["drops"])
+    fig = protocols.figure(proto["drops"], pm, model_names, cuts, f"{limit or 'all'} items per task")
+    save(fig, "protocols"); plt.show()
+    proto["findings"] = prose.protocol_findings(proto["margins"], proto["cost"], proto["explained"])
+    display(Markdown(proto["findings"]))
+    (out / "table_protocols.md").write_text(proto["margins"].to_markdown(index=False, floatfmt=".4f") + "\n\n"
+                                            + proto["explained"].to_markdown(index=False, floatfmt=".4f") + "\n")
+else:
+    print(f"no authors'-protocol evidence at {protocol_evidence} (scripts/gpu_evidence.py computes it): the protocol "
+          "comparison is not drawn")
 
 # %%
 from utrc_lib.core.config import ReductionConfig
@@ -157,8 +193,9 @@ for (name, c), v in sorted(paired.verdicts(cmp).items()):
 keep = [c for c in df.columns if not c.startswith("meta/") or c == "meta/protect"]
 ctx.write_results(data={"accuracy": df[keep], "layer_errors": err, "error_ranking": ranking,
                         "error_statistics": err_stats, "findings": findings,
-                        "accuracy_intervals": acc, "comparisons": cmp, "devices": devices},
-                  computed_on=rows.computed_on(res) + [{"source": "this run: the layer-error curves", "rows": len(err),
+                        "accuracy_intervals": acc, "comparisons": cmp, "devices": devices,
+                        "protocols": proto or "not computed: no authors'-protocol evidence"},
+                  computed_on=rows.computed_on(res) + (rows.computed_on(res_au) if proto else []) + [{"source": "this run: the layer-error curves", "rows": len(err),
                                                         "machine": "the rendering machine (rendered_on)"}],
                   errors=analysis.sweep_errors(res),
                   protected=bool(df["protect"].all()),

@@ -53,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-NOTEBOOKS = ("01_main_results", "02_design_choices")       # 04's configurations are 01's
+NOTEBOOKS = ("01_main_results", "02_design_choices", "04_protocols")   # 04: 01's rows + its protocol rows
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        # dense references kept per worker: every task of one model fits (choice4 3.5 GB, all four 4.9 GB)

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(900)]
@@ -341,6 +342,15 @@ def test_04_failure(tmp_path, model_names, cache_dir):
         assert all(v < 1e-5 for v in rel[: p["error_layer"]])  # nothing changes before the reduction
         assert rel[p["error_layer"] + 1] > 0 and all(finite(v) for v in rel)
         assert e["tokens"][-1] < e["tokens"][0]
+    proto = res["data"]["protocols"]   # the authors' protocol beside ours (quick: the first two protocol methods)
+    margins = pd.DataFrame(proto["margins"])
+    assert set(margins["protocol"]) == {"leak_free", "authors"} and set(margins["reference"]) == {"utrc"}
+    drops = pd.DataFrame(proto["drops"])
+    assert len(drops) == 2 * len(p["model_names"]) * (1 + 2 * len(p["cuts"]))
+    red = drops[drops["method"] != "none"]
+    assert (red["delta_low"] <= red["delta"]).all() and (red["delta"] <= red["delta_high"]).all()
+    cost = pd.DataFrame(proto["cost"])
+    assert set(cost["reference"]) == {"leak_free"} and set(cost["baseline"]) == {"authors"}
     for name in p["model_names"]:  # the ranking the text reports is computed from the same numbers
         rank = res["data"]["error_ranking"][name]
         final = {e["method"]: e["rel_error"][-1] for e in errs if e["model"] == name}

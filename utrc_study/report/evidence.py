@@ -49,9 +49,12 @@ ITEM_FIELDS = ("correct", "correct_norm", "ll", "gold_tokens", "tokens", "kl", "
 IGNORED_PARAMS = ("batch_size",)            # parameters that do not change a number (not matched)
 
 # where each notebook's evidence is (01 and 04 share one set: 04's configurations are 01's)
+PROTOCOLS_04 = "04_protocols"      # a part of notebook 04 with its own evidence folder (its parameters are 04's)
 FOLDERS = {"01_main_results": "figures/01_main_results/evidence",
            "02_design_choices": "figures/02_design_choices/evidence",
            "04_failure_of_transformer_methods": "figures/01_main_results/evidence",
+           # 04's protocol comparison (issue 26): the same grid scored under the authors' protocol
+           PROTOCOLS_04: "figures/04_failure_of_transformer_methods/evidence",
            "08_depth": "figures/08_depth/evidence"}     # scripts/gpu_depth_eval.py
 # a smaller run kept apart until the full evidence exists: (its evidence, where it renders); `make figures`
 # renders it there, labelled, when FOLDERS[name] is missing (never into figures/<name> itself)
@@ -311,6 +314,14 @@ def notebook_defaults(name: str) -> dict:
     return out
 
 
+def protocol_grid(model_names, methods, cuts, protocol: str = "authors") -> list:
+    """Notebook 04's protocol comparison: dense and every method at every cut, scored under `protocol`
+    (utrc_study.eval.protocol; the leak-free rows of the same grid are 01's)."""
+    from ..experiments import analysis
+
+    return [{**c, "protocol": protocol} for c in analysis.method_grid(model_names, methods, cuts)]
+
+
 def design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules) -> dict:
     """Notebook 02's sweeps, {group: configurations (with model fingerprints)}."""
     from ..experiments import analysis, sweep
@@ -336,10 +347,12 @@ def notebook_configs(name: str, **overrides) -> tuple[list, dict]:
     configurations of every group in the order the notebook runs them (duplicates removed)."""
     from ..experiments import analysis
 
-    p = {**notebook_defaults(name), **overrides}
+    p = {**notebook_defaults("04_failure_of_transformer_methods" if name == PROTOCOLS_04 else name), **overrides}
     common = dict(tasks=p["tasks"], limit=p["limit"], seed=p["seed"], batch_size=p["batch_size"])
     if name in ("01_main_results", "04_failure_of_transformer_methods"):
         configs = analysis.method_grid(p["model_names"], p["methods"], p["cuts"])
+    elif name == PROTOCOLS_04:
+        configs = protocol_grid(p["model_names"], p["protocol_methods"], p["cuts"])
     elif name == "02_design_choices":
         configs = [c for g in design_groups(p["model_names"], p["cut"], p["branch_cut"], p["metrics"], p["starts"],
                                             p["qs"], p["residual_rules"]).values() for c in g]

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 from ..experiments.stats import format_p
 
 __all__ = ["fmt_ci", "fmt_p", "fmt_signed", "join", "label", "margin_summary", "paper_scale", "walkthrough_kl",
-           "failure_findings"]
+           "failure_findings", "protocol_findings"]
 
 fmt_p = format_p
 
@@ -214,3 +214,31 @@ def failure_findings(errs, *, error_layer: int, texts: int, kl_cmp=None, resampl
                                  "no difference from UTRC is resolved") + (" (in at least one cut)." if beats or beaten
                                                                            else "."))
     return "\n".join(lines)
+
+
+# -- 04: the authors' protocol beside ours -------------------------------------------------------------
+def protocol_findings(margins, cost, explained) -> str:
+    """Markdown: UTRC minus each baseline under each protocol (`margin_summary` per protocol), what the
+    authors' protocol does to each method (leak-free minus authors, Holm over the table) and the share of
+    each method's loss under the authors' protocol that the protocol alone explains (median over cells)."""
+    out = []
+    for proto, title in (("leak_free", "Leak-free protocol (ours)"), ("authors", "Authors' protocol")):
+        m = margins[margins["protocol"] == proto]
+        if len(m):
+            out.append(f"### {title}\n\n" + margin_summary(m, ("avg_acc",), family=f"the {len(margins)} UTRC-vs-baseline"
+                                                           f" comparisons of both protocols"))
+    if cost is not None and len(cost):
+        out.append(f"\n### What the protocol alone does (leak-free minus authors' mean accuracy, points; Holm over "
+                   f"{len(cost)} comparisons)\n")
+        for method in dict.fromkeys(cost["method"]):
+            s = cost[cost["method"] == method]
+            lo, hi = s["delta"].min(), s["delta"].max()
+            up = int((s["verdict"] == "beats").sum())
+            down = int((s["verdict"] == "beaten").sum())
+            share = explained[explained["method"] == method]["explained_by_protocol"].dropna() \
+                if explained is not None and "explained_by_protocol" in explained else []
+            expl = (f"; of its loss under the authors' protocol, the protocol alone explains a median "
+                    f"{100 * float(share.median()):.0f}% ({len(share)} cells with a loss)" if len(share) else "")
+            out.append(f"* {label(method)}: from {fmt_signed(lo)} to {fmt_signed(hi)} over {len(s)} cells; higher under "
+                       f"leak-free at {up}, lower at {down}, unresolved at {len(s) - up - down}{expl}.")
+    return "\n".join(out) if out else "No protocol comparison in this run."

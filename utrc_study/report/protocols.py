@@ -1,0 +1,102 @@
+"""Notebook 04's protocol comparison (issue 26): the same methods, cuts and items scored under the
+leak-free protocol (ours, 01's rows) and under the authors' protocol (`utrc_study.eval.protocol`:
+unprotected scoring of the shortened sequence, non-causal merges, a batch-level ratio, their EViT and
+their "PuMer"), with paired statistics:
+
+  margins   UTRC minus each baseline under each protocol (mean accuracy, 95% CI, Holm over the table);
+  cost      each method's accuracy under the leak-free protocol minus under the authors' (95% CI);
+  explained the share of a method's accuracy loss under the authors' protocol that the protocol alone
+            accounts for: (leak-free - authors) / (dense - authors), a point estimate (NaN when the
+            authors'-protocol loss is not positive).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..experiments import paired, stats
+from ..experiments.sweep import SweepResult
+
+
+def combine(leak_free: SweepResult, authors: SweepResult) -> SweepResult:
+    """One result whose rows all carry "protocol" ("leak_free" where a row has none)."""
+    rows = []
+    for res, name in ((leak_free, "leak_free"), (authors, "authors")):
+        for r in res.rows:
+            p = dict(r["params"])
+            p["protocol"] = p.get("protocol") or name
+            if p["protocol"] != name:
+                raise ValueError(f"a row of the {name} sweep was scored under {p['protocol']!r}: {r['params']}")
+            rows.append({**r, "params": p})
+    return SweepResult(rows=rows, computed=leak_free.computed + authors.computed,
+                       cached=leak_free.cached + authors.cached, cache_path=leak_free.cache_path)
+
+
+def margins(combined: SweepResult, baselines: Sequence[str], *, resamples: int = stats.DEFAULT_RESAMPLES,
+            seed: int = stats.DEFAULT_SEED):
+    """UTRC minus each baseline on mean accuracy, per (model, cut, protocol); Holm over the whole table."""
+    return paired.comparison_table(combined, baselines=list(baselines), metrics=[paired.AVG], extra=("protocol",),
+                                   holm_over=(), resamples=resamples, seed=seed)
+
+
+def cost(combined: SweepResult, methods: Sequence[str], *, resamples: int = stats.DEFAULT_RESAMPLES,
+         seed: int = stats.DEFAULT_SEED):
+    """Per (model, cut, method): leak-free minus authors' mean accuracy (paired over items), Holm over the table."""
+    tab = paired.comparison_table(combined, reference="leak_free", baselines=["authors"], metrics=[paired.AVG],
+                                  by="protocol", extra=("method",), holm_over=(), resamples=resamples, seed=seed)
+    return tab[tab["method"].isin(list(methods))].reset_index(drop=True)
+
+
+def drops(combined: SweepResult, *, resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.DEFAULT_SEED):
+    """Mean accuracy and its change against the dense row of the same protocol, per (model, method, cut, protocol)."""
+    acc = paired.accuracy_table(combined, extra=("protocol",), resamples=resamples, seed=seed)
+    return acc[acc["metric"] == paired.AVG].reset_index(drop=True)
+
+
+def explained(drop_table):
+    """Per (model, method, cut): drop under each protocol and the share of the authors'-protocol drop that
+    the protocol alone explains."""
+    d = drop_table[drop_table["method"] != "none"]
+    wide = d.pivot_table(index=["model", "method", "cut"], columns="protocol", values="delta").reset_index()
+    if "authors" not in wide or "leak_free" not in wide:
+        return wide
+    wide = wide.rename(columns={"authors": "drop_authors", "leak_free": "drop_leak_free"})
+    loss = -wide["drop_authors"]
+    wide["explained_by_protocol"] = np.where(loss > 0, (wide["drop_leak_free"] - wide["drop_authors"]) / loss.where(
+        loss > 0, np.nan), np.nan)
+    return wide
+
+
+def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts: Sequence[float], label: str):
+    """Per model (rows) and cut (columns): each method's mean-accuracy change against dense, leak-free and
+    authors' protocol side by side, 95% CIs."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    fig, axes = plt.subplots(len(model_names), len(cuts), figsize=(3.6 * len(cuts), 2.9 * len(model_names)),
+                             sharey=True, squeeze=False)
+    x = np.arange(len(methods))
+    for i, name in enumerate(model_names):
+        for j, cut in enumerate(cuts):
+            ax = axes[i, j]
+            for k, (proto, hatch, alpha) in enumerate((("leak_free", "", 0.9), ("authors", "//", 0.45))):
+                d = drop_table[(drop_table["model"] == name) & (drop_table["protocol"] == proto)
+                               & np.isclose(drop_table["cut"], cut)].set_index("method")
+                vals = [100 * d["delta"].get(m, np.nan) for m in methods]
+                lo = [100 * (d["delta"].get(m, np.nan) - d["delta_low"].get(m, np.nan)) for m in methods]
+                hi = [100 * (d["delta_high"].get(m, np.nan) - d["delta"].get(m, np.nan)) for m in methods]
+                ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, yerr=[lo, hi], capsize=2, hatch=hatch, alpha=alpha,
+                       color=[plotting.style(m)["color"] for m in methods], edgecolor="black", lw=0.4,
+                       error_kw=dict(elinewidth=0.7), label="leak-free (ours)" if proto == "leak_free" else
+                       "authors' protocol")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xticks(x, [plotting.style(m)["label"] for m in methods], rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{name}, {cut:.0%} token-layer cut", fontsize=8.5)
+            if j == 0:
+                ax.set_ylabel("mean accuracy minus dense (points)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"The same methods and items under two protocols ({label}; 95% CI)", fontsize=9)
+    fig.tight_layout()
+    return fig
