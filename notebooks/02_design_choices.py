@@ -17,6 +17,8 @@
 # * reduction location: four anchors every 2 layers starting after layer 1, 2, 3 or 4 (12-layer models);
 # * hidden-branch rule: hybrid with q = fraction of matched edges pruned (0 = merge only, 1 = prune only);
 #   residual-branch rule: merge (paper), prune, hybrid;
+# * matching: UTRC's importance split against ToMe's alternate split, each with UTRC's hybrid hidden rule
+#   (`utrc`, `utrc_alternate`) and with merging on both branches (`merge_only`, `tome`);
 # * the three UTRC modes: the paper's text with non-causal merges, the authors' released behaviour
 #   (`utrc_reference`, non-causal) and our causal variant, each scored with and without protection of the
 #   scored continuation: how much of each method's score survives a leak-free evaluation.
@@ -31,6 +33,7 @@ metrics: list = ["clip", "sum", "l1", "l2", "delta", "random"]
 starts: list = [1, 2, 3, 4]                  # first reduction layer; anchors start, start+2, +4, +6
 qs: list = [0.0, 0.25, 0.5, 0.75, 1.0]       # hidden-branch prune fraction (residual: merge)
 residual_rules: list = ["merge", "prune", "hybrid"]   # with hidden hybrid(0.5)
+matching: list = ["utrc", "utrc_alternate", "merge_only", "tome"]   # split (importance / alternate) x hidden rule (hybrid / merge)
 tasks: list = ["cloze", "choice4", "choice2", "ppl"]  # built-in tasks and / or lm-eval task names ("lambada_openai", ...: run through lm-eval)
 limit: int = 15                              # items per task (None: all); `make figures` passes None when the committed evidence holds every item
 batch_size: int = 16
@@ -57,6 +60,7 @@ out, save = ctx.out, ctx.save
 # %%
 if quick:
     metrics, starts, qs, residual_rules, limit = metrics[:2], starts[:2], [0.0, 1.0], residual_rules[:2], min(limit or 4, 4)
+    matching = matching[:2]
     resamples = min(resamples, 300)
     tasks = [t for t in tasks if t in ("cloze", "choice2")] or tasks  # the two cheapest tasks
     evidence = ""
@@ -66,7 +70,7 @@ builtin_tasks, lm_eval_tasks = sweep.check_tasks(tasks)   # lm-eval names go thr
 ACC = analysis.acc_metrics(tasks)
 KL = paired.kl_task(tasks)   # the task of the KL panels: "ppl" (built-in), else utrc_ppl / lambada_openai / the first lm-eval task
 common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
-groups = rows.design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules)  # with model fingerprints
+groups = rows.design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules, matching)  # with fingerprints
 frames, results = {}, {}
 for g, cfgs in groups.items():
     r = rows.run(sweep.evaluate_config, cfgs, Path(cache_dir) / "eval.jsonl", evidence=evidence,
@@ -86,7 +90,7 @@ devices = sorted({str(v) for fr in frames.values() for v in fr.get("meta/device"
 
 # %%
 panel = dict(dense=frames["dense"], model_names=model_names)
-fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+fig, axes = plt.subplots(2, 3, figsize=(16, 7))
 plotting.bar_panel(axes[0, 0], frames["metric"], "metric", str, f"Importance metric (UTRC, {cut:.0%} cut)", "clip", **panel)
 plotting.bar_panel(axes[0, 1], frames["location"], "layers", lambda l: f"start {l[0]}\n{tuple(l)}",
                    f"Reduction location (UTRC, {cut:.0%} cut)", None, **panel)
@@ -94,7 +98,9 @@ plotting.bar_panel(axes[1, 0], frames["hidden_q"], "hidden_rule", lambda r: "q="
                    f"Hidden branch: prune fraction q (residual merge, {branch_cut:.0%} cut)", "hybrid(0.5)", **panel)
 plotting.bar_panel(axes[1, 1], frames["residual_rule"], "residual_rule", str,
                    f"Residual branch rule (hidden hybrid q=0.5, {branch_cut:.0%} cut)", "merge", **panel)
-axes[0, 0].legend(fontsize=7)
+plotting.bar_panel(axes[0, 2], frames["matching"], "method", lambda m: plotting.SPLIT_RULE_LABELS.get(m, m),
+                   f"Split x hidden rule ({cut:.0%} cut)", "utrc", **panel)
+axes[1, 2].axis("off"); axes[0, 0].legend(fontsize=7)
 plotting.annotate_source(fig, f"orange = the paper's choice; {limit or 'all'} items per task, leak-free evaluation; "
                               f"error bars = 95% bootstrap CI ({resamples} resamples); cuts are token-layer cuts; device {', '.join(devices)}")
 fig.tight_layout(); save(fig, "design_choices"); plt.show()
@@ -103,8 +109,9 @@ fig.tight_layout(); save(fig, "design_choices"); plt.show()
 SWEEPS = [("metric", "metric", str, f"Importance metric ({cut:.0%} cut)", "clip"),
           ("location", "layers", lambda l: f"start {l[0]}", f"Reduction location ({cut:.0%} cut)", None),
           ("hidden_q", "hidden_rule", lambda r: "q=" + r[7:-1], f"Hidden branch q ({branch_cut:.0%} cut)", "hybrid(0.5)"),
-          ("residual_rule", "residual_rule", str, f"Residual rule ({branch_cut:.0%} cut)", "merge")]
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+          ("residual_rule", "residual_rule", str, f"Residual rule ({branch_cut:.0%} cut)", "merge"),
+          ("matching", "method", lambda m: plotting.SPLIT_RULE_LABELS.get(m, m), f"Split x hidden rule ({cut:.0%} cut)", "utrc")]
+fig, axes = plt.subplots(1, len(SWEEPS), figsize=(16, 3.4))
 for ax, (g, x, lab, title, hl) in zip(axes, SWEEPS):
     f = frames[g][frames[g]["model"] == model_names[0]]
     vals = f[f"kl/{KL}"].to_numpy(dtype=float)

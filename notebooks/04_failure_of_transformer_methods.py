@@ -195,8 +195,9 @@ ctx.write_results(data={"accuracy": df[keep], "layer_errors": err, "error_rankin
                         "error_statistics": err_stats, "findings": findings,
                         "accuracy_intervals": acc, "comparisons": cmp, "devices": devices,
                         "protocols": proto or "not computed: no authors'-protocol evidence"},
-                  computed_on=rows.computed_on(res) + (rows.computed_on(res_au) if proto else []) + [{"source": "this run: the layer-error curves", "rows": len(err),
-                                                        "machine": "the rendering machine (rendered_on)"}],
+                  computed_on=rows.computed_on(res, *([res_au] if proto else []))
+                  + [{"source": "this run: the layer-error curves", "rows": len(err),
+                      "machine": "the rendering machine (rendered_on)"}],
                   errors=analysis.sweep_errors(res),
                   protected=bool(df["protect"].all()),
                   error_definition="||h_reduced - h_dense[original positions]|| / ||h_dense[...]|| over kept tokens, per layer")

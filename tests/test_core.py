@@ -8,7 +8,7 @@ import utrc_lib as u
 from utrc_lib.core.reference import reference_reduce_loop
 from utrc_lib.core.twins import loop_reduce
 
-TWIN_METHODS = ["utrc", "tome", "pumer", "evit", "prune_only", "merge_only", "random", "none"]
+TWIN_METHODS = ["utrc", "tome", "pumer", "evit", "prune_only", "merge_only", "utrc_alternate", "random", "none"]
 
 
 def scan_inputs(B, N, seed=0, kind="mamba2", dtype=torch.float64):

@@ -306,6 +306,7 @@ def test_02_design_choices(tmp_path, model_names, cache_dir):
     p = res["parameters"]
     assert len(d["metric"]) == len(p["metrics"]) and len(d["location"]) == len(p["starts"])
     assert len(d["hidden_q"]) == len(p["qs"]) and len(d["residual_rule"]) == len(p["residual_rules"])
+    assert [r["method"] for r in d["matching"]] == p["matching"]   # the split x hidden-rule sweep
     modes = d["modes_table"]
     assert {r["protect"] for r in modes} == {True, False}
     assert {r["mode"] for r in modes} >= {"dense", "paper text, causal (ours)", "authors' code (utrc_reference)"}

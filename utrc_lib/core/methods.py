@@ -302,6 +302,12 @@ def _utrc(ctx: Context) -> Plan:
     return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
 
+def _utrc_alternate(ctx: Context) -> Plan:
+    """UTRC's matching and branch rules on ToMe's alternate split instead of the importance split (an
+    ablation: what the importance classification buys)."""
+    return _tome(ctx)
+
+
 def _tome(ctx: Context) -> Plan:
     """ToMe bipartite soft matching on alternate tokens; size-weighted merges (default rules: merge)."""
     is_a, is_b = alternate_halves(ctx.state.reducible)
@@ -413,6 +419,8 @@ _METHODS: dict[str, Method] = {
         Method("prune_only", _utrc, "UTRC matching, prune on both branches",
                hidden_rule="prune", residual_rule="prune", windowed=True),
         Method("merge_only", _utrc, "UTRC matching, merge on both branches", windowed=True),
+        Method("utrc_alternate", _utrc_alternate, "UTRC's branch rules on ToMe's alternate split (ablation)",
+               hidden_rule="hybrid", residual_rule="merge", windowed=True),
         Method("random", _random, "drop r random tokens (seeded)", needs_features=False),
         Method("none", _none, "no reduction (dense)", needs_features=False),
     )

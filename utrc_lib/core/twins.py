@@ -105,7 +105,7 @@ def loop_reduce(method: str, hidden: Tensor, residual: Tensor, *, r: int, rules:
         half = len(red) // 2
         edges = _match(feats, order[:half], order[half:], r, window)
         return _assemble(n, hidden, residual, sizes, edges, rule_prunes(edges), causal)
-    if method == "tome":
+    if method in ("tome", "utrc_alternate"):
         edges = _match(feats, red[0::2], red[1::2], r, window)
         return _assemble(n, hidden, residual, sizes, edges, rule_prunes(edges), causal)
     if method == "pumer":

@@ -322,8 +322,11 @@ def protocol_grid(model_names, methods, cuts, protocol: str = "authors") -> list
     return [{**c, "protocol": protocol} for c in analysis.method_grid(model_names, methods, cuts)]
 
 
-def design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules) -> dict:
-    """Notebook 02's sweeps, {group: configurations (with model fingerprints)}."""
+def design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_rules,
+                  matching=("utrc", "utrc_alternate", "merge_only", "tome")) -> dict:
+    """Notebook 02's sweeps, {group: configurations (with model fingerprints)}. "matching" crosses the
+    split (importance: utrc, merge_only; alternate: utrc_alternate, tome) with the hidden rule (hybrid:
+    utrc, utrc_alternate; merge: merge_only, tome)."""
     from ..experiments import analysis, sweep
 
     groups = {
@@ -335,6 +338,7 @@ def design_groups(model_names, cut, branch_cut, metrics, starts, qs, residual_ru
                                hidden_rule=[f"hybrid({q})" for q in qs], residual_rule=["merge"]),
         "residual_rule": sweep.grid(model=model_names, method=["utrc"], cut=[branch_cut], hidden_rule=["hybrid(0.5)"],
                                     residual_rule=residual_rules),
+        "matching": sweep.grid(model=model_names, method=list(matching), cut=[cut]),
         "modes": sweep.grid(model=model_names, method=["utrc"], cut=[cut], causal=[True, False], protect=[True, False])
                  + sweep.grid(model=model_names, method=["utrc_reference"], cut=[cut], causal=[False], protect=[True, False])
                  + sweep.grid(model=model_names, method=["none"], cut=[0.0], protect=[False]),
@@ -355,7 +359,7 @@ def notebook_configs(name: str, **overrides) -> tuple[list, dict]:
         configs = protocol_grid(p["model_names"], p["protocol_methods"], p["cuts"])
     elif name == "02_design_choices":
         configs = [c for g in design_groups(p["model_names"], p["cut"], p["branch_cut"], p["metrics"], p["starts"],
-                                            p["qs"], p["residual_rules"]).values() for c in g]
+                                            p["qs"], p["residual_rules"], p["matching"]).values() for c in g]
     else:
         raise ValueError(f"notebook {name} has no evidence")
     seen, out = set(), []

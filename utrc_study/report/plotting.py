@@ -26,9 +26,14 @@ METHOD_STYLE = {
     "tome": dict(color="#56B4E9", marker="D", label="ToMe"),
     "prune_only": dict(color="#F0E442", marker="<", label="prune-only"),
     "merge_only": dict(color="#999999", marker=">", label="merge-only"),
+    "utrc_alternate": dict(color="#8C510A", marker="h", label="UTRC rules, alternate split"),
     "random": dict(color="#7F3C8D", marker="x", label="random drop"),
     "slice": dict(color="#555555", marker=".", label="free slicing (bound)"),
 }
+
+# 02's matching sweep: which split and which hidden-branch rule each method uses
+SPLIT_RULE_LABELS = {"utrc": "importance split\nhybrid (UTRC)", "utrc_alternate": "alternate split\nhybrid",
+                     "merge_only": "importance split\nmerge", "tome": "alternate split\nmerge (ToMe)"}
 
 TOKEN_LAYER_CUT_LABEL = "token-layer cut (%, paper's FLOPs definition)"
 ANALYTIC_CUT_LABEL = "analytic FLOPs cut (%, utrc_lib.flops)"
