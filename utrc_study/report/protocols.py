@@ -19,6 +19,9 @@ from ..experiments import paired, stats
 from ..experiments.sweep import SweepResult
 
 
+SHORT = {"utrc": "UTRC", "utrc_reference": "UTRC (authors' code)"}
+
+
 def combine(leak_free: SweepResult, authors: SweepResult) -> SweepResult:
     """One result whose rows all carry "protocol" ("leak_free" where a row has none)."""
     rows = []
@@ -92,7 +95,8 @@ def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts:
                        error_kw=dict(elinewidth=0.7), label="leak-free (ours)" if proto == "leak_free" else
                        "authors' protocol")
             ax.axhline(0, color="black", lw=0.8)
-            ax.set_xticks(x, [plotting.style(m)["label"] for m in methods], rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(x, [SHORT.get(m, plotting.style(m)["label"]) for m in methods], rotation=45, ha="right",
+                          fontsize=7)
             ax.set_title(f"{name}, {cut:.0%} token-layer cut", fontsize=8.5)
             if j == 0:
                 ax.set_ylabel("mean accuracy minus dense (points)")
