@@ -46,12 +46,12 @@ cache_dir: str = "../.cache/sweeps"
 # %%
 from pathlib import Path
 import matplotlib.pyplot as plt
-from IPython.display import display
+from IPython.display import Markdown, display
 
 import pandas as pd
 
 from utrc_study.experiments import analysis, paired, sweep
-from utrc_study.report import evidence as rows, plotting
+from utrc_study.report import evidence as rows, plotting, prose
 from utrc_study.report.notebooks import setup
 
 ctx = setup("02_design_choices", globals())  # threads, seed, output folder, figure saver, style
@@ -138,6 +138,7 @@ for g, x, lab, title, hl in SWEEPS:
 choice_tests = pd.DataFrame(choice_tests)
 if len(choice_tests):
     display(choice_tests[["sweep", "metric", "reference", "baseline", "delta", "low", "high", "p_holm", "verdict"]])
+    display(Markdown(prose.design_findings(choice_tests)))
     (out / "table_choice_tests.md").write_text(choice_tests[["sweep", "metric", "reference", "baseline", "delta", "low",
                                                             "high", "p_holm", "verdict"]].to_markdown(index=False, floatfmt=".3g"))
 
@@ -168,6 +169,7 @@ data["modes_table"] = mt[[c for c in ["model", "mode", "method", "causal", "prot
 data["avg_acc_tasks"] = [c for c in ACC if c in mt]
 data["survival"] = piv.reset_index()
 data["choice_tests"] = choice_tests
+data["findings"] = prose.design_findings(choice_tests)
 data["devices"] = devices
 data["intervals"] = {"level": 0.95, "resamples": resamples, "seed": seed,
                      "method": "percentile bootstrap over items (mean accuracy stratified by task); Holm over alternatives"}

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 from ..experiments.stats import format_p
 
 __all__ = ["fmt_ci", "fmt_p", "fmt_signed", "join", "label", "margin_summary", "paper_scale", "walkthrough_kl",
-           "failure_findings", "protocol_findings"]
+           "failure_findings", "protocol_findings", "design_findings"]
 
 fmt_p = format_p
 
@@ -242,3 +242,36 @@ def protocol_findings(margins, cost, explained) -> str:
             out.append(f"* {label(method)}: from {fmt_signed(lo)} to {fmt_signed(hi)} over {len(s)} cells; higher under "
                        f"leak-free at {up}, lower at {down}, unresolved at {len(s) - up - down}{expl}.")
     return "\n".join(out) if out else "No protocol comparison in this run."
+
+
+# -- 02: the paper's choice against each alternative ----------------------------------------------------
+SWEEP_NAMES = {"metric": "importance metric", "location": "reduction location", "hidden_q": "hidden-branch q",
+               "residual_rule": "residual-branch rule", "matching": "split x hidden rule"}
+
+
+def design_findings(tests) -> str:
+    """Markdown: per design sweep (02's `choice_tests`, a stack of `paired.comparison_table`s with a
+    "sweep" column), whether the paper's choice is better than, worse than or unresolved against each
+    alternative, on mean accuracy and on KL, with the resolved differences' intervals."""
+    if tests is None or not len(tests):
+        return "No design comparisons in this run."
+    out = ["The paper's choice against each alternative of its sweep (paired over items; Holm over the "
+           "alternatives of one sweep and measure; accuracy in points, KL in nats/token, where negative means "
+           "closer to dense):"]
+    for sweep in dict.fromkeys(tests["sweep"]):
+        s = tests[tests["sweep"] == sweep]
+        parts = []
+        for metric in dict.fromkeys(s["metric"]):
+            m = s[s["metric"] == metric]
+            scale, digits = (100.0, 1) if metric == "avg_acc" else (1.0, 4)
+
+            def said(verdict):
+                return [f"{r['baseline']} ({fmt_ci(r['delta'], r['low'], r['high'], scale, digits)})"
+                        for _, r in m[m["verdict"] == verdict].iterrows()]
+            unresolved = list(m[m["verdict"] == "unresolved"]["baseline"])
+            parts.append(f"{'accuracy' if metric == 'avg_acc' else 'KL'}: " + clauses(
+                [("better than", said("beats")), ("worse than", said("beaten")), ("unresolved against", unresolved)],
+                "no comparison"))
+        models = ", ".join(short(x) for x in dict.fromkeys(s["model"]))
+        out.append(f"* **{SWEEP_NAMES.get(sweep, sweep)}**, {s['reference'].iloc[0]} ({models}): " + "; ".join(parts) + ".")
+    return "\n".join(out)
