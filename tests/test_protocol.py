@@ -80,6 +80,26 @@ def test_unprotected_scoring_reads_the_last_rows_of_the_shortened_sequence(model
     assert unprot != prot
 
 
+@torch.no_grad()
+def test_unprotected_continuation_longer_than_the_kept_rows_is_scored_dense(model):
+    """protect=False: a continuation longer than the rows the reduction leaves would read "the last n
+    rows" out of the left padding (on the GPU run it raised a size mismatch at batch 256): such a
+    request is scored dense and counted, and batched results equal single-request results."""
+    from utrc_lib.scoring import score_tokens as score
+
+    g = torch.Generator().manual_seed(2)
+    reqs = [(torch.randint(1, 64, (6,), generator=g).tolist(), torch.randint(1, 64, (17,), generator=g).tolist()),
+            (torch.randint(1, 64, (40,), generator=g).tolist(), torch.randint(1, 64, (2,), generator=g).tolist())]
+    cfg = u.ReductionConfig("utrc", keep_ratio=0.5, layers=[0, 1, 2])
+    both = score(model, reqs, cfg, batch_size=2, protect=False)
+    alone = [score(model, [r], cfg, batch_size=1, protect=False) for r in reqs]
+    dense = score(model, reqs[:1], None, batch_size=1).results[0]
+    assert both.dense_fallback == 1 and alone[0].dense_fallback == 1 and alone[1].dense_fallback == 0
+    assert abs(both.results[0][0] - dense[0]) < 1e-4                      # the long continuation: dense
+    for b, a in zip(both.results, alone):
+        assert abs(b[0] - a.results[0][0]) < 1e-4
+
+
 @pytest.mark.heavy
 def test_evaluate_records_the_protocol(tmp_path):
     from utrc_study.eval.scorer import evaluate

@@ -13,7 +13,8 @@ lm-eval (`utrc_lib.integrations.lm_eval` is the `--model utrc` of lm-eval and sc
       so the scored positions are never removed or merged and never see later tokens; rows are
       LEFT-padded with an attention mask, so results do not depend on batch size or composition;
     * a request whose context is too short to reduce (`SequenceTooShort`) is scored dense, alone,
-      and counted (`TokenScores.dense_fallback`).
+      and counted (`TokenScores.dense_fallback`); so is, without protection, a request whose
+      continuation is longer than the rows the reduction leaves of its sequence.
 With `details=True` each request also gets KL(dense || reduced) and top-1 agreement with the dense
 model at the scored positions, against a `DenseReference` (this module's own dense pass).
 
@@ -267,6 +268,13 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
         # padded, and the last n of each row are scored, whichever positions they now stand for
         with handle.options(kept_only=True):
             logits = _forward(model, rows, pad_token_id, kept_only=True)
+        positions = handle.output_positions
+        if positions is not None:
+            # a row must keep at least its continuation's length: otherwise "the last n rows" reach into
+            # the left padding. The request is refused as too short (_score_split scores it dense, counted)
+            have = (positions >= 0).sum(1).tolist()
+            if any(h < len(p[2]) for h, p in zip(have, batch)):
+                raise SequenceTooShort("the reduction left fewer rows than the continuation has tokens")
     else:
         logits = _forward(model, rows, pad_token_id)
     if cuts is not None:
