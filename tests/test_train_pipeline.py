@@ -36,16 +36,12 @@ def _corpus(work: Path, n_docs: int = 40) -> None:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    import build_corpus_v2 as b2
-    from transformers import PreTrainedTokenizerFast
+    import corpus_common
 
     root = tmp_path_factory.mktemp("pipe")
     _corpus(root / "work")
     texts = [json.loads(l)["text"] for l in (root / "work/train.jsonl").read_text().splitlines()]
-    tok = b2.train_tokenizer(texts, 400)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=b2.EOT, eos_token=b2.EOT, unk_token=b2.EOT,
-                                   pad_token=b2.EOT, model_max_length=1 << 20)
-    fast.save_pretrained(root / "tok")
+    corpus_common.save_tokenizer(corpus_common.train_bpe(texts, 400), root / "tok")
     import pack
     man = pack.main(["--work", str(root / "work"), "--out", str(root / ".train"), "--tokenizer", str(root / "tok"),
                      "--part-mib", "0.001"])          # tiny parts: the joining is exercised
