@@ -233,7 +233,7 @@ def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
     one uninterrupted run."""
     import trainer
     root, _ = packed
-    common = ["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"), "--tokenizer",
+    common = ["--arch", "mamba2", "--layers", "2", "--smoke", "--data", str(root / ".train/tokens"), "--tokenizer",
               str(root / "tok"), "--total-tokens", str(9 * 4 * 64)]     # --smoke: evaluation every 5 steps
     whole = trainer.main(common + ["--out", str(tmp_path / "whole")], family="depth")
     assert whole["steps"] == 9 and whole["recipe"] == "fixed-tokens" and whole["weights_kind"] == "final"
