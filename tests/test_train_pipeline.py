@@ -36,16 +36,12 @@ def _corpus(work: Path, n_docs: int = 40) -> None:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    import build_corpus_v2 as b2
-    from transformers import PreTrainedTokenizerFast
+    import corpus_common
 
     root = tmp_path_factory.mktemp("pipe")
     _corpus(root / "work")
     texts = [json.loads(l)["text"] for l in (root / "work/train.jsonl").read_text().splitlines()]
-    tok = b2.train_tokenizer(texts, 400)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=b2.EOT, eos_token=b2.EOT, unk_token=b2.EOT,
-                                   pad_token=b2.EOT, model_max_length=1 << 20)
-    fast.save_pretrained(root / "tok")
+    corpus_common.save_tokenizer(corpus_common.train_bpe(texts, 400), root / "tok")
     import pack
     man = pack.main(["--work", str(root / "work"), "--out", str(root / ".train"), "--tokenizer", str(root / "tok"),
                      "--part-mib", "0.001"])          # tiny parts: the joining is exercised
@@ -232,24 +228,25 @@ def test_committed_repetition_figure_is_rendered_from_its_logs(tmp_path):
 
 @pytest.mark.heavy
 def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
-    """The depth family's recipe: a run suspended part-way (exit 75, full state in --ckpt-dir) and resumed
-    with the same arguments ends with the same weights, curve and evaluation as one uninterrupted run."""
-    import train_small
+    """The depth family's recipe (trainer.py --family depth): a run suspended part-way (exit 75, full state
+    in --ckpt-dir) and resumed with the same arguments ends with the same weights, curve and evaluation as
+    one uninterrupted run."""
+    import trainer
     root, _ = packed
-    common = ["--arch", "mamba2", "--smoke", "--data", str(root / ".train/tokens"), "--tokenizer",
+    common = ["--arch", "mamba2", "--layers", "2", "--smoke", "--data", str(root / ".train/tokens"), "--tokenizer",
               str(root / "tok"), "--total-tokens", str(9 * 4 * 64)]     # --smoke: evaluation every 5 steps
-    whole = train_small.main(common + ["--out", str(tmp_path / "whole")])
+    whole = trainer.main(common + ["--out", str(tmp_path / "whole")], family="depth")
     assert whole["steps"] == 9 and whole["recipe"] == "fixed-tokens" and whole["weights_kind"] == "final"
     assert [r["step"] for r in whole["log"]] == [5, 9]
     ck = ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "split")]
     with pytest.raises(SystemExit) as e:
-        train_small.main(common + ck + ["--call-steps", "4"])
+        trainer.main(common + ck + ["--call-steps", "4"], family="depth")
     assert e.value.code == 75
     sus = json.loads((tmp_path / "split/suspended.json").read_text())
     assert sus["step"] == 4 and sus["of_steps"] == 9 and len(sus["calls"]) == 1
     with pytest.raises(SystemExit):            # another recipe must not resume this state
-        train_small.main(common + ["--seed", "1"] + ck)
-    split = train_small.main(common + ck)
+        trainer.main(common + ["--seed", "1"] + ck, family="depth")
+    split = trainer.main(common + ck, family="depth")
     assert split["weights"]["sha256"] == whole["weights"]["sha256"]
     assert [(r["step"], r["val_loss"]) for r in split["log"]] == [(r["step"], r["val_loss"]) for r in whole["log"]]
     assert [c["steps"] for c in split["calls"]] == [4, 5]
@@ -259,17 +256,17 @@ def test_fixed_token_recipe_suspends_and_resumes_exactly(packed, tmp_path):
         assert sum(k for _, k in r["windows"]) == r["tokens_scored"]
         assert abs(sum(v for v, _ in r["windows"]) / r["tokens_scored"] - r["loss"]) < 1e-3
     with pytest.raises(SystemExit):
-        train_small.main(common + ["--max-tokens", "100"])
+        trainer.main(common + ["--max-tokens", "100"], family="depth")
 
 
 def test_weights_file_is_byte_stable():
     """safetensors writes its metadata from a hash map; the trainer's file must not depend on that order."""
     import torch
-    import train_small
+    import trainer
     from safetensors.torch import load as st_load, save as st_save
     sd = {f"layers.{i}.w": torch.randn(3, 5, dtype=torch.float16) for i in range(4)}
     meta = {"format": "mamba_ssm", "arch": "mamba2", "x": "1", "y": "2"}
-    blobs = {train_small.stable_header(st_save(sd, metadata=meta)) for _ in range(20)}
+    blobs = {trainer.stable_header(st_save(sd, metadata=meta)) for _ in range(20)}
     assert len(blobs) == 1
     back = st_load(blobs.pop())
     assert all(torch.equal(back[k], v) for k, v in sd.items())

