@@ -371,7 +371,7 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
     Returns:
         FlopsReport.
     """
-    from .schedule import tokens_per_layer
+    from .config import tokens_per_layer
 
     _check_int("seq_len", seq_len)
     _check_int("batch", batch)
@@ -488,7 +488,7 @@ def flops_table_rows(cuts=(0.1, 0.2, 0.3), seq_len: int = 2048, models=("Mamba-2
         list of dicts (model, layers, anchors, cut, keep_ratio, token_layer_fraction, analytic_cut,
         overhead_pct, dense_tflops).
     """
-    from .schedule import default_layers, keep_ratio_for_flops
+    from .config import default_layers, keep_ratio_for_flops
 
     rows = []
     for name in models:
