@@ -28,10 +28,6 @@ used it). The hidden-attention metrics ("hattn_*", core/hattn.py, §2) read the 
 (`ScanParams`) and take their queries from the context, never the protected tail. "random" draws
 batch-independent scores from the seed.
 
-Methods: every method works on the reducible tokens only (valid and not protected), per sample,
-vectorised over the batch. Ties are broken by position (stable sorts), and random draws are indexed by
-a token's position within its sample, so a sample's plan never depends on the rest of the batch.
-
 Feature statistics: a UTRC anchor needs two reductions over the channels of the (B, N, C) features: the
 importance score and the L2 norm used by the cosine similarity. In torch that is three passes over the
 features (clamp writes a copy, the mean reads it, the norm reads the input again), the largest memory
@@ -39,6 +35,10 @@ traffic of the whole step. On CUDA a Triton kernel reads every element once and 
 features may be channel-major (mamba-ssm's Mamba-1 hands `out_proj` a transposed view of the (B, C, N)
 scan output): the kernel reads through strides, so no contiguous copy is made. Every kernel runs only
 where `plan._triton_can_run` says so (UTRC_NO_TRITON=1 forces the twins).
+
+Methods: every method works on the reducible tokens only (valid and not protected), per sample,
+vectorised over the batch. Ties are broken by position (stable sorts), and random draws are indexed by
+a token's position within its sample, so a sample's plan never depends on the rest of the batch.
 
 Convention of the anchor (mamba-ssm's Block): after layer l, `hidden` is the layer's mixer output and
 `residual` the residual stream it was added to; the next layer sees hidden + residual. Each branch is
@@ -862,12 +862,6 @@ def _utrc(ctx: Context) -> Plan:
     return edges_to_plan(ctx, is_src, dst, _host_sources(ctx, sizes))
 
 
-def _utrc_alternate(ctx: Context) -> Plan:
-    """UTRC's matching and branch rules on ToMe's alternate split instead of the importance split (an
-    ablation: what the importance classification buys)."""
-    return _tome(ctx)
-
-
 def _tome(ctx: Context) -> Plan:
     """ToMe bipartite soft matching on alternate tokens; size-weighted merges (default rules: merge)."""
     is_a, is_b = alternate_halves(ctx.state.reducible)
@@ -979,7 +973,9 @@ _METHODS: dict[str, Method] = {
         Method("prune_only", _utrc, "UTRC matching, prune on both branches",
                hidden_rule="prune", residual_rule="prune", windowed=True),
         Method("merge_only", _utrc, "UTRC matching, merge on both branches", windowed=True),
-        Method("utrc_alternate", _utrc_alternate, "UTRC's branch rules on ToMe's alternate split (ablation)",
+        # UTRC's matching and branch rules on ToMe's alternate split instead of the importance split (an
+        # ablation: what the importance classification buys)
+        Method("utrc_alternate", _tome, "UTRC's branch rules on ToMe's alternate split (ablation)",
                hidden_rule="hybrid", residual_rule="merge", windowed=True),
         Method("random", _random, "drop r random tokens (seeded)", needs_features=False),
         Method("none", _none, "no reduction (dense)", needs_features=False),

@@ -234,10 +234,6 @@ def scatter_to_positions(x: Tensor, positions: Tensor, num_positions: int) -> Te
 _HOSTS = {"MambaForCausalLM": "hf", "Mamba2ForCausalLM": "hf", "MambaLMHeadModel": "mamba_ssm"}
 
 
-def supported_models() -> list[str]:
-    return list(_HOSTS)
-
-
 def host_for(model):
     """The host module that patches `model`'s class; ValueError for an unsupported class."""
     name = type(model).__name__
@@ -356,10 +352,6 @@ class Handle:
             yield self
         finally:
             self._options.reset(token)
-
-    @property
-    def current_options(self) -> Options:
-        return self._options.get()
 
     # -- used by the host loops -----------------------------------------------------------------
     def new_reducer(self, valid: torch.Tensor, uniform: Optional[bool] = None) -> ForwardReducer:
@@ -602,9 +594,6 @@ def delta_mamba1(x_dbl: Tensor, dt_proj: torch.nn.Linear, rank: int,
         x_dbl = x_dbl.reshape(*shape, -1)
     dt = F.linear(x_dbl[..., :rank], dt_proj.weight, dt_proj.bias)  # (B, N, Di)
     return F.softplus(dt.float())
-
-
-DeltaReader = Callable[[Tensor, Optional[tuple[int, int]]], Tensor]
 
 
 # -- scan readers (hidden-attention metrics): the same hooked output -> core.hattn.ScanParams -------------
