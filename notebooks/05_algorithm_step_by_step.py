@@ -62,7 +62,7 @@ print(len(toy.tokens), "toy tokens:", " ".join(toy.tokens), f"| y: {tuple(toy.y.
 # (`sum`), the l1 and the l2 norm. The bars are scaled per metric (the legend gives the scale).
 
 # %%
-scores = teaching.importance_scores(toy.y)           # {metric: (N,)} via core.metrics.importance
+scores = teaching.importance_scores(toy.y)           # {metric: (N,)} via core.methods.importance
 fig, ax = plt.subplots(figsize=(10, 2.8))
 teaching.draw_scores(ax, toy.tokens, scores)
 ax.set_title("Step 1: importance of each toy token under the paper's metric and its alternatives")

@@ -18,7 +18,7 @@ import torch
 
 import utrc_lib
 from utrc_study.experiments.timing import time_ms
-from utrc_lib.core.reduce import ForwardReducer
+from utrc_lib.hosts.handle import ForwardReducer
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -13,8 +13,8 @@ import statistics
 import torch
 import triton
 
-from utrc_lib.core import kernels
-from utrc_lib.core.plan import Plan, build_plan
+from utrc_lib.core import methods as kernels  # the feature-statistics and matching kernels
+from utrc_lib.core.plan import Plan, build_plan, merge_rows
 
 
 def timed(fn, reps=20):
@@ -65,8 +65,8 @@ def main():
         lay = plan._merge_layout()
         w_e = plan.src_weight["residual"].gather(1, lay["order"]) * sizes.gather(1, lay["src"])
         out = plan.apply(x, "residual", sizes)
-        res[f"merge_triton_only_{dtype}"] = timed(lambda: kernels.merge_rows(out, x, lay["slot"], lay["src"], w_e,
-                                                                               lay["count"], sizes.gather(1, plan.base)))
+        res[f"merge_triton_only_{dtype}"] = timed(lambda: merge_rows(out, x, lay["slot"], lay["src"], w_e,
+                                                                       lay["count"], sizes.gather(1, plan.base)))
         res[f"merge_torch_only_{dtype}"] = timed(lambda: Plan._merge_torch(out, x, lay, w_e, sizes.gather(1, plan.base)))
         res[f"base_gather_{dtype}"] = timed(lambda: x.reshape(B * N, D).index_select(
             0, (plan.base + torch.arange(B, device="cuda")[:, None] * N).reshape(-1)))

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import utrc_lib
 from utrc_study.experiments import bench
-from utrc_lib.core.reduce import ForwardReducer
+from utrc_lib.hosts.handle import ForwardReducer
 
 
 def main():

@@ -2,8 +2,8 @@
 gpu tier (compiled kernels): one implementation of each comparison, sizes and tolerances per caller."""
 import torch
 
-from utrc_lib.core import kernels
-from utrc_lib.core.plan import Plan, build_plan
+from utrc_lib.core import methods
+from utrc_lib.core.plan import Plan, build_plan, merge_kernel_available
 
 METRICS = ("clip", "sum", "l1", "l2")
 
@@ -18,9 +18,9 @@ def channel_major(x):
 def check_feature_stats(x, rtol, atol_scores, atol_inv):
     """The stats kernel on `x` (any layout) equals the torch twin for every kernel metric."""
     for metric in METRICS:
-        assert kernels.kernel_available(metric, x)
-        s, q = kernels.feature_stats_triton(metric, x)
-        s0, q0 = kernels.feature_stats_torch(metric, x)
+        assert methods.kernel_available(metric, x)
+        s, q = methods.feature_stats_triton(metric, x)
+        s0, q0 = methods.feature_stats_torch(metric, x)
         torch.testing.assert_close(s, s0, rtol=rtol, atol=atol_scores)
         torch.testing.assert_close(q, q0, rtol=rtol, atol=atol_inv)
 
@@ -44,7 +44,7 @@ def check_merge(plan, x, sizes, tol):
     """Plan.apply (the kernel path) equals the torch twin on both branches."""
     B, N, D = x.shape
     for branch in ("hidden", "residual"):
-        assert kernels.merge_kernel_available(x, x)
+        assert merge_kernel_available(x, x)
         got = plan.apply(x, branch, sizes)
         lay = plan._merge_layout()
         want = x.reshape(B * N, D).index_select(
@@ -61,18 +61,18 @@ def check_scaled_row_max(g, device):
     sim[0, 3, 10] = sim[0, 3, 200] = 50.0  # a tie
     scale = torch.rand(2, 300, generator=g, device=device) + 0.5
     scale[0, 10] = scale[0, 200] = 1.0
-    gm, jm = kernels.scaled_row_max(sim, scale)
+    gm, jm = methods.scaled_row_max(sim, scale)
     g0, j0 = (sim * scale[:, None, :]).max(-1)
     torch.testing.assert_close(gm, g0)
     assert torch.equal(jm, j0) and int(jm[0, 3]) == 10
     wide = torch.randn(2, 19, 320, generator=g, device=device)
-    gm, jm = kernels.scaled_row_max(wide[..., :300], scale)
+    gm, jm = methods.scaled_row_max(wide[..., :300], scale)
     g0, j0 = (wide[..., :300] * scale[:, None, :]).max(-1)
     torch.testing.assert_close(gm, g0)
     assert torch.equal(jm, j0)
 
 
-# -- tiled best match (kernels.row_best_*) -----------------------------------------------------------
+# -- tiled best match (methods.row_best_*) -----------------------------------------------------------
 
 def _row_best_dense(fa, fb_t, inv_a, inv_b, b_ok, pos_a=None, pos_b=None, window=None):
     """The dense rule in float64: (B, M, K) similarity, scaled, masked, first argmax."""
@@ -106,7 +106,7 @@ def random_match_inputs(g, device, B, M, K, C, dtype, *, channel_major=False, pa
         fb_t = fb_t.contiguous()
         fa = fa.transpose(1, 2).contiguous().transpose(1, 2)
     sq = lambda x: x.float().pow(2).sum(-1)
-    inv_a, inv_b = kernels.inverse_norm(sq(fa)), kernels.inverse_norm(sq(fb))
+    inv_a, inv_b = methods.inverse_norm(sq(fa)), methods.inverse_norm(sq(fb))
     if dup:  # powers of two: every scaled product stays exact, so duplicated columns tie exactly
         inv_a = 2.0 ** torch.randint(-2, 3, (B, M), generator=g, device=device).float()
         inv_b = 2.0 ** torch.randint(-2, 3, (B, K), generator=g, device=device).float()
@@ -124,7 +124,7 @@ def random_match_inputs(g, device, B, M, K, C, dtype, *, channel_major=False, pa
 
 
 def check_row_best(g, device, shapes, dtypes, fn, *, near_tol=0.0, windows=(None,), tiles=None):
-    """`fn` (kernels.row_best_triton or row_best_torch) against the float64 dense rule.
+    """`fn` (methods.row_best_triton or row_best_torch) against the float64 dense rule.
 
     Matches must be equal wherever the best and the chosen column differ by more than `near_tol`
     (relative, in float64: the rounding of a float32 / half-precision product); exact ties (dup) must

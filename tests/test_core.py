@@ -192,8 +192,8 @@ def test_default_layers():
 def test_align_rounds_kept_counts_everywhere(flops_mamba2_config):
     """align: kept counts are multiples of it in the engine (host and per-sample paths), in the FLOPs
     accounting and in the schedule's token counts; align=1 is the plain ceil(n * rho)."""
-    from utrc_lib.core.reduce import ForwardReducer, tokens_to_remove
-    from utrc_lib.core.schedule import kept_tokens, tokens_per_layer
+    from utrc_lib.core.config import kept_tokens, tokens_per_layer, tokens_to_remove
+    from utrc_lib.hosts.handle import ForwardReducer
 
     assert kept_tokens(2048, 0.9043) == 1853 and kept_tokens(2048, 0.9043, 16) == 1856
     assert kept_tokens(1853, 0.9043, 16) == 1680 and kept_tokens(10, 0.5, 16) == 10

@@ -189,7 +189,7 @@ def test_dense_fallback_splits_the_batch(m2, tok, monkeypatch):
 
 def test_dense_fallback_decided_by_exception_type(m2, tok, monkeypatch):
     """SequenceTooShort means "score dense"; any other ValueError, whatever its text, propagates."""
-    from utrc_lib.core.reduce import SequenceTooShort
+    from utrc_lib.core.methods import SequenceTooShort
 
     toks = [ev.encode_pair(tok, c, x) for c, x in _requests()[:3]]
     dense = scoring.loglikelihood_tokens(m2, toks, None, 3)

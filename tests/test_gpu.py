@@ -166,9 +166,9 @@ def test_engine_on_cuda_matches_cpu():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_feature_stats_kernel_compiled(layout, dtype):
     """The Triton kernel (compiled) against the torch twin, on the layouts the backends hand over."""
-    from utrc_lib.core import kernels
+    from utrc_lib.core import methods
 
-    if not kernels.HAVE_TRITON:
+    if not methods.HAVE_TRITON:
         pytest.skip("triton not importable")
     torch.manual_seed(0)
     x = torch.randn(3, 333, 1000, device="cuda").to(dtype)
@@ -181,7 +181,7 @@ def test_feature_stats_kernel_compiled(layout, dtype):
 @pytest.mark.parametrize("N", [512, 509])  # 509: |A| = 255, |B| = 254, padded to 256 on CUDA
 def test_half_precision_matching_agrees_with_float32(layout, N):
     """fp16 features on CUDA (fp32-output bmm, scaled by inverse norms) pick the edges float32 picks."""
-    from utrc_lib.core import kernels
+    from utrc_lib.core import methods
     from utrc_lib.core.methods import bipartite_match
 
     torch.manual_seed(1)
@@ -194,9 +194,9 @@ def test_half_precision_matching_agrees_with_float32(layout, N):
     is_a = red & (torch.arange(N, device="cuda") % 2 == 0)
     is_b = red & ~is_a
     r = torch.full((B,), 100, device="cuda")
-    got = bipartite_match(f16, is_a, is_b, r, (100, N - N // 2, N // 2), kernels.feature_stats("clip", f16)[1])
+    got = bipartite_match(f16, is_a, is_b, r, (100, N - N // 2, N // 2), methods.feature_stats("clip", f16)[1])
     f32 = f16.float().contiguous()
-    want = bipartite_match(f32, is_a, is_b, r, None, kernels.feature_stats_torch("clip", f32)[1])
+    want = bipartite_match(f32, is_a, is_b, r, None, methods.feature_stats_torch("clip", f32)[1])
     same_src = (got[0] == want[0]).float().mean()
     assert float(same_src) > 0.99
     both = got[0] & want[0]
@@ -206,9 +206,9 @@ def test_half_precision_matching_agrees_with_float32(layout, N):
 @torch.no_grad()
 def test_merge_kernel_compiled():
     """Triton merge kernel (compiled) against its torch twin; scaled row max likewise."""
-    from utrc_lib.core import kernels
+    from utrc_lib.core import methods
 
-    if not kernels.HAVE_TRITON:
+    if not methods.HAVE_TRITON:
         pytest.skip("triton not importable")
     g = torch.Generator(device="cuda").manual_seed(0)
     B, N, D = 4, 300, 520

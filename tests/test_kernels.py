@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import utrc_lib as u
-from utrc_lib.core import kernels
-from utrc_lib.core.methods import HostSizes, _inverse_perm, bipartite_match, stable_partition
-from utrc_lib.core.metrics import importance
+from utrc_lib.core import methods
+from utrc_lib.core.methods import HostSizes, _inverse_perm, bipartite_match, importance, stable_partition
 
 
 @pytest.mark.parametrize("metric", ["clip", "sum", "l1", "l2", "random"])
@@ -17,7 +16,7 @@ def test_feature_stats_torch_twin(metric):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 11, 7, generator=g)
     x[1, 4] = 0  # a zero row: norm 0, inverse norm 0
-    scores, inv = kernels.feature_stats_torch(metric, x, valid=torch.ones(3, 11, dtype=torch.bool))
+    scores, inv = methods.feature_stats_torch(metric, x, valid=torch.ones(3, 11, dtype=torch.bool))
     torch.testing.assert_close(scores, importance(metric, x, valid=torch.ones(3, 11, dtype=torch.bool)))
     for b in range(3):
         for n in range(11):
@@ -28,9 +27,9 @@ def test_feature_stats_torch_twin(metric):
 
 _INTERPRETED = r"""
 import torch
-from utrc_lib.core import kernels
+from utrc_lib.core import methods
 import kernel_checks as kc
-assert kernels.HAVE_TRITON
+assert methods.HAVE_TRITON
 g = torch.Generator().manual_seed(1)
 x = torch.randn(2, 37, 300, generator=g)  # N, C not multiples of the tiles
 kc.check_feature_stats(x, rtol=1e-5, atol_scores=1e-5, atol_inv=1e-6)
@@ -104,7 +103,7 @@ def test_bipartite_match_scaled_similarity(seed, layout, static):
     is_a = red & (_inverse_perm(torch.argsort(scores.masked_fill(~red, 2.0), dim=1, stable=True)) < n_red // 2)
     is_b = red & ~is_a
     r = torch.full((B,), 5)
-    _, inv = kernels.feature_stats_torch("clip", feats)
+    _, inv = methods.feature_stats_torch("clip", feats)
     sizes = (5, n_red // 2, n_red - n_red // 2) if static else None
     is_src, dst = bipartite_match(feats, is_a, is_b, r, sizes, inv)
     want_src, want_dst = _match_reference(feats, is_a, is_b, r)
@@ -126,7 +125,7 @@ def test_bipartite_match_padded_samples():
     rel = red.long().cumsum(1) - 1
     is_a, is_b = red & (rel % 2 == 0), red & (rel % 2 == 1)
     r = torch.tensor([6, 4, 9])
-    _, inv = kernels.feature_stats_torch("l2", feats)
+    _, inv = methods.feature_stats_torch("l2", feats)
     is_src, dst = bipartite_match(feats, is_a, is_b, r, None, inv)
     want_src, want_dst = _match_reference(feats, is_a, is_b, r)
     assert torch.equal(is_src, want_src)
@@ -137,7 +136,7 @@ def test_bipartite_match_padded_samples():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_static_sizes_plan_equals_general_plan(method, dtype):
     """The sync-free path for equal-length batches (host sizes) builds the same plan as the general one."""
-    from utrc_lib.core.reduce import plan_reduction
+    from utrc_lib.core.methods import plan_reduction
     from utrc_lib.core.plan import TokenState
 
     g = torch.Generator().manual_seed(3)
@@ -193,7 +192,7 @@ def test_static_anchor_reads_nothing_back(method, monkeypatch):
     """No fixed per-anchor host sync (issue 28): on an equal-length batch the reduction step never reads
     a device value back to the host (no bool / int / item / tolist / nonzero of a tensor), at any anchor.
     docs/prefill_speed.md lists the syncs removed and those that remain."""
-    from utrc_lib.core.reduce import ForwardReducer
+    from utrc_lib.hosts.handle import ForwardReducer
 
     reads = []
     for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import utrc_lib as u
 from conftest import tiny_model
-from utrc_lib.core.reduce import ReductionShortfall
+from utrc_lib.core.methods import ReductionShortfall
 
 BIPARTITE = ["utrc", "tome", "prune_only", "merge_only", "pumer"]
 CAUSAL_METHODS = [m for m in u.available_methods() if m != "utrc_reference"]

@@ -229,7 +229,7 @@ def test_item5_training_mode_inside_apply_warns_once(tiny):
 # -- item 6: an unreachable cut warns once; rows carry the achieved cut beside the requested one -----
 @torch.no_grad()
 def test_item6_unreachable_cut_warns_once_per_configuration(tiny):
-    from utrc_lib.core.reduce import ReductionShortfall
+    from utrc_lib.core.methods import ReductionShortfall
 
     model, tok = tiny
     ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids  # ~40 tokens

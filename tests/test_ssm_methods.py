@@ -85,7 +85,7 @@ def test_hattn_batch_equals_single():
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_scan_reader_matches_the_mixer(kind):
     """The host readers' Delta, B, C, A reproduce the transformers mixer's own scan output."""
-    from utrc_lib.hosts import capture
+    from utrc_lib.hosts import handle
 
     model = tiny_model(kind)
     mixer = model.backbone.layers[1].mixer
@@ -104,15 +104,15 @@ def test_scan_reader_matches_the_mixer(kind):
         h.remove()
     B, N = ids.shape
     if kind == "mamba2":
-        scan = capture.scan_mamba2(got["zx"], mixer, heads=mixer.num_heads, groups=mixer.n_groups,
-                                   state=mixer.ssm_state_size, limit=mixer.time_step_limit)
+        scan = handle.scan_mamba2(got["zx"], mixer, heads=mixer.num_heads, groups=mixer.n_groups,
+                                  state=mixer.ssm_state_size, limit=mixer.time_step_limit)
         xbc = got["zx"][..., mixer.intermediate_size:mixer.intermediate_size + mixer.conv_dim].transpose(1, 2)
         x = torch.nn.functional.silu(mixer.conv1d(xbc)[..., :N]).transpose(1, 2)[..., :mixer.intermediate_size]
         xh = x.reshape(B, N, mixer.num_heads, mixer.head_dim)
         want = hattn.selective_scan_loop(xh, scan) + mixer.D.double()[None, None, :, None] * xh.double()
         torch.testing.assert_close(want.reshape(B, N, -1).float(), got["y"].float(), rtol=1e-4, atol=1e-5)
     else:
-        scan = capture.scan_mamba1(got["xd"], mixer, mixer.time_step_rank)
+        scan = handle.scan_mamba1(got["xd"], mixer, mixer.time_step_rank)
         x = got["x"]  # (B, N, Di) post-conv input of the scan
         gate = got["zx"].transpose(1, 2)[..., mixer.intermediate_size:] if got["zx"].shape[1] != N else \
             got["zx"][..., mixer.intermediate_size:]
@@ -224,7 +224,7 @@ def test_decimamba_absolute_budget():
     cfg = u.ReductionConfig("decimamba", layers=(0, 2), protect_last=2,
                             params={"L_base": 12, "beta": 0.5, "min_seq_len": 3})
     assert cfg.absolute_budget and cfg.scoring_metric == "delta_l2" and cfg.form == "anchor"
-    from utrc_lib.core.reduce import ForwardReducer
+    from utrc_lib.hosts.handle import ForwardReducer
 
     for valid in (torch.ones(2, 30, dtype=torch.bool), torch.arange(30)[None] >= torch.tensor([[0], [10]])):
         red = ForwardReducer(cfg, cfg.resolve(5), valid)
@@ -261,7 +261,7 @@ def test_method_metric_mismatch_and_parsing():
     assert hash(cfg) == hash(u.ReductionConfig("decimamba", params={"L_base": 100, "beta": 0.25}))
     # existing behaviour unchanged: "delta" is still the channel mean, and utrc scores with the config's metric
     d = torch.rand(2, 5, 3)
-    from utrc_lib.core.metrics import importance
+    from utrc_lib.core.methods import importance
     torch.testing.assert_close(importance("delta", None, delta=d), d.mean(-1))
     torch.testing.assert_close(importance("delta_l2", None, delta=d), d.norm(dim=-1))
     assert u.ReductionConfig("utrc", keep_ratio=0.5, metric="delta").scoring_metric == "delta"

@@ -139,7 +139,7 @@ def test_real_anchor_edges_equal_the_forward_plan(real):
 
 
 def test_schedule_table_matches_core():
-    from utrc_lib.core.schedule import keep_ratio_for_flops, token_layer_fraction
+    from utrc_lib.core.config import keep_ratio_for_flops, token_layer_fraction
 
     tab = T.schedule_table(64, 2048, [0.1, 0.2, 0.3])
     assert list(tab.iloc[0]["anchors"]) == [12, 17, 22, 27, 32, 37, 42]

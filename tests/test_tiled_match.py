@@ -1,6 +1,6 @@
 """Tiled best match (issue 28): no N x N similarity buffer, the same matches and tie rule as the dense path.
 
-The torch twin (kernels.row_best_torch) and the fused Triton kernel (kernels.row_best_triton, run by
+The torch twin (methods.row_best_torch) and the fused Triton kernel (methods.row_best_triton, run by
 Triton's CPU interpreter here, compiled in the gpu tier) against the float64 dense rule; the dense and
 the tiled matching give the same plans for every method that matches (forced with UTRC_TILE_MATCH);
 duplicated tokens tie exactly and the first B token wins; windowed matching against the loop twin.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import utrc_lib as u
-from utrc_lib.core import kernels
+from utrc_lib.core import methods
 from utrc_lib.core.methods import HostSizes, bipartite_match, has_partner
 
 import kernel_checks as kc
@@ -25,14 +25,14 @@ SHAPES = [(2, 37, 53, 24), (1, 130, 70, 16), (3, 5, 9, 3)]
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles far smaller than the inputs, odd sizes: many tiles per row, ragged last tiles."""
-    monkeypatch.setattr(kernels, "ROW_TILE", 7)
-    monkeypatch.setattr(kernels, "COL_TILE", 11)
+    monkeypatch.setattr(methods, "ROW_TILE", 7)
+    monkeypatch.setattr(methods, "COL_TILE", 11)
 
 
 @pytest.mark.heavy
 def test_row_best_torch_twin_equals_dense(small_tiles):
     g = torch.Generator().manual_seed(0)
-    kc.check_row_best(g, "cpu", SHAPES, (torch.float32,), kernels.row_best_torch, near_tol=1e-5,
+    kc.check_row_best(g, "cpu", SHAPES, (torch.float32,), methods.row_best_torch, near_tol=1e-5,
                       windows=(None, 1, 4, 1000))
 
 
@@ -40,24 +40,24 @@ def test_row_best_ties_first_column(small_tiles):
     """Exact ties across tiles: every column equal -> column 0; a later duplicate never replaces the first."""
     fa = torch.ones(1, 5, 4)
     fb_t = torch.ones(1, 4, 30)
-    g_, j = kernels.row_best_torch(fa, fb_t)
+    g_, j = methods.row_best_torch(fa, fb_t)
     assert torch.equal(j, torch.zeros(1, 5, dtype=torch.long)) and torch.equal(g_, torch.full((1, 5), 4.0))
     fb_t[0, :, 12] = 2.0  # best in tile 2 (columns 11..21) ...
     fb_t[0, :, 25] = 2.0  # ... and its duplicate in tile 3
-    _, j = kernels.row_best_torch(fa, fb_t)
+    _, j = methods.row_best_torch(fa, fb_t)
     assert torch.equal(j, torch.full((1, 5), 12))
     b_ok = torch.ones(1, 30, dtype=torch.bool)
     b_ok[0, 12] = False  # the first copy is padding: the duplicate wins
-    _, j = kernels.row_best_torch(fa, fb_t, b_ok=b_ok)
+    _, j = methods.row_best_torch(fa, fb_t, b_ok=b_ok)
     assert torch.equal(j, torch.full((1, 5), 25))
 
 
 def test_row_best_no_column(small_tiles):
     """No valid column (padding / window): -inf and index 0, as torch.max over an all -inf row."""
     fa, fb_t = torch.randn(2, 6, 3), torch.randn(2, 3, 13)
-    g_, j = kernels.row_best_torch(fa, fb_t, b_ok=torch.zeros(2, 13, dtype=torch.bool))
+    g_, j = methods.row_best_torch(fa, fb_t, b_ok=torch.zeros(2, 13, dtype=torch.bool))
     assert bool(torch.isneginf(g_).all()) and not bool(j.any())
-    g_, j = kernels.row_best_torch(fa, fb_t[..., :0])
+    g_, j = methods.row_best_torch(fa, fb_t[..., :0])
     assert g_.shape == (2, 6) and bool(torch.isneginf(g_).all())
 
 
@@ -81,7 +81,7 @@ def test_bipartite_match_tiled_equals_dense(monkeypatch, small_tiles, seed, stat
     rel = torch.arange(N).expand(B, N)
     is_a, is_b = rel % 2 == 0, rel % 2 == 1
     r = torch.full((B,), 9)
-    _, inv = kernels.feature_stats_torch("clip", feats)
+    _, inv = methods.feature_stats_torch("clip", feats)
     sizes = (9, int(is_a[0].sum()), int(is_b[0].sum())) if static else None
     dense = _forced(monkeypatch, "0", lambda: bipartite_match(feats, is_a, is_b, r, sizes, inv))
     tiled = _forced(monkeypatch, "1", lambda: bipartite_match(feats, is_a, is_b, r, sizes, inv))
@@ -112,27 +112,27 @@ def test_every_matching_method_tiled_equals_dense(monkeypatch, small_tiles, meth
 
 
 def test_tiled_threshold():
-    assert not kernels.tile_matching(2048, 2048)  # every committed configuration (N <= 4096) stays dense
-    assert kernels.tile_matching(4096, 4096)
-    assert kernels.tile_matching(3, 3, window=2)
+    assert not methods.tile_matching(2048, 2048)  # every committed configuration (N <= 4096) stays dense
+    assert methods.tile_matching(4096, 4096)
+    assert methods.tile_matching(3, 3, window=2)
 
 
 _INTERPRETED = r"""
 import torch
-from utrc_lib.core import kernels
+from utrc_lib.core import methods
 import kernel_checks as kc
-assert kernels.HAVE_TRITON and kernels.row_best_kernel_available(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+assert methods.HAVE_TRITON and methods.row_best_kernel_available(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
 g = torch.Generator().manual_seed(2)
-tri = lambda *a, **k: kernels.row_best_triton(*a, block_m=16, block_n=16, block_c=16, **k)
+tri = lambda *a, **k: methods.row_best_triton(*a, block_m=16, block_n=16, block_c=16, **k)
 kc.check_row_best(g, "cpu", [(2, 37, 53, 24), (1, 20, 70, 40)], (torch.float32, torch.float16), tri,
                   near_tol=1e-4, windows=(None, 3))
 # the kernel equals the torch twin on random inputs (matches and values)
-kernels.ROW_TILE, kernels.COL_TILE = 9, 13
+methods.ROW_TILE, methods.COL_TILE = 9, 13
 for seed in range(2):
     fa, fb_t, ia, ib, ok, pa, pb = kc.random_match_inputs(g, "cpu", 2, 33, 45, 20, torch.float32, padded=True)
     for w in (None, 5):
         g1, j1 = tri(fa, fb_t, ia, ib, ok, pos_a=pa, pos_b=pb, window=w)
-        g0, j0 = kernels.row_best_torch(fa, fb_t, ia, ib, ok, pos_a=pa, pos_b=pb, window=w)
+        g0, j0 = methods.row_best_torch(fa, fb_t, ia, ib, ok, pos_a=pa, pos_b=pb, window=w)
         assert torch.equal(j1, j0), (seed, w)
         torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
 print("ok")
@@ -180,7 +180,7 @@ def test_windowed_matching_equals_loop_twin(method, window):
     """One windowed matching round (plan_reduction) equals the loop twin (twins._match with the same window),
     per sample; A tokens without a partner in the window are not removed (the round may fall short)."""
     from utrc_lib.core.plan import TokenState
-    from utrc_lib.core.reduce import plan_reduction
+    from utrc_lib.core.methods import plan_reduction
     from utrc_lib.core.twins import loop_reduce
 
     g = torch.Generator().manual_seed(window)
@@ -224,7 +224,7 @@ def test_row_best_kernel_gpu_real_sizes():
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(0)
     kc.check_row_best(g, "cuda", [(1, 2048, 2048, 2560), (2, 1000, 1500, 5120)], (torch.float16, torch.bfloat16,
-                      torch.float32), kernels.row_best_triton, near_tol=2e-3, windows=(None, 64))
+                      torch.float32), methods.row_best_triton, near_tol=2e-3, windows=(None, 64))
     M = K = 32768
     fa = torch.randn(1, M, 2560, device="cuda", dtype=torch.float16)
     fb_t = torch.randn(1, K, 2560, device="cuda", dtype=torch.float16).transpose(1, 2)
@@ -232,12 +232,12 @@ def test_row_best_kernel_gpu_real_sizes():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    g_, j = kernels.row_best(fa, fb_t, inv, inv)
+    g_, j = methods.row_best(fa, fb_t, inv, inv)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 64 * M, extra  # outputs (12 bytes a row) and the window-free launch: linear in M
     # against the torch twin (cuBLAS tiles) on a slice
-    g0, j0 = kernels.row_best_torch(fa[:, :512], fb_t, inv[:, :512], inv)
+    g0, j0 = methods.row_best_torch(fa[:, :512], fb_t, inv[:, :512], inv)
     agree = (j[:, :512] == j0).float().mean().item()
     assert agree > 0.99, agree
     torch.testing.assert_close(g_[:, :512], g0, rtol=2e-3, atol=2e-3)

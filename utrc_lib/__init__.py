@@ -6,22 +6,23 @@ prune-only, merge-only and random, plus SSM-native methods. docs/method.md descr
 docs/api.md this package's public API; utrc_lib/GLOSSARY.md the symbols every module uses.
 
 Layers (imports point down only; nothing here imports the study harness `utrc_study`):
-    core/          the algorithm: config, schedule, metrics, methods, plan, reduce, kernels + twins,
-                   FLOPs accounting (torch only)
-    hosts/         apply / Handle and one layer loop per host library (transformers, mamba-ssm), model
-                   loading, prefill / generation, the transformers pipeline
+    core/          the algorithm (torch only): config (+ schedule), methods (metrics, methods, one
+                   anchor's rounds), plan (+ the merge kernel), the SSM-native methods, the reference
+                   mode, loop twins, FLOPs accounting
+    hosts/         handle (apply / Handle, the per-prefill ForwardReducer, the taps) and one layer loop
+                   per host library (transformers, mamba-ssm), model loading, prefill / generation, the
+                   transformers pipeline
     scoring.py     log-likelihood of continuations under reduction (protected tail), lm-eval conventions
     integrations/  lm-eval's `--model utrc` and its command line (imported on demand)
 
 Importing `utrc_lib` imports torch only: transformers is imported when a host needs it.
 """
-from .core.config import ReductionConfig, config_from_args
+from .core.config import (ReductionConfig, config_from_args, default_layers, flops_table, keep_ratio_for_flops,
+                          token_layer_fraction)
 from .core.flops import flops
-from .core.methods import Context, Method, available_methods, register_method, unregister_method
-from .core.metrics import available_metrics
+from .core.methods import (Context, Method, ReductionResult, available_methods, available_metrics, reduce_tokens,
+                           register_method, unregister_method)
 from .core.plan import Plan
-from .core.reduce import ReductionResult, reduce_tokens
-from .core.schedule import default_layers, flops_table, keep_ratio_for_flops, token_layer_fraction
 from .hosts.generation import PrefillState, generate_from, prefill
 from .hosts.handle import Handle, apply
 from .hosts.models import available_models, load_model

@@ -45,7 +45,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from utrc_lib.core.config import ReductionConfig
-from utrc_lib.core.reduce import SequenceTooShort
+from utrc_lib.core.methods import SequenceTooShort
 
 # what run_metadata()["protect"] says for protect=True / False
 PROTECT_NOTE = {True: "continuation (protect_last = continuation tokens, per request)",
@@ -564,7 +564,7 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
                      "python": platform.python_version()},
     }
     try:
-        from utrc_lib.core import schedule
+        from utrc_lib.core.config import token_layer_fraction
         from utrc_lib.hosts.handle import num_layers
 
         L = num_layers(model)
@@ -573,7 +573,7 @@ def run_metadata(model, config: Optional[ReductionConfig], *, max_length: int, b
             layers = config.resolve_layers(L)
             rho = config.resolve_keep_ratio(L)
             meta.update(layers=list(layers), keep_ratio=rho,
-                        token_layer_fraction=schedule.token_layer_fraction(L, layers, rho))
+                        token_layer_fraction=token_layer_fraction(L, layers, rho))
             meta["flops_reduction_token_layer"] = 1.0 - meta["token_layer_fraction"]
         else:
             meta.update(layers=[], keep_ratio=1.0, token_layer_fraction=1.0, flops_reduction_token_layer=0.0)

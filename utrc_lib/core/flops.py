@@ -56,19 +56,16 @@ Shapes of the torch path (per layer, one sample): hidden (n, D) -> in_proj (n, 2
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Optional
 
-from .shapes import PAPER_NAMES, read_mamba_ssm_config, shape_config
+from .shapes import PAPER_NAMES, _get, read_mamba_ssm_config, shape_config
 
 SUPPORTED = ("transformers MambaForCausalLM / Mamba2ForCausalLM (or their MambaModel / Mamba2Model), "
              "transformers MambaConfig / Mamba2Config, a mamba-ssm MambaConfig-like object "
              "(d_model, n_layer, vocab_size, ssm_cfg)")
 
 MATMUL_COMPONENTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "ssm_scan", "out_proj", "lm_head")
-ELEMENTWISE_COMPONENTS = ("ssm_elementwise", "activations", "gated_norm", "block_norm", "residual_add",
-                          "final_norm", "embedding")
 REDUCTION_COMPONENTS = ("reduction_importance", "reduction_similarity", "reduction_merge")
 
 # Which parts of the reduction each method pays for (default: all three).
@@ -193,17 +190,8 @@ class FlopsReport:
         d["analytic_cut"], d["token_layer_cut"] = self.analytic_cut, self.token_layer_cut
         return d
 
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
 
 # -- model shape ----------------------------------------------------------------------------------
-def _get(obj, name, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def model_shape(model_or_config) -> ModelShape:
     """ModelShape of a transformers Mamba / Mamba-2 model or config, or a mamba-ssm-like config.
 
@@ -371,7 +359,7 @@ def count(shape: ModelShape, seq_len: int, layers=(), keep_ratio: float = 1.0, *
     Returns:
         FlopsReport.
     """
-    from .schedule import tokens_per_layer
+    from .config import tokens_per_layer
 
     _check_int("seq_len", seq_len)
     _check_int("batch", batch)
@@ -488,7 +476,7 @@ def flops_table_rows(cuts=(0.1, 0.2, 0.3), seq_len: int = 2048, models=("Mamba-2
         list of dicts (model, layers, anchors, cut, keep_ratio, token_layer_fraction, analytic_cut,
         overhead_pct, dense_tflops).
     """
-    from .schedule import default_layers, keep_ratio_for_flops
+    from .config import default_layers, keep_ratio_for_flops
 
     rows = []
     for name in models:

@@ -1,6 +1,6 @@
 """Hyperparameters of methods and metrics: declared once, validated once, with clear errors.
 
-A method (`utrc_lib.core.methods.Method.params`) or a metric (`utrc_lib.core.metrics.Metric.params`)
+A method (`utrc_lib.core.methods.Method.params`) or a metric (`utrc_lib.core.methods.Metric.params`)
 declares its hyperparameters as `Param`s; `ReductionConfig(params={...})` passes values, and the
 config resolves them once (`ReductionConfig.resolved_params`: every declared default filled in). An
 unknown name, a value of the wrong type or outside its range raises ValueError naming the

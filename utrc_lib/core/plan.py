@@ -1,4 +1,4 @@
-"""Reduction plans: index tensors computed once per reduction layer, applied to every per-token tensor.
+"""Reduction plans: index tensors computed once per reduction, applied to every per-token tensor.
 
 Glossary: utrc_lib/GLOSSARY.md (B batch, N tokens before, N' tokens after (max over the batch;
 shorter samples are left-padded), R source entries (most tokens removed by one sample), D width).
@@ -8,15 +8,21 @@ position it takes; and, for each removed token ("source"), which slot it joins a
 each branch (0 = pruned there, its size = merged there). A branch output is the size-weighted average
 of the slot's base and the sources merged into it. Order of slots follows position: order is meaning
 in an SSM.
+
+In this module: the per-token bookkeeping a forward carries (`TokenState`), the `Plan` and how it is
+applied (`Plan.apply`: row gathers, then the merges, on CUDA by the Triton kernel `merge_rows`, whose
+torch twin is `Plan._merge_torch`), and how a plan is assembled from per-token decisions
+(`build_plan`, the public helper methods are written with). Triton availability (`HAVE_TRITON`,
+`_triton_can_run`) is decided here for every kernel of the package (the others: core/methods.py).
+Set UTRC_NO_TRITON=1 to force the torch twins.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-
-from . import kernels
 
 Tensor = torch.Tensor
 
@@ -151,7 +157,7 @@ class Plan:
         Only the slots that receive sources are recomputed (in >= fp32); every other slot is an
         exact copy of its base token. For one slot the arithmetic is
         (base * w_base + src_1 * w_1 + src_2 * w_2 + ...) / (w_base + w_1 + ...), sources in index
-        order. CUDA: one Triton kernel (utrc_lib.kernels.merge_rows); elsewhere grouped row ops in
+        order. CUDA: one Triton kernel (`merge_rows`); elsewhere grouped row ops in
         torch (the twin).
         """
         B, N, D = x.shape
@@ -165,8 +171,8 @@ class Plan:
             lay = self._merge_layout()
             w_e = w_src.gather(1, lay["order"]) * sizes.gather(1, lay["src"])  # (B, R) entry weights
             w_base = sizes.gather(1, self.base)  # (B, N')
-            if kernels.merge_kernel_available(x, out):
-                kernels.merge_rows(out, x, lay["slot"], lay["src"], w_e, lay["count"], w_base)
+            if merge_kernel_available(x, out):
+                merge_rows(out, x, lay["slot"], lay["src"], w_e, lay["count"], w_base)
             else:
                 self._merge_torch(out, x, lay, w_e, w_base)
         if self.all_valid:
@@ -175,7 +181,7 @@ class Plan:
 
     @staticmethod
     def _merge_torch(out: Tensor, x: Tensor, lay: dict, w_e: Tensor, w_base: Tensor) -> None:
-        """Torch twin of kernels.merge_rows: grouped row ops on (B R, D) rows, in place on `out`."""
+        """Torch twin of `merge_rows`: grouped row ops on (B R, D) rows, in place on `out`."""
         B, N, D = x.shape
         n_out, R = out.shape[1], w_e.shape[1]
         acc = torch.promote_types(x.dtype, torch.float32)  # merge arithmetic in >= fp32
@@ -285,3 +291,78 @@ def build_plan(valid: Tensor, is_src: Tensor, dst: Tensor, merged: dict, causal:
     all_valid = n_min == n_max and bool(B) and valid.shape[1] > 0
     return Plan(base, pos_index, slot_valid, src, src_slot, src_weight, size_branch,
                 has_merge=has_merge if R > 0 else None, all_valid=all_valid)
+
+
+# -- Triton: availability (every kernel of the package) and the merge kernel, twin of Plan._merge_torch ----
+
+try:  # pragma: no cover - exercised on the GPU machine (or with TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _merge_kernel(out_ptr, x_ptr, slot_ptr, src_ptr, w_ptr, cnt_ptr, wb_ptr, R, N_in, N_out, D,
+                      BLOCK_D: tl.constexpr):
+        """Program (entry e, block of columns): if e leads its slot's group, write the slot's merged row.
+
+        out[b, slot] = (out[b, slot] * wb + sum_j x[b, src_j] * w_j) / (wb + sum_j w_j), sources in
+        entry order, float32 arithmetic; rows whose sources all have weight 0 are left untouched.
+        """
+        e = tl.program_id(0)
+        cnt = tl.load(cnt_ptr + e)
+        if cnt > 0:
+            b = e // R
+            slot = tl.load(slot_ptr + e)
+            offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            m = offs < D
+            row = (b.to(tl.int64) * N_out + slot) * D
+            wb = tl.load(wb_ptr + b.to(tl.int64) * N_out + slot)
+            acc = tl.load(out_ptr + row + offs, mask=m, other=0.0).to(tl.float32) * wb
+            tot = wb
+            added = 0.0
+            for k in range(0, cnt):
+                w = tl.load(w_ptr + e + k)
+                src = tl.load(src_ptr + e + k)
+                v = tl.load(x_ptr + (b.to(tl.int64) * N_in + src) * D + offs, mask=m, other=0.0).to(tl.float32)
+                acc += tl.where(w > 0, v * w, 0.0)  # a pruned source (w = 0) contributes nothing, NaN included
+                tot += w
+                added += w
+            if added > 0:
+                tl.store(out_ptr + row + offs, (acc / tot).to(out_ptr.dtype.element_ty), mask=m)
+
+    HAVE_TRITON = True
+except Exception:  # triton missing or unusable: the torch twins are used
+    HAVE_TRITON = False
+
+
+def _triton_can_run(t: Tensor) -> bool:
+    """Triton is importable, not switched off (UTRC_NO_TRITON=1), and `t` lives where kernels run
+    (CUDA, or any device under Triton's CPU interpreter, TRITON_INTERPRET=1)."""
+    return (HAVE_TRITON and os.environ.get("UTRC_NO_TRITON") != "1" and t.numel() > 0
+            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def merge_kernel_available(x: Tensor, out: Tensor) -> bool:
+    """Whether `merge_rows` runs the Triton kernel (CUDA or interpreter, contiguous rows, and no
+    gradient to track: the kernel writes in place, invisible to autograd; the torch twin is used then)."""
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        return False
+    return (_triton_can_run(x) and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def merge_rows(out: Tensor, x: Tensor, slot: Tensor, src: Tensor, w: Tensor, count: Tensor, w_base: Tensor) -> None:
+    """Merge source rows into their slots, in place on `out` (the Triton twin of Plan.apply's torch path).
+
+    out: (B, N', D) base rows; x: (B, N, D) input rows. Per entry (B, R), sorted by slot: slot, src
+    (row of x), w (float32 merge weight), count (group size on the group's first entry, else 0).
+    w_base: (B, N') float32 base weights.
+    """
+    B, n_out, D = out.shape
+    R = slot.shape[1]
+    if B * R == 0:
+        return
+    block_d = min(1024, triton.next_power_of_2(D))
+    grid = (B * R, triton.cdiv(D, block_d))
+    _merge_kernel[grid](out, x, slot.contiguous(), src.contiguous(), w.float().contiguous(),
+                        count.to(torch.int32).contiguous(), w_base.float().contiguous(),
+                        R, x.shape[1], n_out, D, BLOCK_D=block_d)

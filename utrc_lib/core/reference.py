@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import row_best_torch, tile_matching
+from .methods import row_best_torch, tile_matching
 from .plan import Plan, TokenState, build_plan
 
 Tensor = torch.Tensor

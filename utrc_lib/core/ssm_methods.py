@@ -22,8 +22,7 @@ import math
 
 import torch
 
-from .kernels import inverse_norm
-from .methods import Context, Method, _best_match, drop_plan, edges_to_plan, lowest, rank_by
+from .methods import Context, Method, _best_match, drop_plan, edges_to_plan, inverse_norm, lowest, rank_by
 from .params import Param
 from .plan import Plan, gather_rows, stable_partition
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import hattn
-from .metrics import get_metric
+from .methods import get_metric
 from .twins import _assemble, _by_score, _cos
 
 Tensor = torch.Tensor

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .metrics import get_metric, seeded_uniform
+from .methods import get_metric, seeded_uniform
 
 Tensor = torch.Tensor
 

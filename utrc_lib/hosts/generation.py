@@ -43,6 +43,7 @@ decoding step).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import weakref
@@ -363,7 +364,7 @@ def prefill(model, context_ids, config: Optional[ReductionConfig] = None, *, pro
     try:
         dec = decoder_for(model, B, N + 1, cg=False)
         if handle is not None:
-            opts = handle.options(protect_last=protect_last) if protect_last is not None else _nullcontext()
+            opts = handle.options(protect_last=protect_last) if protect_last is not None else contextlib.nullcontext()
             with opts:
                 logits = dec.prefill(ids)
                 reducer = handle.last_reducer
@@ -380,14 +381,6 @@ def prefill(model, context_ids, config: Optional[ReductionConfig] = None, *, pro
     return PrefillState(host=host, conv=conv, ssm=ssm, logits=logits, num_tokens=N,
                         layer_tokens=_layer_tokens(reducer, len(ssm), N), config=cfg,
                         achieved_cut=reducer.achieved_cut() if reduced else None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 @torch.inference_mode()

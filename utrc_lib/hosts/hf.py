@@ -18,7 +18,7 @@ What it changes, and nothing else:
     length);
   * the anchor mixer's importance sources (out_proj input y, the timescale for the Delta metrics, and
     Delta, B, C for the hidden-attention metrics, from the same in_proj / x_proj output) are read with
-    hooks inside `capture.tap()` around the mixer call and returned to the block.
+    hooks inside `handle.tap()` around the mixer call and returned to the block.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import sys
 
 import torch
 
-from . import capture
-from .handle import Handle
+from .handle import (Handle, delta_mamba1, delta_mamba2, hook_delta_source, hook_ssm_output, scan_mamba1,
+                     scan_mamba2, tap)
 
 # the reducer of the forward running in this thread (set by the backbone loop, read by anchor blocks)
 _REDUCER: contextvars.ContextVar = contextvars.ContextVar("utrc_hf_reducer", default=None)
@@ -39,18 +39,18 @@ _REDUCER: contextvars.ContextVar = contextvars.ContextVar("utrc_hf_reducer", def
 def _delta_reader(mixer):
     """(module whose output carries dt, function of that output -> (B, N, H or Di) Delta)."""
     if hasattr(mixer, "dt_bias"):  # Mamba-2: dt is the last H channels of in_proj's output
-        return mixer.in_proj, lambda out: capture.delta_mamba2(out, mixer.dt_bias, mixer.num_heads,
-                                                               mixer.time_step_limit)
-    return mixer.x_proj, lambda out: capture.delta_mamba1(out, mixer.dt_proj, mixer.time_step_rank)
+        return mixer.in_proj, lambda out: delta_mamba2(out, mixer.dt_bias, mixer.num_heads,
+                                                       mixer.time_step_limit)
+    return mixer.x_proj, lambda out: delta_mamba1(out, mixer.dt_proj, mixer.time_step_rank)
 
 
 def _scan_reader(mixer):
     """Function (hooked output of _delta_reader's module, attention mask or None) -> hattn.ScanParams."""
     if hasattr(mixer, "dt_bias"):
-        return lambda out, mask: capture.scan_mamba2(out, mixer, heads=mixer.num_heads, groups=mixer.n_groups,
-                                                     state=mixer.ssm_state_size, limit=mixer.time_step_limit,
-                                                     mask=mask)
-    return lambda out, mask: capture.scan_mamba1(out, mixer, mixer.time_step_rank)
+        return lambda out, mask: scan_mamba2(out, mixer, heads=mixer.num_heads, groups=mixer.n_groups,
+                                             state=mixer.ssm_state_size, limit=mixer.time_step_limit,
+                                             mask=mask)
+    return lambda out, mask: scan_mamba1(out, mixer, mixer.time_step_rank)
 
 
 def install(model, handle: Handle) -> None:
@@ -62,10 +62,10 @@ def install(model, handle: Handle) -> None:
         mixer = block.mixer
         read_delta = read_scan = None
         if config.needs_ssm_output:
-            handle.add_hook(capture.hook_ssm_output(mixer.out_proj))
+            handle.add_hook(hook_ssm_output(mixer.out_proj))
         if config.needs_delta or config.needs_scan:
             module, read_delta = _delta_reader(mixer)
-            handle.add_hook(capture.hook_delta_source(module))
+            handle.add_hook(hook_delta_source(module))
             if config.needs_scan:
                 read_delta, read_scan = None, _scan_reader(mixer)
         handle.set_attr(block, "forward", _anchor_forward(block, i, read_delta, read_scan))
@@ -133,7 +133,7 @@ def _anchor_forward(block, layer: int, read_delta, read_scan=None):
             residual = residual.to(torch.float32)
         if reducer is None or not reducer.wants(layer):  # outside a reduced prefill: the block as is
             return residual + block.mixer(normed, cache, attention_mask=attention_mask)
-        with capture.tap() as got:
+        with tap() as got:
             mixed = block.mixer(normed, cache, attention_mask=attention_mask)
         delta = read_delta(got.delta) if read_delta is not None and got.delta is not None else None
         scan = read_scan(got.delta, attention_mask) if read_scan is not None and got.delta is not None else None

@@ -29,8 +29,8 @@ import functools
 
 import torch
 
-from . import capture
-from .handle import Handle
+from .handle import (Handle, delta_mamba1, delta_mamba2, hook_delta_source, hook_ssm_output, scan_mamba1,
+                     scan_mamba2, tap)
 
 
 def _is_mamba2(mixer) -> bool:
@@ -40,17 +40,17 @@ def _is_mamba2(mixer) -> bool:
 def _delta_reader(mixer):
     """(module whose output carries dt, function (output, (B, N)) -> Delta)."""
     if _is_mamba2(mixer):
-        return mixer.in_proj, lambda out, shape: capture.delta_mamba2(out, mixer.dt_bias, mixer.nheads,
-                                                                      mixer.dt_limit, shape)
-    return mixer.x_proj, lambda out, shape: capture.delta_mamba1(out, mixer.dt_proj, mixer.dt_rank, shape)
+        return mixer.in_proj, lambda out, shape: delta_mamba2(out, mixer.dt_bias, mixer.nheads,
+                                                              mixer.dt_limit, shape)
+    return mixer.x_proj, lambda out, shape: delta_mamba1(out, mixer.dt_proj, mixer.dt_rank, shape)
 
 
 def _scan_reader(mixer):
     """Function (hooked output, (B, N)) -> hattn.ScanParams (hidden-attention metrics)."""
     if _is_mamba2(mixer):
-        return lambda out, shape: capture.scan_mamba2(out, mixer, heads=mixer.nheads, groups=mixer.ngroups,
-                                                      state=mixer.d_state, limit=mixer.dt_limit, shape=shape)
-    return lambda out, shape: capture.scan_mamba1(out, mixer, mixer.dt_rank, shape)
+        return lambda out, shape: scan_mamba2(out, mixer, heads=mixer.nheads, groups=mixer.ngroups,
+                                              state=mixer.d_state, limit=mixer.dt_limit, shape=shape)
+    return lambda out, shape: scan_mamba1(out, mixer, mixer.dt_rank, shape)
 
 
 def install(model, handle: Handle) -> None:
@@ -62,14 +62,14 @@ def install(model, handle: Handle) -> None:
         mixer = backbone.layers[i].mixer
         mamba2 = _is_mamba2(mixer)
         if config.needs_ssm_output:
-            handle.add_hook(capture.hook_ssm_output(mixer.out_proj))
+            handle.add_hook(hook_ssm_output(mixer.out_proj))
             # the fused kernels apply out_proj inside; the unfused path calls it as a module
             handle.set_attr(mixer, "use_mem_eff_path" if mamba2 else "use_fast_path", False)
         if config.needs_delta or config.needs_scan:
             module, readers[i] = _delta_reader(mixer)
             if config.needs_scan:
                 readers[i] = _scan_reader(mixer)
-            handle.add_hook(capture.hook_delta_source(module))
+            handle.add_hook(hook_delta_source(module))
             if not mamba2:
                 handle.set_attr(mixer, "use_fast_path", False)
 
@@ -125,7 +125,7 @@ def _reduced_forward(backbone, handle: Handle, input_ids, inference_params, read
         if not reducer.wants(i):
             hidden, residual = layer(hidden, residual, inference_params=inference_params)
             continue
-        with capture.tap() as got:
+        with tap() as got:
             hidden, residual = layer(hidden, residual, inference_params=inference_params)
         ssm, delta, scan = got.ssm, got.delta, None
         del got  # y is (B, N, Di): hold it no longer than this anchor's step (peak memory)

@@ -16,7 +16,7 @@ What is different from `scorer.score_tokens` (the "classic" path), and why the o
     written into device buffers, read back once at the end. The dense reference for KL / top-1 is one
     packed (positions, V) float32 tensor kept on the model's device (`FastReference`), gathered by
     index, instead of per-row CPU tensors copied row by row. The syncs left are inside the reduction
-    engine (`core/reduce.py`, `core/plan.py`, a few per anchor; see `sync_report`), untouched here;
+    engine (`core/methods.py`, `core/plan.py`, a few per anchor; see `sync_report`), untouched here;
   * a request the engine refuses as too short (`SequenceTooShort`) is handled as in the classic path
     (batch split in halves, a refused single request scored dense and counted in `dense_fallback`);
     requests predicted to be refused (first anchor asks for removals from fewer than 2 reducible
@@ -52,7 +52,7 @@ from typing import Optional, Sequence
 import torch
 
 from utrc_lib.core.config import ReductionConfig
-from utrc_lib.core.reduce import SequenceTooShort
+from utrc_lib.core.methods import SequenceTooShort
 from utrc_lib import scoring
 from utrc_lib.scoring import RequestDetail, TokenScores
 
@@ -248,9 +248,9 @@ def _device_kind(model) -> str:
 def _predict_short(config: ReductionConfig, schedule, n: int, protect: int) -> bool:
     """True when the engine would refuse an n-token input with a protected tail of `protect` tokens
     as too short at its first anchor (removals asked from < 2 reducible tokens); the same rule as
-    `core.reduce` (exceptions still go through the split fallback, so a wrong guess costs time only)."""
-    from utrc_lib.core.reduce import ForwardReducer
-    from utrc_lib.core.schedule import tokens_to_remove
+    `ForwardReducer` (exceptions still go through the split fallback, so a wrong guess costs time only)."""
+    from utrc_lib.core.config import tokens_to_remove
+    from utrc_lib.hosts.handle import ForwardReducer
 
     try:
         r = ForwardReducer(config, schedule, torch.ones(1, n, dtype=torch.bool),

@@ -161,9 +161,9 @@ def token_importance(model, input_ids: Tensor, metric: str = "clip") -> Tensor:
     """(L, N) importance of every token after every layer (dense run, sample 0), from the SSM output y.
 
     Reads the input of each mixer's out_proj (the SSM output y, the paper's "hidden states") with
-    forward hooks and applies `utrc_lib.core.metrics.importance(metric, y)`.
+    forward hooks and applies `utrc_lib.core.methods.importance(metric, y)`.
     """
-    from utrc_lib.core.metrics import importance
+    from utrc_lib.core.methods import importance
 
     feats = {}
     hooks = [layer.mixer.out_proj.register_forward_pre_hook(

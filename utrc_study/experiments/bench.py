@@ -51,12 +51,12 @@ from typing import Callable, Optional
 
 import torch
 
-from utrc_lib.core.config import ReductionConfig, config_from_args
+from utrc_lib.core.config import (ReductionConfig, config_from_args, default_layers, keep_ratio_for_flops,
+                                  token_layer_fraction)
 from utrc_lib.core.plan import TokenState
-from utrc_lib.core.reduce import ForwardReducer
-from utrc_lib.core.schedule import default_layers, keep_ratio_for_flops, token_layer_fraction
 from utrc_lib.core.shapes import SHAPES, shape_config
 from utrc_lib.environment import CACHE, ensure_writable, versions
+from utrc_lib.hosts.handle import ForwardReducer
 from .timing import Stamp, median, peak_memory_gb, synchronize, time_ms, warm_up
 
 # -- model shapes ---------------------------------------------------------------------------------
@@ -438,8 +438,7 @@ def split_method(name: str) -> tuple[str, Optional[str]]:
 
 def bench_method_ok(name: str) -> bool:
     """Whether `name` is a bench method: dense, slice, a registered method, or 'method@metric'."""
-    from utrc_lib.core.methods import available_methods
-    from utrc_lib.core.metrics import available_metrics
+    from utrc_lib.core.methods import available_methods, available_metrics
 
     method, metric = split_method(name)
     if name in ("dense", "slice"):

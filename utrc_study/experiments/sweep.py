@@ -725,7 +725,7 @@ def evaluate_config(model: str, method: str, cut: float, *, tasks: Sequence[str]
     import torch
 
     from utrc_lib.core.flops import flops
-    from utrc_lib.core.schedule import token_layer_fraction
+    from utrc_lib.core.config import token_layer_fraction
 
     from ..eval import lm_eval_rows
 

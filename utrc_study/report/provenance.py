@@ -42,7 +42,7 @@ FLOPS_DEFINITION = (
     "token-layer cut (the paper's FLOPs cut, x-axis of every accuracy figure) = 1 - mean over layers of "
     "(tokens the layer processes / input tokens): the only definition the authors' code gives "
     "(docs/method.md §1); the same keep ratio rho is used at every reduction layer and solved for the "
-    "target cut (utrc_lib.core.schedule.keep_ratio_for_flops). analytic FLOPs cut (analytic_flops_cut) "
+    "target cut (utrc_lib.core.config.keep_ratio_for_flops). analytic FLOPs cut (analytic_flops_cut) "
     "= 1 - reduced / dense FLOPs of utrc_lib.flops (in_proj, conv, scan, out_proj, norms, LM head on the "
     "last position, plus the reduction's own importance / similarity / merge cost).")
 

@@ -4,10 +4,10 @@ Glossary: utrc_lib/GLOSSARY.md (N tokens, D width, C feature width, r tokens rem
 fraction, side A / side B, f_i / g_i the best match of a_i and its cosine).
 
 Every number these helpers show comes from the library's own functions: importance from
-`core.metrics.importance` (`core.kernels.feature_stats` with the inverse norms, as the reducer calls it), the split from `core.methods.importance_halves`, the best matches and the
-kept edges from `core.methods.bipartite_match`, the reduced tokens from `core.reduce.reduce_tokens`
+`core.methods.importance` (`core.methods.feature_stats` with the inverse norms, as the reducer calls it), the split from `core.methods.importance_halves`, the best matches and the
+kept edges from `core.methods.bipartite_match`, the reduced tokens from `core.methods.reduce_tokens`
 (whose plan is what the model's layer loop applies), the authors' behaviour from
-`core.reference.reference_edges` and method "utrc_reference", the schedule from `core.schedule` and
+`core.reference.reference_edges` and method "utrc_reference", the schedule from `core.config` and
 the FLOPs from `core.flops`. The only values computed here for display are the full A x B cosine
 matrix and the authors' per-channel sorted matrix, and tests/test_teaching.py checks that their argmax /
 ranking give the library's matches and edges.
@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from utrc_lib.core.config import ReductionConfig, config_from_args
-from utrc_lib.core.kernels import feature_stats
-from utrc_lib.core.methods import bipartite_match, importance_halves
-from utrc_lib.core.metrics import available_metrics, importance
-from utrc_lib.core.reduce import reduce_tokens
+from utrc_lib.core.methods import (available_metrics, bipartite_match, feature_stats, importance, importance_halves,
+                                   reduce_tokens)
 from utrc_lib.core.reference import reference_edges
 
 Tensor = torch.Tensor
@@ -75,7 +73,7 @@ def toy_sequence(text: str = TOY_TEXT, dim: int = 8, seed: int = 0, noise: float
 
 # -- step 1 and 2: importance and the split -------------------------------------------------------
 def importance_scores(y: Tensor, metrics: Sequence[str] = FEATURE_METRICS) -> dict:
-    """{metric: (N,) scores} of one sequence's features y (N, C), by `core.metrics.importance`."""
+    """{metric: (N,) scores} of one sequence's features y (N, C), by `core.methods.importance`."""
     if y.dim() != 2:
         raise ValueError(f"y must be (N, C) for one sequence, got shape {tuple(y.shape)}")
     unknown = [m for m in metrics if m not in available_metrics()]
@@ -553,7 +551,7 @@ def schedule_table(num_layers: int, seq_len: int, cuts: Sequence[float], model=N
     import pandas as pd
 
     from utrc_lib.core.flops import flops
-    from utrc_lib.core.schedule import default_layers, keep_ratio_for_flops, token_layer_fraction, tokens_per_layer
+    from utrc_lib.core.config import default_layers, keep_ratio_for_flops, token_layer_fraction, tokens_per_layer
 
     layers = default_layers(num_layers)
     rows = []
@@ -772,7 +770,7 @@ def check_method(model, method: str, *, keep_ratio: float = 0.6, n: int = 28, pr
 
     import warnings
 
-    from utrc_lib.core.reduce import ReductionShortfall
+    from utrc_lib.core.methods import ReductionShortfall
 
     with warnings.catch_warnings():  # short test sequences run out of reducible tokens: not what is checked
         warnings.simplefilter("ignore", ReductionShortfall)
