@@ -1,27 +1,25 @@
 #!/usr/bin/env python3
 """Compute the committed evidence of notebooks 01 / 02 / 04 on one GPU: every item of every task, every
 configuration the notebooks define (01: dense + 8 methods (utrc_reference included) x 3 cuts x 2 models =
-50; 02: 24 on tiny-mamba2, its dense row shared with 01, so 73 to compute; 04: a subset of 01's), float32, leak-free
-scoring, TF32 off, batch 512.
+50; 02: 29 on tiny-mamba2; 04: 01's rows plus the same grid of 7 methods scored under the authors'
+protocol, 44, in its own folder), float32, TF32 off, batch 256, two worker processes.
 
 THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute limit per call):
 
-    PYTHONPATH=$PWD python3 scripts/gpu_evidence.py --out $OUT --deadline 540
+    PYTHONPATH=$PWD python3 scripts/gpu_evidence.py --out $OUT --deadline 515; cd $OUT && tar czf evidence.tgz figures && rm -rf figures
+
+(the evidence folders are three levels deep: the device tool does not bring such folders back, the tarball it does)
 
 Needs data/models/tiny-mamba2 and data/models/tiny-mamba, data/benchmarks/, data/tokenizer/,
 notebooks/*.py and utrc_lib/; no carry. The tree must travel under 64 MiB: move data/models/small-* and
-data/models/depth-* out of the working tree for the call (about 58 MB remain) and back afterwards. Expected: 67
-configurations at 4-9 s each in one process (the old run) is ~9 minutes of work; with 4 workers about 3-5
-minutes, so one call, two if the workers do not overlap on the GPU. It writes (7 files, ~4.5 MB in all):
-
-    $OUT/figures/01_main_results/evidence/{configs.json,items.parquet,manifest.json}    (01 and 04)
-    $OUT/figures/02_design_choices/evidence/{configs.json,items.parquet,manifest.json}  (02)
-    $OUT/gpu_evidence.log
+data/models/depth-* out of the working tree for the call (about 58 MB remain) and back afterwards.
+Measured (H100, 2 workers, batch 256, figures/gpu_evidence.log): 81 configurations in 515 s, about 6 s
+each with two in flight; the 123 in all take two calls. It writes figures/<notebook>/evidence/
+{configs.json,items.parquet,manifest.json} for 01, 02 and 04 (about 5 MB) and $OUT/gpu_evidence.log.
 
 AFTERWARDS, on the development machine, from the repo root (FILES = the folder the files came back to):
 
-    cp -r FILES/figures/01_main_results/evidence figures/01_main_results/
-    cp -r FILES/figures/02_design_choices/evidence figures/02_design_choices/
+    tar xzf FILES/evidence.tgz     # figures/01_main_results, 02_design_choices, 04_failure_of_transformer_methods evidence
     cat FILES/gpu_evidence.log >> figures/gpu_evidence.log
     python -m utrc_study.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
 
@@ -31,7 +29,7 @@ the script reads them back and computes only the configurations still missing, t
 it says "COMPLETE", commit the evidence folders and the log, then `make figures` renders 01 / 02 / 04
 from them (statistics recomputed on the CPU) and checks a verification subset against them.
 
-How it runs: --workers processes on the one GPU (default 4; the tiny models leave the GPU mostly idle,
+How it runs: --workers processes on the one GPU (default 2; the tiny models leave the GPU mostly idle,
 the work is launch- and Python-bound) claim configurations one at a time (files under --work, the
 models' own configurations first), append each finished row to one shared JSON-lines cache, and stop at
 --deadline seconds (a configuration cut off then is lost and computed by the next call). The parent then
@@ -115,8 +113,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the evidence folders go ($OUT)")
     ap.add_argument("--deadline", type=float, default=540, help="seconds from start to stop computing (default 540)")
-    ap.add_argument("--workers", type=int, default=4, help="processes on the GPU (default 4)")
-    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2, help="processes on the GPU (default 2: four at batch 512 ran an "
+                                                           "80 GB H100 out of memory)")
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: all; a small value tests the script)")
     ap.add_argument("--notebooks", nargs="*", default=list(NOTEBOOKS))
     ap.add_argument("--work", default=None, help="scratch folder (default .cache/gpu_evidence)")
