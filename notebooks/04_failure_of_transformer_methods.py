@@ -117,7 +117,7 @@ for name in model_names:
     model, tok = sweep.get_model(name)
     ids = analysis.passage_batch(tok, error_texts)   # (error_texts, n) ppl-task contexts cut to the shortest
     items = {m: analysis.layer_error_items(model, ids, ReductionConfig(method=m, layers=(error_layer,), keep_ratio=
-                                           error_keep_ratio, seed=seed, causal=True)) for m in methods + ["random"]}
+                                           error_keep_ratio, seed=seed, causal=True), fast=True) for m in methods + ["random"]}
     err_stats[name] = analysis.error_statistics(items, error_layer, resamples=resamples, seed=seed)
     for m, st in err_stats[name]["methods"].items():
         errs.append(dict(model=name, method=m, layer=list(range(len(st["rel_error"]))), anchors=items[m]["anchors"],
