@@ -155,6 +155,10 @@ def main(argv=None) -> int:
             n = 0
             for c in wanted[nb]:
                 r = ev.lookup(c)
+                if r is not None and evidence.stale_reason(ev.manifest, c):
+                    say(f"{nb}: recomputing {c['model']} {c['method']} cut {c['cut']}: "
+                        f"{evidence.stale_reason(ev.manifest, c)}")
+                    continue
                 if r is not None:
                     have[evidence.match_key(c)] = r
                     n += 1

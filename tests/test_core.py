@@ -218,3 +218,30 @@ def test_align_rounds_kept_counts_everywhere(flops_mamba2_config):
     assert rep.tokens_per_layer == [100, 100, 80, 80, 64, 64]
     with pytest.raises(ValueError, match="align"):
         u.ReductionConfig("utrc", keep_ratio=0.8, align=0)
+
+
+def test_reference_edges_break_ties_lowest_index_first():
+    """Tied edge scores (rank-level rows of clipped values repeat; zero rows are common) are taken lowest
+    index first: a loop twin of the edge choice, on inputs built to tie, and the same order for every
+    batch layout (an unstable argsort gave a different edge set on the GPU than on the CPU)."""
+    from utrc_lib.core.reference import reference_edges
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        n, d = int(torch.randint(8, 60, (1,), generator=g)), 4
+        h = (torch.randint(-1, 3, (3, n, d), generator=g)).float()      # few distinct values: many ties
+        r = int(torch.randint(1, n // 2 + 1, (1,), generator=g))
+        src, dst = reference_edges(h, r)
+        for b in range(3):
+            m = h[b].clamp(min=0)
+            nrm = m.norm(dim=-1, keepdim=True)
+            m = torch.where(nrm > 0, m / nrm.where(nrm > 0, torch.ones_like(nrm)), torch.zeros_like(m))
+            srt = m.sort(dim=0, descending=True).values
+            a, bb = srt[n // 2:], srt[: n // 2]
+            best = [max(range(bb.shape[0]), key=lambda j: (float(a[i] @ bb[j]), -j)) for i in range(a.shape[0])]
+            score = [float(a[i] @ bb[best[i]]) for i in range(a.shape[0])]
+            order = sorted(range(a.shape[0]), key=lambda i: (-score[i], i))[:r]     # lowest index first on ties
+            assert src[b].tolist() == sorted(order)
+            assert sorted(zip(src[b].tolist(), dst[b].tolist())) == sorted((i, best[i]) for i in order)
+            s1, d1 = reference_edges(h[b:b + 1], r)                              # alone = in the batch
+            assert torch.equal(s1[0], src[b]) and torch.equal(d1[0], dst[b])

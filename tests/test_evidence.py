@@ -187,3 +187,11 @@ def test_rendering_from_evidence_computes_nothing_and_restores_a_deleted_json(tm
     stats = evidence.verify(tmp_path / "bad", items=1, ppl_items=1, cache=tmp_path / "verify.jsonl", log=lambda m: None)
     assert not stats["ok"] and stats["ll_outside"] == 1 and "choice2" in stats["outside"][0]
     assert "VERIFICATION FAILED" in evidence.verify_report(stats, "bad")
+    # rows a later fix made stale are listed in the manifest: rendered, not verified, and said so
+    man = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+    method = bad[1]["params"]["method"]
+    man["stale"] = [{"method": method, "reason": "a fix since"}]
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps(man))
+    stats = evidence.verify(tmp_path / "bad", items=1, ppl_items=1, cache=tmp_path / "verify.jsonl", log=lambda m: None)
+    assert stats["ok"] and stats["configurations"] == 3 - sum(r["params"]["method"] == method for r in bad)
+    assert "NOT VERIFIED" in evidence.verify_report(stats, "bad") and "a fix since" in stats["stale"][0]

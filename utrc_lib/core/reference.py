@@ -13,7 +13,9 @@ values are added, and the divisor counts them.
 
 Differences from the released code, all documented: a zero-norm token gives 0 instead of NaN;
 under padding or protection the segment is each sample's valid, unprotected tokens (the code used the
-padded batch length); token sizes are not carried across layers (the code starts from 1 each time).
+padded batch length); token sizes are not carried across layers (the code starts from 1 each time);
+edges whose best scores tie are taken lowest index first (the code's unstable argsort leaves their order
+to the device and the sort implementation, so its outputs differ between a GPU and a CPU).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def reference_edges(hidden: Tensor, r: int) -> tuple[Tensor, Tensor]:
     else:
         scores = a @ b.transpose(-1, -2)  # (G, ceil(n/2), floor(n/2))
         node_max, node_idx = scores.max(dim=-1)
-    edges = node_max.argsort(dim=-1, descending=True)[..., None]
+    # ties (frequent: rank-level rows of clipped values repeat) go to the lowest index, on every device
+    edges = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
     src_idx = edges[:, :r].sort(dim=1).values[..., 0]
     dst_idx = node_idx[..., None].gather(1, edges[:, :r])[..., 0]
     return src_idx, dst_idx
