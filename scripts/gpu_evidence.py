@@ -155,9 +155,9 @@ def main(argv=None) -> int:
             n = 0
             for c in wanted[nb]:
                 r = ev.lookup(c)
-                if r is not None and evidence.stale_reason(ev.manifest, c):
-                    say(f"{nb}: recomputing {c['model']} {c['method']} cut {c['cut']}: "
-                        f"{evidence.stale_reason(ev.manifest, c)}")
+                why = evidence.stale_reason(ev.manifest, c) if r is not None else None
+                if why:
+                    say(f"{nb}: recomputing {c['model']} {c['method']} cut {c['cut']}: {why}")
                     continue
                 if r is not None:
                     have[evidence.match_key(c)] = r

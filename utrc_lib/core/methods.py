@@ -147,11 +147,16 @@ def available_metrics() -> list[str]:
     return list(_METRICS)
 
 
-def get_metric(name: str) -> Metric:
+def _lookup(registry: dict, kind: str, name):
+    """registry[name], or one ValueError naming the valid entries (also for an unhashable name)."""
     try:
-        return _METRICS[name]
+        return registry[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(_METRICS)}") from None
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(registry)}") from None
+
+
+def get_metric(name: str) -> Metric:
+    return _lookup(_METRICS, "metric", name)
 
 
 def relative_positions(valid: Tensor) -> Tensor:
@@ -1026,10 +1031,7 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(_METHODS)}") from None
+    return _lookup(_METHODS, "method", name)
 
 
 # == the anchor: plan, rounds, functional form ==========================================================

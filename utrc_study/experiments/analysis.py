@@ -9,7 +9,6 @@ method "none", so dense and reduced per-layer states follow one convention.
 """
 from __future__ import annotations
 
-import contextlib
 
 from typing import Optional, Sequence
 
@@ -34,11 +33,10 @@ def run(model, input_ids: Tensor, config: Optional[ReductionConfig] = None, *, r
     history (plans when record=True)}.
     """
     from utrc_lib.hosts.handle import apply
-    from utrc_lib.hosts.speed import fast_inference
+    from utrc_lib.scoring import _speed
 
     cfg = DENSE if config is None else config
-    with apply(model, cfg) as handle, handle.options(record=record), \
-            (fast_inference(model) if fast else contextlib.nullcontext()):
+    with apply(model, cfg) as handle, handle.options(record=record), _speed(model, fast):
         out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
         reducer = handle.last_reducer
     L = len(model.backbone.layers)

@@ -446,10 +446,10 @@ def verify(folder, *, items: int = 20, ppl_items: Optional[int] = None, cache=No
              "of_configurations": len(ev.rows)}
     rows = [r for r in ev.rows if cuts is None or r["params"].get("method") in ("none", "dense")
             or any(abs(float(r["params"].get("cut", 0)) - float(c)) < 1e-9 for c in cuts)]
-    stale = [r for r in rows if stale_reason(ev.manifest, r["params"])]
-    stats["stale"] = [f"{r['params'].get('model')} {r['params'].get('method')} cut {r['params'].get('cut')}: "
-                      f"{stale_reason(ev.manifest, r['params'])}" for r in stale]
-    rows = [r for r in rows if not stale_reason(ev.manifest, r["params"])]
+    why = [stale_reason(ev.manifest, r["params"]) for r in rows]
+    stats["stale"] = [f"{r['params'].get('model')} {r['params'].get('method')} cut {r['params'].get('cut')}: {w}"
+                      for r, w in zip(rows, why) if w]
+    rows = [r for r, w in zip(rows, why) if not w]
     n_rows = len(rows)
     for k, r in enumerate(rows):
         p = dict(r["params"])

@@ -65,9 +65,8 @@ def explained(drop_table):
     if "authors" not in wide or "leak_free" not in wide:
         return wide
     wide = wide.rename(columns={"authors": "drop_authors", "leak_free": "drop_leak_free"})
-    loss = -wide["drop_authors"]
-    wide["explained_by_protocol"] = np.where(loss > 0, (wide["drop_leak_free"] - wide["drop_authors"]) / loss.where(
-        loss > 0, np.nan), np.nan)
+    loss = (-wide["drop_authors"]).where(lambda x: x > 0)      # NaN where the authors' protocol loses nothing
+    wide["explained_by_protocol"] = (wide["drop_leak_free"] - wide["drop_authors"]) / loss
     return wide
 
 
@@ -86,11 +85,9 @@ def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts:
             ax = axes[i, j]
             for k, (proto, hatch, alpha) in enumerate((("leak_free", "", 0.9), ("authors", "//", 0.45))):
                 d = drop_table[(drop_table["model"] == name) & (drop_table["protocol"] == proto)
-                               & np.isclose(drop_table["cut"], cut)].set_index("method")
-                vals = [100 * d["delta"].get(m, np.nan) for m in methods]
-                lo = [100 * (d["delta"].get(m, np.nan) - d["delta_low"].get(m, np.nan)) for m in methods]
-                hi = [100 * (d["delta_high"].get(m, np.nan) - d["delta"].get(m, np.nan)) for m in methods]
-                ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, yerr=[lo, hi], capsize=2, hatch=hatch, alpha=alpha,
+                               & np.isclose(drop_table["cut"], cut)].set_index("method").reindex(list(methods))
+                ax.bar(x + (k - 0.5) * 0.38, 100 * d["delta"], 0.38,
+                       yerr=[100 * (d["delta"] - d["delta_low"]), 100 * (d["delta_high"] - d["delta"])], capsize=2, hatch=hatch, alpha=alpha,
                        color=[plotting.style(m)["color"] for m in methods], edgecolor="black", lw=0.4,
                        error_kw=dict(elinewidth=0.7), label="leak-free (ours)" if proto == "leak_free" else
                        "authors' protocol")
