@@ -87,13 +87,21 @@ df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
 
 # %%
 from utrc_study.report import protocols
+from utrc_study.report.prose import short
 proto = None
 if quick or not evidence or rows.exists(protocol_evidence):
     pm = protocol_methods[:2] if quick else protocol_methods
     common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
     res_lf = rows.run(sweep.evaluate_config, analysis.method_grid(model_names, pm, cuts), Path(cache_dir) / "eval.jsonl",
                       evidence=evidence, desc="04 leak-free", common=common)
-    res_au = rows.run(sweep.evaluate_config, rows.protocol_grid(model_names, pm, cuts), Path(cache_dir) / "eval.jsonl",
+    au_grid, au_missing = rows.protocol_grid(model_names, pm, cuts), []
+    if evidence and not quick:   # render what the GPU computed; never recompute the rest at full size here
+        au_grid, au_missing = rows.present(au_grid, protocol_evidence, common)
+    coverage = "" if not au_missing else (
+        f"**Partial:** the authors'-protocol evidence holds {len(au_grid)} of {len(au_grid) + len(au_missing)} "
+        f"configurations; missing (scripts/gpu_evidence.py computes them): "
+        + ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in au_missing) + ".\n")
+    res_au = rows.run(sweep.evaluate_config, au_grid, Path(cache_dir) / "eval.jsonl",
                       evidence=protocol_evidence if evidence else "", desc="04 authors' protocol", common=common)
     both = protocols.combine(res_lf, res_au)
     proto = dict(drops=protocols.drops(both, resamples=resamples, seed=seed),
@@ -102,7 +110,10 @@ if quick or not evidence or rows.exists(protocol_evidence):
     proto["explained"] = protocols.explained(proto["drops"])
     fig = protocols.figure(proto["drops"], pm, model_names, cuts, f"{limit or 'all'} items per task")
     save(fig, "protocols"); plt.show()
-    proto["findings"] = prose.protocol_findings(proto["margins"], proto["cost"], proto["explained"])
+    proto["fallbacks"] = protocols.fallbacks(res_au)
+    proto["missing"] = au_missing
+    proto["findings"] = prose.protocol_findings(proto["margins"], proto["cost"], proto["explained"],
+                                                proto["fallbacks"], coverage)
     display(Markdown(proto["findings"]))
     (out / "table_protocols.md").write_text(proto["margins"].to_markdown(index=False, floatfmt=".4f") + "\n\n"
                                             + proto["explained"].to_markdown(index=False, floatfmt=".4f") + "\n")

@@ -100,6 +100,39 @@ def test_unprotected_continuation_longer_than_the_kept_rows_is_scored_dense(mode
         assert abs(b[0] - a.results[0][0]) < 1e-4
 
 
+
+@torch.no_grad()
+def test_unprotected_short_rows_cost_one_dense_forward_and_keep_the_others(model, monkeypatch):
+    """Many refused requests in one unprotected batch: one reduced forward and one dense forward of the
+    refused rows (the halving split cost O(k log B) forwards: minutes per configuration on the GPU at a
+    30% cut); the other rows keep that batch's results, which under ratio_basis="batch" depend on the
+    batch, so they must not be run again in a smaller one."""
+    import utrc_lib.scoring as scoring
+
+    g = torch.Generator().manual_seed(3)
+    reqs = []
+    for i in range(12):    # alternate: short context + long continuation (refused), long context + short
+        n_ctx, n_cont = (5, 15) if i % 2 == 0 else (36 + i, 2)
+        reqs.append((torch.randint(1, 64, (n_ctx,), generator=g).tolist(),
+                     torch.randint(1, 64, (n_cont,), generator=g).tolist()))
+    calls = []
+    real = scoring._forward
+    monkeypatch.setattr(scoring, "_forward", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    for basis in ("sample", "batch"):
+        cfg = u.ReductionConfig("utrc", keep_ratio=0.5, layers=[0, 1, 2], ratio_basis=basis)
+        calls.clear()
+        got = scoring.score_tokens(model, reqs, cfg, batch_size=12, protect=False)
+        # batch basis: r from the padded length can refuse long-context rows too
+        assert got.dense_fallback == 6 if basis == "sample" else got.dense_fallback >= 6
+        assert calls == [12, got.dense_fallback], (basis, calls)
+        dense = scoring.score_tokens(model, reqs[0::2], None, batch_size=12).results
+        for (ll, _), (want, _) in zip(got.results[0::2], dense):
+            assert abs(ll - want) < 1e-4                              # refused: scored dense
+        if basis == "sample":                                         # batch independence holds
+            alone = [scoring.score_tokens(model, [r], cfg, batch_size=1, protect=False).results[0] for r in reqs[1::2]]
+            for (ll, _), (want, _) in zip(got.results[1::2], alone):
+                assert abs(ll - want) < 1e-4
+
 @pytest.mark.heavy
 def test_evaluate_records_the_protocol(tmp_path):
     from utrc_study.eval.scorer import evaluate

@@ -260,6 +260,7 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
     The whole batch is scored with batched tensor operations and read back in one transfer
     (`_score_rows_simple` is the row-by-row twin the tests compare it with)."""
     rows = [p[1] for p in batch]
+    short = []
     if handle is not None and protect:
         with handle.options(protect_last=[len(p[2]) for p in batch]):
             logits = _forward(model, rows, pad_token_id)
@@ -271,19 +272,26 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
         positions = handle.output_positions
         if positions is not None:
             # a row must keep at least its continuation's length: otherwise "the last n rows" reach into
-            # the left padding. The request is refused as too short (_score_split scores it dense, counted)
+            # the left padding. Such a request is refused as too short (_score_split scores it dense,
+            # counted); the other rows are scored from this same forward (under ratio_basis="batch" their
+            # reduction depends on the batch they were in, so they are not run again)
             have = (positions >= 0).sum(1).tolist()
-            if any(h < len(p[2]) for h, p in zip(have, batch)):
-                raise SequenceTooShort("the reduction left fewer rows than the continuation has tokens")
+            short = [b for b, (h, p) in enumerate(zip(have, batch)) if h < len(p[2])]
     else:
         logits = _forward(model, rows, pad_token_id)
+    sel = [b for b in range(len(batch)) if b not in set(short)] if short else list(range(len(batch)))
+    if short and not sel:
+        raise _RowsTooShort(short, {})
+    if short:
+        logits = logits[sel]
     if cuts is not None:
         reducer = handle.last_reducer if handle is not None else None
         achieved = reducer.achieved_cut().tolist() if reducer is not None else [0.0] * len(batch)
-        cuts.update({p[0]: float(c) for p, c in zip(batch, achieved)})
-    scored, kept_logp = _score_logits(logits, batch, ref if details is not None else None, keep is not None)
+        cuts.update({batch[b][0]: float(achieved[b]) for b in sel})
+    part = [batch[b] for b in sel]
+    scored, kept_logp = _score_logits(logits, part, ref if details is not None else None, keep is not None)
     out = []
-    for b, (p, (ll, greedy, kl, top1)) in enumerate(zip(batch, scored)):
+    for b, (p, (ll, greedy, kl, top1)) in enumerate(zip(part, scored)):
         out.append((ll, greedy))
         if keep is not None:
             keep[p[0]] = kept_logp[b]
@@ -291,7 +299,19 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
             if kl is None and ref is None and handle is None:  # a dense forward is its own reference
                 kl, top1 = 0.0, len(p[2])
             details[p[0]] = RequestDetail(ll=ll, tokens=len(p[2]), greedy=greedy, kl=kl, top1=top1)
+    if short:
+        raise _RowsTooShort(short, dict(zip(sel, out)))
     return out
+
+
+class _RowsTooShort(SequenceTooShort):
+    """An unprotected forward left some rows (batch positions `short`) fewer kept rows than their
+    continuation has tokens; `scored` holds {batch position: (ll, greedy)} of the others, scored from
+    that same forward."""
+
+    def __init__(self, short: list, scored: dict):
+        super().__init__(f"the reduction left {len(short)} request(s) fewer rows than their continuation has tokens")
+        self.short, self.scored = short, scored
 
 
 def _score_logits(logits: torch.Tensor, batch, ref=None, keep: bool = False):
@@ -356,9 +376,17 @@ def _score_split(model, patch: "_Patch", batch, pad_token_id: int, protect: bool
     """Score `batch` reduced; when the engine refuses a sample as too short (`SequenceTooShort`),
     split the batch in halves and retry each (a refused single request is scored dense, its index
     added to `patch.dense`). Every row's result is its own (batch independence), so splitting changes
-    no number; it costs O(k log B) extra forwards for k short requests instead of B."""
+    no number; it costs O(k log B) extra forwards for k short requests instead of B. A refusal known
+    only after the forward (unprotected scoring: fewer kept rows than the continuation, `_RowsTooShort`)
+    costs one dense forward of the refused rows; the others keep this forward's results."""
     try:
         return _score_rows(model, patch.handle(), batch, pad_token_id, protect, cuts, **extra)
+    except _RowsTooShort as e:   # unprotected: the refused rows dense, together; the others already scored
+        patch.remove()
+        patch.dense.update(batch[b][0] for b in e.short)
+        dense = _score_rows(model, None, [batch[b] for b in e.short], pad_token_id, protect, cuts, **extra)
+        got = {**e.scored, **dict(zip(e.short, dense))}
+        return [got[b] for b in range(len(batch))]
     except SequenceTooShort:
         if len(batch) == 1:
             patch.remove()  # dense: nothing of this context can be reduced

@@ -188,11 +188,11 @@ class Evidence:
 
 def stale_reason(manifest: dict, params: dict) -> Optional[str]:
     """Why the rows of a configuration are known not to be what today's code computes (a fix since the
-    rows were computed), from the manifest's "stale" list ({"method", "reason"}); None when they are current.
-    `make figures` renders such rows but does not verify them (it says so); scripts/gpu_evidence.py
-    recomputes them."""
+    rows were computed), from the manifest's "stale" list ({"reason", and the parameters an entry matches:
+    "method", optionally "cut", ...}); None when they are current. `make figures` renders such rows but
+    does not verify them (it says so); scripts/gpu_evidence.py recomputes them."""
     for st in manifest.get("stale", []):
-        if params.get("method") == st.get("method"):
+        if all(params.get(k) == v for k, v in st.items() if k != "reason"):
             return st.get("reason", "stale")
     return None
 
@@ -323,6 +323,16 @@ def notebook_defaults(name: str) -> dict:
             except ValueError:
                 pass
     return out
+
+
+def present(configs: Iterable[dict], folder, common: Optional[dict] = None) -> tuple[list, list]:
+    """Split `configs` into those evidence `folder` holds (with `common` merged, as `run` looks them up)
+    and those it does not: ([held], [missing]); every configuration is missing without the folder."""
+    ev = load(folder) if folder and exists(folder) else None
+    held, missing = [], []
+    for c in configs:
+        (held if ev is not None and ev.lookup({**(common or {}), **c}) is not None else missing).append(c)
+    return held, missing
 
 
 def protocol_grid(model_names, methods, cuts, protocol: str = "authors") -> list:

@@ -217,11 +217,26 @@ def failure_findings(errs, *, error_layer: int, texts: int, kl_cmp=None, resampl
 
 
 # -- 04: the authors' protocol beside ours -------------------------------------------------------------
-def protocol_findings(margins, cost, explained) -> str:
+def protocol_findings(margins, cost, explained, fallbacks=None, coverage: str = "") -> str:
     """Markdown: UTRC minus each baseline under each protocol (`margin_summary` per protocol), what the
     authors' protocol does to each method (leak-free minus authors, Holm over the table) and the share of
-    each method's loss under the authors' protocol that the protocol alone explains (median over cells)."""
-    out = []
+    each method's loss under the authors' protocol that the protocol alone explains (median over cells);
+    `coverage` (a sentence on which configurations the authors' rows cover) first, and from `fallbacks`
+    (`protocols.fallbacks`) the cells where unprotected scoring had to score items dense."""
+    out = [coverage] if coverage else []
+    if fallbacks is not None and len(fallbacks):
+        fb = fallbacks[fallbacks["dense_fallback"] > 0]
+        if len(fb):
+            worst = fb.loc[fb["share"].idxmax()]
+            out.append(f"Under the authors' protocol, {int(fb['dense_fallback'].sum())} of "
+                       f"{int(fallbacks['n'].sum())} scored items ({len(fb)} of {len(fallbacks)} model x method x cut x "
+                       f"task cells) kept fewer rows than their continuation has tokens and were scored dense "
+                       f"(as the released code cannot score them); the most, {100 * worst['share']:.0f}% of "
+                       f"{worst['task']} for {label(worst['method'])} at {worst['cut']:.0%} on {short(worst['model'])}. "
+                       f"Those cells are pulled toward dense: the authors' protocol looks better there than it "
+                       f"would if it could score them.\n")
+        else:
+            out.append("Under the authors' protocol no item had to be scored dense.\n")
     for proto, title in (("leak_free", "Leak-free protocol (ours)"), ("authors", "Authors' protocol")):
         m = margins[margins["protocol"] == proto]
         if len(m):

@@ -70,6 +70,26 @@ def explained(drop_table):
     return wide
 
 
+def fallbacks(result: SweepResult):
+    """Per (model, method, cut, task) of the authors'-protocol rows: how many items were scored dense because
+    the reduction left fewer rows than the continuation has tokens (unprotected scoring refuses them:
+    `utrc_lib.scoring`), out of how many. Such items score as dense, so a large share pulls that cell
+    toward dense."""
+    import pandas as pd
+
+    out = []
+    for r in result.rows:
+        p, res = r["params"], r.get("result", {})
+        for task in p.get("tasks", []):
+            n = res.get(f"{task}/n")
+            if p.get("method") in ("none", "dense") or n is None:
+                continue
+            k = int(res.get(f"{task}/dense_fallback", 0))
+            out.append({"model": p["model"], "method": p["method"], "cut": p["cut"], "task": task,
+                        "dense_fallback": k, "n": int(n), "share": k / int(n) if n else float("nan")})
+    return pd.DataFrame(out, columns=["model", "method", "cut", "task", "dense_fallback", "n", "share"])
+
+
 def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts: Sequence[float], label: str):
     """Per model (rows) and cut (columns): each method's mean-accuracy change against dense, leak-free and
     authors' protocol side by side, 95% CIs."""
