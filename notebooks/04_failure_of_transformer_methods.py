@@ -84,6 +84,10 @@ df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
 # that is ToMe (`utrc_study.eval.protocol`). The same methods, cuts and items under both protocols:
 # UTRC's margin over each baseline under each, and how much of each method's loss the protocol alone
 # explains. The authors'-protocol rows are committed evidence of their own (`protocol_evidence`).
+# One mechanism to keep in mind when reading them: the authors' UTRC (`utrc_reference`) takes its sources
+# from the even positions at the start of the segment and folds them into position 1, so it never touches
+# the scored tail, and unprotected scoring cannot hurt it; methods that may reduce anywhere can lose the
+# continuation's own rows under that protocol.
 
 # %%
 from utrc_study.report import protocols
@@ -101,6 +105,13 @@ if quick or not evidence or rows.exists(protocol_evidence):
         f"**Partial:** the authors'-protocol evidence holds {len(au_grid)} of {len(au_grid) + len(au_missing)} "
         f"configurations; missing (scripts/gpu_evidence.py computes them): "
         + ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in au_missing) + ".\n")
+    if evidence and rows.exists(protocol_evidence):
+        manifest = rows.load(protocol_evidence).manifest
+        stale = [c for c in au_grid if rows.stale_reason(manifest, c)]
+        coverage += "" if not stale else (
+            f"**Stale:** {len(stale)} of them were computed before a later fix and are shown as committed until a "
+            "GPU recomputes them: " + ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in stale)
+            + ".\n")
     res_au = rows.run(sweep.evaluate_config, au_grid, Path(cache_dir) / "eval.jsonl",
                       evidence=protocol_evidence if evidence else "", desc="04 authors' protocol", common=common)
     both = protocols.combine(res_lf, res_au)
@@ -108,7 +119,8 @@ if quick or not evidence or rows.exists(protocol_evidence):
                  margins=protocols.margins(both, [m for m in pm if m != "utrc"], resamples=resamples, seed=seed),
                  cost=protocols.cost(both, pm, resamples=resamples, seed=seed))
     proto["explained"] = protocols.explained(proto["drops"])
-    fig = protocols.figure(proto["drops"], pm, model_names, cuts, f"{limit or 'all'} items per task")
+    fig = protocols.figure(proto["drops"], pm, model_names, cuts, f"{limit or 'all'} items per task" + (
+        f"; authors' protocol: {len(au_grid)} of {len(au_grid) + len(au_missing)} configurations" if au_missing else ""))
     save(fig, "protocols"); plt.show()
     proto["fallbacks"] = protocols.fallbacks(res_au)
     proto["missing"] = au_missing
@@ -127,8 +139,10 @@ errs, err_stats = [], {}
 for name in model_names:
     model, tok = sweep.get_model(name)
     ids = analysis.passage_batch(tok, error_texts)   # (error_texts, n) ppl-task contexts cut to the shortest
+    dense = analysis.dense_runs(model, ids, fast=True)   # one dense pass, shared by every method
     items = {m: analysis.layer_error_items(model, ids, ReductionConfig(method=m, layers=(error_layer,), keep_ratio=
-                                           error_keep_ratio, seed=seed, causal=True), fast=True) for m in methods + ["random"]}
+                                           error_keep_ratio, seed=seed, causal=True), dense=dense, fast=True)
+             for m in methods + ["random"]}
     err_stats[name] = analysis.error_statistics(items, error_layer, resamples=resamples, seed=seed)
     for m, st in err_stats[name]["methods"].items():
         errs.append(dict(model=name, method=m, layer=list(range(len(st["rel_error"]))), anchors=items[m]["anchors"],

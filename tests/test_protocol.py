@@ -155,3 +155,21 @@ def test_sweep_rows_record_their_protocol():
     assert row["protocol"] == "authors" and row["protect"] is False and row["meta/method"] == "evit_reference"
     assert evaluate_config("tiny-mamba2", "evit", 0.2, **kw)["protocol"] == "leak_free"
     assert evaluate_config("tiny-mamba2", "evit", 0.2, protect=False, **kw)["protocol"] == "unprotected"
+
+
+@torch.no_grad()
+def test_layer_error_items_with_shared_dense_runs_equal_their_own(model):
+    """04's error curves share one dense pass between methods (`analysis.dense_runs`): the same numbers
+    as each method running its own dense pass; a dense list of the wrong chunking is refused."""
+    from utrc_study.experiments import analysis
+
+    ids = torch.randint(1, 64, (5, 24), generator=torch.Generator().manual_seed(4))
+    cfg = u.ReductionConfig("utrc", keep_ratio=0.6, layers=[1], causal=True)
+    dense = analysis.dense_runs(model, ids, batch=2)
+    own = analysis.layer_error_items(model, ids, cfg, batch=2)
+    shared = analysis.layer_error_items(model, ids, cfg, dense=dense, batch=2)
+    for k in ("d2", "r2", "kl_last"):
+        assert torch.equal(own[k], shared[k]), k
+    assert own["tokens"] == shared["tokens"] and own["anchors"] == shared["anchors"]
+    with pytest.raises(ValueError, match="3 chunks of 2 passages expected"):
+        analysis.layer_error_items(model, ids, cfg, dense=dense[:2], batch=2)

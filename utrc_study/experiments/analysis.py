@@ -81,20 +81,38 @@ def layer_errors(model, input_ids: Tensor, config: ReductionConfig, dense: Optio
 
 
 @torch.no_grad()
-def layer_error_items(model, input_ids: Tensor, config: ReductionConfig, dense: Optional[dict] = None,
+def dense_runs(model, input_ids: Tensor, batch: Optional[int] = 50, fast: bool = False) -> list:
+    """The dense runs `layer_error_items` compares with, one per chunk of `batch` passages (residual
+    states and last row only), to share between the methods compared on the same passages."""
+    step = input_ids.shape[0] if not batch else batch
+    out = []
+    for s in range(0, input_ids.shape[0], step):
+        r = run(model, input_ids[s:s + step], fast=fast)
+        out.append({"states": r["states"], "last": r["last"]})
+    return out
+
+
+@torch.no_grad()
+def layer_error_items(model, input_ids: Tensor, config: ReductionConfig, dense=None,
                       batch: Optional[int] = 50, fast: bool = False) -> dict:
     """Per passage (row of input_ids) and layer, what `layer_errors` pools: d2 (B, L) the squared norm of
     h_reduced - h_dense[original positions] over the kept tokens, r2 (B, L) the squared norm of
     h_dense[those positions]; kl_last (B,) KL(dense || reduced) of the next-token distribution at the
     last position; tokens (L,) kept tokens per layer (mean over passages); anchors. The pooled relative
     error of a set of passages is sqrt(sum d2 / sum r2) (so passages can be resampled). `batch`: passages
-    per forward (None: all at once; `dense` is then the dense run of all of them). `fast`: see `run`."""
+    per forward (None: all at once). `dense`: the dense run of all passages (batch None), or
+    `dense_runs(model, input_ids, batch, fast)` (the same chunks); computed here when None. `fast`: see `run`."""
     B, N = input_ids.shape
     step = B if not batch else batch
+    if isinstance(dense, list) and len(dense) != -(-B // step):
+        raise ValueError(f"dense holds {len(dense)} chunk runs; {-(-B // step)} chunks of {step} passages expected")
     d2s, r2s, kls, toks, anchors = [], [], [], [], []
-    for s in range(0, B, step):
+    for k, s in enumerate(range(0, B, step)):
         ids = input_ids[s:s + step]
-        dn = dense if (dense is not None and step >= B) else run(model, ids, fast=fast)
+        if isinstance(dense, list):
+            dn = dense[k]
+        else:
+            dn = dense if (dense is not None and step >= B) else run(model, ids, fast=fast)
         red = run(model, ids, config, fast=fast)
         L = len(red["states"])
         d2, r2, nt = [], [], []

@@ -92,7 +92,7 @@ def fallbacks(result: SweepResult):
 
 def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts: Sequence[float], label: str):
     """Per model (rows) and cut (columns): each method's mean-accuracy change against dense, leak-free and
-    authors' protocol side by side, 95% CIs."""
+    authors' protocol side by side, 95% CIs; "n/c" where a configuration was not computed."""
     import matplotlib.pyplot as plt
 
     from . import plotting
@@ -111,6 +111,9 @@ def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts:
                        color=[plotting.style(m)["color"] for m in methods], edgecolor="black", lw=0.4,
                        error_kw=dict(elinewidth=0.7), label="leak-free (ours)" if proto == "leak_free" else
                        "authors' protocol")
+                for xi in np.flatnonzero(d["delta"].isna().to_numpy()):   # not in the evidence (yet)
+                    ax.text(x[xi] + (k - 0.5) * 0.38, 0, "n/c", rotation=90, ha="center", va="top", fontsize=6,
+                            color="0.4")
             ax.axhline(0, color="black", lw=0.8)
             ax.set_xticks(x, [SHORT.get(m, plotting.style(m)["label"]) for m in methods], rotation=45, ha="right",
                           fontsize=7)
