@@ -57,7 +57,6 @@ cache_dir: str = "../.cache/sweeps"          # resumable sweep cache (shared by 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 from IPython.display import Markdown, display
 
 from utrc_study.eval.suite import load_task

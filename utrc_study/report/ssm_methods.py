@@ -179,6 +179,8 @@ def best_per_cell(result, methods: Sequence[str], metrics: Sequence[str], *, res
     95%), p_holm, verdict ("resolved" where the best is better after Holm, else "unresolved")."""
     import pandas as pd
 
+    from ..experiments.sweep import SweepResult
+
     rows = paired.items_by_row(result)
     recs = []
     for model, cut in dict.fromkeys((k[0], k[2]) for k in rows if k[1] in methods):   # the grid's order
@@ -188,7 +190,10 @@ def best_per_cell(result, methods: Sequence[str], metrics: Sequence[str], *, res
             if len(vals) < 2:
                 continue
             best = (min if metric.startswith("kl") else max)(vals, key=vals.get)
-            cmp = paired.comparison_table(result, reference=best, baselines=[m for m in vals if m != best],
+            cell = SweepResult([r for r in result.rows if r and r.get("status") == "ok" and
+                                paired.row_label(r["params"])[0] == model and paired.row_label(r["params"])[2] == cut],
+                               computed=0, cached=0, cache_path="")
+            cmp = paired.comparison_table(cell, reference=best, baselines=[m for m in vals if m != best],
                                           metrics=[metric], alpha=alpha, resamples=resamples, seed=seed)
             for r in cmp[(cmp["model"] == model) & np.isclose(cmp["cut"], cut)].itertuples():
                 recs.append(dict(model=model, cut=cut, metric=metric, best=best, estimate=vals[best], other=r.baseline,
