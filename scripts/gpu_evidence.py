@@ -1,8 +1,17 @@
 #!/usr/bin/env python3
-"""Compute the committed evidence of notebooks 01 / 02 / 04 on one GPU: every item of every task, every
+"""Compute the committed evidence of notebooks 01 / 02 / 04 / 09 on one GPU: every item of every task, every
 configuration the notebooks define (01: dense + 8 methods (utrc_reference included) x 3 cuts x 2 models =
 50; 02: 29 on tiny-mamba2; 04: 01's rows plus the same grid of 7 methods scored under the authors'
-protocol, 44, in its own folder), float32, TF32 off, batch 256, two worker processes.
+protocol, 44, in its own folder; 09: the SSM-native methods and the ToP-ViM preset, 5 x 3 cuts x 2 models =
+30 in figures/09_ssm_methods/evidence, its dense and UTRC rows read from 01's folder (evidence.SHARED: not
+computed again, not copied)), float32, TF32 off, batch 256, two worker processes.
+
+A PILOT (`--pilot --limit N`): the same configurations at N items per task, read from and written to the
+notebook's pilot folder (evidence.PILOTS) instead; `make figures` renders it, labelled, while the full
+evidence is missing. 09's CPU pilot (figures/09_ssm_methods/cpu_pilot/evidence) was made with
+
+    PYTHONPATH=$PWD python scripts/gpu_evidence.py --notebooks 09_ssm_methods --pilot --limit 40 --workers 2 \
+        --batch-size 16 --deadline 30000 --out .
 
 THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute limit per call):
 
@@ -19,7 +28,7 @@ each with two in flight; the 123 in all take two calls. It writes figures/<noteb
 
 AFTERWARDS, on the development machine, from the repo root (FILES = the folder the files came back to):
 
-    tar xzf FILES/evidence.tgz     # figures/01_main_results, 02_design_choices, 04_failure_of_transformer_methods evidence
+    tar xzf FILES/evidence.tgz     # figures/01_main_results, 02_design_choices, 04_failure_of_transformer_methods, 09_ssm_methods evidence
     cat FILES/gpu_evidence.log >> figures/gpu_evidence.log
     python -m utrc_study.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
 
@@ -51,7 +60,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-NOTEBOOKS = ("01_main_results", "02_design_choices", "04_protocols")   # 04: 01's rows + its protocol rows
+NOTEBOOKS = ("01_main_results", "02_design_choices", "04_protocols",   # 04: 01's rows + its protocol rows
+             "09_ssm_methods")   # 09: 01's dense and UTRC rows (read, not copied) + the SSM-native methods
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        # dense references kept per worker: every task of one model fits (choice4 3.5 GB, all four 4.9 GB)
@@ -119,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: all; a small value tests the script)")
     ap.add_argument("--notebooks", nargs="*", default=list(NOTEBOOKS))
     ap.add_argument("--work", default=None, help="scratch folder (default .cache/gpu_evidence)")
+    ap.add_argument("--pilot", action="store_true",
+                    help="a pilot at --limit items per task: read and write the notebooks' pilot folders "
+                         "(evidence.PILOTS, e.g. figures/09_ssm_methods/cpu_pilot/evidence) instead of their evidence")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--home-model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -144,11 +157,29 @@ def main(argv=None) -> int:
         f"workers {args.workers}, batch {args.batch_size}, limit {args.limit}, deadline {args.deadline:.0f}s")
     if args.limit is None and not torch.cuda.is_available():
         say("WARNING: no GPU: the full run on a CPU takes hours (pass --limit N to test the script)")
+    if args.pilot and (args.limit is None or any(nb not in evidence.PILOTS for nb in args.notebooks)):
+        ap.error(f"--pilot needs --limit and notebooks with a pilot folder ({', '.join(evidence.PILOTS)})")
+    folders = {nb: evidence.PILOTS[nb][0] if args.pilot else evidence.FOLDERS[nb] for nb in args.notebooks}
     wanted = plan(args.batch_size, args.notebooks, args.limit)
     have: dict = {}      # match key -> row, from the evidence already in the working tree
+    shared: dict = {}    # notebook -> match keys of its rows held by another notebook's evidence (evidence.SHARED)
     previous: dict = {}
     for nb in args.notebooks:
-        folder = REPO / evidence.FOLDERS[nb]
+        for other in evidence.SHARED.get(nb, ()):
+            sfolder = REPO / evidence.FOLDERS[other]
+            if not evidence.exists(sfolder):
+                continue
+            sev = evidence.load(sfolder)
+            keys = set()
+            for c in wanted[nb]:
+                r = sev.lookup(c)
+                if r is not None and not evidence.stale_reason(sev.manifest, c):
+                    have[evidence.match_key(c)] = r
+                    keys.add(evidence.match_key(c))
+            shared.setdefault(nb, set()).update(keys)
+            say(f"{nb}: {len(keys)}/{len(wanted[nb])} configurations held by {evidence.FOLDERS[other]} (read there, "
+                f"not copied)")
+        folder = REPO / folders[nb]
         if evidence.exists(folder):
             ev = evidence.load(folder)
             previous[nb] = ev.manifest
@@ -162,7 +193,7 @@ def main(argv=None) -> int:
                 if r is not None:
                     have[evidence.match_key(c)] = r
                     n += 1
-            say(f"{nb}: {n}/{len(wanted[nb])} configurations already in {evidence.FOLDERS[nb]} (read back)")
+            say(f"{nb}: {n}/{len(wanted[nb])} configurations already in {folders[nb]} (read back)")
     todo, seen = [], set()
     for nb in args.notebooks:
         for c in wanted[nb]:
@@ -238,13 +269,13 @@ def main(argv=None) -> int:
         a for a in (argv if argv is not None else sys.argv[1:]))
     missing_total = 0
     for nb in args.notebooks:
-        rows = []
-        for c in wanted[nb]:
+        rows, own = [], [c for c in wanted[nb] if evidence.match_key(c) not in shared.get(nb, set())]
+        for c in own:
             k = evidence.match_key(c)
             r = computed.get(k) or have.get(k)
             if r is not None:
                 rows.append(r)
-        missing = len(wanted[nb]) - len(rows)
+        missing = len(own) - len(rows)
         missing_total += missing
         if not rows:
             say(f"{nb}: no rows yet; nothing written")
@@ -254,14 +285,22 @@ def main(argv=None) -> int:
                 "seconds": round(time.time() - start)}
         calls = list((previous.get(nb) or {}).get("calls", [])) + [call]
         versions = sorted({c["code_version"] for c in calls})
-        folder = out / evidence.FOLDERS[nb]
+        folder = out / folders[nb]
+        extra = {"complete": missing == 0, "missing_configurations": missing, "calls": calls,
+                 "code_versions_of_calls": versions, "tf32": False}
+        if shared.get(nb):
+            extra["shared"] = {evidence.FOLDERS[o]: len(shared[nb]) for o in evidence.SHARED[nb]}
+        if args.pilot:
+            where = "CPU" if machine.get("torch_device") == "cpu" else machine.get("gpu", "GPU")
+            extra["pilot"] = (f"{where} pilot: {args.limit} items per task, every configuration of the notebook; "
+                              f"the full grid is this script without --pilot on a GPU")
+            extra["run_label"] = f"{where} pilot, n={args.limit} items per task"
         man = evidence.write(rows, folder, command=command, machine=machine,
                              notebooks=[n for n, f in evidence.FOLDERS.items() if f == evidence.FOLDERS[nb]],
-                             extra={"complete": missing == 0, "missing_configurations": missing, "calls": calls,
-                                    "code_versions_of_calls": versions, "tf32": False})
+                             extra=extra)
         if len(versions) > 1:
             say(f"WARNING: {nb}: rows from calls at different code versions {versions}")
-        say(f"{nb}: wrote {folder} ({man['configurations']}/{len(wanted[nb])} configurations, {man['item_rows']} item "
+        say(f"{nb}: wrote {folder} ({man['configurations']}/{len(own)} configurations, {man['item_rows']} item "
             f"rows, {sum(f['bytes'] for f in man['files'].values()) / 1e6:.2f} MB)")
     status = "COMPLETE" if missing_total == 0 else f"INCOMPLETE: {missing_total} configurations missing; copy the " \
                                                    f"folders into the repo and run the same command again"

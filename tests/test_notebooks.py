@@ -90,7 +90,7 @@ def test_sources_and_notebooks_in_sync():
     """Each notebooks/0X_*.py (jupytext percent source) and its paired .ipynb hold the same cells."""
     from utrc_study.report import notebooks
 
-    assert len(notebooks.sources(NB)) == 9  # 00-04 + the teaching notebooks 05, 06 + 07 scale and length + 08 depth
+    assert len(notebooks.sources(NB)) == 10  # 00-04 + teaching 05, 06 + 07 scale and length + 08 depth + 09 SSM methods
     problems = notebooks.out_of_sync(NB)
     assert not problems, "\n".join(problems)
     for src in notebooks.sources(NB):
@@ -385,3 +385,28 @@ def test_08_depth(tmp_path):
     assert {s["verdict"] for s in data["slopes"]} <= {"grows", "shrinks", "unresolved"}
     assert any("UTRC vs" in line for line in res["answer"])
     assert {"depth_margins.png", "depth_accuracy_vs_cut.png"} <= set(res["figures"])
+
+
+def test_09_ssm_methods(tmp_path, model_names, cache_dir):
+    """Quick mode computes its small grid (no evidence), writes results.json and every figure; the preset's
+    rows are named back to it, every margin has both intervals, the text is rendered from the tables."""
+    res = run("09_ssm_methods", tmp_path, model_names=model_names, cache_dir=cache_dir)
+    d, p = res["data"], res["parameters"]
+    assert not res["errors"] and res["protected"] is True and "topvim" in p["methods"]
+    assert len(d["rows"]) == len(p["model_names"]) * (1 + len(p["methods"]) * len(p["cuts"]))
+    assert {r["method"] for r in d["rows"]} == {"none", *p["methods"]}
+    assert all(r["ran_as"] == "prune_only" for r in d["rows"] if r["method"] == "topvim")
+    assert d["source"].startswith("computed here, n=") and d["items_per_task"] == {t: p["limit"] for t in p["tasks"]}
+    cmp = d["comparisons"]
+    assert {c["baseline"] for c in cmp} == set(p["methods"]) - {"utrc"} and {c["metric"] for c in cmp} == {"avg_acc", "kl:ppl"}
+    assert {c["family_size"] for c in cmp} == {len(cmp)}                        # one Holm family: the figure
+    assert all(c["low_family"] <= c["low"] + 1e-9 and c["high"] <= c["high_family"] + 1e-9 for c in cmp)
+    assert {b["best"] for b in d["best"]} <= set(p["methods"]) and "best" in d["text"]["findings"]
+    assert {c["method"] for c in d["cost"]} == set(p["methods"]) and all(c["flops_per_anchor"] > 0 for c in d["cost"])
+    assert "not measured yet" in d["text"]["cost"]                           # no GPU ms for the SSM methods
+    for name, fa in d["token_fates"].items():
+        assert set(fa["methods"]) == set(p["methods"])
+        for m, v in fa["methods"].items():
+            assert len(v["fates"]) == len(fa["tokens"]) == p["fate_tokens"]
+            assert any(f != "kept" for f in v["fates"])                        # the first anchor removes something
+    assert {"accuracy_kl_vs_cut.png", "margins_vs_utrc.png", "cost_and_keep.png", "token_fates.png"} <= set(res["figures"])

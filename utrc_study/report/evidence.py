@@ -1,9 +1,9 @@
-"""Committed evidence: the per-item rows behind the figures of 01 / 02 / 04, and what reads them.
+"""Committed evidence: the per-item rows behind the figures of 01 / 02 / 04 / 08 / 09, and what reads them.
 
 A sweep row with item arrays (`sweep.run(..., items=True)`) is what every interval, test and table of
 those notebooks is computed from. An evidence folder holds such rows for every configuration of a
-notebook, small enough to commit (`figures/01_main_results/evidence/`, read by 01 and 04;
-`figures/02_design_choices/evidence/`):
+notebook, small enough to commit (`figures/01_main_results/evidence/`, read by 01, 04 and, for its dense
+and UTRC rows, 09; `figures/02_design_choices/evidence/`; `figures/09_ssm_methods/evidence/`):
 
     configs.json    one record per configuration: "config" (its number), "params" (the sweep parameters,
                     as computed: model, method, cut, fingerprint, tasks, limit, seed, batch_size and the
@@ -55,10 +55,18 @@ FOLDERS = {"01_main_results": "figures/01_main_results/evidence",
            "04_failure_of_transformer_methods": "figures/01_main_results/evidence",
            # 04's protocol comparison (issue 26): the same grid scored under the authors' protocol
            PROTOCOLS_04: "figures/04_failure_of_transformer_methods/evidence",
-           "08_depth": "figures/08_depth/evidence"}     # scripts/gpu_depth_eval.py
+           "08_depth": "figures/08_depth/evidence",     # scripts/gpu_depth_eval.py
+           "09_ssm_methods": "figures/09_ssm_methods/evidence"}
+# configurations a notebook shares with another one's evidence: read from there, not computed again, not
+# copied (09's dense and UTRC rows are 01's: the same models, tasks, items, seed and protocol)
+SHARED = {"09_ssm_methods": ("01_main_results",)}
 # a smaller run kept apart until the full evidence exists: (its evidence, where it renders); `make figures`
 # renders it there, labelled, when FOLDERS[name] is missing (never into figures/<name> itself)
-PILOTS = {"08_depth": ("figures/08_depth/cpu_pilot/evidence", "figures/08_depth/cpu_pilot")}
+PILOTS = {"08_depth": ("figures/08_depth/cpu_pilot/evidence", "figures/08_depth/cpu_pilot"),
+          "09_ssm_methods": ("figures/09_ssm_methods/cpu_pilot/evidence", "figures/09_ssm_methods/cpu_pilot")}
+# pilots of notebooks that read their rows by configuration (`run`: same parameters and `limit`): the runner
+# renders them at the pilot's items per task (its manifest's "limit"); 08 reads every row of its folder
+SIZED_PILOTS = ("09_ssm_methods",)
 
 # tolerance of `verify` (the GPU-tier test's, tests/test_gpu_eval.py): |ll - committed| <= ATOL + RTOL |committed|
 LL_ATOL, LL_RTOL = 2e-3, 2e-4
@@ -378,6 +386,10 @@ def notebook_configs(name: str, **overrides) -> tuple[list, dict]:
         configs = analysis.method_grid(p["model_names"], p["methods"], p["cuts"])
     elif name == PROTOCOLS_04:
         configs = protocol_grid(p["model_names"], p["protocol_methods"], p["cuts"])
+    elif name == "09_ssm_methods":
+        from .ssm_methods import grid
+
+        configs = grid(p["model_names"], p["methods"], p["cuts"])
     elif name == "02_design_choices":
         configs = [c for g in design_groups(p["model_names"], p["cut"], p["branch_cut"], p["metrics"], p["starts"],
                                             p["qs"], p["residual_rules"], p["matching"]).values() for c in g]
@@ -397,17 +409,25 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, evidence=Non
         desc: str = "sweep", progress: bool = True):
     """`sweep.run(fn, configs, cache, common=common, items=True)`, except that every configuration
     evidence folder `evidence` holds (same parameters but the batch size, same `limit`) is taken
-    from it; only the others are computed (into `cache`). Returns a `sweep.SweepResult` in
-    configuration order ("cached" counts the rows taken from the evidence)."""
+    from it; only the others are computed (into `cache`). `evidence` may be a list of folders (a
+    notebook's own and those it shares rows with, `SHARED`): the first that holds a configuration gives
+    it; missing or empty entries are skipped. Returns a `sweep.SweepResult` in configuration order
+    ("cached" counts the rows taken from the evidence)."""
     from ..experiments import sweep
 
     configs = [{**(common or {}), **c} for c in configs]
-    ev = load(evidence) if evidence and exists(evidence) else None
-    hits = {i: ev.lookup(c) for i, c in enumerate(configs)} if ev is not None else {}
-    hits = {i: r for i, r in hits.items() if r is not None}
+    folders = [f for f in ([evidence] if isinstance(evidence, (str, Path)) else list(evidence or [])) if f]
+    hits: dict = {}
+    for folder in folders:
+        ev = load(folder) if exists(folder) else None
+        for i, c in enumerate(configs):
+            r = ev.lookup(c) if ev is not None and i not in hits else None
+            if r is not None:
+                hits[i] = r
     todo = [i for i in range(len(configs)) if i not in hits]
     if hits:
-        _progress_line(f"{desc}: {len(hits)}/{len(configs)} configurations from the evidence {evidence}"
+        where = ", ".join(str(f) for f in folders if exists(f))
+        _progress_line(f"{desc}: {len(hits)}/{len(configs)} configurations from the evidence {where}"
                        + (f"; {len(todo)} to compute" if todo else ""))
     computed = sweep.run(fn, [configs[i] for i in todo], cache, desc=desc, items=True, progress=progress) if todo \
         else None
@@ -418,7 +438,7 @@ def run(fn: Callable[..., dict], configs: Iterable[dict], cache, *, evidence=Non
         rows[i] = computed.rows[j]
     return sweep.SweepResult(rows, computed=computed.computed if computed else 0,
                              cached=len(hits) + (computed.cached if computed else 0),
-                             cache_path=str(evidence) if not todo else str(cache))
+                             cache_path=", ".join(str(f) for f in folders) if not todo else str(cache))
 
 
 def _progress_line(line: str) -> None:

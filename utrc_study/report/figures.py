@@ -53,7 +53,7 @@ VERIFY_ITEMS, VERIFY_PPL, VERIFY_CUTS = 5, 5, "0.3"
 # rough wall seconds of each notebook on 2 CPU cores in the default mode (for the remaining-time estimate)
 EXPECTED_S = {"00_walkthrough": 40, "01_main_results": 120, "02_design_choices": 60, "03_efficiency": 90,
               "04_failure_of_transformer_methods": 60, "05_algorithm_step_by_step": 40,
-              "06_add_your_own_method": 60, "07_scale_and_length": 60}
+              "06_add_your_own_method": 60, "07_scale_and_length": 60, "09_ssm_methods": 90}
 
 # Arguments of the notebook kernel: ipykernel's own log at ERROR, which silences its once-per-kernel
 # "Kernel is running over TCP without encryption" warning (the kernel listens on localhost only).
@@ -269,9 +269,13 @@ def plan(name: str, params: dict, *, fresh: bool, per_machine: bool, quick: bool
         man = json.loads((REPO / pilot[0] / evidence.MANIFEST).read_text())
         dev = man.get("machine", {}).get("gpu") or man.get("machine", {}).get("torch_device", "?")
         n = sorted(set(man.get("items_per_task", {}).values()))
-        label = f"pilot ({dev}), n={'/'.join(map(str, n))} items per task"
+        label = man.get("run_label") or f"pilot ({dev}), n={'/'.join(map(str, n))} items per task"
+        sized = {}   # a notebook that reads its rows by configuration (evidence.run) renders at the pilot's size
+        if name in evidence.SIZED_PILOTS and len(man.get("limit", [])) == 1:
+            lim = man["limit"][0]
+            sized = {"limit": None if lim == "None" else int(lim)}
         log(f"{name}: no full evidence ({evidence.FOLDERS[name]}): rendering the pilot {pilot[0]} into {pilot[1]}")
-        return ({**params, "out_dir": str(REPO / pilot[1]), "evidence": str(REPO / pilot[0])}, label,
+        return ({**sized, **params, "out_dir": str(REPO / pilot[1]), "evidence": str(REPO / pilot[0])}, label,
                 f"rendered from the pilot evidence {pilot[0]} into {pilot[1]} (labelled {label!r})")
     if name in evidence.FOLDERS and "evidence" not in params:
         folder = REPO / evidence.FOLDERS[name]

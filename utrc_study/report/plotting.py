@@ -29,6 +29,12 @@ METHOD_STYLE = {
     "utrc_alternate": dict(color="#8C510A", marker="h", label="UTRC rules, alternate split"),
     "random": dict(color="#7F3C8D", marker="x", label="random drop"),
     "slice": dict(color="#555555", marker=".", label="free slicing (bound)"),
+    # SSM-native methods and presets (issue 31, docs/ssm_methods.md; notebook 09)
+    "decimamba": dict(color="#1B9E77", marker="v", label="DeciMamba (anchor form)"),
+    "hattn_prune": dict(color="#7570B3", marker="^", label="hidden-attention prune (ours)"),
+    "mtr_style": dict(color="#E7298A", marker="D", label="MTR-style merge"),
+    "adjacent_merge": dict(color="#66A61E", marker=">", label="adjacent merge (ours, STM-inspired)"),
+    "topvim": dict(color="#A6761D", marker="<", label="ToP-ViM schedule (preset: prune-only, clip)"),
 }
 
 # 02's matching sweep: which split and which hidden-branch rule each method uses
