@@ -91,27 +91,14 @@ df["relative_acc"] = df["avg_acc"] / df["model"].map(dense)
 
 # %%
 from utrc_study.report import protocols
-from utrc_study.report.prose import short
 proto = None
 if quick or not evidence or rows.exists(protocol_evidence):
     pm = protocol_methods[:2] if quick else protocol_methods
     common = dict(tasks=tasks, limit=limit, seed=seed, batch_size=batch_size)
     res_lf = rows.run(sweep.evaluate_config, analysis.method_grid(model_names, pm, cuts), Path(cache_dir) / "eval.jsonl",
                       evidence=evidence, desc="04 leak-free", common=common)
-    au_grid, au_missing = rows.protocol_grid(model_names, pm, cuts), []
-    if evidence and not quick:   # render what the GPU computed; never recompute the rest at full size here
-        au_grid, au_missing = rows.present(au_grid, protocol_evidence, common)
-    coverage = "" if not au_missing else (
-        f"**Partial:** the authors'-protocol evidence holds {len(au_grid)} of {len(au_grid) + len(au_missing)} "
-        f"configurations; missing (scripts/gpu_evidence.py computes them): "
-        + ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in au_missing) + ".\n")
-    if evidence and rows.exists(protocol_evidence):
-        manifest = rows.load(protocol_evidence).manifest
-        stale = [c for c in au_grid if rows.stale_reason(manifest, c)]
-        coverage += "" if not stale else (
-            f"**Stale:** {len(stale)} of them were computed before a later fix and are shown as committed until a "
-            "GPU recomputes them: " + ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in stale)
-            + ".\n")
+    au_grid, au_missing, coverage = protocols.authors_grid(   # full size: only what the GPU computed
+        model_names, pm, cuts, evidence=protocol_evidence, common=common, render_only=bool(evidence) and not quick)
     res_au = rows.run(sweep.evaluate_config, au_grid, Path(cache_dir) / "eval.jsonl",
                       evidence=protocol_evidence if evidence else "", desc="04 authors' protocol", common=common)
     both = protocols.combine(res_lf, res_au)

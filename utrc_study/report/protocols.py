@@ -36,6 +36,32 @@ def combine(leak_free: SweepResult, authors: SweepResult) -> SweepResult:
                        cached=leak_free.cached + authors.cached, cache_path=leak_free.cache_path)
 
 
+def authors_grid(model_names, methods, cuts, *, evidence: str, common: dict, render_only: bool):
+    """(configurations to render, missing ones, coverage sentence) of the authors'-protocol grid. With
+    `render_only` (a full-size render from committed rows) only those the `evidence` folder holds are
+    kept: the rest are never computed at full size on this machine; the sentence names the missing ones
+    and those the manifest marks stale (empty when there are none)."""
+    from . import evidence as ev
+    from .prose import short
+
+    def names(cs):
+        return ", ".join(f"{short(c['model'])} {c['method']} {c['cut']:.0%}" for c in cs)
+
+    grid, missing = ev.protocol_grid(model_names, methods, cuts), []
+    if render_only:
+        grid, missing = ev.present(grid, evidence, common)
+    text = "" if not missing else (
+        f"**Partial:** the authors'-protocol evidence holds {len(grid)} of {len(grid) + len(missing)} configurations; "
+        f"missing (scripts/gpu_evidence.py computes them): {names(missing)}.\n")
+    if render_only and ev.exists(evidence):
+        manifest = ev.load(evidence).manifest
+        stale = [c for c in grid if ev.stale_reason(manifest, c)]
+        text += "" if not stale else (
+            f"**Stale:** {len(stale)} of them were computed before a later fix and are shown as committed until a "
+            f"GPU recomputes them: {names(stale)}.\n")
+    return grid, missing, text
+
+
 def margins(combined: SweepResult, baselines: Sequence[str], *, resamples: int = stats.DEFAULT_RESAMPLES,
             seed: int = stats.DEFAULT_SEED):
     """UTRC minus each baseline on mean accuracy, per (model, cut, protocol); Holm over the whole table."""
