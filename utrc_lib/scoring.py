@@ -279,7 +279,8 @@ def _score_rows(model, handle, batch, pad_token_id: int, protect: bool,
             short = [b for b, (h, p) in enumerate(zip(have, batch)) if h < len(p[2])]
     else:
         logits = _forward(model, rows, pad_token_id)
-    sel = [b for b in range(len(batch)) if b not in set(short)] if short else list(range(len(batch)))
+    skip = set(short)
+    sel = [b for b in range(len(batch)) if b not in skip]
     if short and not sel:
         raise _RowsTooShort(short, {})
     if short:

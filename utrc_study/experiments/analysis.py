@@ -104,15 +104,14 @@ def layer_error_items(model, input_ids: Tensor, config: ReductionConfig, dense=N
     `dense_runs(model, input_ids, batch, fast)` (the same chunks); computed here when None. `fast`: see `run`."""
     B, N = input_ids.shape
     step = B if not batch else batch
-    if isinstance(dense, list) and len(dense) != -(-B // step):
+    if isinstance(dense, dict):   # the dense run of all passages: one chunk
+        dense = [dense] if step >= B else None
+    if dense is not None and len(dense) != -(-B // step):
         raise ValueError(f"dense holds {len(dense)} chunk runs; {-(-B // step)} chunks of {step} passages expected")
     d2s, r2s, kls, toks, anchors = [], [], [], [], []
     for k, s in enumerate(range(0, B, step)):
         ids = input_ids[s:s + step]
-        if isinstance(dense, list):
-            dn = dense[k]
-        else:
-            dn = dense if (dense is not None and step >= B) else run(model, ids, fast=fast)
+        dn = dense[k] if dense is not None else run(model, ids, fast=fast)
         red = run(model, ids, config, fast=fast)
         L = len(red["states"])
         d2, r2, nt = [], [], []

@@ -106,9 +106,11 @@ def fallbacks(result: SweepResult):
     out = []
     for r in result.rows:
         p, res = r["params"], r.get("result", {})
+        if p.get("method") in ("none", "dense"):
+            continue
         for task in p.get("tasks", []):
             n = res.get(f"{task}/n")
-            if p.get("method") in ("none", "dense") or n is None:
+            if n is None:
                 continue
             k = int(res.get(f"{task}/dense_fallback", 0))
             out.append({"model": p["model"], "method": p["method"], "cut": p["cut"], "task": task,

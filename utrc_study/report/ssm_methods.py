@@ -23,7 +23,7 @@ import numpy as np
 
 from ..experiments import paired, stats
 from . import plotting
-from .prose import clauses, fmt_ci, join, short
+from .prose import clauses, fmt_ci, join, label, short
 
 SSM_METHODS = ("decimamba", "hattn_prune", "mtr_style", "adjacent_merge")
 MEASURES = {paired.AVG: ("mean accuracy", 100.0, 1, "points"), "kl:ppl": ("KL to dense on the ppl task", 1.0, 4,
@@ -42,10 +42,6 @@ def presets() -> tuple:
     from utrc_lib.core.presets import PRESETS
 
     return tuple(PRESETS)
-
-
-def label(method: str) -> str:
-    return {"utrc": "UTRC", "none": "dense"}.get(method) or plotting.style(method)["label"]
 
 
 # -- the grid --------------------------------------------------------------------------------------------
