@@ -45,6 +45,7 @@ figures: venv
 	$(PY) -m utrc_study.figures $(if $(filter-out 0,$(FRESH)),--fresh,)
 	$(PY) scripts/train/repetition_report.py figures/train_repetition/runs --out $(if $(filter-out 0,$(FRESH)),figures/fresh/train_repetition,figures/train_repetition)
 	$(PY) scripts/train/depth_report.py --out $(if $(filter-out 0,$(FRESH)),figures/fresh/depth_family,figures/depth_family)
+	$(PY) -m utrc_study.report.results_page $(if $(filter-out 0,$(FRESH)),--figures figures/fresh --out figures/fresh/results.md,)
 
 # Rewrite every notebooks/0X_*.ipynb from its jupytext source notebooks/0X_*.py (byte-stable).
 notebooks-sync: venv

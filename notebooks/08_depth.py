@@ -175,4 +175,4 @@ named = {"cut": "token_layer_cut"}   # the paper's cut definition, named as in e
 ctx.write_results(data={"margins": table.drop(columns=["draws"]).rename(columns=named),
                         "slopes": slopes.rename(columns=named), "at_chance": chance.rename(columns=named),
                         "accuracy": curves.rename(columns=named), "depths": layers, "items_per_task": sizes,
-                        "source": source}, answer=lines)
+                        "source": source}, answer=lines, computed_on=ev.computed_on(rows))

@@ -100,6 +100,8 @@ def worker(args) -> int:
     version = code_version()
     (work / "claims").mkdir(exist_ok=True)
     for i in order:
+        if (work / "no_new").exists():   # the parent's --soft-deadline passed: finish, start nothing new
+            break
         try:
             fd = os.open(work / "claims" / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -123,6 +125,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the evidence folders go ($OUT)")
     ap.add_argument("--deadline", type=float, default=540, help="seconds from start to stop computing (default 540)")
+    ap.add_argument("--soft-deadline", type=float, default=None,
+                    help="seconds from start after which no worker starts a new configuration (those running "
+                         "finish, up to --deadline); for long CPU runs, where a configuration cut off costs minutes")
     ap.add_argument("--workers", type=int, default=2, help="processes on the GPU (default 2: four at batch 512 ran an "
                                                            "80 GB H100 out of memory)")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -242,6 +247,10 @@ def main(argv=None) -> int:
                 reported = len(rows)
             if all(p.poll() is not None for p in procs):
                 break
+            if args.soft_deadline is not None and time.time() - start > args.soft_deadline \
+                    and not (work / "no_new").exists():
+                (work / "no_new").write_text("")
+                say(f"soft deadline {args.soft_deadline:.0f}s reached: no new configurations, the running ones finish")
             if time.time() - start > args.deadline:
                 say(f"deadline {args.deadline:.0f}s reached: stopping the workers")
                 for p in procs:

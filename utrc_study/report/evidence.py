@@ -228,9 +228,10 @@ def computed_on(*results) -> list:
     """Where the rows of sweep results were computed, for results.json's "computed_on": one record per
     source, {"source", "rows", "devices", "machine"}: an evidence folder's rows with its manifest's
     machine (device, GPU, library versions of the computing machine) and code version; the rows this
-    run computed or read from its local cache with "machine": "the rendering machine (rendered_on)"."""
+    run computed or read from its local cache with "machine": "the rendering machine (rendered_on)".
+    Each argument is a sweep result (its .rows) or a list of rows."""
     groups: dict = {}
-    for r in (row for result in results for row in result.rows):
+    for r in (row for result in results for row in getattr(result, "rows", result)):
         if r is None or r.get("status") != "ok":
             continue
         g = groups.setdefault(r.get("source") or "", {"rows": 0, "devices": set()})

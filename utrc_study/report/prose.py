@@ -240,7 +240,7 @@ def protocol_findings(margins, cost, explained, fallbacks=None, coverage: str = 
     for proto, title in (("leak_free", "Leak-free protocol (ours)"), ("authors", "Authors' protocol")):
         m = margins[margins["protocol"] == proto]
         if len(m):
-            out.append(f"### {title}\n\n" + margin_summary(m, ("avg_acc",), family=f"the {len(margins)} UTRC-vs-baseline"
+            out.append(f"\n### {title}\n\n" + margin_summary(m, ("avg_acc",), family=f"the {len(margins)} UTRC-vs-baseline"
                                                            f" comparisons of both protocols"))
     if cost is not None and len(cost):
         out.append(f"\n### What the protocol alone does (leak-free minus authors' mean accuracy, points; Holm over "

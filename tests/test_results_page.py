@@ -1,0 +1,68 @@
+"""docs/results.md is rendered from the committed results (utrc_study.report.results_page): the committed
+page equals its rendering, and the renderer's own frame types no number."""
+import json
+import re
+
+from utrc_study.report import results_page
+
+
+def test_committed_page_is_its_rendering():
+    assert results_page.PAGE.read_text() == results_page.render(), (
+        "docs/results.md differs from its rendering: run `python -m utrc_study.report.results_page`")
+
+
+def _digits_left(text: str) -> list[str]:
+    """Lines of `text` that still hold a digit once names that carry one are removed (notebook numbers,
+    file and folder names, model family names, the paper's Figure 1, fp16, the CI level named by the JSON
+    key ppl_ci95)."""
+    allowed = [r"\b0\d(?=[:_ ']|$)", r"Figure 1\b", r"\bfp16\b", r"`[^`]*`", r"\([^)]*\.md[^)]*\)", r"Mamba-2", r"\[95% CI\]", r"#0\d[\w-]*"]
+    out = []
+    for line in text.splitlines():
+        stripped = line
+        for pat in allowed:
+            stripped = re.sub(pat, "", stripped)
+        if re.search(r"\d", stripped):
+            out.append(line)
+    return out
+
+
+def test_frame_types_no_number(tmp_path):
+    """With no results at all the page is only the frame: every section says its results are missing,
+    and no digit is left but those inside names."""
+    text = results_page.render(tmp_path)
+    assert text.count("No results for") >= 7
+    assert _digits_left(text) == []
+
+
+def test_sections_read_each_notebooks_own_text(tmp_path):
+    """A section shows exactly the text its notebook saved, the source line its evidence, and a pilot's label."""
+    folder = tmp_path / "02_design_choices"
+    folder.mkdir()
+    findings = "* **residual-branch rule**: better than prune (1.5 [0.8, 2.4])."
+    (folder / "results.json").write_text(json.dumps({
+        "data": {"findings": findings},
+        "evidence": {"folder": "figures/02_design_choices/evidence", "configurations": 29, "item_rows": 92800,
+                     "items_per_task": {"cloze": 1000}},
+        "computed_on": [{"devices": ["cuda:0 (NVIDIA H100 80GB HBM3)"]}]}))
+    pilot = tmp_path / "09_ssm_methods" / "cpu_pilot"
+    pilot.mkdir(parents=True)
+    (pilot / "results.json").write_text(json.dumps({"run": {"label": "CPU pilot, n=40 items per task"},
+                                                    "data": {"text": {"findings": "best is X at 50.8%"}},
+                                                    "computed_on": [{"device": "cpu"}]}))
+    text = results_page.render(tmp_path)
+    assert findings in text
+    assert "29 configurations, 92800 item rows; items per task: cloze 1000" in text
+    assert "computed on: cuda:0 (NVIDIA H100 80GB HBM3)" in text
+    assert "run: **CPU pilot, n=40 items per task**" in text and "best is X at 50.8%" in text
+    assert "No results for 02" not in text and "No results for 09" not in text
+
+
+def test_gpu_prefill_table_rows():
+    rec = {"kind": "prefill", "model_shape": "mamba2-2.7b", "batch": 16, "seq_len": 2048, "align": 1, "method": "utrc",
+           "target_token_layer_cut": 0.3, "speedup_vs_dense": 1.363, "speedup_fraction_of_slice": 0.981,
+           "reduction_overhead_vs_dense": 0.0183, "gpu": "H100"}
+    dense = {**rec, "method": "dense", "speedup_vs_dense": 1.0}
+    table = results_page.gpu_prefill_table([dense, rec])
+    assert table.splitlines()[2] == "| mamba2-2.7b | 16 x 2048 | 1 | utrc | 30% | 1.363x | 98.1% | 1.8% | H100 |"
+    assert len(table.splitlines()) == 3   # header, rule, one row: dense is the reference, not a row
+    assert results_page.gpu_prefill_table([]) == ""
