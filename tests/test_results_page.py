@@ -3,6 +3,8 @@ page equals its rendering, and the renderer's own frame types no number."""
 import json
 import re
 
+import pytest
+
 from utrc_study.report import results_page
 
 
@@ -66,3 +68,21 @@ def test_gpu_prefill_table_rows():
     assert table.splitlines()[2] == "| mamba2-2.7b | 16 x 2048 | 1 | utrc | 30% | 1.363x | 98.1% | 1.8% | H100 |"
     assert len(table.splitlines()) == 3   # header, rule, one row: dense is the reference, not a row
     assert results_page.gpu_prefill_table([]) == ""
+
+
+def test_generated_blocks_of_the_docs_pages_are_current():
+    pages = results_page.pages_with_blocks()
+    assert any(p.name == "gpu.md" for p in pages)
+    for p in pages:
+        text = p.read_text()
+        assert results_page.update_blocks(text) == text, (
+            f"{p.name}: a generated block differs from its rendering: run `python -m utrc_study.report.results_page`")
+
+
+def test_blocks_render_from_the_json_and_refuse_unknown_names(tmp_path):
+    page = "a\n<!-- generated: gpu-prefill (x) -->\nold typed table\n<!-- end: gpu-prefill -->\nb\n"
+    out = results_page.update_blocks(page, tmp_path)   # no JSON here: the block says so instead of failing
+    assert "old typed table" not in out and "No results for the GPU prefill benchmark" in out
+    assert out.startswith("a\n<!-- generated: gpu-prefill (x) -->\n") and out.endswith("<!-- end: gpu-prefill -->\nb\n")
+    with pytest.raises(KeyError, match="unknown generated block 'nope'"):
+        results_page.update_blocks("<!-- generated: nope -->\nx\n<!-- end: nope -->\n", tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -244,21 +245,186 @@ def render(figures: Path = REPO / "figures") -> str:
     return "\n\n".join(p.rstrip() for p in parts if p) + "\n"
 
 
+# -- generated blocks inside the other docs pages ---------------------------------------------------
+# A page holds `<!-- generated: NAME ... -->` ... `<!-- end: NAME -->`; `update_blocks` replaces what lies
+# between with RENDERERS[NAME](figures). Everything else on the page is hand-written and number-free.
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+def _records(figures: Path, name: str) -> list:
+    data = _load(figures / "03_efficiency" / name)
+    return data if isinstance(data, list) else []
+
+
+def _pct(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}x"
+
+
+def _prefill(recs: list, **match) -> Optional[dict]:
+    for r in recs:
+        if r.get("kind") == "prefill" and "error" not in r and all(
+                (abs(float(r.get(k) or 0) - float(v)) < 1e-9 if k == "flops_cut" else r.get(k, 1 if k == "align" else None) == v)
+                for k, v in match.items()):
+            return r
+    return None
+
+
+def gpu_prefill_block(figures: Path) -> str:
+    """gpu.md's prefill table: per shape and align at batch 16 x 2048, every cut."""
+    recs = _records(figures, "gpu_bench.json")
+    keys = sorted({(r["model_shape"], r.get("align", 1)) for r in recs if r.get("kind") == "prefill" and r["batch"] == 16})
+    if not keys:
+        return _missing("the GPU prefill benchmark (figures/03_efficiency/gpu_bench.json)")
+    lines = ["| shape | align | cut | dense ms | slice | utrc (share of slice) | utrc ms/anchor | overhead: steps / end to end "
+             "| utrc_reference | evit | GPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape, align in keys:
+        base = dict(model_shape=shape, batch=16, align=align)
+        dense = _prefill(recs, method="dense", **base)
+        cuts = sorted({float(r["flops_cut"]) for r in recs if r.get("kind") == "prefill" and r["model_shape"] == shape
+                       and r["batch"] == 16 and r.get("align", 1) == align and r["method"] == "utrc"})
+        for cut in cuts:
+            got = {m: _prefill(recs, method=m, flops_cut=cut, **base) for m in ("slice", "utrc", "utrc_reference", "evit")}
+            u = got["utrc"]
+            lines.append(
+                f"| {shape} | {align} | {cut:.0%} | {dense['prefill_ms']:.0f} | {_x((got['slice'] or {}).get('speedup_vs_dense'))} "
+                f"| {_x(u.get('speedup_vs_dense'))} ({_pct(u.get('speedup_fraction_of_slice'))}) "
+                f"| {u.get('reduction_ms_per_anchor', float('nan')):.2f} "
+                f"| {_pct(u.get('reduction_overhead_vs_dense'), 2)} / {_pct(u.get('overhead_vs_slice_of_dense'), 2)} "
+                f"| {_x((got['utrc_reference'] or {}).get('speedup_vs_dense'))} | {_x((got['evit'] or {}).get('speedup_vs_dense'))} "
+                f"| {u.get('gpu', '?')} |")
+    return "\n".join(lines)
+
+
+def gpu_memory_block(figures: Path) -> str:
+    """gpu.md's memory and Python-loop generation table (align 1, batch 16, UTRC at its largest cut)."""
+    recs = _records(figures, "gpu_bench.json")
+    lines = ["| shape | peak memory GB, last-token / full / kept-token logits: dense -> utrc | generation through a Python "
+             "loop: prefill ms, decode ms/token, tok/s: dense -> utrc |", "|---|---|---|"]
+    for shape in sorted({r["model_shape"] for r in recs if r.get("kind") == "prefill" and r["batch"] == 16}):
+        dense = _prefill(recs, model_shape=shape, batch=16, align=1, method="dense")
+        cuts = [float(r["flops_cut"]) for r in recs if r.get("kind") == "prefill" and r["model_shape"] == shape
+                and r["batch"] == 16 and r.get("align", 1) == 1 and r["method"] == "utrc"]
+        if dense is None or not cuts:
+            continue
+        cut = max(cuts)
+        u = _prefill(recs, model_shape=shape, batch=16, align=1, method="utrc", flops_cut=cut)
+        mem = lambda r: " / ".join(f"{r[f'peak_mem_gb_{k}']:.2f}" for k in ("last_token", "full_logits", "kept_logits"))
+        below = 1 - u["peak_mem_gb_kept_logits"] / dense["peak_mem_gb_full_logits"]
+        gen = {r["method"]: r for r in recs if r.get("kind") == "generate" and r["model_shape"] == shape
+               and r["method"] in ("dense", "utrc") and float(r.get("flops_cut") or 0) in (0.0, cut)}
+        g = ""
+        if {"dense", "utrc"} <= set(gen):
+            d, v = gen["dense"]["generation"], gen["utrc"]["generation"]
+            g = (f"{d['prefill_ms']:.0f} -> {v['prefill_ms']:.0f} ms, {d['decode_ms_per_token']:.1f} -> "
+                 f"{v['decode_ms_per_token']:.1f} ms, {d['throughput_tok_s']:.0f} -> {v['throughput_tok_s']:.0f} tok/s "
+                 f"({gen['utrc']['throughput_speedup_vs_dense']:.3f}x; {d['new_tokens']} new tokens, "
+                 f"{gen['utrc']['repeats']} repeats)")
+        lines.append(f"| {shape} (utrc at {cut:.0%}) | {mem(dense)} -> {mem(u)} ({below:.1%} below dense with full logits) "
+                     f"| {g or '-'} |")
+    return "\n".join(lines) if len(lines) > 2 else _missing("the GPU memory records")
+
+
+def gpu_batch96_block(figures: Path) -> str:
+    """gpu.md's sentence on the paper's memory batch (96 x 2048), beside the paper's reported reduction."""
+    recs = _records(figures, "gpu_bench.json")
+    dense = next((r for r in recs if r.get("kind") == "prefill" and r["batch"] == 96 and r["method"] == "dense"), None)
+    utrc = sorted((r for r in recs if r.get("kind") == "prefill" and r["batch"] == 96 and r["method"] == "utrc"),
+                  key=lambda r: r["flops_cut"])
+    if dense is None or not utrc:
+        return _missing("the batch-96 memory records")
+    top, low = utrc[-1], utrc[0]
+    paper = ((_load(figures / "03_efficiency" / "results.json") or {}).get("data") or {}).get("paper_efficiency") or {}
+    pmem = (paper.get("peak_memory_reduction_pct") or {}).get(PAPER_SHAPES.get(dense["model_shape"], ""), {})
+    said = (f" (the paper reports {' / '.join(f'{v}%' for v in pmem.values())} at {' / '.join(f'{float(k):.0%}' for k in pmem)}"
+            f" from {paper.get('memory_setup', 'its own setup')} on an {paper.get('device', '?')})") if pmem else ""
+    return (f"At the paper's memory batch ({dense['batch']} x {dense['seq_len']}, {dense['model_shape']}, one "
+            f"{dense.get('gpu', '?')}): dense {dense['prefill_ms']:.0f} ms, {dense['peak_mem_gb_full_logits']:.2f} GB with full "
+            f"logits; UTRC at {top['flops_cut']:.0%} {top['prefill_ms']:.0f} ms ({_x(top['speedup_vs_dense'])}, "
+            f"{_pct(top.get('speedup_fraction_of_slice'))} of slicing; steps {_pct(top.get('reduction_overhead_vs_dense'), 2)} of "
+            f"dense) and {top['peak_mem_gb_kept_logits']:.2f} GB with kept-token logits, "
+            f"{_pct(top['peak_mem_reduction_kept_logits'])} below dense ({_pct(low['peak_mem_reduction_kept_logits'])} at "
+            f"{low['flops_cut']:.0%}){said}; the peak with last-token logits is {top['peak_mem_gb_last_token']:.2f} GB.")
+
+
+PAPER_SHAPES = {"mamba2-2.7b": "Mamba-2-2.7B", "mamba-2.8b": "Mamba-2.8B"}
+
+
+def gpu_generation_block(figures: Path) -> str:
+    """gpu.md's generation table: CUDA-graph decoding (and transformers' generate) from gpu_generate.json."""
+    from ..experiments.bench import generation_table
+
+    recs = _records(figures, "gpu_generate.json")
+    rows = generation_table(recs)
+    if not rows:
+        return _missing("the GPU generation records (figures/03_efficiency/gpu_generate.json)")
+    gpus = sorted({r.get("gpu", "?") for r in recs})
+    lines = [f"Measured on {', '.join(gpus)} (batch {rows[0]['batch']} x {rows[0]['seq_len']}-token prompts):", "",
+             "| shape | backend / decoding | method | cut | new tokens | prefill ms | decode ms/token (bound) | tok/s | "
+             "end to end vs dense | dense prefill share | Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bound = f" ({r['decode_bound_ms']:.2f})" if r.get("decode_bound_ms") else ""
+        lines.append(f"| {r['model_shape']} | {r['backend']} / {r['decoding']} | {r['method']} | {r['flops_cut']:.0%} | "
+                     f"{r['new_tokens']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f}{bound} | "
+                     f"{r['tokens_per_s']:.0f} | {_x(r['e2e_speedup_vs_dense'])} | {_pct(r['prefill_share_dense'], 0)} | "
+                     f"{_x(r['amdahl_bound'])} |")
+    same = [r for r in recs if r.get("kind") == "generate" and "tokens_match_mamba_ssm" in r]
+    if same:
+        lines += ["", f"Greedy tokens equal mamba-ssm's own `generate(cg=True)` in {sum(bool(r['tokens_match_mamba_ssm']) for r in same)} "
+                      f"of {len(same)} records."]
+    ask = [r for r in recs if r.get("kind") == "ask_many"]
+    for r in ask:
+        lines += ["", f"Reduce once, ask many ({r['model_shape']}, {r['method']} at {r['flops_cut']:.0%}: {r['questions']} "
+                      f"questions of {r['question_tokens']} tokens over one {r['context_tokens']}-token context, "
+                      f"{r['answer_tokens']}-token answers, batch {r['batch']}): once {r['once_ms']:.0f} ms (context prefill "
+                      f"{r['once_prefill_ms']:.0f} ms) against {r['separate_ms']:.0f} ms for separate full prefills "
+                      f"({r['speedup_once_vs_separate']:.2f}x); answers agreed with the separate runs on "
+                      f"{round(r['answers_agree'] * r['questions'])} of {r['questions']} questions."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"gpu-prefill": gpu_prefill_block, "gpu-memory": gpu_memory_block, "gpu-batch96": gpu_batch96_block,
+             "gpu-generation": gpu_generation_block}
+
+
+def update_blocks(text: str, figures: Path = REPO / "figures") -> str:
+    """`text` with every generated block re-rendered; KeyError naming an unknown block."""
+    def sub(m):
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"unknown generated block {name!r}; known: {', '.join(RENDERERS)}")
+        return m.group(1) + RENDERERS[name](Path(figures)).rstrip() + "\n" + m.group(4)
+    return BLOCK.sub(sub, text)
+
+
+def pages_with_blocks() -> list:
+    return [p for p in sorted((REPO / "docs").glob("*.md")) if p != PAGE and BLOCK.search(p.read_text())]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--figures", default=str(REPO / "figures"), help="the folder of the notebooks' outputs")
     ap.add_argument("--out", default=str(PAGE), help="the page to write (default docs/results.md)")
     ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 if they differ")
     args = ap.parse_args(argv)
-    text = render(Path(args.figures))
+    figures = Path(args.figures)
     out = Path(args.out)
+    pages = [(out, render(figures))]
+    if out.resolve() == PAGE.resolve():   # the generated blocks of the other docs pages go with the page itself
+        pages += [(p, update_blocks(p.read_text(), figures)) for p in pages_with_blocks()]
+    stale = [p for p, text in pages if not p.is_file() or p.read_text() != text]
     if args.check:
-        same = out.is_file() and out.read_text() == text
-        print(f"{out}: {'up to date' if same else 'differs from its rendering: run python -m utrc_study.report.results_page'}")
-        return 0 if same else 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out} ({len(text.splitlines())} lines)")
+        for p in stale:
+            print(f"{p}: differs from its rendering: run python -m utrc_study.report.results_page")
+        return 1 if stale else 0
+    for p, text in pages:
+        if p in stale:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+    print(f"rendered {', '.join(_rel(p) for p, _ in pages)} ({len(stale)} changed)")
     return 0
 
 
