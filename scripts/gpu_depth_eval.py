@@ -22,10 +22,10 @@ over METHODS. Rows already in the evidence folder (--evidence, carried in with t
 read back and skipped, so repeated calls fill the grid; every call rewrites the whole folder under $OUT.
 
 DEVICE COMMAND (one H100 / H200, repo root as cwd; 10 minutes per call):
-  the tree must travel under 64 MiB: keep utrc_lib/, utrc_study/, scripts/, data/benchmarks_v2/ (docs.jsonl
-  is not read and may stay behind), data/tokenizer_v2/, pyproject.toml and the models to evaluate; move
-  figures/, notebooks/, tests/, data/benchmarks/, data/tokenizer/, data/corpus/ and the other models out for the
-  call (data/models/depth-mamba2-64 alone is 59.6 MB: it travels alone). Carry .train/mamba_ssm_py (and
+  the tree must travel under 64 MiB: `python scripts/device_tree.py out depth --models depth-mamba2-64` keeps
+  only the code, data/benchmarks_v2/ (without docs.jsonl), data/tokenizer_v2/, figures/08_depth/ and the models
+  named (data/models/depth-mamba2-64 alone is 59.6 MB: it travels alone; about 66 MB in all), and
+  `python scripts/device_tree.py in` puts everything back after the call. Carry .train/mamba_ssm_py (and
   .train/triton_cache.tar.gz if it fits). Then:
 
   export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \\

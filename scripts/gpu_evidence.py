@@ -20,8 +20,8 @@ THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute li
 (the evidence folders are three levels deep: the device tool does not bring such folders back, the tarball it does)
 
 Needs data/models/tiny-mamba2 and data/models/tiny-mamba, data/benchmarks/, data/tokenizer/,
-notebooks/*.py and utrc_lib/; no carry. The tree must travel under 64 MiB: move data/models/small-* and
-data/models/depth-* out of the working tree for the call (about 58 MB remain) and back afterwards.
+notebooks/*.py and utrc_lib/; no carry. The tree must travel under 64 MiB: `python scripts/device_tree.py out
+evidence` before the call leaves only what it needs (about 41 MB), `python scripts/device_tree.py in` after it.
 Measured (H100, 2 workers, batch 256, figures/gpu_evidence.log): 81 configurations in 515 s, about 6 s
 each with two in flight; the 123 in all take two calls. It writes figures/<notebook>/evidence/
 {configs.json,items.parquet,manifest.json} for 01, 02 and 04 (about 5 MB) and $OUT/gpu_evidence.log.

@@ -2,6 +2,7 @@
 # Long single-stream prefill benchmark of issue 28 (docs/prefill_speed.md), one architecture per call.
 #
 # THE COMMAND (one GPU call each, under 8 minutes; the lead runs ARCH=mamba2 first, then ARCH=mamba1):
+#   here, before: python scripts/device_tree.py out prefill   (only code + tests travel; `... in` afterwards)
 #   here, once:   mkdir -p .gpu && cp ../shared/gpu/setup.sh ../shared/gpu/*.whl.part* .gpu/ \
 #                   && grep -qx '/.gpu/' .git/info/exclude || echo /.gpu/ >> .git/info/exclude
 #   device call:  run(command="bash .gpu/setup.sh && ARCH=mamba2 bash scripts/gpu_long_prefill.sh",
