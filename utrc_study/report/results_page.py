@@ -386,8 +386,47 @@ def gpu_generation_block(figures: Path) -> str:
     return "\n".join(lines)
 
 
+def _machines(manifest: dict) -> str:
+    """The machines that computed an evidence folder's rows (its manifest's calls), in words."""
+    seen = []
+    for c in manifest.get("calls") or [{"machine": manifest.get("machine")}]:
+        m = c.get("machine") or {}
+        name = m.get("gpu") or ("CPU" if m.get("torch_device") == "cpu" else m.get("torch_device"))
+        if name and name not in seen:
+            seen.append(name)
+    return ", ".join(seen) or "not recorded"
+
+
+def evidence_state_block(figures: Path) -> str:
+    """figures/README.md's table of the committed evidence folders, from their manifests."""
+    from . import evidence
+
+    lines = ["| evidence folder | state | configurations | item rows | items per task | computed on |", "|---|---|---|---|---|---|"]
+    folders = list(dict.fromkeys(evidence.FOLDERS.values())) + [f for f, _ in evidence.PILOTS.values()]
+    for rel in folders:
+        folder = figures / Path(rel).relative_to("figures")
+        man = _load(folder / evidence.MANIFEST)
+        name = str(Path(rel).relative_to("figures"))
+        if man is None:
+            lines.append(f"| `{name}` | not computed yet | - | - | - | - |")
+            continue
+        missing = man.get("missing_configurations")
+        configs = _load(folder / evidence.CONFIGS) or []
+        stale = sum(bool(evidence.stale_reason(man, c.get("params") or {})) for c in configs) if man.get("stale") else 0
+        state = ("pilot" if "pilot" in rel else
+                 "complete" if man.get("complete") else
+                 f"partial: {missing} missing" if missing else "no completeness recorded")
+        if stale:
+            state += (f"; {stale} of the {man.get('configurations')} present are stale (computed before a fix; "
+                      f"recomputed by the next device call)")
+        items = ", ".join(f"{t} {n}" for t, n in (man.get("items_per_task") or {}).items())
+        lines.append(f"| `{name}` | {state} | {man.get('configurations')} | {man.get('item_rows')} | {items} | "
+                     f"{_machines(man)} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"gpu-prefill": gpu_prefill_block, "gpu-memory": gpu_memory_block, "gpu-batch96": gpu_batch96_block,
-             "gpu-generation": gpu_generation_block}
+             "gpu-generation": gpu_generation_block, "evidence-state": evidence_state_block}
 
 
 def update_blocks(text: str, figures: Path = REPO / "figures") -> str:
@@ -401,7 +440,9 @@ def update_blocks(text: str, figures: Path = REPO / "figures") -> str:
 
 
 def pages_with_blocks() -> list:
-    return [p for p in sorted((REPO / "docs").glob("*.md")) if p != PAGE and BLOCK.search(p.read_text())]
+    """The pages (docs/*.md, figures/README.md) that hold generated blocks."""
+    pages = sorted((REPO / "docs").glob("*.md")) + [REPO / "figures" / "README.md"]
+    return [p for p in pages if p != PAGE and p.is_file() and BLOCK.search(p.read_text())]
 
 
 def main(argv=None) -> int:
