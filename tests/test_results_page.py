@@ -59,15 +59,19 @@ def test_sections_read_each_notebooks_own_text(tmp_path):
     assert "No results for 02" not in text and "No results for 09" not in text
 
 
-def test_gpu_prefill_table_rows():
-    rec = {"kind": "prefill", "model_shape": "mamba2-2.7b", "batch": 16, "seq_len": 2048, "align": 1, "method": "utrc",
-           "target_token_layer_cut": 0.3, "speedup_vs_dense": 1.363, "speedup_fraction_of_slice": 0.981,
-           "reduction_overhead_vs_dense": 0.0183, "gpu": "H100"}
-    dense = {**rec, "method": "dense", "speedup_vs_dense": 1.0}
-    table = results_page.gpu_prefill_table([dense, rec])
-    assert table.splitlines()[2] == "| mamba2-2.7b | 16 x 2048 | 1 | utrc | 30% | 1.363x | 98.1% | 1.8% | H100 |"
-    assert len(table.splitlines()) == 3   # header, rule, one row: dense is the reference, not a row
-    assert results_page.gpu_prefill_table([]) == ""
+def test_gpu_prefill_block_rows(tmp_path):
+    base = {"kind": "prefill", "model_shape": "mamba2-2.7b", "batch": 16, "seq_len": 2048, "align": 1, "gpu": "H100"}
+    recs = [{**base, "method": "dense", "flops_cut": 0.0, "prefill_ms": 618.3, "speedup_vs_dense": 1.0},
+            {**base, "method": "slice", "flops_cut": 0.3, "prefill_ms": 444.5, "speedup_vs_dense": 1.390},
+            {**base, "method": "utrc", "flops_cut": 0.3, "prefill_ms": 453.2, "speedup_vs_dense": 1.363,
+             "speedup_fraction_of_slice": 0.981, "reduction_ms_per_anchor": 1.62,
+             "reduction_overhead_vs_dense": 0.0183, "overhead_vs_slice_of_dense": 0.0141}]
+    (tmp_path / "03_efficiency").mkdir()
+    (tmp_path / "03_efficiency" / "gpu_bench.json").write_text(json.dumps(recs))
+    table = results_page.gpu_prefill_block(tmp_path).splitlines()
+    assert len(table) == 3   # header, rule, one row per (shape, align, cut): dense is the reference, not a row
+    assert table[2] == "| mamba2-2.7b | 1 | 30% | 618 | 1.390x | 1.363x (98.1%) | 1.62 | 1.83% / 1.41% | - | - | H100 |"
+    assert "No results for the GPU prefill" in results_page.gpu_prefill_block(tmp_path / "none")
 
 
 def test_generated_blocks_of_the_docs_pages_are_current():

@@ -143,36 +143,15 @@ def _section_04(figures: Path) -> list[str]:
     return out
 
 
-def gpu_prefill_table(records: list) -> str:
-    """Markdown table of 03's GPU prefill records: per shape and batch, each method at each cut."""
-    rows = [r for r in records if r.get("kind") == "prefill" and r.get("method") not in ("dense",)
-            and r.get("speedup_vs_dense") is not None]
-    if not rows:
-        return ""
-    lines = ["| shape | batch x tokens | align | method | cut | speed-up vs dense | share of slicing's speed-up | "
-             "reduction steps / dense prefill | GPU |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model_shape"], r["batch"], r["seq_len"], r.get("align", 1),
-                                         r["method"] != "slice", r["method"], r["target_token_layer_cut"])):
-        share = r.get("speedup_fraction_of_slice")
-        over = r.get("reduction_overhead_vs_dense")
-        lines.append(f"| {r['model_shape']} | {r['batch']} x {r['seq_len']} | {r.get('align', 1)} | {r['method']} | "
-                     f"{r['target_token_layer_cut']:.0%} | {r['speedup_vs_dense']:.3f}x | "
-                     f"{'-' if share is None else f'{share:.1%}'} | "
-                     f"{'-' if over is None or r['method'] == 'slice' else f'{over:.1%}'} | {r.get('gpu', '?')} |")
-    return "\n".join(lines)
-
-
 def _section_03(figures: Path) -> list[str]:
     out = ["## 03: prefill speed on a GPU",
            "Random-weight models of the paper's shapes in fp16 on mamba-ssm's kernels, prefill with the "
            "last token's logits, median of repeats; \"slice\" drops the same number of tokens for free at the "
            "same layers, the bound any method's speed-up is compared to ([gpu.md](gpu.md) has the method)."]
-    folder, res = _first(figures, "03_efficiency")
-    table = gpu_prefill_table(((res or {}).get("data") or {}).get("gpu") or [])
-    if not table:
+    if not _records(figures, "gpu_bench.json"):
         return out + [_missing("03's GPU prefill")]
-    return out + [f"Source: `{_rel(folder / 'results.json')}` (`data.gpu`, from `figures/03_efficiency/gpu_bench.json`).",
-                  table]
+    return out + ["Source: `figures/03_efficiency/gpu_bench.json` (batch 16 x 2048 here; the paper's memory batch "
+                  "below).", gpu_prefill_block(figures), gpu_batch96_block(figures)]
 
 
 def _section_07(figures: Path) -> list[str]:
