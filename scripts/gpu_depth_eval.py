@@ -24,16 +24,18 @@ read back and skipped, so repeated calls fill the grid; every call rewrites the 
 DEVICE COMMAND (one H100 / H200, repo root as cwd; 10 minutes per call):
   the tree must travel under 64 MiB: `python scripts/device_tree.py out depth --models depth-mamba2-64` keeps
   only the code, data/benchmarks_v2/ (without docs.jsonl), data/tokenizer_v2/, figures/08_depth/ and the models
-  named (data/models/depth-mamba2-64 alone is 59.6 MB: it travels alone; about 66 MB in all), and
-  `python scripts/device_tree.py in` puts everything back after the call. Carry .train/mamba_ssm_py (and
-  .train/triton_cache.tar.gz if it fits). Then:
+  named (data/models/depth-mamba2-64 alone is 59.6 MB: it travels alone), and `python scripts/device_tree.py
+  in` puts everything back after the call. Pass `--carry .train/mamba_ssm_py` to `out` and carry what it
+  prints (the triton cache, .train/triton_cache.tar.gz, fits only beside a small model). Only the 64-layer
+  weights are committed: the 12 / 24 / 48-layer weights are git-ignored (rebuilt from their cards), so for
+  those `out depth --models depth-mamba2-12` lists the weights under "carry", one model per call. Then:
 
   export PYTHONPATH=$PWD/.train/mamba_ssm_py:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \\
     TRITON_CACHE_DIR=/tmp/triton; mkdir -p /tmp/triton; [ -f .train/triton_cache.tar.gz ] && \\
     tar xzf .train/triton_cache.tar.gz -C /tmp/triton; python3 scripts/gpu_depth_eval.py --out $OUT \\
     --models depth-mamba2-64 --deadline 540
 
-  AFTERWARDS: copy FILES/08_depth/evidence to figures/08_depth/evidence (the next call carries it in and
+  AFTERWARDS: `python scripts/device_tree.py in` first, then copy FILES/08_depth/evidence to figures/08_depth/evidence (the next call carries it in and
   continues), append FILES/gpu_depth_eval.log to figures/08_depth/device_calls.log.
 
 CPU check of the script (no GPU): `python scripts/gpu_depth_eval.py --out /tmp/d --models tiny-mamba2

@@ -22,12 +22,14 @@ THE DEVICE COMMAND (one H100 / H200, repo root as cwd, no internet, 10-minute li
 Needs data/models/tiny-mamba2 and data/models/tiny-mamba, data/benchmarks/, data/tokenizer/,
 notebooks/*.py and utrc_lib/; no carry. The tree must travel under 64 MiB: `python scripts/device_tree.py out
 evidence` before the call leaves only what it needs (about 41 MB), `python scripts/device_tree.py in` after it.
-Measured (H100, 2 workers, batch 256, figures/gpu_evidence.log): 81 configurations in 515 s, about 6 s
-each with two in flight; the 123 in all take two calls. It writes figures/<notebook>/evidence/
-{configs.json,items.parquet,manifest.json} for 01, 02 and 04 (about 5 MB) and $OUT/gpu_evidence.log.
+Measured (H100, 2 workers, batch 256, figures/gpu_evidence.log): leak-free configurations take about 6 s
+each with two in flight, authors'-protocol ones longer; `python scripts/device_tree.py status` and the
+log's first lines say how many are still to compute. It writes figures/<notebook>/evidence/
+{configs.json,items.parquet,manifest.json} for 01, 02, 04 and 09 and $OUT/gpu_evidence.log.
 
 AFTERWARDS, on the development machine, from the repo root (FILES = the folder the files came back to):
 
+    python scripts/device_tree.py in   # first: the tree back as it was
     tar xzf FILES/evidence.tgz     # figures/01_main_results, 02_design_choices, 04_failure_of_transformer_methods, 09_ssm_methods evidence
     cat FILES/gpu_evidence.log >> figures/gpu_evidence.log
     python -m utrc_study.report.evidence show figures/01_main_results/evidence     # sizes, machine, complete?
@@ -35,7 +37,7 @@ AFTERWARDS, on the development machine, from the repo root (FILES = the folder t
 If the log's last line says "INCOMPLETE" (the deadline came first), run the same device command again
 with the copied folders in the working tree (they travel with it: untracked files git does not ignore):
 the script reads them back and computes only the configurations still missing, then copy again. When
-it says "COMPLETE", commit the evidence folders and the log, then `make figures` renders 01 / 02 / 04
+it says "COMPLETE", commit the evidence folders and the log, then `make figures` renders 01 / 02 / 04 / 09
 from them (statistics recomputed on the CPU) and checks a verification subset against them.
 
 How it runs: --workers processes on the one GPU (default 2; the tiny models leave the GPU mostly idle,

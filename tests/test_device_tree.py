@@ -73,3 +73,37 @@ def test_unknown_model_is_refused(tmp_path):
     r = _run(root, "out", "depth", "--models", "depth-mamba2-99")
     assert r.returncode == 2 and "depth-mamba2-99" in r.stderr
     assert not (root / ".cache" / "device_tree" / "moved.json").exists()
+
+
+def test_in_merges_into_folders_the_call_recreated(tmp_path):
+    """The call's results come back into a folder `out` moved away (the first 09 evidence): `in` merges,
+    keeping the new files, and leaves only true clashes in the stash."""
+    root = _repo(tmp_path)
+    assert _run(root, "out", "prefill").returncode == 0
+    assert not (root / "figures").exists()
+    new = root / "figures" / "01_main_results" / "evidence" / "new.parquet"
+    new.parent.mkdir(parents=True)
+    new.write_text("from the device\n")
+    r = _run(root, "in")
+    assert r.returncode == 0, r.stderr
+    assert new.read_text() == "from the device\n"
+    assert (root / "figures/01_main_results/evidence/items.parquet").is_file()
+    assert (root / "figures/01_main_results/plot.png").is_file() and (root / "docs/x.md").is_file()
+    # a clash: the same file recreated by the call stays in the stash and is named
+    assert _run(root, "out", "prefill").returncode == 0
+    clash = root / "docs" / "x.md"
+    clash.parent.mkdir(parents=True)
+    clash.write_text("changed\n")
+    r = _run(root, "in")
+    assert r.returncode == 1 and "docs/x.md" in r.stderr and clash.read_text() == "changed\n"
+
+
+def test_ignored_weights_are_listed_to_carry_and_counted(tmp_path):
+    root = _repo(tmp_path)
+    (root / ".gitignore").write_text(".cache/\ndata/models/depth-mamba2-12/model.safetensors\n")
+    (root / "data/models/depth-mamba2-12/model.safetensors").write_bytes(b"w" * 2_000_000)
+    r = _run(root, "out", "depth", "--models", "depth-mamba2-12")
+    assert r.returncode == 0, r.stderr
+    assert 'carry: ["data/models/depth-mamba2-12/model.safetensors"]' in r.stdout
+    assert "2.0 MB" in r.stdout or "2.1 MB" in r.stdout   # the carried weights count toward the limit
+    assert _run(root, "in").returncode == 0
