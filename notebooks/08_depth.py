@@ -145,7 +145,8 @@ if len(curves):
 
 # %%
 # The answer, generated from the numbers above
-lines = [f"Rows: {source}; depths {', '.join(map(str, sorted(layers.values())))}; items per task {sizes}; "
+lines = [f"Rows: {source}; depths {', '.join(map(str, sorted(layers.values())))}; items per task "
+         f"{', '.join(f'{t} {n}' for t, n in sizes.items())}; "
          f"{resamples} bootstrap resamples, 95% intervals."]
 for b in baselines:
     s = slopes[(slopes["baseline"] == b)]
@@ -166,8 +167,10 @@ deepest = max(layers.values()) if layers else None
 if len(chance) and deepest:
     c = chance[(chance["layers"] == deepest) & (chance["method"] != "utrc")]
     fell = sorted({f"{plotting.style(m)['label']} ({cut:.0%})" for m, cut in c[c["at_chance"]][["method", "cut"]].itertuples(index=False)})
-    lines.append(f"At {deepest} layers, baselines whose mean accuracy is not distinguishable from chance: "
-                 f"{', '.join(fell) if fell else 'none'} (the paper reports EViT and PuMer collapsing at this depth).")
+    tested = ", ".join(plotting.style(m)["label"] for m in dict.fromkeys(c["method"]))
+    lines.append(f"At {deepest} layers, of the baselines run here ({tested}), those whose mean accuracy is not "
+                 f"distinguishable from chance: {', '.join(fell) if fell else 'none'} (the paper reports EViT and PuMer "
+                 f"collapsing at this depth).")
 display(Markdown("\n\n".join(lines)))
 
 # %%

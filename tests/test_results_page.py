@@ -17,7 +17,7 @@ def _digits_left(text: str) -> list[str]:
     """Lines of `text` that still hold a digit once names that carry one are removed (notebook numbers,
     file and folder names, model family names, the paper's Figure 1, fp16, the CI level named by the JSON
     key ppl_ci95)."""
-    allowed = [r"\b0\d(?=[:_ ']|$)", r"Figure 1\b", r"\bfp16\b", r"`[^`]*`", r"\([^)]*\.md[^)]*\)", r"Mamba-2", r"\[95% CI\]", r"#0\d[\w-]*"]
+    allowed = [r"\b0\d(?=[:_ ',)]|$)", r"Figure 1\b", r"\bfp16\b", r"`[^`]*`", r"\([^)]*\.md[^)]*\)", r"Mamba-2", r"\[95% CI\]", r"#0\d[\w-]*"]
     out = []
     for line in text.splitlines():
         stripped = line
@@ -54,7 +54,7 @@ def test_sections_read_each_notebooks_own_text(tmp_path):
     text = results_page.render(tmp_path)
     assert findings in text
     assert "29 configurations, 92800 item rows; items per task: cloze 1000" in text
-    assert "computed on: cuda:0 (NVIDIA H100 80GB HBM3)" in text
+    assert "computed: cuda:0 (NVIDIA H100 80GB HBM3)" in text
     assert "run: **CPU pilot, n=40 items per task**" in text and "best is X at 50.8%" in text
     assert "No results for 02" not in text and "No results for 09" not in text
 

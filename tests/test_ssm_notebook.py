@@ -134,4 +134,4 @@ def test_presets_are_named_back_and_best_and_family_intervals_follow_the_rows():
     assert set(cmp["family_size"]) == {4} and (cmp["family_level"] > 0.95).all()
     assert (cmp["low_family"] <= cmp["low"] + 1e-12).all() and (cmp["high_family"] >= cmp["high"] - 1e-12).all()
     text = ssm.findings(best, cmp, src="test rows")
-    assert "UTRC" in text and "resolved above" in text and "test rows" in text
+    assert "UTRC" in text and "resolved ahead of" in text and "test rows" in text

@@ -208,8 +208,8 @@ def failure_findings(errs, *, error_layer: int, texts: int, kl_cmp=None, resampl
             if len(d):
                 beats = sorted({label(b) for b in d[d["verdict"] == "beats"]["baseline"]})
                 beaten = sorted({label(b) for b in d[d["verdict"] == "beaten"]["baseline"]})
-                lines.append("* On the scored positions of the ppl task (01's KL per token, every cut, Holm over "
-                             "every comparison printed below): " + clauses(
+                lines.append("* On the scored positions of the ppl task (01's KL per token, every cut; Holm over "
+                             "every comparison of 04's accuracy-and-KL family, the notebook's verdict list): " + clauses(
                                  [("UTRC is closer to dense than", beats), ("further from dense than", beaten)],
                                  "no difference from UTRC is resolved") + (" (in at least one cut)." if beats or beaten
                                                                            else "."))

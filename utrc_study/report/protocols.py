@@ -52,13 +52,13 @@ def authors_grid(model_names, methods, cuts, *, evidence: str, common: dict, ren
         grid, missing = ev.present(grid, evidence, common)
     text = "" if not missing else (
         f"**Partial:** the authors'-protocol evidence holds {len(grid)} of {len(grid) + len(missing)} configurations; "
-        f"missing (scripts/gpu_evidence.py computes them): {names(missing)}.\n")
+        f"missing (scripts/gpu_evidence.py computes them): {names(missing)}.\n\n")
     if render_only and ev.exists(evidence):
         manifest = ev.load(evidence).manifest
         stale = [c for c in grid if ev.stale_reason(manifest, c)]
         text += "" if not stale else (
             f"**Stale:** {len(stale)} of them were computed before a later fix and are shown as committed until a "
-            f"GPU recomputes them: {names(stale)}.\n")
+            f"GPU recomputes them: {names(stale)}.\n\n")
     return grid, missing, text
 
 

@@ -49,17 +49,19 @@ def _rel(path: Path) -> str:
 
 
 def _devices(res: dict) -> str:
-    """The devices that computed a notebook's numbers (its computed_on), in words."""
-    seen = []
+    """What computed a notebook's numbers (its computed_on), in words: each source with its devices."""
+    parts = []
     for c in res.get("computed_on") or []:
         devs = c.get("devices") or ([c["device"]] if c.get("device") else [])
         if not devs:
             m = c.get("machine")
             devs = [m] if isinstance(m, str) else []
-        for d in devs:
-            if d not in seen:
-                seen.append(str(d))
-    return ", ".join(seen) or "not recorded"
+        where = ", ".join(dict.fromkeys(str(d) for d in devs)) or "not recorded"
+        src = c.get("source")
+        part = f"{src} on {where}" if src and src != "cache.jsonl" else where
+        if part not in parts:
+            parts.append(part)
+    return "; ".join(parts) or "not recorded"
 
 
 def source_line(folder: Path, res: dict) -> str:
@@ -76,7 +78,11 @@ def source_line(folder: Path, res: dict) -> str:
     label = (res.get("run") or {}).get("label")
     if label:
         parts.append(f"run: **{label}**")
-    parts.append(f"computed on: {_devices(res)}")
+    params = res.get("parameters") or {}
+    cuts = [f"{k} {params[k]:.0%}" for k in ("cut", "branch_cut") if isinstance(params.get(k), (int, float))]
+    if cuts:
+        parts.append("at " + ", ".join(cuts))
+    parts.append(f"computed: {_devices(res)}")
     return "; ".join(parts) + "."
 
 
@@ -94,14 +100,23 @@ def _embedded(markdown: str) -> str:
     return "\n".join(lines).strip()
 
 
+def _pilot(res: dict) -> str:
+    """' (CPU pilot, n=...)' for a heading when the results are a pilot's, else ''."""
+    label = (res.get("run") or {}).get("label") or ""
+    return f" ({label})" if "pilot" in label.lower() else ""
+
+
 def _missing(name: str) -> str:
     return f"*No results for {name} are committed; `make figures` renders them.*"
 
 
 def _section_01(figures: Path) -> list[str]:
     out = ["## 01: UTRC and the baselines on the tiny models",
-           "Mean accuracy and perplexity with their intervals are the README's results table "
-           "(`figures/01_main_results/table_intervals.md`); the verdicts below are the notebook's own text."]
+           "Accuracy and perplexity of every method, task and cut with their intervals: "
+           "[table_main.md](../figures/01_main_results/table_main.md) and "
+           "[table_intervals.md](../figures/01_main_results/table_intervals.md); the margins with p values: "
+           "[table_margins.md](../figures/01_main_results/table_margins.md). The verdicts below are the "
+           "notebook's own text."]
     folder, res = _first(figures, "01_main_results")
     if res is None:
         return out + [_missing("01")]
@@ -139,7 +154,8 @@ def _section_04(figures: Path) -> list[str]:
     elif isinstance(proto, str):
         out.append(f"Protocol comparison: {proto}.")
     if data.get("findings"):
-        out.append(_text(data["findings"]))
+        out += ["### The paper's Figure 1 recomputed: the residual-stream error after one reduction",
+                _text(data["findings"])]
     return out
 
 
@@ -195,8 +211,8 @@ def _section_depth(figures: Path) -> list[str]:
     folder, res = _first(figures, "08_depth", "08_depth/cpu_pilot")
     if res is None:
         return out + [_missing("08")]
-    out += ["Whether UTRC's margin over each baseline grows with depth (notebook `08_depth`, its own text):",
-            source_line(folder, res), _text(res.get("answer") or [])]
+    out += [f"### Does UTRC's margin grow with depth?{_pilot(res)}",
+            "Notebook `08_depth`, its own text:", source_line(folder, res), _text(res.get("answer") or [])]
     return out
 
 
@@ -208,6 +224,7 @@ def _section_09(figures: Path) -> list[str]:
     if res is None:
         return out + [_missing("09")]
     text = (res.get("data") or {}).get("text") or {}
+    out[0] += _pilot(res)
     return out + [source_line(folder, res)] + [_text(text[k]) for k in ("findings", "cost") if text.get(k)]
 
 
@@ -218,8 +235,10 @@ def render(figures: Path = REPO / "figures") -> str:
              "this page is typed: `make figures` re-renders it with the figures ([reproducing.md](reproducing.md)); "
              "[figures/README.md](../figures/README.md) lists every figure with the command that makes it, and "
              "[evaluation.md](evaluation.md#statistics) how the intervals and tests are computed. Cuts are "
-             "token-layer cuts (the paper's FLOPs definition) unless a line says otherwise."]
-    for section in (_section_01, _section_02, _section_04, _section_03, _section_07, _section_depth, _section_09):
+             "token-layer cuts (the paper's FLOPs definition) unless a line says otherwise. The teaching notebooks "
+             "(00, 05, 06) have no findings of their own; a heading marked \"pilot\" rests on a small CPU run "
+             "and is preliminary."]
+    for section in (_section_01, _section_02, _section_03, _section_04, _section_07, _section_depth, _section_09):
         parts += section(figures)
     return "\n\n".join(p.rstrip() for p in parts if p) + "\n"
 
@@ -302,7 +321,8 @@ def gpu_memory_block(figures: Path) -> str:
                  f"{v['decode_ms_per_token']:.1f} ms, {d['throughput_tok_s']:.0f} -> {v['throughput_tok_s']:.0f} tok/s "
                  f"({gen['utrc']['throughput_speedup_vs_dense']:.3f}x; {d['new_tokens']} new tokens, "
                  f"{gen['utrc']['repeats']} repeats)")
-        lines.append(f"| {shape} (utrc at {cut:.0%}) | {mem(dense)} -> {mem(u)} ({below:.1%} below dense with full logits) "
+        lines.append(f"| {shape} (utrc at {cut:.0%}) | {mem(dense)} -> {mem(u)} (utrc with kept-token logits {below:.1%} "
+                     f"below dense with full logits) "
                      f"| {g or '-'} |")
     return "\n".join(lines) if len(lines) > 2 else _missing("the GPU memory records")
 
@@ -326,7 +346,8 @@ def gpu_batch96_block(figures: Path) -> str:
             f"{_pct(top.get('speedup_fraction_of_slice'))} of slicing; steps {_pct(top.get('reduction_overhead_vs_dense'), 2)} of "
             f"dense) and {top['peak_mem_gb_kept_logits']:.2f} GB with kept-token logits, "
             f"{_pct(top['peak_mem_reduction_kept_logits'])} below dense ({_pct(low['peak_mem_reduction_kept_logits'])} at "
-            f"{low['flops_cut']:.0%}){said}; the peak with last-token logits is {top['peak_mem_gb_last_token']:.2f} GB.")
+            f"{low['flops_cut']:.0%}){said}; with last-token logits the peak is {dense['peak_mem_gb_last_token']:.2f} GB dense "
+            f"and {top['peak_mem_gb_last_token']:.2f} GB with UTRC.")
 
 
 PAPER_SHAPES = {"mamba2-2.7b": "Mamba-2-2.7B", "mamba-2.8b": "Mamba-2.8B"}
@@ -343,13 +364,14 @@ def gpu_generation_block(figures: Path) -> str:
     gpus = sorted({r.get("gpu", "?") for r in recs})
     lines = [f"Measured on {', '.join(gpus)} (batch {rows[0]['batch']} x {rows[0]['seq_len']}-token prompts):", "",
              "| shape | backend / decoding | method | cut | new tokens | prefill ms | decode ms/token (bound) | tok/s | "
-             "end to end vs dense | dense prefill share | Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "end to end vs dense | dense prefill share | Amdahl bound (cut) | Amdahl from the measured prefill |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bound = f" ({r['decode_bound_ms']:.2f})" if r.get("decode_bound_ms") else ""
         lines.append(f"| {r['model_shape']} | {r['backend']} / {r['decoding']} | {r['method']} | {r['flops_cut']:.0%} | "
                      f"{r['new_tokens']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f}{bound} | "
                      f"{r['tokens_per_s']:.0f} | {_x(r['e2e_speedup_vs_dense'])} | {_pct(r['prefill_share_dense'], 0)} | "
-                     f"{_x(r['amdahl_bound'])} |")
+                     f"{_x(r['amdahl_bound'])} | {_x(r.get('amdahl_from_prefill'))} |")
     same = [r for r in recs if r.get("kind") == "generate" and "tokens_match_mamba_ssm" in r]
     if same:
         lines += ["", f"Greedy tokens equal mamba-ssm's own `generate(cg=True)` in {sum(bool(r['tokens_match_mamba_ssm']) for r in same)} "

@@ -416,13 +416,14 @@ def margin_summary(margin) -> str:
                 f"Holm correction over them")
         items = []
         for (verdict, task, b), h in sig.groupby(["verdict", "task", "baseline"], sort=True):
-            sc, dg, unit = (100, 1, " points") if h["measure"].iloc[0] == "acc" else (1, 3, " nats/token")
+            sc, dg, unit = (100, 1, " points") if h["measure"].iloc[0] == "acc" else (1, 3, " nats/token of gold log-likelihood")
             where = (f"{h['model'].iloc[0]}, {sc * h['delta'].iloc[0]:+.{dg}f}{unit}" if len(h) == 1 else
                      f"{len(h)} models, {sc * h['delta'].min():+.{dg}f} to {sc * h['delta'].max():+.{dg}f}{unit}")
             items.append(f"{'better' if verdict == 'beats' else 'worse'} than {b} on {task} ({where})")
         out.append(head + (": UTRC " + "; ".join(items) if items else "") + ".")
         for fam, f in g.groupby("family", sort=False):
-            sc, dg, unit = (100, 1, "points") if f["measure"].iloc[0] == "acc" else (1, 3, "nats/token")
+            sc, dg, unit = (100, 1, "points") if f["measure"].iloc[0] == "acc" else \
+                (1, 3, "nats/token of gold log-likelihood (positive: UTRC closer to the gold text)")
             out.append(f"  * {fam} ({', '.join(dict.fromkeys(f['task']))}): UTRC minus baseline from "
                        f"{sc * f['delta'].min():+.{dg}f} to {sc * f['delta'].max():+.{dg}f} {unit}; "
                        f"{int(((f['low'] > 0) | (f['high'] < 0)).sum())} of {len(f)} unadjusted intervals exclude 0")

@@ -444,7 +444,9 @@ def findings(best, cmp, *, src: str) -> str:
     """Markdown rendered from the numbers: per model and cut, the best method on each measure, whom it is
     resolved above and against whom it is unresolved (Holm within the cell); then UTRC against each
     SSM-native method (Holm over the margins figure's family)."""
-    out = [f"Rows: {src}. Intervals: paired 95% bootstrap; \"resolved\" = Holm-corrected test at 5%."]
+    out = [f"Rows: {src}. Intervals: paired 95% bootstrap. Per cut below, \"resolved\" = Holm-corrected test at "
+           f"5% within that model, cut and measure (a small family); the table after it corrects over every "
+           f"comparison of the margins figure, so a difference resolved here can be unresolved there."]
     for model in dict.fromkeys(best["model"]):
         out.append(f"\n**{short(model)}**\n")
         b = best[best["model"] == model]
@@ -463,7 +465,8 @@ def findings(best, cmp, *, src: str) -> str:
                 same = [label(r.other) for r in c.itertuples() if r.other_estimate == top["estimate"]]
                 value += f" (the same point estimate as {join(same)})" if same else ""
                 parts.append(f"{what}: best is {label(top['best'])} at {value}; " + clauses(
-                    [("resolved above", above), ("unresolved against", tied)], "no other method") + ".")
+                    [("resolved ahead of (best minus each)", above), ("unresolved against", tied)],
+                    "no other method") + ".")
             out.append(f"* {cut:.0%} cut: " + " ".join(parts))
     if len(cmp):
         out.append(f"\n**UTRC against each method** (Holm over {paired.holm_family(cmp)}; UTRC minus method, "
