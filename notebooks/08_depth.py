@@ -58,7 +58,14 @@ if quick:   # two small models of different depth, computed here
     model_names, methods, cuts, schedules = ["tiny-mamba2", "small-mamba2"], ["utrc", "tome"], [0.2], ["library"]
     tasks, limit, resamples, evidence = ["choice2_v2"], 2, min(resamples, 300), ""
 if evidence and ev.exists(evidence):
-    rows = [r for r in ev.load(evidence).rows if r["params"]["model"] in model_names]
+    loaded = ev.load(evidence)
+    rows = [r for r in loaded.rows if r["params"]["model"] in model_names]
+    # the effective parameters (recorded in results.json) are what the evidence holds
+    methods = [m for m in methods if m in {r["params"]["method"] for r in rows}]
+    cuts = [c for c in cuts if any(np.isclose(c, float(r["params"]["cut"])) for r in rows)]
+    schedules = [s for s in schedules if s in {depth.schedule_of(depth.depth_of(r["params"]["model"]), r["params"]["layers"])
+                                               for r in rows if r["params"].get("layers")}]
+    limit = next((int(v) for v in loaded.manifest.get("limit", []) if str(v).isdigit()), None)   # None: every item
     where = Path(evidence).resolve()
     source = f"evidence {where.relative_to(Path('..').resolve()) if where.is_relative_to(Path('..').resolve()) else where}"
 else:
