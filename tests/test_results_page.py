@@ -90,3 +90,20 @@ def test_blocks_render_from_the_json_and_refuse_unknown_names(tmp_path):
     assert out.startswith("a\n<!-- generated: gpu-prefill (x) -->\n") and out.endswith("<!-- end: gpu-prefill -->\nb\n")
     with pytest.raises(KeyError, match="unknown generated block 'nope'"):
         results_page.update_blocks("<!-- generated: nope -->\nx\n<!-- end: nope -->\n", tmp_path)
+
+
+def test_window_accuracy_block(tmp_path):
+    assert "python scripts/window_accuracy.py" in results_page.window_accuracy_block(tmp_path)
+    (tmp_path / "03_efficiency").mkdir()
+    doc = {"parameters": {"model": "tiny-mamba2", "cut": 0.3, "windows": [64], "resamples": 10000},
+           "items_per_task": {"lr_cloze_1024": 100}, "holm": "over all 2 comparisons in this file",
+           "machine": {"torch_device": "cpu"},
+           "comparisons": [{"metric": "lr_cloze_1024", "baseline": "64", "delta": 0.02, "low": -0.01, "high": 0.05,
+                            "p_holm": 0.4, "verdict": "unresolved"},
+                           {"metric": "ll:lr_cloze_1024", "baseline": "64", "delta": 0.031, "low": 0.012,
+                            "high": 0.05, "p_holm": 0.001, "verdict": "beats"}]}
+    (tmp_path / "03_efficiency" / "window_accuracy.json").write_text(json.dumps(doc))
+    text = results_page.window_accuracy_block(tmp_path)
+    assert "| accuracy, lr_cloze_1024 | 64 | +2 [-1, +5] points | 0.4 | unresolved |" in text
+    assert "| gold log-likelihood, lr_cloze_1024 | 64 | +0.031 [+0.012, +0.05] nats/token | 0.001 | global better |" in text
+    assert "items per task: lr_cloze_1024 100" in text and "computed on cpu" in text

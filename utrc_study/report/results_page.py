@@ -106,8 +106,8 @@ def _pilot(res: dict) -> str:
     return f" ({label})" if "pilot" in label.lower() else ""
 
 
-def _missing(name: str) -> str:
-    return f"*No results for {name} are committed; `make figures` renders them.*"
+def _missing(name: str, how: str = "`make figures` renders them") -> str:
+    return f"*No results for {name} are committed; {how}.*"
 
 
 def _section_01(figures: Path) -> list[str]:
@@ -165,7 +165,7 @@ def _section_03(figures: Path) -> list[str]:
            "last token's logits, median of repeats; \"slice\" drops the same number of tokens for free at the "
            "same layers, the bound any method's speed-up is compared to ([gpu.md](gpu.md) has the method)."]
     if not _records(figures, "gpu_bench.json"):
-        return out + [_missing("03's GPU prefill")]
+        return out + [_missing("03's GPU prefill", "`bash scripts/gpu_bench.sh` on a GPU computes them")]
     return out + ["Source: `figures/03_efficiency/gpu_bench.json` (batch 16 x 2048 here; the paper's memory batch "
                   "below).", gpu_prefill_block(figures), gpu_batch96_block(figures)]
 
@@ -207,7 +207,7 @@ def _section_depth(figures: Path) -> list[str]:
            "committed training logs ([models-and-data.md](models-and-data.md#models))."]
     family = _load(figures / "depth_family" / "depth_family.json")
     table = depth_family_table(family or {})
-    out.append(table or _missing("the depth family"))
+    out.append(table or _missing("the depth family", "`scripts/train/depth_report.py` renders them from the training logs"))
     folder, res = _first(figures, "08_depth", "08_depth/cpu_pilot")
     if res is None:
         return out + [_missing("08")]
@@ -276,7 +276,8 @@ def gpu_prefill_block(figures: Path) -> str:
     recs = _records(figures, "gpu_bench.json")
     keys = sorted({(r["model_shape"], r.get("align", 1)) for r in recs if r.get("kind") == "prefill" and r["batch"] == 16})
     if not keys:
-        return _missing("the GPU prefill benchmark (figures/03_efficiency/gpu_bench.json)")
+        return _missing("the GPU prefill benchmark (figures/03_efficiency/gpu_bench.json)",
+                        "`bash scripts/gpu_bench.sh` on a GPU computes them")
     lines = ["| shape | align | cut | dense ms | slice | utrc (share of slice) | utrc ms/anchor | overhead: steps / end to end "
              "| utrc_reference | evit | GPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, align in keys:
@@ -324,7 +325,7 @@ def gpu_memory_block(figures: Path) -> str:
         lines.append(f"| {shape} (utrc at {cut:.0%}) | {mem(dense)} -> {mem(u)} (utrc with kept-token logits {below:.1%} "
                      f"below dense with full logits) "
                      f"| {g or '-'} |")
-    return "\n".join(lines) if len(lines) > 2 else _missing("the GPU memory records")
+    return "\n".join(lines) if len(lines) > 2 else _missing("the GPU memory records", "`bash scripts/gpu_bench.sh` on a GPU computes them")
 
 
 def gpu_batch96_block(figures: Path) -> str:
@@ -334,7 +335,7 @@ def gpu_batch96_block(figures: Path) -> str:
     utrc = sorted((r for r in recs if r.get("kind") == "prefill" and r["batch"] == 96 and r["method"] == "utrc"),
                   key=lambda r: r["flops_cut"])
     if dense is None or not utrc:
-        return _missing("the batch-96 memory records")
+        return _missing("the batch-96 memory records", "`python -m utrc_study.bench ... --batch 96` on a GPU computes them")
     top, low = utrc[-1], utrc[0]
     paper = ((_load(figures / "03_efficiency" / "results.json") or {}).get("data") or {}).get("paper_efficiency") or {}
     pmem = (paper.get("peak_memory_reduction_pct") or {}).get(PAPER_SHAPES.get(dense["model_shape"], ""), {})
@@ -360,7 +361,8 @@ def gpu_generation_block(figures: Path) -> str:
     recs = _records(figures, "gpu_generate.json")
     rows = generation_table(recs)
     if not rows:
-        return _missing("the GPU generation records (figures/03_efficiency/gpu_generate.json)")
+        return _missing("the GPU generation records (figures/03_efficiency/gpu_generate.json)",
+                        "`bash scripts/gpu_generate.sh` on a GPU computes them")
     gpus = sorted({r.get("gpu", "?") for r in recs})
     lines = [f"Measured on {', '.join(gpus)} (batch {rows[0]['batch']} x {rows[0]['seq_len']}-token prompts):", "",
              "| shape | backend / decoding | method | cut | new tokens | prefill ms | decode ms/token (bound) | tok/s | "
@@ -426,8 +428,34 @@ def evidence_state_block(figures: Path) -> str:
     return "\n".join(lines)
 
 
+def window_accuracy_block(figures: Path) -> str:
+    """prefill_speed.md's paired comparison of windowed against global matching (scripts/window_accuracy.py)."""
+    doc = _load(figures / "03_efficiency" / "window_accuracy.json")
+    if not doc:
+        return _missing("windowed matching (figures/03_efficiency/window_accuracy.json)",
+                        "`python scripts/window_accuracy.py` computes them")
+    p = doc["parameters"]
+    items = ", ".join(f"{t} {n}" for t, n in doc["items_per_task"].items())
+    m = doc.get("machine") or {}
+    lines = [f"{p['model']}, UTRC at a {p['cut']:.0%} token-layer cut, windows {', '.join(map(str, p['windows']))} "
+             f"tokens against global matching; items per task: {items}; {p['resamples']} bootstrap resamples, "
+             f"Holm {doc['holm']}; computed on {m.get('gpu') or m.get('torch_device', '?')} "
+             f"(`figures/03_efficiency/window_accuracy.json`). Delta = global minus windowed: for accuracy and "
+             f"gold log-likelihood a positive delta means the window loses, for KL a negative one.", "",
+             "| measure | window | global minus windowed [95% CI] | Holm p | verdict |", "|---|---|---|---|---|"]
+    for c in doc["comparisons"]:
+        kind, _, task = c["metric"].partition(":")
+        scale, unit = (100, " points") if not task else (1, " nats/token")
+        what = f"accuracy, {c['metric']}" if not task else f"{'gold log-likelihood' if kind == 'll' else 'KL to dense'}, {task}"
+        verdict = {"beats": "global better", "beaten": "window better"}.get(c["verdict"], "unresolved")
+        lines.append(f"| {what} | {c['baseline']} | {scale * c['delta']:+.3g} [{scale * c['low']:+.3g}, "
+                     f"{scale * c['high']:+.3g}]{unit} | {c['p_holm']:.3g} | {verdict} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"gpu-prefill": gpu_prefill_block, "gpu-memory": gpu_memory_block, "gpu-batch96": gpu_batch96_block,
-             "gpu-generation": gpu_generation_block, "evidence-state": evidence_state_block}
+             "gpu-generation": gpu_generation_block, "evidence-state": evidence_state_block,
+             "window-accuracy": window_accuracy_block}
 
 
 def update_blocks(text: str, figures: Path = REPO / "figures") -> str:
