@@ -114,8 +114,7 @@ if quick or not evidence or rows.exists(protocol_evidence):
     proto["findings"] = prose.protocol_findings(proto["margins"], proto["cost"], proto["explained"],
                                                 proto["fallbacks"], coverage)
     display(Markdown(proto["findings"]))
-    (out / "table_protocols.md").write_text(proto["margins"].to_markdown(index=False, floatfmt=".4f") + "\n\n"
-                                            + proto["explained"].to_markdown(index=False, floatfmt=".4f") + "\n")
+    (out / "table_protocols.md").write_text(protocols.table_markdown(proto["margins"], proto["explained"]))
 else:
     print(f"no authors'-protocol evidence at {protocol_evidence} (scripts/gpu_evidence.py computes it): the protocol "
           "comparison is not drawn")

@@ -173,3 +173,34 @@ def test_layer_error_items_with_shared_dense_runs_equal_their_own(model):
     assert own["tokens"] == shared["tokens"] and own["anchors"] == shared["anchors"]
     with pytest.raises(ValueError, match="3 chunks of 2 passages expected"):
         analysis.layer_error_items(model, ids, cfg, dense=dense[:2], batch=2)
+
+
+def test_protocol_table_markdown_prints_p_floor_and_missing_cells():
+    import pandas as pd
+
+    from utrc_study.report import protocols
+
+    margins = pd.DataFrame([dict(model="tiny-mamba2", cut=0.3, protocol="authors", baseline="evit", delta=-0.0347,
+                                 low=-0.0503, high=-0.019, p=0.0, test="stratified_bootstrap", resamples=10000,
+                                 p_holm=0.0052, verdict="beaten", family_size=1, holm_over="")])
+    explained = pd.DataFrame([dict(model="tiny-mamba2", method="tome", cut=0.3, drop_authors=float("nan"),
+                                   drop_leak_free=-0.03, explained_by_protocol=float("nan"))])
+    text = protocols.table_markdown(margins, explained)
+    assert "| tiny-mamba2 | 30%   | authors    | evit       | -3.5 [-5.0, -1.9]" in text
+    assert "< 0.0001" in text and "0.0000" not in text
+    assert "| tome     | 30%   | n/c" in text and "-3.0" in text
+
+
+def test_fallback_share_is_out_of_requests_not_items():
+    """dense_fallback counts requests (one per choice): 120 refused of 50 choice4 items is 60% of the 200
+    requests, never a share above 1."""
+    from types import SimpleNamespace
+
+    from utrc_study.report import protocols
+
+    row = {"params": {"model": "m", "method": "utrc", "cut": 0.3, "tasks": ["choice4", "cloze"]},
+           "result": {"choice4/n": 50, "choice4/dense_fallback": 120, "cloze/n": 50, "cloze/dense_fallback": 5}}
+    fb = protocols.fallbacks(SimpleNamespace(rows=[row])).set_index("task")
+    assert fb.loc["choice4", "n"] == 200 and abs(fb.loc["choice4", "share"] - 0.6) < 1e-12
+    assert fb.loc["cloze", "n"] == 50 and abs(fb.loc["cloze", "share"] - 0.1) < 1e-12
+    assert (fb["share"] <= 1).all()

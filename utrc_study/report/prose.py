@@ -229,10 +229,11 @@ def protocol_findings(margins, cost, explained, fallbacks=None, coverage: str = 
         if len(fb):
             worst = fb.loc[fb["share"].idxmax()]
             out.append(f"Under the authors' protocol, {int(fb['dense_fallback'].sum())} of "
-                       f"{int(fallbacks['n'].sum())} scored items ({len(fb)} of {len(fallbacks)} model x method x cut x "
-                       f"task cells) kept fewer rows than their continuation has tokens and were scored dense "
-                       f"(as the released code cannot score them); the most, {100 * worst['share']:.0f}% of "
-                       f"{worst['task']} for {label(worst['method'])} at {worst['cut']:.0%} on {short(worst['model'])}. "
+                       f"{int(fallbacks['n'].sum())} scored requests (one per choice of an item; {len(fb)} of "
+                       f"{len(fallbacks)} model x method x cut x task cells) kept fewer rows than their continuation "
+                       f"has tokens and were scored dense "
+                       f"(as the released code cannot score them); the most, {100 * worst['share']:.0f}% of the "
+                       f"{worst['task']} requests for {label(worst['method'])} at {worst['cut']:.0%} on {short(worst['model'])}. "
                        f"Those cells are pulled toward dense: the authors' protocol looks better there than it "
                        f"would if it could score them.\n")
         else:

@@ -97,9 +97,9 @@ def explained(drop_table):
 
 
 def fallbacks(result: SweepResult):
-    """Per (model, method, cut, task) of the authors'-protocol rows: how many items were scored dense because
-    the reduction left fewer rows than the continuation has tokens (unprotected scoring refuses them:
-    `utrc_lib.scoring`), out of how many. Such items score as dense, so a large share pulls that cell
+    """Per (model, method, cut, task) of the authors'-protocol rows: how many requests (one per choice of an
+    item) were scored dense because the reduction left fewer rows than the continuation has tokens
+    (unprotected scoring refuses them: `utrc_lib.scoring`), out of how many requests. Such items score as dense, so a large share pulls that cell
     toward dense."""
     import pandas as pd
 
@@ -113,9 +113,22 @@ def fallbacks(result: SweepResult):
             if n is None:
                 continue
             k = int(res.get(f"{task}/dense_fallback", 0))
+            requests = int(n) * requests_per_item(task)
             out.append({"model": p["model"], "method": p["method"], "cut": p["cut"], "task": task,
-                        "dense_fallback": k, "n": int(n), "share": k / int(n) if n else float("nan")})
+                        "dense_fallback": k, "n": requests, "share": k / requests if requests else float("nan")})
     return pd.DataFrame(out, columns=["model", "method", "cut", "task", "dense_fallback", "n", "share"])
+
+
+def requests_per_item(task: str) -> int:
+    """Scored requests per item of a built-in task (one per choice of a multiple-choice item, else one):
+    dense fallbacks are counted per request, so their share is out of the requests."""
+    from ..eval.suite import _CHOICES, task_kind
+
+    try:
+        kind = task_kind(task)
+    except ValueError:
+        return 1
+    return _CHOICES[kind][1] if kind in _CHOICES else 1
 
 
 def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts: Sequence[float], label: str):
@@ -152,3 +165,34 @@ def figure(drop_table, methods: Sequence[str], model_names: Sequence[str], cuts:
     fig.suptitle(f"The same methods and items under two protocols ({label}; 95% CI)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def table_markdown(margins, explained) -> str:
+    """table_protocols.md: UTRC minus each baseline per protocol (points, 95% CI; p as printed, a bootstrap
+    p below 1 / resamples reading "< 1/resamples"; Holm over the table) and the share of each method's loss
+    under the authors' protocol that the protocol alone explains."""
+    from .prose import fmt_ci, fmt_p
+
+    if margins is None or not len(margins):
+        return "(no comparisons)\n"
+    c = margins.copy()
+    c["cut"] = [f"{v:.0%}" for v in c["cut"]]
+    c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for r in c.itertuples()]
+    c["p"] = [fmt_p(r.p, r.resamples if r.resamples == r.resamples else None) for r in c.itertuples()]
+    c["p_holm"] = [fmt_p(r.p_holm) for r in c.itertuples()]
+    head = (f"UTRC minus each baseline under each protocol (mean accuracy over the three tasks); Holm over "
+            f"{paired.holm_family(margins)}; p: {c['test'].iloc[0]} ({int(c['resamples'].iloc[0])} resamples; a p below "
+            f"1/resamples reads \"< 1/resamples\"); intervals unadjusted.\n\n")
+    cols = ["model", "cut", "protocol", "baseline", "UTRC minus baseline, points [95% CI]", "p", "p_holm", "verdict"]
+    e = explained.copy() if explained is not None else None
+    tail = ""
+    if e is not None and len(e):
+        e["cut"] = [f"{v:.0%}" for v in e["cut"]]
+        for col in ("drop_authors", "drop_leak_free"):
+            e[col] = ["n/c" if v != v else f"{100 * v:+.1f}" for v in e[col]]
+        e["explained_by_protocol"] = ["-" if v != v else f"{100 * v:.0f}%" for v in e["explained_by_protocol"]]
+        e = e.rename(columns={"drop_authors": "change from dense, authors' protocol (points)",
+                              "drop_leak_free": "change from dense, leak-free (points)",
+                              "explained_by_protocol": "share of the authors'-protocol loss the protocol explains"})
+        tail = "\n" + e.to_markdown(index=False, disable_numparse=True) + "\n"
+    return head + c[cols].to_markdown(index=False, disable_numparse=True) + "\n" + tail
