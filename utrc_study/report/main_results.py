@@ -89,15 +89,22 @@ def verdict_table(cmp, kl_metric: str = "kl:ppl"):
     return pd.DataFrame(out)
 
 
+def margin_cells(c):
+    """`c` (comparison rows) with the printed columns: "UTRC minus baseline, points [95% CI]", p and p_holm
+    (a bootstrap p below 1 / resamples reads "< 1/resamples")."""
+    c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for r in c.itertuples()]
+    c["p"] = [fmt_p(r.p, r.resamples if r.resamples == r.resamples else None) for r in c.itertuples()]
+    c["p_holm"] = [fmt_p(r.p_holm) for r in c.itertuples()]
+    return c
+
+
 def margins_markdown(cmp, metric: str = paired.AVG) -> str:
     """UTRC minus each baseline on `metric` (points, 95% CI), p and Holm-adjusted p as printed (a
     bootstrap p below 1 / resamples reads "< 1/resamples"), and the Holm family in a header line."""
     c = cmp[cmp["metric"] == metric].copy()
     if c.empty:
         return "(no comparisons)\n"
-    c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for r in c.itertuples()]
-    c["p"] = [fmt_p(r.p, r.resamples if r.resamples == r.resamples else None) for r in c.itertuples()]
-    c["p_holm"] = [fmt_p(r.p_holm) for r in c.itertuples()]
+    c = margin_cells(c)
     head = (f"Holm correction over {paired.holm_family(cmp)} (metrics: {', '.join(dict.fromkeys(cmp['metric']))}); "
             f"p: {c['test'].iloc[0]} ({int(c['resamples'].iloc[0])} resamples; a p below 1/resamples reads "
             f"\"< 1/resamples\"); intervals unadjusted.\n\n")

@@ -171,15 +171,12 @@ def table_markdown(margins, explained) -> str:
     """table_protocols.md: UTRC minus each baseline per protocol (points, 95% CI; p as printed, a bootstrap
     p below 1 / resamples reading "< 1/resamples"; Holm over the table) and the share of each method's loss
     under the authors' protocol that the protocol alone explains."""
-    from .prose import fmt_ci, fmt_p
+    from .main_results import margin_cells
 
     if margins is None or not len(margins):
         return "(no comparisons)\n"
-    c = margins.copy()
+    c = margin_cells(margins.copy())
     c["cut"] = [f"{v:.0%}" for v in c["cut"]]
-    c["UTRC minus baseline, points [95% CI]"] = [fmt_ci(r.delta, r.low, r.high) for r in c.itertuples()]
-    c["p"] = [fmt_p(r.p, r.resamples if r.resamples == r.resamples else None) for r in c.itertuples()]
-    c["p_holm"] = [fmt_p(r.p_holm) for r in c.itertuples()]
     head = (f"UTRC minus each baseline under each protocol (mean accuracy over the three tasks); Holm over "
             f"{paired.holm_family(margins)}; p: {c['test'].iloc[0]} ({int(c['resamples'].iloc[0])} resamples; a p below "
             f"1/resamples reads \"< 1/resamples\"); intervals unadjusted.\n\n")
